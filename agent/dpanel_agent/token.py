@@ -1,0 +1,109 @@
+"""Device tokens: one copy-pasteable string that carries everything a device needs.
+
+A token is ``dpt1.<base64url(zlib(json))>.<crc32>``. The checksum exists so that a token
+mangled by a chat client or truncated in a terminal gets "token truncated or mistyped"
+instead of a confusing error about the broker. The token holds a secret: treat it like
+a password. The server stores only a hash of the secret.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import json
+import re
+import zlib
+from dataclasses import asdict, dataclass
+from typing import Any, Optional
+
+from .wire import DecodeError, validate_device_id
+
+__all__ = ["TOKEN_PREFIX", "DeviceToken", "parse_hostport", "parse_token"]
+
+TOKEN_PREFIX = "dpt1"
+_MAX_TOKEN = 16 * 1024
+_SECRET_RE = re.compile(r"^[A-Za-z0-9_-]{32,128}$")
+_PUBKEY_RE = re.compile(r"^(ssh-ed25519|ecdsa-sha2-nistp256|ssh-rsa) [A-Za-z0-9+/=]+( .*)?$")
+
+
+def parse_hostport(value: str, what: str, default_port: int) -> tuple[str, int]:
+    """``host[:port]`` or ``[v6]:port`` -> (host, port); errors name ``what``."""
+    host, port_s = value, ""
+    if value.startswith("["):
+        end = value.find("]")
+        if end < 0:
+            raise DecodeError(f"{what}: unclosed '[' in {value!r}")
+        host, port_s = value[1:end], value[end + 2:] if value[end + 1:end + 2] == ":" else ""
+    elif value.count(":") == 1:
+        host, port_s = value.split(":")
+    if not host:
+        raise DecodeError(f"{what}: no host in {value!r}")
+    if not port_s:
+        return host, default_port
+    if not port_s.isdigit() or not 1 <= int(port_s) <= 65535:
+        raise DecodeError(f"{what}: port {port_s!r} is not 1-65535")
+    return host, int(port_s)
+
+
+@dataclass(frozen=True)
+class DeviceToken:
+    """What a device needs to come up: identity, secret, where to dial, and what to pin."""
+
+    device: str
+    secret: str
+    broker: str  # mqtt://host:port or mqtts://host:port
+    tunnel: str  # host:port of the public tunnel
+    tunnel_host_key: str  # OpenSSH public key line of the tunnel server (pinned)
+    manager_key: str  # OpenSSH public key line of the manager (pinned)
+    broker_ca: Optional[str] = None  # PEM, when the broker uses a private CA
+
+    def __post_init__(self) -> None:
+        validate_device_id(self.device, "token device")
+        if not _SECRET_RE.match(self.secret):
+            raise DecodeError("token secret: expected 32-128 url-safe characters")
+        if not self.broker.startswith(("mqtt://", "mqtts://")):
+            raise DecodeError(f"token broker: {self.broker!r} is not mqtt://... or mqtts://...")
+        parse_hostport(self.broker.split("://", 1)[1], "token broker", 1883)
+        parse_hostport(self.tunnel, "token tunnel", 2220)
+        for name in ("tunnel_host_key", "manager_key"):
+            if not _PUBKEY_RE.match(getattr(self, name)):
+                raise DecodeError(f"token {name}: not an OpenSSH public key line")
+
+    def encode(self) -> str:
+        d = {k: v for k, v in asdict(self).items() if v is not None}
+        raw = zlib.compress(json.dumps(d, separators=(",", ":")).encode(), 9)
+        body = base64.urlsafe_b64encode(raw).decode().rstrip("=")
+        return f"{TOKEN_PREFIX}.{body}.{zlib.crc32(raw):08x}"
+
+    def redacted(self) -> str:
+        return f"{self.device}@{self.broker} (secret ****{self.secret[-4:]})"
+
+
+def parse_token(text: str) -> DeviceToken:
+    """Parse a token string; raises :class:`DecodeError` saying what is wrong with it."""
+    text = text.strip()
+    if len(text) > _MAX_TOKEN:
+        raise DecodeError("token: longer than any valid token")
+    parts = text.split(".")
+    if len(parts) != 3 or parts[0] != TOKEN_PREFIX:
+        raise DecodeError(f"token: expected '{TOKEN_PREFIX}.<body>.<checksum>'")
+    try:
+        raw = base64.urlsafe_b64decode(parts[1] + "=" * (-len(parts[1]) % 4))
+    except (binascii.Error, ValueError):
+        raise DecodeError("token: body is not base64url (truncated or mistyped?)") from None
+    if f"{zlib.crc32(raw):08x}" != parts[2].lower():
+        raise DecodeError("token: checksum mismatch (truncated or mistyped?)")
+    try:
+        obj: Any = json.loads(zlib.decompress(raw))
+    except (zlib.error, ValueError):
+        raise DecodeError("token: body does not decompress to JSON") from None
+    if not isinstance(obj, dict):
+        raise DecodeError("token: body is not an object")
+    fields = set(DeviceToken.__dataclass_fields__)
+    unknown = set(obj) - fields
+    if unknown:
+        raise DecodeError(f"token: unknown field(s) {sorted(unknown)} (newer format?)")
+    for name in fields - {"broker_ca"}:
+        if not isinstance(obj.get(name), str):
+            raise DecodeError(f"token {name}: missing or not a string")
+    return DeviceToken(**obj)

@@ -1,0 +1,1 @@
+"""Deploy the dPanel server appliance (tunnel, manager, broker) onto a Debian host."""

@@ -1,0 +1,5 @@
+"""dPanel Edge server side: public tunnel, manager, broker config, CLI and HTTP API."""
+
+from dpanel_agent import __version__
+
+__all__ = ["__version__"]

@@ -1,0 +1,119 @@
+#!/usr/bin/env python3
+"""Project tasks for dPanel Edge (invoke), plus a stdlib-only bootstrap.
+
+From a fresh Debian 12 machine, ``python3 tasks.py <task>`` installs what the project
+needs (Debian packages, the venv) idempotently, then runs ``invoke <task>`` inside the
+venv. So the README's two commands are ``python3 tasks.py demo`` and
+``python3 tasks.py test``. Once bootstrapped, ``.venv/bin/invoke --list`` shows the rest.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent
+VENV = ROOT / ".venv"
+
+#: Debian packages the demo and the test suite use. --no-install-recommends keeps
+#: qemu-system-arm from pulling a GUI stack (1.27 GB otherwise).
+APT_PACKAGES = [
+    "python3-venv", "python3-dev", "mosquitto", "mosquitto-clients", "openssh-client",
+    "openssh-server", "iproute2", "sqlite3", "file", "xz-utils", "zstd",
+    "qemu-user-static", "binfmt-support", "mmdebstrap", "qemu-system-arm", "qemu-system-x86",
+    "qemu-utils", "e2fsprogs", "mtools", "dosfstools", "fdisk", "bmap-tools",
+    "systemd-container", "arch-test", "ca-certificates", "debian-archive-keyring",
+]
+
+
+def _bootstrap() -> None:
+    """Install Debian packages and the venv if missing; cheap when nothing changed."""
+    missing = [p for p in APT_PACKAGES if subprocess.run(
+        ["dpkg-query", "-W", "-f=${Status}", p], capture_output=True, text=True,
+    ).stdout.strip() != "install ok installed"]
+    if missing:
+        sudo = [] if os.geteuid() == 0 else ["sudo"]
+        env = dict(os.environ, DEBIAN_FRONTEND="noninteractive")
+        print(f"bootstrap: apt-get install {' '.join(missing)}", flush=True)
+        subprocess.run([*sudo, "apt-get", "update", "-qq"], check=True, env=env)
+        subprocess.run([*sudo, "apt-get", "install", "-y", "-qq", "--no-install-recommends",
+                        *missing], check=True, env=env, stdin=subprocess.DEVNULL)
+    stamp = VENV / ".dpanel-stamp"
+    want = hashlib.sha256((ROOT / "pyproject.toml").read_bytes()).hexdigest()
+    if not stamp.exists() or stamp.read_text() != want:
+        if not (VENV / "bin" / "python").exists():
+            print("bootstrap: creating .venv", flush=True)
+            subprocess.run([sys.executable, "-m", "venv", str(VENV)], check=True)
+        pip = [str(VENV / "bin" / "python"), "-m", "pip", "install", "-q",
+               "--disable-pip-version-check"]
+        subprocess.run([*pip, "-e", f"{ROOT}[server,dev]"], check=True)
+        stamp.write_text(want)
+
+
+if __name__ == "__main__":
+    _bootstrap()
+    invoke = shutil.which("invoke", path=str(VENV / "bin"))
+    assert invoke is not None
+    os.chdir(ROOT)
+    os.execv(invoke, [invoke, *sys.argv[1:]])
+
+# ----------------------------------------------------------------------------- invoke
+
+from invoke import Collection, Context, task  # noqa: E402
+
+from dpanel_deploy.tasks import server_ns  # noqa: E402
+from dpanel_image.tasks import agent_ns, image_ns  # noqa: E402
+
+PY = str(VENV / "bin" / "python")
+
+
+@task
+def lint(c: Context) -> None:
+    """Run ruff and mypy --strict over the code."""
+    c.run(f"{PY} -m ruff check agent server image tests tasks.py")
+    c.run(f"{PY} -m mypy")
+
+
+@task(help={"k": "only tests matching this pytest -k expression",
+            "fast": "skip tests marked slow (ARM builds, booted images)"})
+def test(c: Context, k: str = "", fast: bool = False) -> None:
+    """Run the whole suite: lint, unit, integration and system tests."""
+    lint(c)
+    args = ["-m", "not slow"] if fast else []
+    if k:
+        args += ["-k", k]
+    c.run(f"{PY} -m pytest -p no:cacheprovider {' '.join(repr(a) for a in args)}", pty=False)
+
+
+@task(help={"dir": "state directory for the demo stack (default: a temp dir)"})
+def demo(c: Context, dir: str = "") -> None:
+    """Start broker, tunnel and manager on loopback, enrol 'demo', exec through it."""
+    extra = f" --dir {dir}" if dir else ""
+    c.run(f"{PY} -m dpanel_server.demo{extra}", pty=False)
+
+
+@task(help={"out": "directory for bench.json and bench.png"})
+def bench(c: Context, out: str = "out/bench") -> None:
+    """Benchmark against OpenSSH on this machine; writes JSON + PNG and prints ratios."""
+    c.run(f"{PY} -m tests.bench.run --out {out}", pty=False)
+
+
+ns = Collection(lint, test, demo, bench)
+ns.add_collection(agent_ns)
+ns.add_collection(image_ns)
+ns.add_collection(server_ns)
+# The design card's spellings stay valid: build-agent, build-image, provision, ...
+for coll, name, alias in [
+    (agent_ns, "build", "build-agent"),
+    (image_ns, "build", "build-image"),
+    (image_ns, "provision", "provision"),
+    (image_ns, "boot-qemu", "boot-qemu"),
+    (server_ns, "deploy", "deploy-server"),
+    (server_ns, "build-deb", "build-deb"),
+]:
+    if name in coll.tasks:
+        ns.add_task(coll.tasks[name], name=alias)

@@ -1,0 +1,198 @@
+"""Server configuration: one TOML file, validated once at load with errors naming the field."""
+
+from __future__ import annotations
+
+import tomllib
+from dataclasses import dataclass, field, fields, is_dataclass
+from pathlib import Path
+from typing import Any, Literal, Optional, get_args, get_type_hints
+
+from dpanel_agent.token import parse_hostport
+from dpanel_agent.wire import DecodeError
+
+from .errors import ConfigError
+
+__all__ = [
+    "BrokerConfig",
+    "ManagerConfig",
+    "ServerConfig",
+    "TunnelConfig",
+    "load_config",
+    "stack_config",
+]
+
+
+@dataclass
+class TunnelConfig:
+    listen: str = "0.0.0.0:2220"
+    public_address: str = "127.0.0.1:2220"
+    host_key: str = "/etc/dpanel/keys/tunnel_host_key"
+    port_range: str = "20000-29999"
+    keepalive_interval: float = 15.0
+
+    @property
+    def ports(self) -> tuple[int, int]:
+        lo, _, hi = self.port_range.partition("-")
+        return int(lo), int(hi)
+
+    def validate(self) -> None:
+        _hostport(self.listen, "tunnel.listen", 2220)
+        _hostport(self.public_address, "tunnel.public_address", 2220)
+        try:
+            lo, hi = self.ports
+        except ValueError:
+            raise ConfigError(f"tunnel.port_range: {self.port_range!r} is not LOW-HIGH") from None
+        if not 1024 <= lo <= hi <= 65535:
+            raise ConfigError(f"tunnel.port_range: {self.port_range!r} must be within 1024-65535")
+        if self.keepalive_interval <= 0:
+            raise ConfigError("tunnel.keepalive_interval: must be > 0 (dead peers hold ports)")
+
+
+@dataclass
+class BrokerConfig:
+    url: str = "mqtt://127.0.0.1:1883"
+    public_url: str = "mqtt://127.0.0.1:1883"
+    ca_file: Optional[str] = None
+    username: str = "dpanel-manager"
+    password_file: str = "/etc/dpanel/broker-manager.secret"
+    passwd_path: str = "/var/lib/dpanel/mosquitto/passwd"
+    acl_path: str = "/var/lib/dpanel/mosquitto/acl"
+    reload: str = "none"
+
+    def validate(self) -> None:
+        for name in ("url", "public_url"):
+            value = getattr(self, name)
+            if not value.startswith(("mqtt://", "mqtts://")):
+                raise ConfigError(f"broker.{name}: {value!r} is not mqtt://HOST:PORT or mqtts://")
+            _hostport(value.split("://", 1)[1], f"broker.{name}", 1883)
+        if self.reload != "none" and not self.reload.startswith("pidfile:"):
+            raise ConfigError(f"broker.reload: {self.reload!r} is not 'none' or 'pidfile:PATH'")
+
+    @property
+    def host_port(self) -> tuple[str, int]:
+        return parse_hostport(self.url.split("://", 1)[1], "broker.url", 1883)
+
+
+@dataclass
+class ManagerConfig:
+    api_listen: str = "127.0.0.1:8780"
+    admin_token_file: str = "/etc/dpanel/admin.token"
+    ssh_key: str = "/etc/dpanel/keys/manager_key"
+    request_timeout: float = 15.0
+    request_lifetime: int = 60
+    tunnel_ttl: int = 3600
+    tunnel_idle_timeout: int = 600
+    #: Pooled SSH connections to devices are closed after this long unused, so the
+    #: device's own idle timer can close the tunnel.
+    connection_idle: float = 120.0
+    allow_public_api: bool = False
+
+    def validate(self) -> None:
+        host, _ = _hostport(self.api_listen, "manager.api_listen", 8780)
+        if host not in ("127.0.0.1", "::1", "localhost") and not self.allow_public_api:
+            raise ConfigError(
+                f"manager.api_listen: {host} is not loopback; put a TLS proxy in front and set "
+                "manager.allow_public_api = true if you really mean it"
+            )
+        if not 1 <= self.request_lifetime <= 300:
+            raise ConfigError("manager.request_lifetime: must be 1-300 s")
+
+
+Mode = Literal["appliance", "stack"]
+
+
+@dataclass
+class ServerConfig:
+    state_dir: str = "/var/lib/dpanel"
+    tunnel: TunnelConfig = field(default_factory=TunnelConfig)
+    broker: BrokerConfig = field(default_factory=BrokerConfig)
+    manager: ManagerConfig = field(default_factory=ManagerConfig)
+    source: str = "<defaults>"
+
+    def validate(self) -> None:
+        self.tunnel.validate()
+        self.broker.validate()
+        self.manager.validate()
+
+    @property
+    def registry_path(self) -> Path:
+        return Path(self.state_dir) / "registry.db"
+
+    @property
+    def known_hosts_path(self) -> Path:
+        return Path(self.state_dir) / "known_hosts"
+
+
+def _hostport(value: str, what: str, default: int) -> tuple[str, int]:
+    try:
+        return parse_hostport(value, what, default)
+    except DecodeError as exc:
+        raise ConfigError(str(exc)) from None
+
+
+def _fill(obj: Any, data: dict[str, Any], prefix: str, source: str) -> None:
+    hints = get_type_hints(type(obj))
+    known = {f.name: f for f in fields(obj) if f.name != "source"}
+    for key, value in data.items():
+        where = f"{source}: {prefix}{key}"
+        if key not in known:
+            raise ConfigError(f"{where}: unknown setting (known: {', '.join(sorted(known))})")
+        current = getattr(obj, key)
+        if is_dataclass(current):
+            if not isinstance(value, dict):
+                raise ConfigError(f"{where}: expected a [{prefix}{key}] table")
+            _fill(current, value, f"{prefix}{key}.", source)
+            continue
+        want = tuple(t for t in get_args(hints[key]) if t is not type(None)) or (hints[key],)
+        if float in want and isinstance(value, int) and not isinstance(value, bool):
+            value = float(value)
+        if not isinstance(value, want) or (isinstance(value, bool) and bool not in want):
+            names = "/".join(t.__name__ for t in want)
+            raise ConfigError(f"{where}: expected {names}, got {type(value).__name__}")
+        setattr(obj, key, value)
+
+
+def load_config(path: Optional[str | Path]) -> ServerConfig:
+    """Load and validate; ``None`` gives the defaults (appliance paths)."""
+    cfg = ServerConfig()
+    if path is not None:
+        p = Path(path)
+        try:
+            data = tomllib.loads(p.read_text())
+        except FileNotFoundError:
+            raise ConfigError(f"{p}: config file not found") from None
+        except tomllib.TOMLDecodeError as exc:
+            raise ConfigError(f"{p}: not valid TOML ({exc})") from None
+        cfg.source = str(p)
+        _fill(cfg, data, "", str(p))
+    try:
+        cfg.validate()
+    except ConfigError as exc:
+        raise ConfigError(f"{cfg.source}: {exc}") from None
+    return cfg
+
+
+def stack_config(state_dir: Path, *, broker_port: int, tunnel_port: int, api_port: int,
+                 port_range: str = "20000-29999") -> ServerConfig:
+    """A self-contained loopback configuration whose files all live in ``state_dir``."""
+    d = state_dir.resolve()
+    cfg = ServerConfig(
+        state_dir=str(d),
+        tunnel=TunnelConfig(
+            listen=f"127.0.0.1:{tunnel_port}", public_address=f"127.0.0.1:{tunnel_port}",
+            host_key=str(d / "keys" / "tunnel_host_key"), port_range=port_range,
+        ),
+        broker=BrokerConfig(
+            url=f"mqtt://127.0.0.1:{broker_port}", public_url=f"mqtt://127.0.0.1:{broker_port}",
+            password_file=str(d / "keys" / "broker-manager.secret"),
+            passwd_path=str(d / "mosquitto" / "passwd"), acl_path=str(d / "mosquitto" / "acl"),
+            reload=f"pidfile:{d / 'mosquitto' / 'mosquitto.pid'}",
+        ),
+        manager=ManagerConfig(
+            api_listen=f"127.0.0.1:{api_port}", admin_token_file=str(d / "keys" / "admin.token"),
+            ssh_key=str(d / "keys" / "manager_key"),
+        ),
+        source=str(d / "server.toml"),
+    )
+    cfg.validate()
+    return cfg

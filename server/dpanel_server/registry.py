@@ -1,0 +1,217 @@
+"""Device registry: SQLite by default, in plain SQL that also runs on PostgreSQL.
+
+Secrets are never stored: ``secret_hash`` is SHA-256 of the 256-bit random device secret
+(a slow KDF adds nothing against a secret with that much entropy, and the tunnel checks
+it on every login), and ``broker_hash`` is the Mosquitto ``$7$`` hash the broker's
+password file is regenerated from. ``meta.revision`` is bumped on every change, so other
+processes (the tunnel server) notice revocations by polling one row.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import json
+import secrets
+import sqlite3
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Optional, Union
+
+from dpanel_agent.wire import DecodeError, validate_device_id
+
+from .broker import mosquitto_hash
+from .errors import DeviceExists, RegistryError, UnknownDevice
+
+__all__ = ["RESERVED_NAMES", "Device", "Registry", "hash_secret"]
+
+#: Broker usernames that a device may never take.
+RESERVED_NAMES = frozenset({"dpanel-manager", "admin", "root", "manager"})
+
+_SCHEMA = [
+    """CREATE TABLE IF NOT EXISTS devices (
+        id VARCHAR(63) PRIMARY KEY,
+        secret_hash VARCHAR(64) NOT NULL,
+        broker_hash VARCHAR(200) NOT NULL,
+        host_key TEXT,
+        labels TEXT NOT NULL DEFAULT '{}',
+        created_at DOUBLE PRECISION NOT NULL,
+        revoked_at DOUBLE PRECISION,
+        last_seen DOUBLE PRECISION
+    )""",
+    "CREATE TABLE IF NOT EXISTS meta (name VARCHAR(63) PRIMARY KEY, value TEXT NOT NULL)",
+]
+
+
+def hash_secret(secret: str) -> str:
+    return hashlib.sha256(secret.encode()).hexdigest()
+
+
+@dataclass(frozen=True)
+class Device:
+    id: str
+    created_at: float
+    revoked_at: Optional[float] = None
+    host_key: Optional[str] = None
+    last_seen: Optional[float] = None
+    labels: dict[str, str] = field(default_factory=dict)
+
+    @property
+    def revoked(self) -> bool:
+        return self.revoked_at is not None
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "id": self.id, "created_at": self.created_at, "revoked": self.revoked,
+            "revoked_at": self.revoked_at, "host_key": self.host_key,
+            "last_seen": self.last_seen, "labels": self.labels,
+        }
+
+
+class Registry:
+    """Thread-safe registry on one SQLite file (WAL, so the tunnel process can read while
+    the manager writes)."""
+
+    def __init__(self, path: Union[str, Path]) -> None:
+        self.path = Path(path)
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self._lock = threading.Lock()
+        self._db = sqlite3.connect(str(self.path), check_same_thread=False, timeout=30,
+                                   isolation_level=None)
+        self._db.execute("PRAGMA journal_mode=WAL")
+        self._db.execute("PRAGMA busy_timeout=30000")
+        with self._tx() as cur:
+            for stmt in _SCHEMA:
+                cur.execute(stmt)
+            cur.execute("INSERT OR IGNORE INTO meta (name, value) VALUES ('revision', '0')")
+        self.path.chmod(0o600)
+
+    def close(self) -> None:
+        with self._lock:
+            self._db.close()
+
+    # -- plumbing
+    def _tx(self) -> _Tx:
+        return _Tx(self._db, self._lock)
+
+    def _bump(self, cur: sqlite3.Cursor) -> None:
+        cur.execute("UPDATE meta SET value = CAST(CAST(value AS INTEGER) + 1 AS TEXT) "
+                    "WHERE name = 'revision'")
+
+    def revision(self) -> int:
+        with self._tx() as cur:
+            row = cur.execute("SELECT value FROM meta WHERE name = 'revision'").fetchone()
+        return int(row[0])
+
+    @staticmethod
+    def _row(row: tuple[Any, ...]) -> Device:
+        return Device(id=row[0], created_at=row[1], revoked_at=row[2], host_key=row[3],
+                      last_seen=row[4], labels=json.loads(row[5] or "{}"))
+
+    _COLS = "id, created_at, revoked_at, host_key, last_seen, labels"
+
+    # -- devices
+    def add(self, device: str, labels: Optional[dict[str, str]] = None) -> tuple[Device, str]:
+        """Enrol a device; returns it and its new secret (shown once, never stored)."""
+        try:
+            validate_device_id(device, "device name")
+        except DecodeError as exc:
+            raise RegistryError(str(exc)) from None
+        if device in RESERVED_NAMES:
+            raise RegistryError(f"device name: {device!r} is reserved")
+        secret = secrets.token_urlsafe(32)
+        now = time.time()
+        with self._tx() as cur:
+            if cur.execute("SELECT 1 FROM devices WHERE id = ?", (device,)).fetchone():
+                raise DeviceExists(f"device {device!r} already exists (revoke it, or pick "
+                                   "another name)")
+            cur.execute(
+                "INSERT INTO devices (id, secret_hash, broker_hash, labels, created_at) "
+                "VALUES (?, ?, ?, ?, ?)",
+                (device, hash_secret(secret), mosquitto_hash(secret),
+                 json.dumps(labels or {}), now),
+            )
+            self._bump(cur)
+        return Device(id=device, created_at=now, labels=labels or {}), secret
+
+    def get(self, device: str) -> Device:
+        with self._tx() as cur:
+            row = cur.execute(f"SELECT {self._COLS} FROM devices WHERE id = ?",  # noqa: S608
+                              (device,)).fetchone()
+        if row is None:
+            raise UnknownDevice(f"unknown device {device!r}")
+        return self._row(row)
+
+    def list(self, include_revoked: bool = True) -> list[Device]:
+        where = "" if include_revoked else " WHERE revoked_at IS NULL"
+        with self._tx() as cur:
+            rows = cur.execute(f"SELECT {self._COLS} FROM devices{where} ORDER BY id").fetchall()  # noqa: S608
+        return [self._row(r) for r in rows]
+
+    def revoke(self, device: str) -> Device:
+        self.get(device)
+        with self._tx() as cur:
+            cur.execute("UPDATE devices SET revoked_at = ? WHERE id = ? AND revoked_at IS NULL",
+                        (time.time(), device))
+            self._bump(cur)
+        return self.get(device)
+
+    def verify(self, device: str, secret: str) -> bool:
+        """True if ``secret`` is the current secret of a non-revoked device."""
+        with self._tx() as cur:
+            row = cur.execute("SELECT secret_hash, revoked_at FROM devices WHERE id = ?",
+                              (device,)).fetchone()
+        if row is None or row[1] is not None:
+            # still hash, so timing does not tell "unknown" from "wrong secret"
+            hmac.compare_digest(hash_secret(secret), "0" * 64)
+            return False
+        return hmac.compare_digest(hash_secret(secret), row[0])
+
+    def revoked_ids(self) -> set[str]:
+        with self._tx() as cur:
+            rows = cur.execute("SELECT id FROM devices WHERE revoked_at IS NOT NULL").fetchall()
+        return {r[0] for r in rows}
+
+    def broker_entries(self) -> list[tuple[str, str]]:
+        with self._tx() as cur:
+            rows = cur.execute(
+                "SELECT id, broker_hash FROM devices WHERE revoked_at IS NULL").fetchall()
+        return [(r[0], r[1]) for r in rows]
+
+    def pin_host_key(self, device: str, host_key: str) -> Optional[str]:
+        """Pin ``host_key`` if none is pinned. Returns the pinned key (which may differ)."""
+        with self._tx() as cur:
+            cur.execute("UPDATE devices SET host_key = ? WHERE id = ? AND host_key IS NULL",
+                        (host_key, device))
+            row = cur.execute("SELECT host_key FROM devices WHERE id = ?", (device,)).fetchone()
+        return None if row is None else str(row[0]) if row[0] is not None else None
+
+    def reset_host_key(self, device: str) -> None:
+        """Forget the pinned key (after an operator re-imaged the device on purpose)."""
+        self.get(device)
+        with self._tx() as cur:
+            cur.execute("UPDATE devices SET host_key = NULL WHERE id = ?", (device,))
+
+    def touch(self, device: str, when: float) -> None:
+        with self._tx() as cur:
+            cur.execute("UPDATE devices SET last_seen = ? WHERE id = ?", (when, device))
+
+
+class _Tx:
+    def __init__(self, db: sqlite3.Connection, lock: threading.Lock) -> None:
+        self._db, self._lock = db, lock
+
+    def __enter__(self) -> sqlite3.Cursor:
+        self._lock.acquire()
+        self._cur = self._db.cursor()
+        self._cur.execute("BEGIN IMMEDIATE")
+        return self._cur
+
+    def __exit__(self, exc_type: object, *_: object) -> None:
+        try:
+            self._cur.execute("ROLLBACK" if exc_type else "COMMIT")
+        finally:
+            self._lock.release()
+

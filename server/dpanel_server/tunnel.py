@@ -1,0 +1,490 @@
+"""The public tunnel: an asyncssh server that only grants each device one reverse forward.
+
+Devices dial in with username = device id and password = device secret, and ask for a
+remote forward on port 0 (``ssh -R 0:...``). The server picks a random free port from its
+pool, binds it on loopback only, and tells the device which one it got. Nothing else is
+allowed: no session (shell/exec/subsystem/pty/agent/X11), no direct-tcpip, no unix or
+tun/tap forwards, no second port, no port of another device.
+
+Robustness rules, each learned from tunnel servers in the field:
+
+* a reconnecting device evicts its own stale session at once and gets its previous port
+  back (OpenSSH ``-R`` + autossh keeps the device locked out until the stale session
+  times out);
+* every disconnect path (client close, keepalive timeout, kick, eviction, server close,
+  cancel-tcpip-forward, bind error) returns the port to the pool;
+* unauthenticated connections are counted and capped, because asyncssh has no MaxStartups.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import errno
+import ipaddress
+import logging
+import os
+import random
+import stat
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Awaitable, Callable, Literal, Optional, Union
+
+import asyncssh
+from dpanel_agent.wire import DecodeError, validate_device_id
+
+from ._files import ensure_private_key
+from ._pool import PoolExhausted, PortPool
+from .errors import ConfigError
+
+__all__ = [
+    "ALLOWED_LISTEN_HOSTS",
+    "TunnelServer",
+    "TunnelSettings",
+    "host_key_line",
+    "load_host_key",
+    "serve_forever",
+]
+
+log = logging.getLogger("dpanel.tunnel")
+
+#: What a device may name as the listen address of its forward. The port is always bound
+#: on ``TunnelSettings.bind_host`` whatever it says; these are only the spellings of
+#: "loopback" that clients send ('' = asyncssh default, 'localhost' = OpenSSH ``-R 0:..``).
+ALLOWED_LISTEN_HOSTS = frozenset({"", "localhost", "127.0.0.1"})
+
+Verify = Callable[[str, str], bool]
+
+
+@dataclass(frozen=True)
+class TunnelSettings:
+    """Everything the tunnel server needs; validated at construction (errors name the field)."""
+
+    host_key_path: Path
+    listen_host: str = "0.0.0.0"
+    listen_port: int = 2220
+    port_min: int = 20000
+    port_max: int = 29999
+    #: Forwarded ports are bound here and only here; anything not loopback is refused.
+    bind_host: str = "127.0.0.1"
+    keepalive_interval: float = 15
+    keepalive_count_max: int = 3
+    login_timeout: float = 20
+    max_unauthenticated: int = 200
+    #: A device that comes back within this many seconds gets its previous port again.
+    sticky_seconds: float = 86400
+    #: How many pool ports to try when binding fails because another process holds one.
+    bind_attempts: int = 16
+    #: SSH channel receive window and packet size of forwarded channels. Measured on this
+    #: machine: see ``tests/bench`` and the report; bigger windows help bulk throughput.
+    window: int = 8 * 1024 * 1024
+    max_pktsize: int = 32768
+
+    def __post_init__(self) -> None:
+        try:
+            bind = ipaddress.ip_address(self.bind_host)
+        except ValueError:
+            raise ConfigError(
+                f"bind_host: {self.bind_host!r} is not an IP address (use 127.0.0.1)"
+            ) from None
+        if not bind.is_loopback:
+            raise ConfigError(
+                f"bind_host: {self.bind_host} is not a loopback address; forwarded device "
+                "ports must never be reachable from the network"
+            )
+        checks: list[tuple[bool, str]] = [
+            (0 <= self.listen_port <= 65535, "listen_port: must be 0-65535"),
+            (1024 <= self.port_min <= self.port_max <= 65535,
+             f"port_min/port_max: {self.port_min}-{self.port_max} must be within 1024-65535"),
+            (self.keepalive_interval > 0,
+             "keepalive_interval: must be > 0 (dead peers would hold their ports forever)"),
+            (self.keepalive_count_max >= 1, "keepalive_count_max: must be >= 1"),
+            (self.login_timeout > 0, "login_timeout: must be > 0"),
+            (self.max_unauthenticated >= 1, "max_unauthenticated: must be >= 1"),
+            (self.sticky_seconds >= 0, "sticky_seconds: must be >= 0"),
+            (self.bind_attempts >= 1, "bind_attempts: must be >= 1"),
+            (self.window >= 32768, "window: must be >= 32768"),
+            (4096 <= self.max_pktsize <= 262144, "max_pktsize: must be 4096-262144"),
+        ]
+        for ok, message in checks:
+            if not ok:
+                raise ConfigError(message)
+
+    @classmethod
+    def from_config(cls, tunnel: object, **overrides: object) -> TunnelSettings:
+        """Build from ``dpanel_server.config.TunnelConfig`` (already validated)."""
+        from .config import TunnelConfig, _hostport  # local: config imports are heavy-ish
+
+        if not isinstance(tunnel, TunnelConfig):
+            raise TypeError(f"expected TunnelConfig, got {type(tunnel).__name__}")
+        host, port = _hostport(tunnel.listen, "tunnel.listen", 2220)
+        lo, hi = tunnel.ports
+        values: dict[str, object] = {
+            "host_key_path": Path(tunnel.host_key), "listen_host": host, "listen_port": port,
+            "port_min": lo, "port_max": hi, "keepalive_interval": tunnel.keepalive_interval,
+        }
+        values.update(overrides)
+        return cls(**values)  # type: ignore[arg-type]
+
+
+def load_host_key(path: Union[str, Path]) -> asyncssh.SSHKey:
+    """Load the tunnel host key, creating an ed25519 key (0600, atomic) the first time."""
+    p = Path(path)
+    try:
+        key = ensure_private_key(p)
+    except (OSError, asyncssh.KeyImportError) as exc:
+        raise ConfigError(f"host_key: cannot load {p}: {exc}") from None
+    mode = stat.S_IMODE(os.stat(p).st_mode)
+    if mode & 0o077:
+        log.warning("host key %s is readable by group/others (mode %o); chmod 600 it", p, mode)
+    return key
+
+
+def host_key_line(path: Union[str, Path]) -> str:
+    """The OpenSSH public key line of the host key at ``path`` (created if missing)."""
+    return load_host_key(path).export_public_key().decode().strip()
+
+
+class _PoolListener(asyncssh.SSHListener):
+    """What asyncssh keeps for a granted forward: closing it (cancel-tcpip-forward or
+    connection cleanup) closes the real socket listener and gives the port back."""
+
+    def __init__(self, session: _Session, inner: asyncssh.SSHListener, port: int) -> None:
+        super().__init__()
+        self._session: Optional[_Session] = session
+        self._inner = inner
+        self._port = port
+
+    def get_port(self) -> int:
+        return self._port
+
+    def close(self) -> None:
+        if self._session is not None:
+            self._session.release_port("forward closed")
+            self._session = None
+        self._inner.close()
+
+    async def wait_closed(self) -> None:
+        await self._inner.wait_closed()
+
+
+ForwardState = Literal["none", "pending", "bound"]
+
+
+class _Session(asyncssh.SSHServer):
+    """Per-connection state; kept small because there are thousands of these."""
+
+    def __init__(self, server: TunnelServer) -> None:
+        self._srv = server
+        self._conn: Optional[asyncssh.SSHServerConnection] = None
+        self.peer = "?"
+        self.username = ""
+        self.authed = False
+        self.gone = False
+        self.forward: ForwardState = "none"
+        self.port: Optional[int] = None
+        self._listener: Optional[asyncssh.SSHListener] = None
+
+    # ------------------------------------------------------------ connection lifecycle
+
+    def connection_made(self, conn: asyncssh.SSHServerConnection) -> None:
+        self._conn = conn
+        peer = conn.get_extra_info("peername")
+        self.peer = f"{peer[0]}:{peer[1]}" if isinstance(peer, tuple) else "?"
+        srv = self._srv
+        srv._sessions.add(self)
+        srv._unauth += 1
+        if srv._closing or srv._unauth > srv.settings.max_unauthenticated:
+            if not srv._closing:
+                log.warning("too many unauthenticated connections (%d); dropping %s",
+                            srv._unauth, self.peer)
+            self.gone = True
+            # Abort from a fresh callback: asyncssh is still inside connection_made.
+            asyncio.get_running_loop().call_soon(conn.abort)
+
+    def connection_lost(self, exc: Optional[Exception]) -> None:
+        self.gone = True
+        self.release_port("disconnected")
+        srv = self._srv
+        srv._sessions.discard(self)
+        if not self.authed:
+            srv._unauth -= 1
+        elif srv._by_device.get(self.username) is self:
+            del srv._by_device[self.username]
+        if self.authed:
+            log.info("device %s disconnected from %s (%s)", self.username, self.peer,
+                     exc or "closed")
+        self._conn = None
+
+    def close(self, reason: str) -> None:
+        """Drop this connection now (kick, eviction, server close); frees the port first."""
+        self.gone = True
+        self.release_port(reason)
+        if self._conn is not None:
+            self._conn.disconnect(asyncssh.DISC_BY_APPLICATION, reason)
+
+    async def wait_closed(self) -> None:
+        conn = self._conn
+        if conn is not None:
+            await conn.wait_closed()
+
+    # ------------------------------------------------------------ authentication
+
+    def begin_auth(self, username: str) -> bool:
+        self.username = username
+        return True
+
+    def password_auth_supported(self) -> bool:
+        return True
+
+    def kbdint_auth_supported(self) -> bool:
+        return False  # else asyncssh emulates it on top of password auth
+
+    async def validate_password(self, username: str, password: str) -> bool:
+        self.username = username
+        try:
+            validate_device_id(username)
+        except DecodeError:
+            log.warning("auth refused from %s: %r is not a device id", self.peer, username[:80])
+            return False
+        try:
+            ok = await asyncio.to_thread(self._srv._verify, username, password)
+        except Exception:
+            log.exception("auth for device %s from %s: verify failed", username, self.peer)
+            return False
+        if not ok:
+            # Never log the secret; the device id and address are what an operator needs.
+            log.warning("auth failed for device %s from %s", username, self.peer)
+        return bool(ok) and not self.gone
+
+    def auth_completed(self) -> None:
+        self.authed = True
+        srv = self._srv
+        srv._unauth -= 1
+        old = srv._by_device.get(self.username)
+        if old is not None and old is not self:
+            log.info("device %s reconnected from %s; evicting its stale session from %s",
+                     self.username, self.peer, old.peer)
+            old.close("replaced by a new session of the same device")
+        srv._by_device[self.username] = self
+        log.info("device %s authenticated from %s", self.username, self.peer)
+
+    # ------------------------------------------------------------ what is refused
+
+    def _refuse(self, what: str) -> Literal[False]:
+        log.warning("device %s from %s: refused %s", self.username or "?", self.peer, what)
+        return False
+
+    def session_requested(self) -> Literal[False]:
+        return self._refuse("a session (shell/exec/subsystem)")
+
+    def connection_requested(self, dest_host: str, dest_port: int, orig_host: str,
+                             orig_port: int) -> Literal[False]:
+        return self._refuse(f"direct-tcpip to {dest_host[:80]!r}:{dest_port}")
+
+    def unix_connection_requested(self, dest_path: str) -> Literal[False]:
+        return self._refuse("a unix socket connection")
+
+    def unix_server_requested(self, listen_path: str) -> Literal[False]:
+        return self._refuse("a unix socket forward")
+
+    def tun_requested(self, unit: Optional[int]) -> Literal[False]:
+        return self._refuse("a tun device")
+
+    def tap_requested(self, unit: Optional[int]) -> Literal[False]:
+        return self._refuse("a tap device")
+
+    # ------------------------------------------------------------ the one thing allowed
+
+    def server_requested(self, listen_host: str, listen_port: int
+                         ) -> Union[bool, Awaitable[Union[bool, asyncssh.SSHListener]]]:
+        if not self.authed or self.gone:
+            return False
+        if self.forward != "none":
+            return self._refuse(f"a second port forward ({listen_host[:80]!r}:{listen_port})")
+        if listen_host not in ALLOWED_LISTEN_HOSTS:
+            return self._refuse(f"a forward on {listen_host[:80]!r} (only loopback)")
+        if listen_port != 0 and listen_port != self._srv._pool.sticky_port(self.username):
+            return self._refuse(f"port {listen_port}: not this device's port (ask for 0)")
+        # Set before the first await so a burst of requests cannot race past the check.
+        self.forward = "pending"
+        return self._open_forward(listen_host, listen_port)
+
+    async def _open_forward(self, listen_host: str, listen_port: int
+                            ) -> Union[bool, asyncssh.SSHListener]:
+        try:
+            listener = await self._bind(listen_host, listen_port)
+        except PoolExhausted as exc:
+            log.warning("device %s: %s; refused its forward", self.username, exc)
+            listener = None
+        except Exception:
+            log.exception("device %s: forward failed", self.username)
+            listener = None
+        if listener is None:
+            self.release_port("forward failed")
+            return False
+        return listener
+
+    async def _bind(self, listen_host: str, listen_port: int) -> Optional[asyncssh.SSHListener]:
+        srv, pool, device = self._srv, self._srv._pool, self.username
+        held_elsewhere: set[int] = set()
+        for _ in range(srv.settings.bind_attempts):
+            if listen_port:
+                if not pool.claim(device, listen_port):
+                    return None
+                port = listen_port
+            else:
+                port = pool.acquire(device, avoid=held_elsewhere)
+            self.port = port
+            conn = self._conn
+            if conn is None or self.gone:
+                return None
+            try:
+                # The maintainer's recipe: bind our pool port, and label forwarded channels
+                # with (listen_host, port), because OpenSSH clients match them literally.
+                inner = await _forward_local_port(conn, srv.settings, port, listen_host)
+            except OSError as exc:
+                self.port = None
+                pool.release(port, sticky=exc.errno != errno.EADDRINUSE)
+                if exc.errno != errno.EADDRINUSE or listen_port:
+                    log.error("device %s: cannot bind %s:%d: %s", device,
+                              srv.settings.bind_host, port, exc)
+                    return None
+                log.info("port %d is held by another process; trying another", port)
+                held_elsewhere.add(port)
+                continue
+            if self.gone or self.port != port:
+                # The connection went away (or was kicked) while we were binding.
+                inner.close()
+                return None
+            self._listener = inner
+            self.forward = "bound"
+            log.info("device %s: forwarding %s:%d", device, srv.settings.bind_host, port)
+            return _PoolListener(self, inner, port)
+        log.error("device %s: no bindable port after %d attempts (other processes hold "
+                  "ports of the pool %d-%d)", device, srv.settings.bind_attempts, pool.lo, pool.hi)
+        return None
+
+    def release_port(self, reason: str) -> None:
+        """Close the forward's socket and give its port back. Idempotent."""
+        listener, self._listener = self._listener, None
+        if listener is not None:
+            listener.close()
+        port, self.port = self.port, None
+        if port is not None:
+            self._srv._pool.release(port)
+            log.info("device %s: port %d released (%s)", self.username, port, reason)
+        self.forward = "none"
+
+
+async def _forward_local_port(conn: asyncssh.SSHServerConnection, settings: TunnelSettings,
+                              port: int, listen_host: str) -> asyncssh.SSHListener:
+    return await conn.forward_local_port(settings.bind_host, port, listen_host, port)
+
+
+class TunnelServer:
+    """The public tunnel. One instance per process; thousands of devices per instance."""
+
+    def __init__(self, settings: TunnelSettings, verify: Verify, *,
+                 rng: Optional[random.Random] = None) -> None:
+        self.settings = settings
+        self._verify = verify
+        self._key = load_host_key(settings.host_key_path)
+        self._pool = PortPool(settings.port_min, settings.port_max,
+                              sticky_seconds=settings.sticky_seconds, rng=rng)
+        self._acceptor: Optional[asyncssh.SSHAcceptor] = None
+        self._sessions: set[_Session] = set()
+        self._by_device: dict[str, _Session] = {}
+        self._unauth = 0
+        self._closing = False
+
+    # ------------------------------------------------------------ lifecycle
+
+    async def start(self) -> None:
+        if self._acceptor is not None:
+            raise RuntimeError("tunnel server already started")
+        s = self.settings
+        self._closing = False
+        self._acceptor = await asyncssh.create_server(
+            lambda: _Session(self), s.listen_host, s.listen_port,
+            server_host_keys=[self._key],
+            password_auth=True, kbdint_auth=False, public_key_auth=False,
+            host_based_auth=False, gss_host=None,
+            allow_pty=False, agent_forwarding=False, x11_forwarding=False,
+            login_timeout=s.login_timeout,
+            keepalive_interval=s.keepalive_interval, keepalive_count_max=s.keepalive_count_max,
+            window=s.window, max_pktsize=s.max_pktsize,
+            server_version="dpanel_tunnel",
+            reuse_address=True, backlog=1024,
+        )
+        log.info("tunnel listening on %s:%d; ports %d-%d on %s", s.listen_host, self.port,
+                 s.port_min, s.port_max, s.bind_host)
+
+    async def close(self) -> None:
+        """Stop accepting, drop every session, free every port."""
+        self._closing = True
+        acceptor, self._acceptor = self._acceptor, None
+        if acceptor is not None:
+            acceptor.close()
+        sessions = list(self._sessions)
+        for session in sessions:
+            session.close("tunnel server shutting down")
+        if sessions:
+            await asyncio.wait([asyncio.ensure_future(s.wait_closed()) for s in sessions],
+                               timeout=5)
+        if acceptor is not None:
+            await acceptor.wait_closed()
+
+    async def __aenter__(self) -> TunnelServer:
+        await self.start()
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.close()
+
+    # ------------------------------------------------------------ queries and control
+
+    @property
+    def port(self) -> int:
+        if self._acceptor is None:
+            raise RuntimeError("tunnel server not started")
+        return self._acceptor.get_port()
+
+    def host_key_line(self) -> str:
+        return self._key.export_public_key().decode().strip()
+
+    def kick(self, device: str) -> bool:
+        """Drop every session of ``device`` (authenticated or still authenticating)."""
+        victims = [s for s in self._sessions if s.username == device and not s.gone]
+        for session in victims:
+            session.close("kicked by the manager")
+        if victims:
+            log.info("device %s kicked (%d session(s))", device, len(victims))
+        return bool(victims)
+
+    def sessions(self) -> dict[str, int]:
+        return {dev: s.port for dev, s in self._by_device.items()
+                if s.port is not None and s.forward == "bound"}
+
+    def stats(self) -> dict[str, int]:
+        return {
+            "connections": len(self._sessions),
+            "unauthenticated": self._unauth,
+            "devices": len(self._by_device),
+            "ports_in_use": self._pool.in_use,
+            "ports_reserved": self._pool.reserved,
+            "pool_free": self._pool.free,
+        }
+
+
+async def serve_forever(settings: TunnelSettings, verify: Verify,
+                        ready: Optional[Callable[[TunnelServer], None]] = None) -> None:
+    """Run a tunnel server until cancelled; ``ready`` is called once it listens (e.g. to
+    send systemd READY=1)."""
+    server = TunnelServer(settings, verify)
+    await server.start()
+    try:
+        if ready is not None:
+            ready(server)
+        await asyncio.Event().wait()
+    finally:
+        await server.close()

@@ -2,11 +2,11 @@
 
 from __future__ import annotations
 
-import tomllib
 from dataclasses import dataclass, field, fields, is_dataclass
 from pathlib import Path
 from typing import Any, Literal, Optional, get_args, get_type_hints
 
+import tomllib
 from dpanel_agent.token import parse_hostport
 from dpanel_agent.wire import DecodeError
 

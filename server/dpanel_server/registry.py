@@ -144,7 +144,7 @@ class Registry:
             raise UnknownDevice(f"unknown device {device!r}")
         return self._row(row)
 
-    def list(self, include_revoked: bool = True) -> list[Device]:
+    def devices(self, include_revoked: bool = True) -> list[Device]:
         where = "" if include_revoked else " WHERE revoked_at IS NULL"
         with self._tx() as cur:
             rows = cur.execute(f"SELECT {self._COLS} FROM devices{where} ORDER BY id").fetchall()  # noqa: S608

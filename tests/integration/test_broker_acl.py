@@ -8,7 +8,6 @@ import uuid
 
 import paho.mqtt.client as mqtt
 import pytest
-
 from conftest import Mosquitto
 from dpanel_agent import wire
 
@@ -72,7 +71,7 @@ def test_device_cannot_publish_on_other_devices_topics(two_devices) -> None:  # 
 
 
 def test_device_cannot_take_over_another_client_id(two_devices, mosquitto: Mosquitto) -> None:  # type: ignore[no-untyped-def]
-    a, b, _ = two_devices
+    a, _b, _ = two_devices
     # B logs in with its own credentials but A's client id: without
     # use_username_as_clientid this would kick A off the broker.
     evil = _client(mosquitto, "dev-b", "secret-b-" + "x" * 30, client_id="dev-a")
@@ -90,7 +89,12 @@ def test_anonymous_and_wrong_password_refused(mosquitto: Mosquitto) -> None:
             c.username_pw_set(user, pw)
         answered = threading.Event()
         codes: list[object] = []
-        c.on_connect = lambda cl, u, f, rc, p: (codes.append(rc), answered.set())
+
+        def on_connect(cl, u, f, rc, p, codes=codes, answered=answered) -> None:  # type: ignore[no-untyped-def]
+            codes.append(rc)
+            answered.set()
+
+        c.on_connect = on_connect
         c.connect("127.0.0.1", mosquitto.port)
         c.loop_start()
         assert answered.wait(5), "broker never answered CONNECT"

@@ -1,0 +1,119 @@
+"""Long-running server processes: ``tunnel run``, ``manager run`` and the all-in-one stack."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import signal
+from typing import Optional
+
+import uvicorn
+
+from ._files import ensure_secret
+from ._sdnotify import notify, watchdog_loop
+from .api import create_app
+from .config import ServerConfig, _hostport
+from .manager import Manager
+from .registry import Registry
+from .tunnel import TunnelServer, TunnelSettings
+
+__all__ = ["run_manager", "run_services", "run_tunnel", "watch_revocations"]
+
+log = logging.getLogger("dpanel.service")
+
+
+async def watch_revocations(registry: Registry, tunnel: TunnelServer,
+                            interval: float = 1.0) -> None:
+    """Kick revoked devices off the tunnel. The manager and tunnel may be separate
+    processes sharing only the registry; one indexed row read per second is the cheapest
+    portable signal (works on SQLite and PostgreSQL alike)."""
+    seen = -1
+    while True:
+        try:
+            rev = await asyncio.to_thread(registry.revision)
+            if rev != seen:
+                seen = rev
+                revoked = await asyncio.to_thread(registry.revoked_ids)
+                for device in set(tunnel.sessions()) & revoked:
+                    log.warning("kicking revoked device %s off the tunnel", device)
+                    tunnel.kick(device)
+        except Exception:  # a locked/busy DB must not kill the tunnel
+            log.exception("revocation watch failed; retrying")
+        await asyncio.sleep(interval)
+
+
+def _wait_for_signal() -> asyncio.Event:
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
+    return stop
+
+
+async def run_tunnel(cfg: ServerConfig) -> None:
+    registry = Registry(cfg.registry_path)
+    tunnel = TunnelServer(TunnelSettings.from_config(cfg.tunnel), registry.verify)
+    await tunnel.start()
+    stop = _wait_for_signal()
+    tasks = [asyncio.create_task(watch_revocations(registry, tunnel)),
+             asyncio.create_task(watchdog_loop())]
+    log.info("tunnel listening on %s, ports %s", cfg.tunnel.listen, cfg.tunnel.port_range)
+    notify("READY=1\nSTATUS=tunnel up")
+    await stop.wait()
+    notify("STOPPING=1")
+    for t in tasks:
+        t.cancel()
+    await tunnel.close()
+    registry.close()
+
+
+async def _serve_api(cfg: ServerConfig, manager: Manager,
+                     tunnel: Optional[TunnelServer]) -> None:
+    host, port = _hostport(cfg.manager.api_listen, "manager.api_listen", 8780)
+    app = create_app(manager, ensure_secret(cfg.manager.admin_token_file))
+    server = uvicorn.Server(uvicorn.Config(app, host=host, port=port, log_level="warning",
+                                           lifespan="off", access_log=False))
+    tasks = [asyncio.create_task(watchdog_loop())]
+    if tunnel is not None:
+        tasks.append(asyncio.create_task(watch_revocations(manager.registry, tunnel)))
+
+    async def ready() -> None:
+        while not server.started:  # noqa: ASYNC110 (uvicorn exposes only a flag)
+            await asyncio.sleep(0.05)
+        with contextlib.suppress(Exception):
+            await manager.wait_broker(30)
+        log.info("manager API on http://%s:%s", host, port)
+        notify("READY=1\nSTATUS=manager up")
+
+    tasks.append(asyncio.create_task(ready()))
+    try:
+        await server.serve()  # returns on SIGINT/SIGTERM (uvicorn handles the signals)
+    finally:
+        notify("STOPPING=1")
+        for t in tasks:
+            t.cancel()
+
+
+async def run_manager(cfg: ServerConfig) -> None:
+    manager = Manager(cfg)
+    await manager.start()
+    try:
+        await _serve_api(cfg, manager, None)
+    finally:
+        await manager.close()
+
+
+async def run_services(cfg: ServerConfig) -> None:
+    """Tunnel + manager + API in one process (the stack; the broker runs beside it)."""
+    registry = Registry(cfg.registry_path)
+    tunnel = TunnelServer(TunnelSettings.from_config(cfg.tunnel), registry.verify)
+    await tunnel.start()
+    manager = Manager(cfg, kick=tunnel.kick)
+    await manager.start()
+    try:
+        await _serve_api(cfg, manager, tunnel)
+    finally:
+        await manager.close()
+        await tunnel.close()
+        registry.close()

@@ -263,7 +263,7 @@ def _decode_open(d: Mapping[str, Any]) -> OpenRequest:
         expires_at=_get(d, "expires_at", float),
         ttl=_bounded_int(d, "ttl", 10, 7 * 86400, 3600),
         idle_timeout=_bounded_int(d, "idle_timeout", 5, 7 * 86400, 600),
-        target=target,
+        target=cast(Target, target),
         sig=_short_str(d, "sig", 256),
     )
 

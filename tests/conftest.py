@@ -15,6 +15,7 @@ from typing import Iterator
 
 import pytest
 from dpanel_server.broker import mosquitto_hash, render_acl, render_mosquitto_conf, render_passwd
+from stackfix import Stack
 
 
 def free_port() -> int:
@@ -113,3 +114,15 @@ def mosquitto(tmp_path: Path) -> Iterator[Mosquitto]:
         yield broker
     finally:
         broker.stop(signal.SIGKILL if os.environ.get("DPANEL_FAST_KILL") else signal.SIGTERM)
+
+
+@pytest.fixture
+def stack(tmp_path: Path) -> Iterator[Stack]:
+    """A real `dpanel stack up` on free loopback ports; agents started from it die with it."""
+    s = Stack(dir=tmp_path / "stack", broker_port=free_port(), tunnel_port=free_port(),
+              api_port=free_port())
+    s.start()
+    try:
+        yield s
+    finally:
+        s.close()

@@ -1,0 +1,127 @@
+"""Test helpers that run the real thing: ``dpanel stack up`` and ``dpanel-tunnel`` agents."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+BIN = Path(sys.executable).parent
+
+
+def wait_for(cond: Callable[[], object], what: str, timeout: float = 30,
+             interval: float = 0.1) -> Any:
+    deadline = time.monotonic() + timeout
+    while True:
+        value = cond()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"{what}: not within {timeout} s")
+        time.sleep(interval)
+
+
+def stop_proc(proc: subprocess.Popen[bytes], sig: int = signal.SIGTERM) -> None:
+    if proc.poll() is None:
+        proc.send_signal(sig)
+        try:
+            proc.wait(10)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+
+
+@dataclass
+class Stack:
+    """A real stack (mosquitto + tunnel + manager + API) in ``dir`` on free ports."""
+
+    dir: Path
+    broker_port: int
+    tunnel_port: int
+    api_port: int
+    port_range: str = "30000-30999"
+    public_host: str | None = None
+    proc: subprocess.Popen[bytes] | None = None
+    agents: list[subprocess.Popen[bytes]] = field(default_factory=list)
+
+    @property
+    def config(self) -> Path:
+        return self.dir / "server.toml"
+
+    @property
+    def env(self) -> dict[str, str]:
+        return dict(os.environ, DPANEL_CONFIG=str(self.config))
+
+    def start(self) -> None:
+        argv = [str(BIN / "dpanel"), "stack", "up", "--dir", str(self.dir),
+                "--broker-port", str(self.broker_port), "--tunnel-port", str(self.tunnel_port),
+                "--api-port", str(self.api_port), "--port-range", self.port_range,
+                "--log-level", "info"]
+        if self.public_host:
+            argv += ["--public-host", self.public_host]
+        self.dir.mkdir(parents=True, exist_ok=True)
+        log = (self.dir.parent / f"{self.dir.name}-stack.log").open("ab")
+        self.proc = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT,
+                                     stdin=subprocess.DEVNULL)
+        wait_for(lambda: self.config.exists() and self.cli("device", "list").returncode == 0,
+                 "stack API up", 60)
+
+    def stop(self, sig: int = signal.SIGTERM) -> None:
+        if self.proc:
+            stop_proc(self.proc, sig)
+
+    def restart(self) -> None:
+        self.stop()
+        self.start()
+
+    def log(self) -> str:
+        p = self.dir.parent / f"{self.dir.name}-stack.log"
+        return p.read_text(errors="replace") if p.exists() else ""
+
+    def cli(self, *args: str, input: bytes | None = None,
+            timeout: float = 120) -> subprocess.CompletedProcess[bytes]:
+        return subprocess.run([str(BIN / "dpanel"), *args], env=self.env, capture_output=True,
+                              input=input, timeout=timeout,
+                              stdin=None if input is not None else subprocess.DEVNULL)
+
+    def cli_ok(self, *args: str) -> str:
+        out = self.cli(*args)
+        assert out.returncode == 0, (args, out.stdout, out.stderr)
+        return out.stdout.decode()
+
+    def enrol(self, name: str) -> str:
+        return self.cli_ok("device", "add", name, "--print-token").strip()
+
+    def device(self, name: str) -> dict[str, Any]:
+        return dict(json.loads(self.cli_ok("device", "show", name)))
+
+    def start_agent(self, token: str, state: Path, *, netns: str | None = None,
+                    extra: tuple[str, ...] = ()) -> subprocess.Popen[bytes]:
+        state.mkdir(parents=True, exist_ok=True)
+        argv = [str(BIN / "dpanel-tunnel"), "--state-dir", str(state), "--log-level", "debug",
+                *extra, token]
+        if netns:
+            argv = ["ip", "netns", "exec", netns, *argv]
+        log = (state / "agent.log").open("ab")
+        proc = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT,
+                                stdin=subprocess.DEVNULL)
+        self.agents.append(proc)
+        return proc
+
+    def wait_online(self, name: str, timeout: float = 30) -> dict[str, Any]:
+        return dict(wait_for(lambda: (d := self.device(name))["online"] and d,
+                             f"{name} online", timeout))
+
+    def wait_offline(self, name: str, timeout: float = 60) -> None:
+        wait_for(lambda: not self.device(name)["online"], f"{name} offline", timeout)
+
+    def close(self) -> None:
+        for a in self.agents:
+            stop_proc(a, signal.SIGKILL)
+        self.stop()

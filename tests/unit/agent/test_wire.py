@@ -53,7 +53,7 @@ def test_bad_payloads_name_the_field(payload: bytes, field: str) -> None:
 
 def test_oversized_payload_refused_before_parsing() -> None:
     big = json.dumps({"v": 1, "pad": "x" * wire.MAX_PAYLOAD}).encode()
-    with pytest.raises(wire.DecodeError, match="payload: .* over"):
+    with pytest.raises(wire.DecodeError, match=r"payload: .* over"):
         wire.decode(big)
 
 

@@ -47,6 +47,7 @@ class Stack:
     api_port: int
     port_range: str = "30000-30999"
     public_host: str | None = None
+    keepalive: float = 15.0
     proc: subprocess.Popen[bytes] | None = None
     agents: list[subprocess.Popen[bytes]] = field(default_factory=list)
 
@@ -62,7 +63,7 @@ class Stack:
         argv = [str(BIN / "dpanel"), "stack", "up", "--dir", str(self.dir),
                 "--broker-port", str(self.broker_port), "--tunnel-port", str(self.tunnel_port),
                 "--api-port", str(self.api_port), "--port-range", self.port_range,
-                "--log-level", "info"]
+                "--log-level", "info", "--keepalive-interval", str(self.keepalive)]
         if self.public_host:
             argv += ["--public-host", self.public_host]
         self.dir.mkdir(parents=True, exist_ok=True)

@@ -328,7 +328,8 @@ def cmd_stack_up(args: argparse.Namespace) -> int:
     _logging(args.log_level)
     cfg = prepare_stack(Path(args.dir), broker_port=args.broker_port,
                         tunnel_port=args.tunnel_port, api_port=args.api_port,
-                        port_range=args.port_range, public_host=args.public_host)
+                        port_range=args.port_range, public_host=args.public_host,
+                        keepalive_interval=args.keepalive_interval)
     return stack_up(cfg)
 
 
@@ -424,6 +425,8 @@ def _parser() -> argparse.ArgumentParser:
     a.add_argument("--api-port", type=int, default=8780)
     a.add_argument("--port-range", default="20000-29999")
     a.add_argument("--public-host", help="also serve devices on this address")
+    a.add_argument("--keepalive-interval", type=float, default=15.0,
+                   help="tunnel SSH keepalive; dead devices free their port after 3 misses")
     a.add_argument("--log-level", default="info")
     return p
 

@@ -201,7 +201,10 @@ class Manager:
         p.host_key_ok = pinned == key
         if p.host_key_ok and not self.cfg.known_hosts_path.exists():
             self.write_known_hosts()
-        if not p.host_key_ok:
+        if not p.host_key_ok and pinned is None:
+            log.error("device %s announces host key %s, which another device already holds: "
+                      "refusing it (cloned card?)", device, fingerprint(key))
+        elif not p.host_key_ok:
             log.error("device %s presents host key %s but %s is pinned: refusing it",
                       device, fingerprint(key), fingerprint(pinned or ""))
 

@@ -181,8 +181,18 @@ class Registry:
         return [(r[0], r[1]) for r in rows]
 
     def pin_host_key(self, device: str, host_key: str) -> Optional[str]:
-        """Pin ``host_key`` if none is pinned. Returns the pinned key (which may differ)."""
+        """Pin ``host_key`` if none is pinned. Returns the pinned key (which may differ).
+
+        A key already pinned by *another* device is never pinned: every device generates
+        its own, so a shared key means a cloned card or a device impersonating another.
+        """
         with self._tx() as cur:
+            owner = cur.execute("SELECT id FROM devices WHERE host_key = ? AND id != ?",
+                                (host_key, device)).fetchone()
+            if owner is not None:
+                row = cur.execute("SELECT host_key FROM devices WHERE id = ?",
+                                  (device,)).fetchone()
+                return None if row is None or row[0] is None else str(row[0])
             cur.execute("UPDATE devices SET host_key = ? WHERE id = ? AND host_key IS NULL",
                         (host_key, device))
             row = cur.execute("SELECT host_key FROM devices WHERE id = ?", (device,)).fetchone()

@@ -52,7 +52,8 @@ def dump_config(cfg: ServerConfig) -> str:
 
 def prepare_stack(state_dir: Path, *, broker_port: int = 18830, tunnel_port: int = 2220,
                   api_port: int = 8780, port_range: str = "20000-29999",
-                  public_host: Optional[str] = None) -> ServerConfig:
+                  public_host: Optional[str] = None,
+                  keepalive_interval: float = 15.0) -> ServerConfig:
     """Create (first time) or load DIR/server.toml, so a restarted stack keeps its ports,
     keys and registry."""
     state_dir.mkdir(parents=True, exist_ok=True)
@@ -62,6 +63,7 @@ def prepare_stack(state_dir: Path, *, broker_port: int = 18830, tunnel_port: int
         return load_config(conf)
     cfg = stack_config(state_dir, broker_port=broker_port, tunnel_port=tunnel_port,
                        api_port=api_port, port_range=port_range)
+    cfg.tunnel.keepalive_interval = keepalive_interval
     if public_host:
         # Devices dial this address; the manager itself still uses loopback.
         cfg.tunnel.listen = cfg.tunnel.public_address = f"{public_host}:{tunnel_port}"
@@ -93,14 +95,38 @@ def start_mosquitto(cfg: ServerConfig) -> subprocess.Popen[bytes]:
                             stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
 
 
+async def _supervise(cfg: ServerConfig, holder: list[subprocess.Popen[bytes]]) -> None:
+    """Restart the broker if it dies, as systemd would on the appliance."""
+    delay = 0.5
+    while True:
+        await asyncio.sleep(0.5)
+        code = holder[0].poll()
+        if code is None:
+            delay = 0.5
+            continue
+        log.warning("mosquitto exited with %s; restarting it in %.1f s", code, delay)
+        await asyncio.sleep(delay)
+        delay = min(delay * 2, 10)
+        holder[0] = start_mosquitto(cfg)
+
+
+async def _stack_main(cfg: ServerConfig, holder: list[subprocess.Popen[bytes]]) -> None:
+    supervisor = asyncio.create_task(_supervise(cfg, holder))
+    try:
+        await run_services(cfg)
+    finally:
+        supervisor.cancel()
+
+
 def stack_up(cfg: ServerConfig) -> int:
-    broker = start_mosquitto(cfg)
+    holder = [start_mosquitto(cfg)]
     try:
         print(f"dpanel stack: broker {cfg.broker.url}, tunnel {cfg.tunnel.listen}, "
               f"API http://{cfg.manager.api_listen}\n"
               f"  use it with: export DPANEL_CONFIG={cfg.source}", flush=True)
-        asyncio.run(run_services(cfg))
+        asyncio.run(_stack_main(cfg, holder))
     finally:
+        broker = holder[0]
         broker.terminate()
         try:
             broker.wait(10)

@@ -93,3 +93,12 @@ def test_config_errors_name_the_field(tmp_path: Path, text: str, field: str) -> 
 def test_config_missing_file(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match="not found"):
         load_config(tmp_path / "nope.toml")
+
+
+def test_host_key_of_another_device_never_pinned(tmp_path: Path) -> None:
+    reg = Registry(tmp_path / "r.db")
+    reg.add("dev-a")
+    reg.add("dev-b")
+    reg.pin_host_key("dev-a", "ssh-ed25519 AAAA")
+    assert reg.pin_host_key("dev-b", "ssh-ed25519 AAAA") is None
+    assert reg.get("dev-b").host_key is None

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import shlex
 import signal
 import subprocess
 import sys
@@ -58,6 +59,10 @@ class Stack:
     @property
     def env(self) -> dict[str, str]:
         return dict(os.environ, DPANEL_CONFIG=str(self.config))
+
+    def proxy_command(self) -> str:
+        exe, conf = shlex.quote(str(BIN / "dpanel")), shlex.quote(str(self.config))
+        return f"{exe} --config {conf} proxy %n"
 
     def start(self) -> None:
         argv = [str(BIN / "dpanel"), "stack", "up", "--dir", str(self.dir),

@@ -51,6 +51,7 @@ class Stack:
     keepalive: float = 15.0
     proc: subprocess.Popen[bytes] | None = None
     agents: list[subprocess.Popen[bytes]] = field(default_factory=list)
+    tokens: dict[str, str] = field(default_factory=dict)
 
     @property
     def config(self) -> Path:
@@ -102,7 +103,8 @@ class Stack:
         return out.stdout.decode()
 
     def enrol(self, name: str) -> str:
-        return self.cli_ok("device", "add", name, "--print-token").strip()
+        self.tokens[name] = self.cli_ok("device", "add", name, "--print-token").strip()
+        return self.tokens[name]
 
     def device(self, name: str) -> dict[str, Any]:
         return dict(json.loads(self.cli_ok("device", "show", name)))

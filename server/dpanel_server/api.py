@@ -85,7 +85,11 @@ def create_app(manager: Manager, admin_token: str) -> FastAPI:
 
     @app.get("/v1/health")
     async def health() -> dict[str, Any]:
-        return {"ok": True, "broker": manager.broker_connected(), "version": __version__}
+        out: dict[str, Any] = {"ok": True, "broker": manager.broker_connected(),
+                               "version": __version__}
+        if manager.tunnel_stats is not None:
+            out["tunnel"] = manager.tunnel_stats()
+        return out
 
     @app.get("/v1/devices", dependencies=[Depends(auth)])
     async def list_devices() -> list[dict[str, Any]]:

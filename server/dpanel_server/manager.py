@@ -77,13 +77,19 @@ class Manager:
     """Everything the CLI/API need; one instance per manager process."""
 
     def __init__(self, cfg: ServerConfig,
-                 kick: Optional[Callable[[str], object]] = None) -> None:
+                 kick: Optional[Callable[[str], object]] = None,
+                 tunnel_sessions: Optional[Callable[[], dict[str, int]]] = None,
+                 tunnel_stats: Optional[Callable[[], dict[str, int]]] = None) -> None:
         self.cfg = cfg
         self.registry = Registry(cfg.registry_path)
         self.key = ensure_private_key(cfg.manager.ssh_key)
         self.manager_key_line = self.key.export_public_key().decode().strip()
         self._broker_password = ensure_secret(cfg.broker.password_file)
         self._kick = kick
+        # Only when the tunnel runs in this process (the stack): lets us check that a
+        # reported port really is the device's own, on top of the host key check.
+        self._tunnel_sessions = tunnel_sessions
+        self.tunnel_stats = tunnel_stats
         self.presence: dict[str, Presence] = {}
         self._pending: dict[str, tuple[str, asyncio.Future[wire.Response]]] = {}
         self._pool: dict[str, _Pooled] = {}
@@ -269,6 +275,11 @@ class Manager:
         if resp.code != wire.ErrorCode.OK or resp.port is None:
             raise TunnelRefused(f"device {device}: tunnel refused ({resp.code.value}: "
                                 f"{resp.message or 'no detail'})", resp.code.value)
+        if self._tunnel_sessions is not None:
+            owned = self._tunnel_sessions().get(device)
+            if owned != resp.port:
+                raise TunnelRefused(f"device {device} reported port {resp.port}, but the tunnel "
+                                    f"gave it {owned or 'no port'}; refused", "wrong_port")
         self.presence[device].port = resp.port
         return resp.port
 

@@ -109,7 +109,8 @@ async def run_services(cfg: ServerConfig) -> None:
     registry = Registry(cfg.registry_path)
     tunnel = TunnelServer(TunnelSettings.from_config(cfg.tunnel), registry.verify)
     await tunnel.start()
-    manager = Manager(cfg, kick=tunnel.kick)
+    manager = Manager(cfg, kick=tunnel.kick, tunnel_sessions=tunnel.sessions,
+                      tunnel_stats=tunnel.stats)
     await manager.start()
     try:
         await _serve_api(cfg, manager, tunnel)

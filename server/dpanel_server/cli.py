@@ -329,7 +329,7 @@ def cmd_stack_up(args: argparse.Namespace) -> int:
     cfg = prepare_stack(Path(args.dir), broker_port=args.broker_port,
                         tunnel_port=args.tunnel_port, api_port=args.api_port,
                         port_range=args.port_range, public_host=args.public_host,
-                        keepalive_interval=args.keepalive_interval)
+                        keepalive_interval=args.keepalive_interval, tls=args.tls)
     return stack_up(cfg)
 
 
@@ -425,6 +425,8 @@ def _parser() -> argparse.ArgumentParser:
     a.add_argument("--api-port", type=int, default=8780)
     a.add_argument("--port-range", default="20000-29999")
     a.add_argument("--public-host", help="also serve devices on this address")
+    a.add_argument("--tls", action="store_true",
+                   help="MQTT over TLS with a generated CA (pinned in device tokens)")
     a.add_argument("--keepalive-interval", type=float, default=15.0,
                    help="tunnel SSH keepalive; dead devices free their port after 3 misses")
     a.add_argument("--log-level", default="info")

@@ -15,6 +15,7 @@ from .broker import render_mosquitto_conf
 from .config import ServerConfig, load_config, stack_config
 from .errors import ConfigError
 from .manager import sync_broker_files
+from .pki import ensure_broker_tls
 from .registry import Registry
 from .service import run_services
 
@@ -53,7 +54,7 @@ def dump_config(cfg: ServerConfig) -> str:
 def prepare_stack(state_dir: Path, *, broker_port: int = 18830, tunnel_port: int = 2220,
                   api_port: int = 8780, port_range: str = "20000-29999",
                   public_host: Optional[str] = None,
-                  keepalive_interval: float = 15.0) -> ServerConfig:
+                  keepalive_interval: float = 15.0, tls: bool = False) -> ServerConfig:
     """Create (first time) or load DIR/server.toml, so a restarted stack keeps its ports,
     keys and registry."""
     state_dir.mkdir(parents=True, exist_ok=True)
@@ -64,10 +65,16 @@ def prepare_stack(state_dir: Path, *, broker_port: int = 18830, tunnel_port: int
     cfg = stack_config(state_dir, broker_port=broker_port, tunnel_port=tunnel_port,
                        api_port=api_port, port_range=port_range)
     cfg.tunnel.keepalive_interval = keepalive_interval
+    scheme = "mqtts" if tls else "mqtt"
     if public_host:
         # Devices dial this address; the manager itself still uses loopback.
         cfg.tunnel.listen = cfg.tunnel.public_address = f"{public_host}:{tunnel_port}"
-        cfg.broker.public_url = f"mqtt://{public_host}:{broker_port}"
+    cfg.broker.url = f"{scheme}://127.0.0.1:{broker_port}"
+    cfg.broker.public_url = f"{scheme}://{public_host or '127.0.0.1'}:{broker_port}"
+    if tls:
+        ca, _, _ = ensure_broker_tls(state_dir.resolve() / "tls",
+                                     ["127.0.0.1", "localhost", *filter(None, [public_host])])
+        cfg.broker.ca_file = str(ca)
     atomic_write(conf, dump_config(cfg), 0o600)
     return load_config(conf)
 
@@ -86,9 +93,15 @@ def start_mosquitto(cfg: ServerConfig) -> subprocess.Popen[bytes]:
     host, port = cfg.broker.host_port
     conf = render_mosquitto_conf(port=port, host=host, passwd=Path(cfg.broker.passwd_path),
                                  acl=Path(cfg.broker.acl_path), pid_file=mdir / "mosquitto.pid")
+    tls = ""
+    if cfg.broker.url.startswith("mqtts://"):
+        d = Path(cfg.broker.ca_file or "").parent
+        tls = (f"cafile {d / 'ca.crt'}\ncertfile {d / 'server.crt'}\n"
+               f"keyfile {d / 'server.key'}\ntls_version tlsv1.2\n")
+        conf += tls
     public = cfg.broker.public_url.split("://", 1)[1].rsplit(":", 1)[0]
     if public not in (host, "localhost"):
-        conf += f"listener {port} {public}\nuse_username_as_clientid true\n"
+        conf += f"listener {port} {public}\nuse_username_as_clientid true\n{tls}"
     atomic_write(mdir / "mosquitto.conf", conf, 0o600)
     log_file = (mdir / "mosquitto.log").open("ab")
     return subprocess.Popen([exe, "-c", str(mdir / "mosquitto.conf")], stdout=log_file,

@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Iterator
 
 import pytest
+
 from dpanel_server.broker import mosquitto_hash, render_acl, render_mosquitto_conf, render_passwd
 from stackfix import Stack
 

@@ -12,10 +12,11 @@ from pathlib import Path
 
 import asyncssh
 import paho.mqtt.client as mqtt
+from paho.mqtt.enums import CallbackAPIVersion
+
 from dpanel_agent import wire
 from dpanel_agent.signing import sign_request
 from dpanel_agent.token import parse_token
-from paho.mqtt.enums import CallbackAPIVersion
 from stackfix import BIN, Stack, stop_proc, wait_for
 
 

@@ -8,6 +8,7 @@ import uuid
 
 import paho.mqtt.client as mqtt
 import pytest
+
 from conftest import Mosquitto
 from dpanel_agent import wire
 

@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Iterator
 
 import pytest
+
 from conftest import free_port
 from stackfix import BIN, Stack, wait_for
 

@@ -8,6 +8,7 @@ import time
 
 import asyncssh
 import pytest
+
 from dpanel_agent import wire
 from dpanel_agent.signing import load_public_key, sign_request, verify_request
 from dpanel_agent.token import DeviceToken, parse_token

@@ -7,6 +7,7 @@ import stat
 from pathlib import Path
 
 import pytest
+
 from dpanel_server.broker import mosquitto_hash, mosquitto_verify, render_acl
 from dpanel_server.config import load_config
 from dpanel_server.errors import ConfigError, DeviceExists, RegistryError, UnknownDevice

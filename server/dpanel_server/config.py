@@ -7,6 +7,7 @@ from pathlib import Path
 from typing import Any, Literal, Optional, get_args, get_type_hints
 
 import tomllib
+
 from dpanel_agent.token import parse_hostport
 from dpanel_agent.wire import DecodeError
 

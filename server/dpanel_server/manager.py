@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import AsyncIterator, Callable, Optional, Union
 
 import asyncssh
+
 from dpanel_agent import wire
 from dpanel_agent.signing import sign_request
 from dpanel_agent.token import DeviceToken

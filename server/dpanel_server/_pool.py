@@ -132,6 +132,28 @@ class PortPool:
         elif self._sticky.get(device) == port:
             del self._sticky[device]
 
+    def export(self) -> dict[str, int]:
+        """device -> port for every device that holds or may reclaim a port (to persist)."""
+        self._expire()
+        out = {dev: port for dev, port in self._sticky.items()
+               if self._taken.get(port) == dev or self._reserved.get(port, ("",))[0] == dev}
+        return dict(sorted(out.items()))
+
+    def preload(self, ports: dict[str, int]) -> int:
+        """Reserve ports from :meth:`export` of an earlier run (fresh expiry). Entries out of
+        range or clashing with what is already known are skipped; returns how many were kept."""
+        if self._sticky_seconds <= 0:
+            return 0
+        expiry = self._clock() + self._sticky_seconds
+        kept = 0
+        for device, port in ports.items():
+            if port not in self or self._unavailable(port, ()) or device in self._sticky:
+                continue
+            self._reserved[port] = (device, expiry)
+            self._sticky[device] = port
+            kept += 1
+        return kept
+
     # ------------------------------------------------------------------ internals
 
     def _take(self, port: int, device: str) -> int:

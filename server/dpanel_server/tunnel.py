@@ -21,6 +21,7 @@ from __future__ import annotations
 import asyncio
 import errno
 import ipaddress
+import json
 import logging
 import os
 import random
@@ -31,14 +32,17 @@ from pathlib import Path
 from typing import Awaitable, Callable, Literal, Optional, Union
 
 import asyncssh
+
 from dpanel_agent.wire import DecodeError, validate_device_id
 
-from ._files import ensure_private_key
+from ._files import atomic_write, ensure_private_key
 from ._pool import PoolExhausted, PortPool
 from .errors import ConfigError
 
 __all__ = [
     "ALLOWED_LISTEN_HOSTS",
+    "MAX_AUTH_FAILURES",
+    "VERIFY_CONCURRENCY",
     "TunnelServer",
     "TunnelSettings",
     "host_key_line",
@@ -54,6 +58,13 @@ log = logging.getLogger("dpanel.tunnel")
 ALLOWED_LISTEN_HOSTS = frozenset({"", "localhost", "127.0.0.1"})
 
 Verify = Callable[[str, str], bool]
+
+#: Wrong passwords allowed per connection before it is dropped (OpenSSH MaxAuthTries is 6;
+#: a device knows its secret, so a second wrong one is already an attack or a bad token).
+MAX_AUTH_FAILURES = 3
+#: verify() calls running at once; the rest queue, so a reconnect storm of thousands of
+#: devices cannot take every thread of the default executor.
+VERIFY_CONCURRENCY = 8
 
 
 @dataclass(frozen=True)
@@ -73,6 +84,9 @@ class TunnelSettings:
     max_unauthenticated: int = 200
     #: A device that comes back within this many seconds gets its previous port again.
     sticky_seconds: float = 86400
+    #: Where the sticky port map is saved on close and read on start, so a restarted tunnel
+    #: gives devices their ports back too (``None``: kept in memory only).
+    sticky_path: Optional[Path] = None
     #: How many pool ports to try when binding fails because another process holds one.
     bind_attempts: int = 16
 
@@ -173,6 +187,7 @@ class _Session(asyncssh.SSHServer):
         self._conn: Optional[asyncssh.SSHServerConnection] = None
         self.peer = "?"
         self.username = ""
+        self.failures = 0
         self.authed = False
         self.gone = False
         self.forward: ForwardState = "none"
@@ -240,16 +255,29 @@ class _Session(asyncssh.SSHServer):
             validate_device_id(username)
         except DecodeError:
             log.warning("auth refused from %s: %r is not a device id", self.peer, username[:80])
+            self._count_failure()
             return False
         try:
-            ok = await asyncio.to_thread(self._srv._verify, username, password)
+            async with self._srv._verify_slots:
+                ok = await asyncio.to_thread(self._srv._verify, username, password)
         except Exception:
             log.exception("auth for device %s from %s: verify failed", username, self.peer)
-            return False
-        if not ok:
-            # Never log the secret; the device id and address are what an operator needs.
-            log.warning("auth failed for device %s from %s", username, self.peer)
-        return bool(ok) and not self.gone
+            ok = False
+        if ok:
+            return not self.gone
+        # Never log the secret; the device id and address are what an operator needs.
+        log.warning("auth failed for device %s from %s", username, self.peer)
+        self._count_failure()
+        return False
+
+    def _count_failure(self) -> None:
+        self.failures += 1
+        conn = self._conn
+        if self.failures >= MAX_AUTH_FAILURES and conn is not None:
+            self.gone = True
+            asyncio.get_running_loop().call_soon(
+                conn.disconnect, asyncssh.DISC_NO_MORE_AUTH_METHODS_AVAILABLE,
+                "too many authentication failures")
 
     def auth_completed(self) -> None:
         self.authed = True
@@ -402,6 +430,33 @@ class TunnelServer:
         self._by_device: dict[str, _Session] = {}
         self._unauth = 0
         self._closing = False
+        self._verify_slots = asyncio.Semaphore(VERIFY_CONCURRENCY)
+        self._load_sticky()
+
+    def _load_sticky(self) -> None:
+        path = self.settings.sticky_path
+        if path is None or not path.exists():
+            return
+        try:
+            data = json.loads(path.read_text())
+            if not isinstance(data, dict):
+                raise ValueError("not a JSON object")
+            ports = {validate_device_id(k): int(v) for k, v in data.items()}
+        except (OSError, ValueError, TypeError) as exc:
+            log.warning("ignoring sticky port map %s: %s", path, exc)
+            return
+        kept = self._pool.preload(ports)
+        log.info("sticky port map %s: %d of %d ports reserved for returning devices",
+                 path, kept, len(ports))
+
+    def _save_sticky(self) -> None:
+        path = self.settings.sticky_path
+        if path is None:
+            return
+        try:
+            atomic_write(path, json.dumps(self._pool.export(), indent=0) + "\n", 0o600)
+        except OSError as exc:
+            log.warning("cannot save sticky port map %s: %s", path, exc)
 
     # ------------------------------------------------------------ lifecycle
 
@@ -436,6 +491,7 @@ class TunnelServer:
         sessions = list(self._sessions)
         for session in sessions:
             session.close("tunnel server shutting down")
+        self._save_sticky()
         if sessions:
             await asyncio.wait([asyncio.ensure_future(s.wait_closed()) for s in sessions],
                                timeout=5)

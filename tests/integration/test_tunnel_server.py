@@ -25,7 +25,7 @@ from typing import Any, Awaitable, Callable, Iterator, Optional, TypeVar
 import asyncssh
 import pytest
 
-from dpanel_server.tunnel import TunnelServer, TunnelSettings
+from dpanel_server.tunnel import MAX_AUTH_FAILURES, TunnelServer, TunnelSettings
 
 T = TypeVar("T")
 
@@ -238,8 +238,8 @@ class OpenSSH:
         self.known_hosts.write_text(
             f"[127.0.0.1]:{srv.port} {srv.call(srv.server.host_key_line)}\n")
 
-    def argv(self, device: str, *args: str, secret: Optional[str] = None) -> tuple[list[str],
-                                                                                  dict[str, str]]:
+    def argv(self, device: str, *args: str, secret: Optional[str] = None, prompts: int = 1
+             ) -> tuple[list[str], dict[str, str]]:
         askpass = self.tmp / f"askpass-{device}-{len(self.procs)}.sh"
         askpass.write_text(f"#!/bin/sh\necho '{secret or SECRETS[device]}'\n")
         askpass.chmod(0o700)
@@ -248,7 +248,7 @@ class OpenSSH:
             "ssh", "-F", "/dev/null", "-p", str(self.srv.port),
             "-o", f"UserKnownHostsFile={self.known_hosts}", "-o", "StrictHostKeyChecking=yes",
             "-o", "PreferredAuthentications=password", "-o", "PubkeyAuthentication=no",
-            "-o", "NumberOfPasswordPrompts=1", "-o", "ConnectTimeout=15",
+            "-o", f"NumberOfPasswordPrompts={prompts}", "-o", "ConnectTimeout=15",
             "-o", "ServerAliveInterval=0", *args, f"{device}@127.0.0.1",
         ]
         return argv, env
@@ -268,9 +268,9 @@ class OpenSSH:
         assert int(m.group(2)) == dest_port
         return proc, int(m.group(1))
 
-    def run(self, device: str, *args: str, secret: Optional[str] = None
+    def run(self, device: str, *args: str, secret: Optional[str] = None, prompts: int = 1
             ) -> subprocess.CompletedProcess[str]:
-        argv, env = self.argv(device, *args, secret=secret)
+        argv, env = self.argv(device, *args, secret=secret, prompts=prompts)
         return subprocess.run(argv, env=env, stdin=subprocess.DEVNULL, capture_output=True,
                               text=True, timeout=60)
 
@@ -484,6 +484,14 @@ def test_openssh_client_with_wrong_secret_is_rejected(
     assert tunnel.stats()["ports_in_use"] == 0
 
 
+def test_repeated_wrong_secrets_drop_the_connection(
+        tunnel: ServerThread, openssh: OpenSSH) -> None:
+    res = openssh.run("dev-a", "-N", secret="wrong-" + "w" * 40, prompts=10)
+    assert res.returncode == 255
+    assert "too many authentication failures" in res.stderr
+    assert tunnel.verify_calls.count("dev-a") == MAX_AUTH_FAILURES
+
+
 def test_only_password_auth_is_offered(tunnel: ServerThread) -> None:
     async def scenario() -> None:
         key = asyncssh.generate_private_key("ssh-ed25519")
@@ -536,6 +544,42 @@ def test_openssh_reconnect_gets_the_same_port(
     assert again == port
     first.wait(15)  # the stale one was evicted
     roundtrip(port)
+
+
+def test_restarted_server_gives_devices_their_ports_back(
+        make_server: Callable[..., ServerThread], tmp_path: Path, echo: EchoServer) -> None:
+    sticky = tmp_path / "state" / "tunnel-ports.json"
+    first = make_server(sticky_path=sticky)
+    s = first.server.settings
+
+    async def take_port(srv: ServerThread) -> int:
+        async with await connect(srv) as conn:
+            port = (await forward(conn, echo)).get_port()
+            await to_thread(roundtrip, port)
+            return port
+
+    port = asyncio.run(take_port(first))
+    first.stop()
+    assert sticky.stat().st_mode & 0o777 == 0o600
+    second = make_server(sticky_path=sticky, port_min=s.port_min, port_max=s.port_max,
+                         listen_port=0)
+    assert asyncio.run(take_port(second)) == port
+
+
+def test_corrupt_sticky_map_is_ignored(
+        make_server: Callable[..., ServerThread], tmp_path: Path, echo: EchoServer,
+        caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.INFO, logger=LOGGER)
+    sticky = tmp_path / "ports.json"
+    sticky.write_text("{not json")
+    srv = make_server(sticky_path=sticky)
+    assert "ignoring sticky port map" in caplog.text
+
+    async def scenario() -> None:
+        async with await connect(srv) as conn:
+            await forward(conn, echo)
+
+    asyncio.run(scenario())
 
 
 def test_cancelled_forward_frees_the_port_and_may_be_requested_again(

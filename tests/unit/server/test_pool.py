@@ -154,3 +154,26 @@ def test_memory_is_proportional_to_ports_in_use() -> None:
         pool.acquire(f"d{i}")
     # Free ports are not materialised: only the three taken ones are stored.
     assert len(pool._taken) == 3 and len(pool._reserved) == 0
+
+
+def test_export_and_preload_carry_ports_across_a_restart() -> None:
+    pool, clock = make(20000, 29999)
+    a = pool.acquire("a")
+    b = pool.acquire("b")
+    pool.release(b)
+    gone = pool.acquire("gone")
+    pool.release(gone)
+    clock.now += 61  # "gone"'s reservation expired; "b"'s too (sticky 60)
+    exported = pool.export()
+    assert exported == {"a": a}
+    fresh, _ = make(20000, 29999, seed=9)
+    assert fresh.preload({**exported, "out-of-range": 5, "clash": a}) == 1
+    assert fresh.in_use == 0 and fresh.reserved == 1
+    assert fresh.acquire("clash") != a  # reserved for "a", not handed to others
+    assert fresh.acquire("a") == a
+
+
+def test_preload_without_stickiness_does_nothing() -> None:
+    pool, _ = make(sticky=0)
+    assert pool.preload({"a": 20001}) == 0
+    assert pool.reserved == 0

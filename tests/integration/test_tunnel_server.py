@@ -556,7 +556,7 @@ def test_restarted_server_gives_devices_their_ports_back(
         async with await connect(srv) as conn:
             port = (await forward(conn, echo)).get_port()
             await to_thread(roundtrip, port)
-            return port
+        return port
 
     port = asyncio.run(take_port(first))
     first.stop()

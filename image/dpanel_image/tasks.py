@@ -1,6 +1,162 @@
 """invoke tasks for freezing the agent and building/provisioning images."""
 
-from invoke import Collection
+from __future__ import annotations
+
+import functools
+import json
+import os
+import shutil
+import subprocess
+from pathlib import Path
+from typing import Any, Callable, Optional, TypeVar, cast
+
+from invoke.collection import Collection
+from invoke.context import Context
+from invoke.tasks import task
+from invoke.exceptions import Exit
+
+from .errors import ImageError
+
+__all__ = ["agent_ns", "image_ns"]
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+
+def _clear_errors(fn: F) -> F:
+    """Bad input ends with one clear line and exit 1, not a traceback."""
+    @functools.wraps(fn)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return fn(*args, **kwargs)
+        except ImageError as e:
+            raise Exit(f"error: {e}", code=1) from None
+    return cast(F, wrapper)
+
+
+def _mode(mode: str) -> Any:
+    if mode not in ("onefile", "onedir"):
+        raise ImageError(f"--mode: {mode!r} is not onefile or onedir")
+    return mode
+
+
+@task(help={"arch": "arm64, armhf or amd64 (repeat for several); default arm64",
+            "mode": "onefile (one binary, default) or onedir (a folder; starts faster)",
+            "dist": "output directory (default: dist/)"}, iterable=["arch"])
+@_clear_errors
+def build(c: Context, arch: Optional[list[str]] = None, mode: str = "onefile",
+          dist: str = "") -> None:
+    """Freeze dpanel-tunnel with PyInstaller for ARM (under qemu-user), cached."""
+    from .arches import parse_arch
+    from .freeze import build_agent
+
+    for a in arch or ["arm64"]:
+        r = build_agent(parse_arch(a), _mode(mode), Path(dist) if dist else None)
+        size = r.path.stat().st_size
+        print(f"{r.path}  {a} {mode} {size / 1e6:.1f} MB  "
+              f"{'cached' if r.cached else 'built'} in {r.seconds:.1f} s")
+
+
+@task(name="build", help={
+    "board": "rpi, orangepi or qemu-arm64 (image/boards/*.toml), or a .toml path",
+    "base": "vendor image (.img, .img.xz, .img.zst, .img.gz); qemu-arm64 builds its own",
+    "out": "output directory (default out/)",
+    "arch": "target architecture (default: the board's first)",
+    "agent": "use this frozen agent instead of building one",
+    "mode": "agent layout: onefile or onedir",
+    "compress": "zst (default), xz or none",
+    "tunnel_host_key": "tunnel server public key file, copied to /etc/dpanel/pins/",
+    "manager_key": "manager public key file, copied to /etc/dpanel/pins/"})
+@_clear_errors
+def build_image_task(c: Context, board: str = "rpi", base: str = "", out: str = "out",
+                     arch: str = "", agent: str = "", mode: str = "onefile",
+                     compress: str = "zst", tunnel_host_key: str = "",
+                     manager_key: str = "") -> None:
+    """Bake the agent into an SD image, rootless: outputs .img, .zst/.xz, .sha256, .bmap."""
+    from .build import build_image
+
+    if compress not in ("zst", "xz", "none"):
+        raise ImageError(f"--compress: {compress!r} is not zst, xz or none")
+    r = build_image(board, Path(out), base=Path(base) if base else None, arch=arch or None,
+                    agent=Path(agent) if agent else None, mode=_mode(mode),
+                    compression=compress,  # type: ignore[arg-type]
+                    tunnel_host_key=Path(tunnel_host_key) if tunnel_host_key else None,
+                    manager_key=Path(manager_key) if manager_key else None)
+    for p in (r.image, r.compressed, r.bmap, r.sha256):
+        if p is not None:
+            print(p)
+
+
+@task(help={"image": "a dPanel image from build-image",
+            "device": "device name to enrol with the manager (dpanel device add)",
+            "token": "use this token instead of enrolling",
+            "out": "write per-device images into this directory (image unchanged)",
+            "to": "write the card /dev/sdX directly (removable, unmounted disks only)",
+            "count": "bulk: provision N devices named PREFIX01..",
+            "prefix": "bulk: device name prefix, e.g. site-a-",
+            "yes": "do not ask before writing a card"})
+@_clear_errors
+def provision(c: Context, image: str, device: str = "", token: str = "", out: str = "",
+              to: str = "", count: int = 0, prefix: str = "", yes: bool = False) -> None:
+    """Give an image its device token (enrolled via the manager, or --token)."""
+    from .provision import provision as do
+
+    res = do(Path(image), device=device or None, token=token or None,
+             out=Path(out) if out else None, to=to or None, count=count, prefix=prefix,
+             yes=yes)
+    for r in res:
+        print(f"{r.device}\t{r.image}\t{r.seconds:.2f} s")
+
+
+@task(name="boot-qemu", help={"image": "a qemu-arm64 image (default out/dpanel-qemu-arm64.img)",
+                              "log": "write the serial console here instead of the terminal",
+                              "persist": "write guest changes into the image (no -snapshot)"})
+@_clear_errors
+def boot_qemu(c: Context, image: str = "out/dpanel-qemu-arm64.img", log: str = "",
+              persist: bool = False) -> None:
+    """Boot an image under qemu-system-aarch64 -M virt (user networking, host = 10.0.2.2)."""
+    from .qemu import QemuVM
+
+    vm = QemuVM(Path(image), Path(log or os.devnull), snapshot=not persist)
+    try:
+        argv = vm.argv(serial=log or "stdio")
+        print(" ".join(argv), flush=True)
+        subprocess.run(argv, check=False)
+    finally:
+        vm.stop()
+
+
+@task(help={"board": "board whose layout to copy", "arch": "architecture of the fake root",
+            "out": "where to put the image", "xz": "also write .img.xz"})
+@_clear_errors
+def synthetic(c: Context, board: str = "rpi", arch: str = "", out: str = "out",
+              xz: bool = False) -> None:
+    """Make a small synthetic base image with a board's partition layout (for trying out)."""
+    from .arches import parse_arch
+    from .boards import load_board
+    from .synthetic import synthetic_base
+
+    b = load_board(board)
+    src = synthetic_base(b, parse_arch(arch) if arch else b.default_arch, compressed=xz)
+    Path(out).mkdir(parents=True, exist_ok=True)
+    dest = Path(out) / f"synthetic-{b.name}{''.join(src.suffixes[-1:]) if xz else '.img'}"
+    shutil.copyfile(src, dest)
+    print(dest)
+
+
+@task(name="bench")
+@_clear_errors
+def bench_task(c: Context) -> None:
+    """Time build-agent (cold/cached), build-image, provision; binary size, start-up."""
+    from .bench import run_bench
+
+    print(json.dumps(run_bench(), indent=2))
+
 
 agent_ns = Collection("agent")
+agent_ns.add_task(build)
 image_ns = Collection("image")
+image_ns.add_task(build_image_task, name="build")
+image_ns.add_task(provision)
+image_ns.add_task(boot_qemu, name="boot-qemu")
+image_ns.add_task(synthetic)
+image_ns.add_task(bench_task, name="bench")

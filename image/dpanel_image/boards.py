@@ -1,0 +1,161 @@
+"""Boards are data: one TOML file per board in image/boards/ (like Buildroot defconfigs)."""
+
+from __future__ import annotations
+
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal, Optional, cast, get_args
+
+from .arches import Arch, parse_arch
+from .errors import ImageError
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pragma: no cover
+    import tomli as tomllib
+
+__all__ = ["BOARDS_DIR", "Board", "PartSpec", "QemuSpec", "ScratchSpec", "board_names",
+           "load_board"]
+
+BOARDS_DIR = Path(__file__).resolve().parents[1] / "boards"
+Role = Literal["boot", "root"]
+Fs = Literal["vfat", "ext4"]
+
+
+@dataclass(frozen=True)
+class PartSpec:
+    role: Role
+    fs: Fs
+    mountpoint: str
+    label: str
+
+
+@dataclass(frozen=True)
+class ScratchSpec:
+    suite: str
+    boot_mib: int
+    root_slack_mib: int
+    packages: tuple[str, ...]
+    initramfs_modules: tuple[str, ...]
+
+
+@dataclass(frozen=True)
+class QemuSpec:
+    machine: str
+    cpu: str
+    smp: int
+    memory_mib: int
+    append: str
+    kernel: str
+    initrd: str
+
+
+@dataclass(frozen=True)
+class Board:
+    name: str
+    description: str
+    arches: tuple[Arch, ...]
+    table: Literal["dos", "gpt"]
+    partitions: tuple[PartSpec, ...]
+    token_role: Role
+    token_path: str
+    synthetic: dict[str, int] = field(default_factory=dict)
+    scratch: Optional[ScratchSpec] = None
+    qemu: Optional[QemuSpec] = None
+
+    @property
+    def default_arch(self) -> Arch:
+        return self.arches[0]
+
+    def index(self, role: Role) -> int:
+        """0-based index of the partition with ``role``."""
+        for i, p in enumerate(self.partitions):
+            if p.role == role:
+                return i
+        raise ImageError(f"board {self.name}: has no {role} partition")
+
+    def image_name(self, arch: Arch, suffix: str = "") -> str:
+        tail = "" if arch == self.default_arch else f"-{arch}"
+        return f"dpanel-{self.name}{tail}{suffix}.img"
+
+
+def board_names() -> list[str]:
+    return sorted(p.stem for p in BOARDS_DIR.glob("*.toml"))
+
+
+def _get(d: dict[str, Any], key: str, typ: type, where: str) -> Any:
+    if key not in d:
+        raise ImageError(f"{where}: missing field {key!r}")
+    v = d[key]
+    if not isinstance(v, typ) or (typ is int and isinstance(v, bool)):
+        raise ImageError(f"{where}: field {key!r} must be a {typ.__name__}, got {v!r}")
+    return v
+
+
+def _choice(value: str, choices: tuple[str, ...], where: str) -> str:
+    if value not in choices:
+        raise ImageError(f"{where}: {value!r} is not one of {', '.join(choices)}")
+    return value
+
+
+def parse_board(data: dict[str, Any], where: str) -> Board:
+    """Validate a board table; every error names the file and the field."""
+    parts = []
+    for i, p in enumerate(_get(data, "partitions", list, where)):
+        w = f"{where}: partitions[{i}]"
+        if not isinstance(p, dict):
+            raise ImageError(f"{w}: must be a table")
+        parts.append(PartSpec(
+            role=cast(Role, _choice(_get(p, "role", str, w), get_args(Role), f"{w}.role")),
+            fs=cast(Fs, _choice(_get(p, "fs", str, w), get_args(Fs), f"{w}.fs")),
+            mountpoint=_get(p, "mountpoint", str, w), label=_get(p, "label", str, w)))
+    roles = [p.role for p in parts]
+    if roles.count("root") != 1 or roles.count("boot") > 1:
+        raise ImageError(f"{where}: partitions need exactly one root and at most one boot")
+    arches = tuple(parse_arch(a, f"{where}: arches") for a in _get(data, "arches", list, where))
+    if not arches:
+        raise ImageError(f"{where}: arches is empty")
+    tok = _get(data, "token", dict, where)
+    token_role = cast(Role, _choice(_get(tok, "partition", str, f"{where}: token"),
+                                    tuple(roles), f"{where}: token.partition"))
+    token_path = _get(tok, "path", str, f"{where}: token")
+    if not token_path.startswith("/"):
+        raise ImageError(f"{where}: token.path must be absolute, got {token_path!r}")
+    scratch = None
+    if "scratch" in data:
+        s, w = _get(data, "scratch", dict, where), f"{where}: scratch"
+        scratch = ScratchSpec(
+            suite=_get(s, "suite", str, w), boot_mib=_get(s, "boot_mib", int, w),
+            root_slack_mib=_get(s, "root_slack_mib", int, w),
+            packages=tuple(_get(s, "packages", list, w)),
+            initramfs_modules=tuple(_get(s, "initramfs_modules", list, w)))
+    qemu = None
+    if "qemu" in data:
+        q, w = _get(data, "qemu", dict, where), f"{where}: qemu"
+        qemu = QemuSpec(**{k: _get(q, k, t, w) for k, t in (
+            ("machine", str), ("cpu", str), ("smp", int), ("memory_mib", int),
+            ("append", str), ("kernel", str), ("initrd", str))})
+    synthetic = {k: v for k, v in data.get("synthetic", {}).items() if isinstance(v, int)}
+    return Board(
+        name=_get(data, "name", str, where), description=data.get("description", ""),
+        arches=arches,
+        table=cast(Literal["dos", "gpt"], _choice(_get(data, "table", str, where),
+                                                   ("dos", "gpt"), f"{where}: table")),
+        partitions=tuple(parts), token_role=token_role, token_path=token_path,
+        synthetic=synthetic, scratch=scratch, qemu=qemu)
+
+
+def load_board(name_or_path: str) -> Board:
+    """``rpi`` -> image/boards/rpi.toml; a path to a .toml file also works."""
+    path = Path(name_or_path)
+    if not path.suffix:
+        path = BOARDS_DIR / f"{name_or_path}.toml"
+    if not path.exists():
+        raise ImageError(f"--board: unknown board {name_or_path!r} "
+                         f"(known: {', '.join(board_names())})")
+    try:
+        data = tomllib.loads(path.read_text())
+    except tomllib.TOMLDecodeError as e:
+        raise ImageError(f"{path}: invalid TOML ({e})") from None
+    return parse_board(data, str(path))

@@ -1,0 +1,178 @@
+"""Freeze the agent with PyInstaller inside a bullseye root of the target architecture.
+
+PyInstaller cannot cross-compile, and libc is only forward compatible, so the freeze runs
+under qemu-user in the oldest Debian we support (bullseye, glibc 2.31): the binary then
+runs on bullseye and bookworm devices alike.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal, Optional
+
+from .arches import Arch, arch_info, host_arch
+from .debroot import RootSpec, chroot_run, debian_root, locked
+from .elf import elf_arch_of_file
+from .errors import ImageError
+from .util import PROJECT_ROOT, cache_root, hash_paths, hash_text, log, need_tool, run
+
+__all__ = ["FreezeMode", "FreezeResult", "build_agent", "build_root_spec", "run_frozen"]
+
+FreezeMode = Literal["onefile", "onedir"]
+SUITE = "bullseye"
+LOCK = Path(__file__).with_name("freeze-lock.txt")
+AGENT_SRC = PROJECT_ROOT / "agent" / "dpanel_agent"
+#: Bump when the freeze recipe below changes, so cached binaries are rebuilt.
+RECIPE = "3"
+BASE_PACKAGES = ("python3", "python3-venv", "libpython3.9", "binutils", "file",
+                 "ca-certificates")
+#: No wheels on PyPI for armv7 cffi and pyinstaller: pip builds them (bootloader too).
+BUILD_PACKAGES = ("gcc", "libc6-dev", "zlib1g-dev", "python3-dev", "libffi-dev")
+#: PyInstaller follows static imports; these are imported lazily by asyncssh/paho.
+HIDDEN_IMPORTS = (
+    "asyncssh.crypto", "asyncssh.crypto.ed", "asyncssh.crypto.ec", "asyncssh.crypto.rsa",
+    "asyncssh.crypto.cipher", "asyncssh.crypto.kdf", "asyncssh.crypto.x509",
+    "cryptography.hazmat.primitives.asymmetric.ed25519",
+    "cryptography.hazmat.primitives.kdf.pbkdf2",
+)
+
+
+def build_root_spec(arch: Arch) -> RootSpec:
+    pkgs = BASE_PACKAGES + (BUILD_PACKAGES if arch == "armhf" else ())
+    return RootSpec(name="freeze", suite=SUITE, arch=arch, packages=pkgs,
+                    extra_key=hash_text(LOCK.read_text(), _SETUP))
+
+
+_SETUP = ("python3 -m venv /opt/freeze && /opt/freeze/bin/pip install -q --no-cache-dir "
+          "pip==24.3.1 && /opt/freeze/bin/pip install -q --no-cache-dir -r /tmp/freeze-lock.txt")
+
+
+def _setup_root(root: Path) -> None:
+    shutil.copy(LOCK, root / "tmp" / "freeze-lock.txt")
+    t0 = time.monotonic()
+    chroot_run(root, ["sh", "-ec", _SETUP], "pip install of the freeze lock in the build root")
+    log(f"pip install in the build root took {time.monotonic() - t0:.0f} s")
+
+
+@dataclass(frozen=True)
+class FreezeResult:
+    arch: Arch
+    mode: FreezeMode
+    path: Path  # the executable (onefile) or the executable inside the onedir folder
+    cached: bool
+    seconds: float
+    root: Path
+
+
+def _output_path(dist: Path, arch: Arch, mode: FreezeMode) -> Path:
+    if mode == "onefile":
+        return dist / arch / "dpanel-tunnel"
+    return dist / arch / "dpanel-tunnel.d" / "dpanel-tunnel"
+
+
+def agent_key(arch: Arch, mode: FreezeMode) -> str:
+    return hash_text(build_root_spec(arch).key(), mode, RECIPE, *HIDDEN_IMPORTS,
+                     hash_paths([AGENT_SRC], PROJECT_ROOT))
+
+
+def build_agent(arch: Arch, mode: FreezeMode = "onefile", dist: Optional[Path] = None,
+                verify: bool = True) -> FreezeResult:
+    """Freeze ``agent/dpanel_agent`` for ``arch``; cached by sources + lock + recipe."""
+    t0 = time.monotonic()
+    if not (AGENT_SRC / "__main__.py").exists():
+        raise ImageError(f"agent entry point {AGENT_SRC / '__main__.py'} is missing")
+    dist = dist or PROJECT_ROOT / "dist"
+    spec = build_root_spec(arch)
+    cache = cache_root() / f"agent-{arch}-{mode}-{agent_key(arch, mode)}"
+    cached = (cache / ".dpanel-complete").exists()
+    root = spec.path()
+    if not cached:
+        root = debian_root(spec, _setup_root)
+        with locked(root):
+            _freeze(root, arch, mode, cache)
+    out = _output_path(dist, arch, mode)
+    _publish(cache / "dpanel-tunnel", out.parent if mode == "onedir" else out)
+    if verify:
+        check_binary(out, arch, root)
+    return FreezeResult(arch, mode, out, cached, time.monotonic() - t0, root)
+
+
+def _freeze(root: Path, arch: Arch, mode: FreezeMode, cache: Path) -> None:
+    build = root / "build"
+    shutil.rmtree(build, ignore_errors=True)
+    (build / "src").mkdir(parents=True)
+    shutil.copytree(AGENT_SRC, build / "src" / "dpanel_agent",
+                    ignore=shutil.ignore_patterns("__pycache__", "*.pyc"))
+    argv = ["/opt/freeze/bin/pyinstaller", "--noconfirm", "--clean", "--log-level=WARN",
+            f"--{mode}", "--name", "dpanel-tunnel", "--paths", "/build/src",
+            "--collect-submodules", "dpanel_agent", "--distpath", "/build/dist",
+            "--workpath", "/build/work", "--specpath", "/build", "--strip"]
+    for mod in HIDDEN_IMPORTS:
+        argv += ["--hidden-import", mod]
+    argv.append("/build/src/dpanel_agent/__main__.py")
+    t0 = time.monotonic()
+    log(f"freezing the agent for {arch} ({mode}) under qemu-user")
+    chroot_run(root, argv, f"PyInstaller freeze for {arch}")
+    log(f"freeze took {time.monotonic() - t0:.0f} s")
+    tmp = cache.with_name(cache.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    shutil.move(str(build / "dist" / "dpanel-tunnel"), tmp / "dpanel-tunnel")
+    (tmp / ".dpanel-complete").touch()
+    shutil.rmtree(cache, ignore_errors=True)
+    os.replace(tmp, cache)
+    shutil.rmtree(build, ignore_errors=True)
+
+
+def _publish(src: Path, dest: Path) -> None:
+    """Copy a cached build to dist/ atomically (tmp + rename)."""
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    tmp = dest.with_name(f".{dest.name}.tmp{os.getpid()}")
+    if src.is_dir():
+        shutil.rmtree(tmp, ignore_errors=True)
+        shutil.copytree(src, tmp, symlinks=True)
+        shutil.rmtree(dest, ignore_errors=True)
+        os.replace(tmp, dest)
+    else:
+        shutil.copy2(src, tmp)
+        os.replace(tmp, dest)
+
+
+def run_frozen(binary: Path, arch: Arch, root: Path, args: list[str],
+               timeout: float = 120) -> str:
+    """Run a frozen binary on this host, under qemu-user when foreign.
+
+    ``QEMU_LD_PREFIX`` (not ``qemu -L``) because the onefile bootloader re-executes
+    itself and the child would lose ``-L``.
+    """
+    env = None if host_arch() == arch else {"QEMU_LD_PREFIX": str(root)}
+    import subprocess
+
+    try:
+        proc = subprocess.run([str(binary), *args], capture_output=True, timeout=timeout,
+                              env={**os.environ, **(env or {})}, stdin=subprocess.DEVNULL)
+    except subprocess.TimeoutExpired:
+        raise ImageError(f"{binary} {' '.join(args)}: no answer in {timeout:.0f} s") from None
+    if proc.returncode != 0:
+        raise ImageError(f"{binary} {' '.join(args)} failed (exit {proc.returncode}): "
+                         f"{proc.stderr.decode(errors='replace')[-2000:]}")
+    return proc.stdout.decode(errors="replace") + proc.stderr.decode(errors="replace")
+
+
+def check_binary(path: Path, arch: Arch, root: Path) -> str:
+    """`file` must name the right ELF machine and ``--version`` must run (qemu-user)."""
+    need_tool("file", "file")
+    desc = run(["file", "-b", path], f"file {path}").stdout.decode()
+    want = arch_info(arch).file_word
+    if want not in desc or elf_arch_of_file(path) != arch:
+        raise ImageError(f"{path}: expected an {arch} ELF ({want}), file says: {desc.strip()}")
+    if root.exists():
+        out = run_frozen(path, arch, root, ["--version"])
+        if "dpanel-tunnel" not in out:
+            raise ImageError(f"{path} --version printed {out!r}")
+        return out.strip()
+    return ""

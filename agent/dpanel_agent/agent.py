@@ -1,0 +1,209 @@
+"""The agent: presence on MQTT, signed requests in, one on-demand reverse tunnel out.
+
+Memory matters on a 512 MB board, so asyncssh (about 20 MB resident once imported) is
+only loaded when the first tunnel is requested: an idle agent is paho + ``cryptography``
+(signature checks) and nothing else. The built-in SSH server starts at that moment too.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from typing import TYPE_CHECKING, Optional, Tuple
+
+from . import __version__
+from .config import AgentConfig
+from .dispatch import Dispatcher
+from .errors import AgentError
+from .files import ensure_private_dir, load_or_create_host_key, read_public_key_line
+from .guard import RequestGuard
+from .mqtt import AgentMqtt, Backoff
+from .token import DeviceToken
+from .tokensrc import resolve_token
+from .verify import ManagerKey
+from .wire import Response, Status, encode, resp_topic
+
+if TYPE_CHECKING:
+    from .link import TunnelLink
+    from .sshd import BuiltinSSHServer
+
+__all__ = ["Agent"]
+
+log = logging.getLogger("dpanel.agent")
+
+
+class _LazyLink:
+    """Creates the real :class:`TunnelLink` (and the built-in SSH server it points at)
+    on the first open request, so asyncssh is not imported before it is needed."""
+
+    def __init__(self, agent: Agent) -> None:
+        self._agent = agent
+        self.real: Optional[TunnelLink] = None
+
+    @property
+    def port(self) -> Optional[int]:
+        return self.real.port if self.real is not None else None
+
+    async def open(self, ttl: float, idle_timeout: float) -> int:
+        if self.real is None:
+            self.real = await self._agent._make_link()
+        return await self.real.open(ttl, idle_timeout)
+
+    async def close(self, reason: str) -> bool:
+        return await self.real.close(reason) if self.real is not None else False
+
+
+class Agent:
+    """``await Agent(config).run()`` until :meth:`stop`. ``config.token`` or the token
+    file/import named in the config supplies the token."""
+
+    def __init__(self, config: AgentConfig) -> None:
+        self.config = config
+        self.token: Optional[DeviceToken] = config.token
+        self.host_key_line = ""
+        self._host_key_pem = b""
+        self._loop: Optional[asyncio.AbstractEventLoop] = None
+        self._stopped: Optional[asyncio.Event] = None
+        self._stop_requested = False
+        self._mqtt: Optional[AgentMqtt] = None
+        self._link = _LazyLink(self)
+        self._sshd: Optional[BuiltinSSHServer] = None
+        self.dispatcher: Optional[Dispatcher] = None
+
+    # ------------------------------------------------------------------ observable state
+
+    @property
+    def tunnel_port(self) -> Optional[int]:
+        """The public tunnel's loopback port of our forward, while a tunnel is up."""
+        return self._link.port
+
+    @property
+    def connected(self) -> bool:
+        """Connected to the broker right now."""
+        return self._mqtt is not None and self._mqtt.connected.is_set()
+
+    @property
+    def link(self) -> Optional[TunnelLink]:
+        return self._link.real
+
+    @property
+    def sshd(self) -> Optional[BuiltinSSHServer]:
+        return self._sshd
+
+    # ------------------------------------------------------------------ lifecycle
+
+    def stop(self) -> None:
+        """Ask :meth:`run` to return; safe from any thread and before run() starts."""
+        self._stop_requested = True
+        loop, evt = self._loop, self._stopped
+        if loop is not None and evt is not None:
+            try:
+                loop.call_soon_threadsafe(evt.set)
+            except RuntimeError:
+                pass
+
+    async def run(self) -> None:
+        """Run until stopped. Raises TokenError / AgentError for problems the operator
+        must fix (bad token, unwritable state dir); everything at runtime is retried."""
+        cfg = self.config
+        self._loop = asyncio.get_running_loop()
+        self._stopped = asyncio.Event()
+        if self._stop_requested:
+            return
+        token = self.token = resolve_token(cfg)
+        try:
+            ensure_private_dir(cfg.state_dir)
+        except OSError as exc:
+            raise AgentError(f"state_dir: cannot create {cfg.state_dir}: {exc.strerror}") from None
+        if cfg.ssh_target == "builtin":
+            self._host_key_pem, self.host_key_line = load_or_create_host_key(cfg.host_key_path)
+        else:
+            self.host_key_line = read_public_key_line(cfg.sshd_host_key)
+        guard = RequestGuard(token.device, ManagerKey(token.manager_key),
+                             cfg.request_clock_skew)
+        self.dispatcher = Dispatcher(token.device, guard, self._link, self._respond,
+                                     ttl_max=cfg.ttl_max, idle_timeout_max=cfg.idle_timeout_max,
+                                     target=cfg.ssh_target)
+        self._mqtt = AgentMqtt(
+            self._loop, token, offline_payload=encode(self._status("offline")),
+            keepalive=cfg.mqtt_keepalive, protocol=cfg.mqtt_protocol,
+            backoff=Backoff(cfg.reconnect_min, cfg.reconnect_max),
+            on_request=self.dispatcher.handle, on_connected=self._on_connected,
+        )
+        self._mqtt.publish_status(encode(self._status("online")))
+        log.info("dpanel-tunnel %s starting for %s, ssh target %s", __version__,
+                 token.redacted(), cfg.ssh_target)
+        self._mqtt.start()
+        try:
+            await self._stopped.wait()
+        finally:
+            await self._shutdown()
+
+    async def _shutdown(self) -> None:
+        log.info("stopping")
+        if self.dispatcher is not None:
+            try:
+                await asyncio.wait_for(self.dispatcher.drain(), 5)
+            except asyncio.TimeoutError:
+                pass
+        if self._link.real is not None:
+            await self._link.real.shutdown()
+        if self._mqtt is not None:
+            await asyncio.get_running_loop().run_in_executor(
+                None, self._mqtt.stop, encode(self._status("offline")))
+        if self._sshd is not None:
+            await self._sshd.close()
+
+    # ------------------------------------------------------------------ internals
+
+    def _status(self, state: str) -> Status:
+        assert self.token is not None
+        online = state == "online"
+        return Status(device=self.token.device, state="online" if online else "offline",
+                      ts=time.time(), agent_version=__version__,
+                      host_key=self.host_key_line if online else "",
+                      port=self._link.port if online else None)
+
+    def _publish_status(self) -> None:
+        if self._mqtt is not None:
+            self._mqtt.publish_status(encode(self._status("online")))
+
+    def _on_connected(self, up: bool) -> None:
+        log.debug("broker connection %s", "up" if up else "down")
+
+    def _respond(self, resp: Response) -> None:
+        if self._mqtt is not None:
+            self._mqtt.publish(resp_topic(resp.device), encode(resp))
+
+    def _on_port(self, port: Optional[int]) -> None:
+        log.info("tunnel port now %s", port if port is not None else "closed")
+        self._publish_status()
+
+    async def _target(self) -> Tuple[str, int]:
+        cfg = self.config
+        if cfg.ssh_target == "sshd":
+            return "127.0.0.1", cfg.sshd_port
+        if self._sshd is None:
+            import asyncssh
+
+            from .sshd import BuiltinSSHServer
+
+            assert self.token is not None
+            self._sshd = BuiltinSSHServer(
+                asyncssh.import_private_key(self._host_key_pem),
+                asyncssh.import_public_key(self.token.manager_key),
+                allow_forward_hosts=cfg.allow_forward_hosts, shell=cfg.shell,
+                window=cfg.ssh_window, keepalive=cfg.tunnel_keepalive,
+            )
+            await self._sshd.start()
+        return "127.0.0.1", self._sshd.port
+
+    async def _make_link(self) -> TunnelLink:
+        from .link import TunnelLink
+
+        assert self.token is not None
+        cfg = self.config
+        return TunnelLink(self.token, await self._target(), on_port=self._on_port,
+                          keepalive=cfg.tunnel_keepalive, window=cfg.ssh_window,
+                          backoff=Backoff(cfg.reconnect_min, min(cfg.reconnect_max, 60.0)))

@@ -1,0 +1,129 @@
+"""Turn request payloads into actions and answers: decode, check, dispatch by type.
+
+Garbage never gets an answer (there is no trustworthy id to answer to) and never raises:
+it is logged and dropped. A well-formed request that fails a check gets a
+:class:`~dpanel_agent.wire.Response` with the matching :class:`ErrorCode`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from typing import Awaitable, Callable, Dict, Optional, Protocol, Set
+
+from .errors import TunnelError
+from .guard import RequestGuard
+from .wire import (
+    CloseRequest,
+    DecodeError,
+    ErrorCode,
+    MsgType,
+    OpenRequest,
+    Request,
+    Response,
+    decode,
+)
+
+__all__ = ["Dispatcher", "Link"]
+
+log = logging.getLogger("dpanel.agent")
+
+
+class Link(Protocol):
+    """What the dispatcher needs from the tunnel (a fake in unit tests)."""
+
+    @property
+    def port(self) -> Optional[int]: ...
+
+    async def open(self, ttl: float, idle_timeout: float) -> int: ...
+
+    async def close(self, reason: str) -> bool: ...
+
+
+class Dispatcher:
+    """``handle(payload)`` is called on the event loop for every message on the request
+    topic; answers go out through ``respond``."""
+
+    def __init__(self, device: str, guard: RequestGuard, link: Link,
+                 respond: Callable[[Response], None], *, ttl_max: int,
+                 idle_timeout_max: int, target: str = "builtin") -> None:
+        self.device = device
+        self.guard = guard
+        self.link = link
+        self._respond = respond
+        self._ttl_max = ttl_max
+        self._idle_max = idle_timeout_max
+        self._target = target
+        self._tasks: Set[asyncio.Task[None]] = set()
+        self._handlers: Dict[MsgType, Callable[[Request], Awaitable[Response]]] = {
+            MsgType.OPEN: self._open,
+            MsgType.CLOSE: self._close,
+        }
+
+    def handle(self, payload: bytes) -> Optional[asyncio.Task[None]]:
+        try:
+            msg = decode(payload)
+        except DecodeError as exc:
+            log.warning("ignored a malformed request (%d bytes): %s", len(payload), exc)
+            return None
+        handler = self._handlers.get(msg.type)
+        if handler is None or not isinstance(msg, (OpenRequest, CloseRequest)):
+            log.warning("ignored a %s message on the request topic", msg.type.value)
+            return None
+        refusal = self.guard.check(msg)
+        if refusal is not None:
+            code, why = refusal
+            log.warning("refused %s request %s: %s: %s", msg.type.value, msg.id, code.value, why)
+            self._answer(msg, code, why)
+            return None
+        task = asyncio.ensure_future(self._run(handler, msg))
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+        return task
+
+    async def drain(self) -> None:
+        """Wait for requests being handled (tests, shutdown)."""
+        if self._tasks:
+            await asyncio.gather(*list(self._tasks), return_exceptions=True)
+
+    # ------------------------------------------------------------------ internals
+
+    def _answer(self, req: Request, code: ErrorCode, message: str = "",
+                port: Optional[int] = None) -> None:
+        self._respond(Response(device=self.device, id=req.id, code=code, message=message,
+                               port=port, ts=time.time()))
+
+    async def _run(self, handler: Callable[[Request], Awaitable[Response]],
+                   req: Request) -> None:
+        try:
+            resp = await handler(req)
+        except Exception as exc:  # one bad request must not take the agent down
+            log.exception("%s request %s failed", req.type.value, req.id)
+            resp = Response(device=self.device, id=req.id, code=ErrorCode.INTERNAL,
+                            message=f"agent error: {exc}", ts=time.time())
+        self._respond(resp)
+
+    async def _open(self, req: Request) -> Response:
+        assert isinstance(req, OpenRequest)
+        if req.target != self._target:
+            # The device owner decides what is exposed, not the request.
+            log.info("open request %s asks for target %s; this device serves %s",
+                     req.id, req.target, self._target)
+        ttl = min(req.ttl, self._ttl_max)
+        idle = min(req.idle_timeout, self._idle_max)
+        try:
+            port = await self.link.open(ttl, idle)
+        except TunnelError as exc:
+            return Response(device=self.device, id=req.id, code=exc.code,
+                            message=str(exc), ts=time.time())
+        log.info("open request %s: tunnel port %d (ttl %d s, idle %d s)", req.id, port, ttl,
+                 idle)
+        return Response(device=self.device, id=req.id, code=ErrorCode.OK, port=port,
+                        ts=time.time())
+
+    async def _close(self, req: Request) -> Response:
+        was_open = await self.link.close(f"close request {req.id}")
+        code = ErrorCode.OK if was_open else ErrorCode.NOT_OPEN
+        return Response(device=self.device, id=req.id, code=code, ts=time.time(),
+                        message="" if was_open else "no tunnel was open")

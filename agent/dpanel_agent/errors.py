@@ -1,0 +1,19 @@
+"""Agent error types (kept import-light: the idle agent never loads asyncssh)."""
+
+from __future__ import annotations
+
+from .wire import ErrorCode
+
+__all__ = ["AgentError", "TunnelError"]
+
+
+class AgentError(Exception):
+    """A runtime problem the operator must fix (unwritable state dir, unreadable key)."""
+
+
+class TunnelError(Exception):
+    """Dialling the tunnel failed; ``code`` is TUNNEL_UNREACHABLE or TUNNEL_REFUSED."""
+
+    def __init__(self, code: ErrorCode, message: str) -> None:
+        super().__init__(message)
+        self.code = code

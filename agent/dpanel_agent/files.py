@@ -1,0 +1,111 @@
+"""File helpers for the agent: atomic private writes, private directories, the host key."""
+
+from __future__ import annotations
+
+import logging
+import os
+import stat
+import tempfile
+from pathlib import Path
+from typing import Tuple, Union
+
+from .errors import AgentError
+
+__all__ = [
+    "AgentError",
+    "atomic_write",
+    "ensure_private_dir",
+    "load_or_create_host_key",
+    "read_public_key_line",
+]
+
+log = logging.getLogger("dpanel.agent")
+
+
+def ensure_private_dir(path: Union[str, Path]) -> Path:
+    """Create ``path`` (and parents) with mode 0700; tighten it if it already exists and
+    we own it, because it holds the token and the host key."""
+    p = Path(path)
+    p.mkdir(mode=0o700, parents=True, exist_ok=True)
+    st = p.stat()
+    if stat.S_IMODE(st.st_mode) & 0o077 and st.st_uid == os.geteuid():
+        os.chmod(p, 0o700)
+    return p
+
+
+def atomic_write(path: Union[str, Path], data: Union[str, bytes], mode: int = 0o600) -> None:
+    """Write via a temp file in the same directory + fsync + rename: readers and a power
+    cut (an SD card yanked out) only ever see the old or the new file, never half."""
+    p = Path(path)
+    raw = data.encode() if isinstance(data, str) else data
+    fd, tmp = tempfile.mkstemp(prefix=f".{p.name}.", dir=str(p.parent))
+    try:
+        os.fchmod(fd, mode)
+        with os.fdopen(fd, "wb") as f:
+            f.write(raw)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, p)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    try:  # make the rename itself durable
+        dfd = os.open(str(p.parent), os.O_RDONLY)
+        try:
+            os.fsync(dfd)
+        finally:
+            os.close(dfd)
+    except OSError:
+        pass
+
+
+def read_public_key_line(path: Union[str, Path]) -> str:
+    """The first two fields of an OpenSSH ``.pub`` file (the comment would change with
+    the hostname and is not part of the key)."""
+    p = Path(path)
+    try:
+        fields = p.read_text().split()
+    except OSError as exc:
+        raise AgentError(f"sshd_host_key: cannot read {p}: {exc.strerror}") from None
+    if len(fields) < 2 or not fields[0].startswith(("ssh-", "ecdsa-")):
+        raise AgentError(f"sshd_host_key: {p} is not an OpenSSH public key file")
+    return f"{fields[0]} {fields[1]}"
+
+
+def load_or_create_host_key(path: Union[str, Path]) -> Tuple[bytes, str]:
+    """The device's own ed25519 host key, generated on first start on the device itself
+    (so no two devices ever share one, whatever image they were flashed from).
+
+    Returns (OpenSSH private key PEM, public key line). Uses ``cryptography`` directly
+    rather than asyncssh, which the idle agent does not load.
+    """
+    from cryptography.hazmat.primitives import serialization as ser
+    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+
+    p = Path(path)
+    if p.exists():
+        mode = stat.S_IMODE(p.stat().st_mode)
+        if mode & 0o077:
+            log.warning("host key %s has mode %o; tightening to 600", p, mode)
+            os.chmod(p, 0o600)
+        try:
+            pem = p.read_bytes()
+            key = ser.load_ssh_private_key(pem, password=None)
+        except (OSError, ValueError, TypeError) as exc:
+            raise AgentError(
+                f"host key {p} is unreadable ({exc}); delete it to generate a new one "
+                "(the manager will then refuse the device until its pin is reset)"
+            ) from None
+        if not isinstance(key, Ed25519PrivateKey):
+            raise AgentError(f"host key {p} is not an ed25519 key")
+    else:
+        key = Ed25519PrivateKey.generate()
+        pem = key.private_bytes(ser.Encoding.PEM, ser.PrivateFormat.OpenSSH,
+                                ser.NoEncryption())
+        try:
+            atomic_write(p, pem, 0o600)
+        except OSError as exc:
+            raise AgentError(f"cannot write host key {p}: {exc.strerror}") from None
+        log.info("generated this device's SSH host key %s", p)
+    line = key.public_key().public_bytes(ser.Encoding.OpenSSH, ser.PublicFormat.OpenSSH)
+    return pem, line.decode()

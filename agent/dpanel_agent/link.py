@@ -1,0 +1,288 @@
+"""The outbound tunnel: dial the public tunnel with asyncssh and hold one reverse forward
+(``ssh -R 0:127.0.0.1:<target>``; the server picks the port) for as long as it is wanted.
+
+Lifetime rules: the forward lives until its TTL passes, a close request arrives, or nobody
+has had a connection through it for ``idle_timeout`` seconds. While it is wanted and the
+SSH connection drops (tunnel server restart, network cut), it is redialled with jittered
+backoff and the new port is reported. Deadlines use the monotonic clock: a Raspberry Pi
+without an RTC jumps its wall clock when NTP syncs, and that must not close tunnels.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from typing import Callable, List, Optional, Set, Tuple
+
+import asyncssh
+from asyncssh.forward import SSHForwarder
+
+from .errors import TunnelError
+from .mqtt import Backoff
+from .token import DeviceToken, parse_hostport
+from .wire import ErrorCode
+
+__all__ = ["TunnelError", "TunnelLink"]
+
+log = logging.getLogger("dpanel.agent.tunnel")
+
+
+class _CountingForwarder(SSHForwarder):
+    """The channel side of one forwarded connection; tells the link when it starts and
+    ends, which is how "idle" is defined (no connection through the tunnel)."""
+
+    def __init__(self, peer: SSHForwarder, link: TunnelLink) -> None:
+        super().__init__(peer)
+        self._link: Optional[TunnelLink] = link
+        link._conn_opened(self)
+
+    def connection_lost(self, exc: Optional[Exception]) -> None:
+        link, self._link = self._link, None
+        if link is not None:
+            link._conn_closed(self)
+        super().connection_lost(exc)
+
+
+class _Client(asyncssh.SSHClient):
+    def __init__(self, link: TunnelLink) -> None:
+        self._link = link
+
+    def connection_lost(self, exc: Optional[Exception]) -> None:
+        self._link._lost(exc)
+
+
+def _classify(exc: BaseException) -> Tuple[ErrorCode, str]:
+    """Refused = the tunnel answered and said no (auth, host key, port); unreachable =
+    we could not talk to it at all (DNS, TCP, timeout, dropped mid-handshake)."""
+    if isinstance(exc, asyncssh.HostKeyNotVerifiable):
+        return ErrorCode.TUNNEL_REFUSED, f"tunnel host key does not match the pinned key ({exc})"
+    if isinstance(exc, asyncssh.PermissionDenied):
+        return ErrorCode.TUNNEL_REFUSED, f"tunnel refused this device's credentials ({exc})"
+    if isinstance(exc, asyncssh.ChannelListenError):
+        return ErrorCode.TUNNEL_REFUSED, f"tunnel refused the port forward ({exc})"
+    if isinstance(exc, asyncssh.ConnectionLost):
+        return ErrorCode.TUNNEL_UNREACHABLE, f"tunnel connection lost ({exc})"
+    if isinstance(exc, asyncssh.DisconnectError):
+        return ErrorCode.TUNNEL_REFUSED, f"tunnel disconnected us ({exc})"
+    if isinstance(exc, asyncio.TimeoutError):
+        return ErrorCode.TUNNEL_UNREACHABLE, "tunnel did not answer in time"
+    if isinstance(exc, OSError):
+        return ErrorCode.TUNNEL_UNREACHABLE, f"cannot reach the tunnel ({exc.strerror or exc})"
+    return ErrorCode.TUNNEL_UNREACHABLE, f"tunnel failed: {exc}"
+
+
+class TunnelLink:
+    """One reverse forward to ``target_host:target_port`` through the public tunnel."""
+
+    def __init__(self, token: DeviceToken, target: Tuple[str, int], *,
+                 on_port: Callable[[Optional[int]], None], keepalive: float,
+                 window: int, backoff: Backoff, connect_timeout: float = 20) -> None:
+        self._token = token
+        self.host, self.port_ = parse_hostport(token.tunnel, "token tunnel", 2220)
+        # known_hosts = only the pinned key: no ~/.ssh/known_hosts, no CA, no TOFU
+        self._known: Tuple[List[asyncssh.SSHKey], List[asyncssh.SSHKey], List[asyncssh.SSHKey]] = (
+            [asyncssh.import_public_key(token.tunnel_host_key)], [], [])
+        self.target = target
+        self._on_port = on_port
+        self._keepalive = keepalive
+        self._window = window
+        self._backoff = backoff
+        self._connect_timeout = connect_timeout
+        self._conn: Optional[asyncssh.SSHClientConnection] = None
+        self._listener: Optional[asyncssh.SSHListener] = None
+        self._lock = asyncio.Lock()
+        self._wake = asyncio.Event()
+        self._supervisor: Optional[asyncio.Task[None]] = None
+        self.port: Optional[int] = None
+        self.wanted = False
+        self.deadline = 0.0  # monotonic end of TTL
+        self.idle_timeout = 0.0
+        # Connections through the tunnel right now (a set, not a counter: channels of a
+        # dropped SSH connection may report their end after a redial).
+        self._active: Set[SSHForwarder] = set()
+        self._last_active = 0.0
+        self.dials = 0
+
+    # ------------------------------------------------------------------ public API
+
+    async def open(self, ttl: float, idle_timeout: float) -> int:
+        """Make sure the forward is up and return its port; extends TTL/idle to the max
+        of the old and new values. Raises :class:`TunnelError`."""
+        now = time.monotonic()
+        if self.wanted:
+            self.deadline = max(self.deadline, now + ttl)
+            self.idle_timeout = max(self.idle_timeout, idle_timeout)
+        else:
+            self.deadline, self.idle_timeout = now + ttl, idle_timeout
+        # A fresh request means someone is about to connect: restart the idle clock.
+        self._last_active = now
+        async with self._lock:
+            if self._conn is not None and self.port is not None:
+                self.wanted = True
+                self._wake.set()  # re-plan the supervisor's next check
+                return self.port
+            try:
+                port = await self._dial()
+            except TunnelError:
+                if not self.wanted:
+                    self.deadline = 0.0
+                raise
+            self.wanted = True
+        self._ensure_supervisor()
+        return port
+
+    async def close(self, reason: str) -> bool:
+        """Tear the forward down; True if one was up or wanted."""
+        was = self.wanted or self._conn is not None
+        self.wanted = False
+        self._wake.set()
+        async with self._lock:
+            await self._teardown(reason if was else "")
+        return was
+
+    async def shutdown(self) -> None:
+        await self.close("agent stopping")
+        task, self._supervisor = self._supervisor, None
+        if task is not None:
+            task.cancel()
+            try:
+                await task
+            except asyncio.CancelledError:
+                pass
+
+    # ------------------------------------------------------------------ internals
+
+    @property
+    def active(self) -> int:
+        """How many connections go through the tunnel right now."""
+        return len(self._active)
+
+    def _conn_opened(self, fwd: SSHForwarder) -> None:
+        self._active.add(fwd)
+        self._last_active = time.monotonic()
+
+    def _conn_closed(self, fwd: SSHForwarder) -> None:
+        self._active.discard(fwd)
+        self._last_active = time.monotonic()
+        self._wake.set()
+
+    def _lost(self, exc: Optional[Exception]) -> None:
+        # Called by asyncssh for the connection we hold (or one we just dropped).
+        self._wake.set()
+
+    async def _forward(self, _orig_host: str, _orig_port: int) -> SSHForwarder:
+        loop = asyncio.get_running_loop()
+        try:
+            _, peer = await loop.create_connection(SSHForwarder, *self.target)
+        except OSError as exc:
+            log.warning("tunnel: cannot reach %s:%d on this device: %s", *self.target, exc)
+            raise asyncssh.ChannelOpenError(asyncssh.OPEN_CONNECT_FAILED, str(exc)) from None
+        return _CountingForwarder(peer, self)
+
+    async def _dial(self) -> int:
+        """Connect + request the forward. Caller holds the lock."""
+        await self._teardown("")
+        self.dials += 1
+        t = self._token
+        try:
+            conn, _ = await asyncio.wait_for(asyncssh.create_connection(
+                lambda: _Client(self), self.host, self.port_,
+                username=t.device, password=t.secret,
+                known_hosts=self._known, client_keys=None, agent_path=None, config=None,
+                preferred_auth="password", gss_host=None,
+                keepalive_interval=self._keepalive, keepalive_count_max=3,
+                window=self._window, compression_algs=None,
+            ), self._connect_timeout)
+        except Exception as exc:  # classified into an error code
+            code, message = _classify(exc)
+            log.warning("tunnel %s:%d: %s", self.host, self.port_, message)
+            raise TunnelError(code, message) from None
+        try:
+            listener = await conn.create_server(self._forward, "", 0)
+        except Exception as exc:
+            conn.close()
+            code, message = _classify(exc)
+            log.warning("tunnel %s:%d: %s", self.host, self.port_, message)
+            raise TunnelError(code, message) from None
+        self._conn, self._listener = conn, listener
+        self.port = listener.get_port()
+        log.info("tunnel up: %s:%d port %d -> %s:%d", self.host, self.port_, self.port,
+                 *self.target)
+        self._backoff.reset()
+        self._on_port(self.port)
+        return self.port
+
+    async def _teardown(self, reason: str) -> None:
+        conn, listener = self._conn, self._listener
+        self._conn = self._listener = None
+        had_port = self.port is not None
+        self.port = None
+        self._active.clear()
+        if listener is not None:
+            listener.close()
+        if conn is not None:
+            conn.close()
+            try:
+                await asyncio.wait_for(conn.wait_closed(), 5)
+            except (asyncio.TimeoutError, OSError, asyncssh.Error):
+                pass
+        if reason and (conn is not None or had_port):
+            log.info("tunnel closed: %s", reason)
+        if had_port:
+            self._on_port(None)
+
+    def _ensure_supervisor(self) -> None:
+        if self._supervisor is None or self._supervisor.done():
+            self._supervisor = asyncio.ensure_future(self._supervise())
+
+    def _why_close(self, now: float) -> Tuple[str, float]:
+        """(reason to close now or "", seconds until the next check)."""
+        if now >= self.deadline:
+            return "TTL passed", 0.0
+        nxt = self.deadline - now
+        if self.active == 0 and self.idle_timeout > 0:
+            idle_left = self._last_active + self.idle_timeout - now
+            if idle_left <= 0:
+                return f"idle for {self.idle_timeout:g} s", 0.0
+            nxt = min(nxt, idle_left)
+        return "", nxt
+
+    async def _supervise(self) -> None:
+        """Enforce TTL/idle and redial a dropped connection while the tunnel is wanted."""
+        while self.wanted:
+            self._wake.clear()
+            reason, wait = self._why_close(time.monotonic())
+            if reason:
+                self.wanted = False
+                async with self._lock:
+                    await self._teardown(reason)
+                return
+            conn = self._conn
+            if conn is None or conn.is_closed():
+                await self._redial()
+                continue
+            try:
+                await asyncio.wait_for(self._wake.wait(), wait)
+            except asyncio.TimeoutError:
+                pass
+
+    async def _redial(self) -> None:
+        async with self._lock:
+            if not self.wanted or (self._conn is not None and not self._conn.is_closed()):
+                return
+            if self.port is not None:
+                log.warning("tunnel connection lost; redialling")
+                await self._teardown("")
+            try:
+                await self._dial()
+                return
+            except TunnelError:
+                pass
+        # never sleep past the TTL: the supervisor must get to close the tunnel on time
+        delay = min(self._backoff.next(), max(0.0, self.deadline - time.monotonic()))
+        log.info("tunnel redial failed; next attempt in %.1f s", delay)
+        try:
+            await asyncio.wait_for(self._wake.wait(), delay)
+        except asyncio.TimeoutError:
+            pass

@@ -320,6 +320,8 @@ def cmd_tunnel_list(args: argparse.Namespace) -> int:
 def _logging(level: str) -> None:
     logging.basicConfig(level=level.upper(), stream=sys.stderr,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    # asyncssh logs every channel at INFO; our own modules say what matters
+    logging.getLogger("asyncssh").setLevel(max(logging.WARNING, logging.root.level))
 
 
 def cmd_stack_up(args: argparse.Namespace) -> int:

@@ -6,6 +6,7 @@ import asyncio
 import contextlib
 import logging
 import signal
+from pathlib import Path
 from typing import Optional
 
 import uvicorn
@@ -43,6 +44,12 @@ async def watch_revocations(registry: Registry, tunnel: TunnelServer,
         await asyncio.sleep(interval)
 
 
+def _tunnel_settings(cfg: ServerConfig) -> TunnelSettings:
+    # the sticky map lets devices get their old port back across a tunnel restart
+    return TunnelSettings.from_config(
+        cfg.tunnel, sticky_path=Path(cfg.state_dir) / "tunnel-ports.json")
+
+
 def _wait_for_signal() -> asyncio.Event:
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
@@ -53,7 +60,7 @@ def _wait_for_signal() -> asyncio.Event:
 
 async def run_tunnel(cfg: ServerConfig) -> None:
     registry = Registry(cfg.registry_path)
-    tunnel = TunnelServer(TunnelSettings.from_config(cfg.tunnel), registry.verify)
+    tunnel = TunnelServer(_tunnel_settings(cfg), registry.verify)
     await tunnel.start()
     stop = _wait_for_signal()
     tasks = [asyncio.create_task(watch_revocations(registry, tunnel)),
@@ -107,7 +114,7 @@ async def run_manager(cfg: ServerConfig) -> None:
 async def run_services(cfg: ServerConfig) -> None:
     """Tunnel + manager + API in one process (the stack; the broker runs beside it)."""
     registry = Registry(cfg.registry_path)
-    tunnel = TunnelServer(TunnelSettings.from_config(cfg.tunnel), registry.verify)
+    tunnel = TunnelServer(_tunnel_settings(cfg), registry.verify)
     await tunnel.start()
     manager = Manager(cfg, kick=tunnel.kick, tunnel_sessions=tunnel.sessions,
                       tunnel_stats=tunnel.stats)

@@ -85,7 +85,8 @@ class Registry:
         with self._tx() as cur:
             for stmt in _SCHEMA:
                 cur.execute(stmt)
-            cur.execute("INSERT INTO meta (name, value) VALUES ('revision', '0') ON CONFLICT DO NOTHING")
+            cur.execute("INSERT INTO meta (name, value) VALUES ('revision', '0') "
+                        "ON CONFLICT DO NOTHING")
         self.path.chmod(0o600)
 
     def close(self) -> None:

@@ -38,7 +38,9 @@ SHARED_IDENTITY = ("/etc/ssh/ssh_host_rsa_key", "/etc/ssh/ssh_host_rsa_key.pub",
                    "/etc/ssh/ssh_host_ed25519_key", "/etc/ssh/ssh_host_ed25519_key.pub",
                    "/etc/ssh/ssh_host_dsa_key", "/etc/ssh/ssh_host_dsa_key.pub",
                    "/var/lib/dbus/machine-id", "/etc/dpanel/token",
-                   "/var/lib/dpanel-tunnel/ssh_host_key", "/var/lib/dpanel-tunnel/host_key")
+                   "/var/lib/dpanel-tunnel/ssh_host_ed25519_key",
+                   "/var/lib/dpanel-tunnel/ssh_host_ed25519_key.pub",
+                   "/var/lib/dpanel-tunnel/token")
 #: Probed in order to learn the image's architecture from a real ELF in its root.
 ARCH_PROBES = ("/usr/bin/env", "/usr/bin/ls", "/bin/ls")
 
@@ -157,6 +159,9 @@ def build_image(board_name: str, out: Path, base: Optional[Path] = None,
     agent_arch = elf_arch_of_file(agent)
     if agent_arch != a:
         raise ImageError(f"--agent: {agent} is an {agent_arch} binary, the image is {a}")
+    if base is not None and not base.is_file():
+        raise ImageError(f"--base: {base} does not exist" if not base.exists() else
+                         f"--base: {base} is not a file")
     if base is None and board.scratch is None:
         raise ImageError(f"--base: board {board.name} needs a vendor image (e.g. "
                          f"raspios-lite-arm64.img.xz)")
@@ -171,7 +176,7 @@ def build_image(board_name: str, out: Path, base: Optional[Path] = None,
             src = scratch_base(board, a)
             run(["cp", "--sparse=always", "--reflink=auto", src, img], "copying the base")
         else:
-            _check_space(out, base)
+            _check_space(out, base, _size_of(agent, mode))
             log(f"unpacking {base}")
             decompress_sparse(base, img)
         parts = check_layout(board, img)
@@ -209,11 +214,17 @@ def _check_pubkey(path: Path, what: str) -> None:
         raise ImageError(f"{what}: {path} is not one OpenSSH public key line")
 
 
-def _check_space(out: Path, base: Path) -> None:
-    """Refuse early when the output directory cannot hold the unpacked image's data."""
+def _check_space(out: Path, base: Path, agent_bytes: int) -> None:
+    """Refuse early when the output directory cannot hold the unpacked image's data.
+
+    A raw base counts by its allocated blocks (vendor images are sparse once unpacked);
+    a compressed one by a rough 4x ratio. Running out later is still caught and cleaned.
+    """
     st = os.statvfs(out)
     free = st.f_bavail * st.f_frsize
-    need = base.stat().st_size * (3 if base.suffix in (".xz", ".zst", ".gz") else 1)
+    bst = base.stat()
+    data = bst.st_size * 4 if base.suffix in (".xz", ".zst", ".gz") else bst.st_blocks * 512
+    need = data + 2 * agent_bytes
     if free < need:
         raise ImageError(f"output directory {out}: {free >> 20} MiB free, about "
                          f"{need >> 20} MiB needed")

@@ -224,7 +224,7 @@ def _check_space(out: Path, base: Path, agent_bytes: int) -> None:
     free = st.f_bavail * st.f_frsize
     bst = base.stat()
     data = bst.st_size * 4 if base.suffix in (".xz", ".zst", ".gz") else bst.st_blocks * 512
-    need = data + 2 * agent_bytes
+    need = data + agent_bytes
     if free < need:
         raise ImageError(f"output directory {out}: {free >> 20} MiB free, about "
                          f"{need >> 20} MiB needed")

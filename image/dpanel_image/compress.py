@@ -23,7 +23,7 @@ COMPRESSORS: dict[str, tuple[list[str], str]] = {
     "xz": (["xz", "-T0", "-6", "-c"], "xz-utils"),
     "zst": (["zstd", "-T0", "-10", "-q", "-c"], "zstd"),
 }
-BLOCK = 1 << 20
+BLOCK = 64 << 10  # hole granularity when unpacking (ext4 allocates in 4 KiB)
 
 
 def decompress_sparse(src: Path, dst: Path) -> None:

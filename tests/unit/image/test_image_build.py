@@ -230,10 +230,10 @@ def test_full_output_directory_precheck(tmpfs, agent_arm64: Path) -> None:  # ty
 @pytest.mark.root
 def test_output_directory_fills_up_midway(tmpfs, agent_arm64: Path) -> None:  # type: ignore[no-untyped-def]
     # Enough for the sparse image, not for its compressed copy of a big random agent.
-    small = tmpfs("16m")
+    small = tmpfs("12m")
     agent = fake_agent(small.parent / "agent", "arm64", size=1)
     with open(agent, "ab") as f:
-        f.write(os.urandom(4 << 20))
+        f.write(os.urandom(6 << 20))
     with pytest.raises(ImageError, match="No space left"):
         build_image("rpi", small, base=base_image("rpi"), agent=agent)
     assert listing(small) == []

@@ -338,7 +338,9 @@ class Manager:
                    timeout: Optional[float] = None) -> AsyncIterator[ExecEvent]:
         """Run ``command`` on the device; yields output chunks, then the exit code."""
         conn = await self.connection(device)
-        pooled = self._pool[device]
+        pooled = self._pool.get(device)
+        if pooled is None:
+            raise DeviceError(f"device {device}: connection lost before the command started")
         pooled.busy += 1
         try:
             async for event in self._run(device, conn, command, stdin, timeout):
@@ -372,6 +374,7 @@ class Manager:
                  asyncio.create_task(pump("stderr", proc.stderr))]
         deadline = None if timeout is None else time.monotonic() + timeout
         done = 0
+        finished = False
         try:
             while done < 2:
                 left = None if deadline is None else max(0.0, deadline - time.monotonic())
@@ -386,12 +389,17 @@ class Manager:
                 else:
                     yield item
             result = await proc.wait()
+            finished = True
         except (OSError, asyncssh.Error, asyncssh.misc.ChannelOpenError) as exc:
             self._drop(device)
             raise DeviceError(f"device {device}: connection lost mid-command ({exc})") from None
         finally:
             for t in pumps:
                 t.cancel()
+            if not finished:
+                # the caller went away (Ctrl-C, HTTP client gone): the agent hangs up
+                # the command, as sshd does when its client disconnects
+                proc.close()
         if conn.is_closed() and result.exit_status is None:
             self._drop(device)
             raise DeviceError(f"device {device}: connection lost mid-command")

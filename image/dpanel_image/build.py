@@ -256,7 +256,10 @@ def _inject(root: Ext4, board: Board, arch: Arch, agent: Path, mode: FreezeMode,
                target="/etc/systemd/system/dpanel-agent.service"),
             Op("file", AGENT_CONFIG, src=tmp / "agent.toml"),
             Op("file", IMAGE_INFO, src=tmp / "image.toml"),
-            Op("file", "/etc/machine-id", src=tmp / "machine-id", mode=0o444)]
+            Op("file", "/etc/machine-id", src=tmp / "machine-id", mode=0o444),
+            # machine-id "uninitialized" makes this a first boot; systemd-firstboot would
+            # then wait for answers on the console of a headless device. Mask it.
+            Op("symlink", "/etc/systemd/system/systemd-firstboot.service", target="/dev/null")]
     if pins:
         ops.append(Op("dir", "/etc/dpanel/pins", mode=0o755))
         ops += [Op("file", f"/etc/dpanel/pins/{n}", src=p) for n, p in pins.items()]

@@ -20,8 +20,10 @@ from .util import cache_root, hash_text, log, run
 
 __all__ = ["scratch_base", "scratch_spec"]
 
-#: Bump when _configure below changes.
-RECIPE = "2"
+#: Bump ROOT_RECIPE when the mmdebstrap call changes, CONFIG_RECIPE when _configure does
+#: (configuration is re-applied to the cached root, which is much cheaper).
+ROOT_RECIPE = "2"
+CONFIG_RECIPE = "3"
 NETWORK = """[Match]
 Name=en* eth*
 
@@ -41,13 +43,14 @@ def scratch_spec(board: Board, arch: Arch) -> RootSpec:
             ' && echo MODULES=list > "$1/etc/initramfs-tools/conf.d/dpanel.conf"'
             f' && printf "{mods}\\n" > "$1/usr/share/initramfs-tools/modules.d/dpanel.conf"')
     return RootSpec(name=f"boot-{board.name}", suite=s.suite, arch=arch, packages=s.packages,
-                    essential_hooks=(hook,), extra_key=hash_text(RECIPE, NETWORK))
+                    essential_hooks=(hook,), extra_key=hash_text(ROOT_RECIPE, NETWORK))
 
 
 def _configure(board: Board, root: Path) -> None:
     """Offline configuration of the guest: fstab, DHCP, hostname, hygiene."""
     boot = next((p for p in board.partitions if p.role == "boot"), None)
-    fstab = [f"LABEL={p.label}\t{p.mountpoint}\t{p.fs}\t"
+    # mkfs.vfat stores FAT labels upper-case (see disk.make_disk).
+    fstab = [f"LABEL={p.label.upper() if p.fs == 'vfat' else p.label}\t{p.mountpoint}\t{p.fs}\t"
              f"{'defaults' if p.role == 'root' else 'defaults,nofail'}\t0\t"
              f"{1 if p.role == 'root' else 2}" for p in board.partitions]
     (root / "etc" / "fstab").write_text("\n".join(fstab) + "\n")
@@ -79,15 +82,17 @@ def _du_mib(path: Path) -> int:
 def scratch_base(board: Board, arch: Arch) -> Path:
     """Cached whole-disk base image for a [scratch] board; built on first use."""
     spec = scratch_spec(board, arch)
-    key = hash_text(spec.key(), repr(board.partitions), repr(board.scratch))
+    key = hash_text(spec.key(), CONFIG_RECIPE, NETWORK, repr(board.partitions),
+                    repr(board.scratch))
     dest = cache_root() / f"base-{board.name}-{arch}-{key}.img"
     if dest.exists():
         return dest
     assert board.scratch is not None
-    root = debian_root(spec, lambda r: _configure(board, r))
+    root = debian_root(spec)
     with locked(dest):
         if dest.exists():
             return dest
+        _configure(board, root)  # idempotent; re-applied when CONFIG_RECIPE changes
         log(f"assembling the {board.name} base image from {root.name}")
         with tempfile.TemporaryDirectory(prefix="dpanel-scratch-", dir=dest.parent) as td:
             fat = Path(td) / "fat"

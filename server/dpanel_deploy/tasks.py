@@ -1,5 +1,80 @@
-"""invoke tasks for the server appliance."""
+"""invoke tasks for the server appliance: ``deploy`` (deploy-server) and ``build-deb``."""
 
-from invoke import Collection
+from __future__ import annotations
+
+import socket
+import sys
+from pathlib import Path
+
+from invoke.collection import Collection
+from invoke.context import Context
+from invoke.tasks import task
+
+__all__ = ["server_ns"]
+
+
+@task(name="build-deb", help={"out": "directory for the .deb (default dist/)"})
+def build_deb_task(c: Context, out: str = "dist") -> None:
+    """Build the dpanel-server Debian package (venv in /opt/dpanel + systemd units)."""
+    from .debpkg import build_deb
+
+    try:
+        print(build_deb(Path(out)).path)
+    except RuntimeError as exc:
+        sys.exit(f"build-deb: {exc}")
+
+
+@task(help={
+    "host": "ssh destination: root@HOST, ssh://root@HOST:PORT or a Host from ssh_config",
+    "local": "deploy onto this machine instead (run as root)",
+    "public_host": "name or address devices dial (default: the host of --host; kept "
+                   "from the last deploy if omitted)",
+    "tunnel_public": "HOST:PORT devices dial for the tunnel, if not PUBLIC_HOST:2220",
+    "broker_public": "HOST:PORT devices dial for MQTT/TLS, if not PUBLIC_HOST:8883",
+    "ssh_config": "ssh_config file to use (ssh -F)",
+    "identity": "ssh private key to use (ssh -i)",
+    "deb": "install this dpanel-server .deb instead of building one",
+    "out": "where to write the server's pins for build-image (default out/server-HOST)",
+})
+def deploy(c: Context, host: str = "", local: bool = False, public_host: str = "",
+           tunnel_public: str = "", broker_public: str = "", ssh_config: str = "",
+           identity: str = "", deb: str = "", out: str = "") -> None:
+    """Turn a fresh Debian 12 host into a dPanel server (idempotent; upgrades keep state)."""
+    from .debpkg import build_deb, read_deb
+    from .deploy import deploy as run_deploy
+    from .deploy import public_host_of, target_for, write_handover
+    from .target import DeployError
+
+    try:
+        target = target_for(host, local, ssh_config, identity)
+    except DeployError as exc:
+        sys.exit(f"deploy: {exc}")
+    default_public = socket.getfqdn() if local else public_host_of(host)
+    try:
+        build = read_deb(Path(deb)) if deb else build_deb()
+        result = run_deploy(target, deb=build, public_host=public_host,
+                            tunnel_public=tunnel_public, broker_public=broker_public,
+                            default_public_host=default_public)
+    except (DeployError, RuntimeError) as exc:
+        sys.exit(f"deploy: {exc}")
+    finally:
+        target.close()
+    e = result.enrolment
+    outdir = Path(out or f"out/server-{'local' if local else public_host_of(host)}")
+    write_handover(e, outdir)
+    print(f"""
+dPanel server on {target.name}
+  tunnel            {e['tunnel']}
+  tunnel host key   {e['tunnel_host_key_fingerprint']}
+  broker            {e['broker']}
+  broker CA SHA256  {e['broker_ca_sha256']}
+  manager key       {e['manager_key']}
+Pins for images written to {outdir}/ (tunnel_host_key.pub, manager_key.pub, broker-ca.crt,
+server.json): invoke build-image --tunnel-host-key {outdir}/tunnel_host_key.pub \\
+    --manager-key {outdir}/manager_key.pub
+Enrol a device on the server: ssh {host or 'root@localhost'} dpanel device add NAME""")
+
 
 server_ns = Collection("server")
+server_ns.add_task(deploy)
+server_ns.add_task(build_deb_task, name="build-deb")

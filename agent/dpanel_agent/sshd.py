@@ -23,7 +23,7 @@ import pwd
 import signal
 import struct
 import termios
-from typing import Dict, List, Optional, Sequence
+from typing import Dict, List, Optional, Sequence, Set
 
 import asyncssh
 
@@ -64,10 +64,16 @@ class _Server(asyncssh.SSHServer):
     def __init__(self, owner: BuiltinSSHServer) -> None:
         self._owner = owner
         self._peer = "?"
+        self._conn: Optional[asyncssh.SSHServerConnection] = None
 
     def connection_made(self, conn: asyncssh.SSHServerConnection) -> None:
         peer = conn.get_extra_info("peername")
         self._peer = f"{peer[0]}:{peer[1]}" if isinstance(peer, tuple) else "?"
+        self._conn = conn
+        self._owner._conns.add(conn)
+
+    def connection_lost(self, exc: Optional[Exception]) -> None:
+        self._owner._conns.discard(self._conn)
 
     def begin_auth(self, username: str) -> bool:
         return True  # authentication is always required
@@ -120,6 +126,7 @@ class BuiltinSSHServer:
         self._keepalive = keepalive
         self._acceptor: Optional[asyncssh.SSHAcceptor] = None
         self._children: Dict[int, asyncio.subprocess.Process] = {}
+        self._conns: Set[Optional[asyncssh.SSHServerConnection]] = set()
 
     @property
     def port(self) -> int:
@@ -145,11 +152,16 @@ class BuiltinSSHServer:
 
     async def close(self) -> None:
         acceptor, self._acceptor = self._acceptor, None
-        for child in list(self._children.values()):
-            _killpg(child.pid, signal.SIGHUP)
         if acceptor is not None:
             acceptor.close()
-            await acceptor.wait_closed()
+        for child in list(self._children.values()):
+            _killpg(child.pid, signal.SIGHUP)
+        conns = [c for c in self._conns if c is not None]
+        for conn in conns:
+            conn.close()
+        if conns:
+            await asyncio.wait([asyncio.ensure_future(c.wait_closed()) for c in conns],
+                               timeout=5)
 
     # ------------------------------------------------------------------ sessions
 
@@ -185,6 +197,11 @@ class BuiltinSSHServer:
             if not process.is_closing():
                 process.stderr.write(f"dpanel agent: {exc}\n".encode())
                 process.exit(255)
+        # Lets asyncssh finish its pipe cleanup tasks (they are awaited only here).
+        try:
+            await asyncio.wait_for(process.wait_closed(), 30)
+        except (asyncio.TimeoutError, OSError, asyncssh.Error):
+            pass
 
     async def _spawn(self, process: asyncssh.SSHServerProcess[bytes], argv: List[str],
                      stdin: int, stdout: int, stderr: int,
@@ -218,7 +235,9 @@ class BuiltinSSHServer:
             for fd in (in_w, out_r, err_r):
                 os.close(fd)
             return
-        await process.redirect(stdin=in_w, stdout=out_r, stderr=err_r)
+        # send_eof=False: an SSH EOF ends the whole channel, stderr included, so it must
+        # wait until both streams are drained (exit() then sends EOF + close).
+        await process.redirect(stdin=in_w, stdout=out_r, stderr=err_r, send_eof=False)
         await self._supervise(process, child, drain_timeout=None)
 
     async def _run_pty(self, process: asyncssh.SSHServerProcess[bytes],
@@ -232,7 +251,7 @@ class BuiltinSSHServer:
         if child is None:
             os.close(master)
             return
-        await process.redirect(stdin=os.dup(master), stdout=master)
+        await process.redirect(stdin=os.dup(master), stdout=master, send_eof=False)
         process.set_redirect_pid(child.pid)  # signals and SIGWINCH go to the shell
         await self._supervise(process, child, drain_timeout=_PTY_DRAIN)
 

@@ -184,8 +184,6 @@ def _exec_fanout(api: ApiClient, devices: list[str], body: dict[str, Any],
 
 def cmd_exec(args: argparse.Namespace) -> int:
     argv = list(args.command)
-    if argv and argv[0] == "--":
-        argv = argv[1:]
     if not argv:
         raise ApiError("exec: no command given (dpanel exec DEVICE -- CMD ...)")
     body: dict[str, Any] = {"command": argv if len(argv) > 1 else argv[0]}
@@ -196,8 +194,7 @@ def cmd_exec(args: argparse.Namespace) -> int:
     api = _client(args)
     if args.all or args.filter:
         if args.device:
-            body["command"] = [args.device, *argv] if len(argv) > 1 else shlex.join(
-                [args.device, *argv])
+            raise ApiError("exec: --all/--filter take no DEVICE (dpanel exec --all -- CMD)")
         devices = _select(api, args)
         if not devices:
             raise ApiError("exec: no device matches")
@@ -387,7 +384,7 @@ def _parser() -> argparse.ArgumentParser:
 
     a = add(sub, "exec", cmd_exec, "run a command on one device or many")
     a.add_argument("device", nargs="?")
-    a.add_argument("command", nargs=argparse.REMAINDER)
+    a.add_argument("command", nargs="*", help="the command (put it after --)")
     a.add_argument("--all", action="store_true", help="every enrolled device")
     a.add_argument("--filter", action="append", default=[],
                    help="glob on the device id, or KEY=GLOB on its labels (repeatable)")
@@ -398,7 +395,7 @@ def _parser() -> argparse.ArgumentParser:
 
     a = add(sub, "ssh", cmd_ssh, "interactive shell on a device (OpenSSH)")
     a.add_argument("device")
-    a.add_argument("ssh_args", nargs=argparse.REMAINDER)
+    a.add_argument("ssh_args", nargs="*", help="more ssh arguments (after --)")
     add(sub, "proxy", cmd_proxy, "stdio bridge for OpenSSH ProxyCommand").add_argument("device")
     add(sub, "ssh-config", cmd_ssh_config, "print a ~/.ssh/config block for all devices")
 
@@ -436,7 +433,21 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
-    args = _parser().parse_args(argv)
+    words = list(sys.argv[1:] if argv is None else argv)
+    # Everything after the first "--" is the remote command, verbatim: options such as
+    # -i must be ours when they come before it and the command's when after.
+    tail: Optional[list[str]] = None
+    if "--" in words:
+        cut = words.index("--")
+        words, tail = words[:cut], words[cut + 1:]
+    args = _parser().parse_args(words)
+    if tail is not None:
+        if hasattr(args, "command"):
+            args.command = [*args.command, *tail]
+        elif hasattr(args, "ssh_args"):
+            args.ssh_args = [*args.ssh_args, *tail]
+        else:
+            _parser().error("'--' is only for exec and ssh")
     try:
         return int(args.fn(args))
     except ApiError as exc:

@@ -46,7 +46,7 @@ def test_exec_streams_and_keeps_exit_code(stack: Stack, device: str) -> None:
 
 def test_exec_stdin(stack: Stack, device: str) -> None:
     out = stack.cli("exec", device, "-i", "--", "wc", "-c", input=b"x" * 100000)
-    assert out.returncode == 0 and out.stdout.strip() == b"100000"
+    assert out.returncode == 0 and out.stdout.strip() == b"100000", out
 
 
 def test_interactive_shell_has_a_pty(stack: Stack, device: str) -> None:

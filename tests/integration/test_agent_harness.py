@@ -19,6 +19,7 @@ from typing import Any, AsyncIterator, Awaitable, Callable, Iterator, Optional, 
 import asyncssh
 import paho.mqtt.client as mqtt
 import pytest
+
 from conftest import Mosquitto
 from dpanel_agent import wire
 from dpanel_agent.agent import Agent
@@ -39,8 +40,10 @@ class TunnelThread:
 
     def __init__(self, key_path: Path, secrets_: dict[str, str], listen_port: int = 0) -> None:
         lo = random.randrange(20000, 31000)
+        # a fixed port (not 0), so that a restarted server is found at the same address
         self.settings = TunnelSettings(host_key_path=key_path, listen_host="127.0.0.1",
-                                       listen_port=listen_port, port_min=lo, port_max=lo + 63,
+                                       listen_port=listen_port or free_port(),
+                                       port_min=lo, port_max=lo + 63,
                                        keepalive_interval=5)
         self._secrets = secrets_
         self.server = TunnelServer(self.settings, lambda d, s: self._secrets.get(d) == s)

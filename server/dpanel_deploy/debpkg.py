@@ -18,6 +18,7 @@ import shutil
 import subprocess
 import sys
 import tempfile
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterable, Optional
@@ -164,8 +165,13 @@ def _project_version(root: Path) -> str:
     return str(tomllib.loads((root / "pyproject.toml").read_text())["project"]["version"])
 
 
-def _run(cmd: list[str], **kw: object) -> None:
-    subprocess.run(cmd, check=True, **kw)  # type: ignore[call-overload]
+def _run(cmd: list[str]) -> None:
+    """Quiet unless it fails (pip warns about every unreachable index it is configured
+    with); on failure the output is in the error."""
+    res = subprocess.run(cmd, capture_output=True, text=True)
+    if res.returncode != 0:
+        raise RuntimeError(f"{' '.join(cmd[:4])} ... failed ({res.returncode}):\n"
+                           f"{(res.stdout + res.stderr)[-3000:]}")
 
 
 def _copy_sources(root: Path, dest: Path) -> None:
@@ -218,7 +224,7 @@ def _assemble(root: Path, pkg: Path, work: Path, pins: str, version: str, build_
     _run([str(stage_venv / "bin" / "python"), "-m", "pip", "install", "-q", "--no-compile",
           "--disable-pip-version-check", "-c", str(work / "pins.txt"), f"{wheel}[server]"])
     _run([str(stage_venv / "bin" / "python"), "-m", "pip", "uninstall", "-q", "-y",
-          "pip", "setuptools"], stderr=subprocess.DEVNULL)
+          "pip", "setuptools"])
     _fix_venv_paths(stage_venv, str(stage_venv))
     # Byte-code compiled here with the paths it will have on the server: the services run
     # with /opt read-only (ProtectSystem=strict), so Python could never cache it there.
@@ -270,13 +276,22 @@ def build_deb(out_dir: Optional[Path] = None, *, version_suffix: str = "",
     python = python or sys.executable
     pins = _pins(python)
     build_id = deb_inputs_hash(root, pins, version_suffix)
-    version = f"{_project_version(root)}+{build_id[:12]}"
-    if version_suffix:
-        version += f"+{version_suffix}"
     cache_root = cache_root or Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache"))
     cache = cache_root / "dpanel" / f"deb-{build_id[:16]}"
-    deb = cache / f"{PACKAGE}_{version}_{_arch()}.deb"
-    if not deb.exists():
+    meta = cache / "build.json"
+    if meta.exists() and (cache / json.loads(meta.read_text())["file"]).exists():
+        info = json.loads(meta.read_text())
+        deb, version = cache / info["file"], info["version"]
+        if log:
+            print(f"build-deb: {deb.name} (cached)", flush=True)
+    else:
+        # The build time orders versions, so apt sees every newer build as an upgrade;
+        # the hash names exactly what is inside.
+        stamp = time.strftime("%Y%m%d%H%M%S", time.gmtime())
+        version = f"{_project_version(root)}+{stamp}.{build_id[:12]}"
+        if version_suffix:
+            version += f".{version_suffix}"
+        deb = cache / f"{PACKAGE}_{version}_{_arch()}.deb"
         if log:
             print(f"build-deb: building {deb.name}", flush=True)
         with tempfile.TemporaryDirectory(prefix="dpanel-deb-") as tmp:
@@ -287,12 +302,12 @@ def build_deb(out_dir: Optional[Path] = None, *, version_suffix: str = "",
             cache.mkdir(parents=True, exist_ok=True)
             part = deb.with_suffix(".part")
             _run(["dpkg-deb", "--root-owner-group", "-Zxz", "-z3", "--build", str(pkg),
-                  str(part)], stdout=subprocess.DEVNULL)
-            (cache / "build.json").write_text(json.dumps({"version": version,
-                                                          "build_id": build_id}))
+                  str(part)])
             os.replace(part, deb)
-    elif log:
-        print(f"build-deb: {deb.name} (cached)", flush=True)
+            tmp_meta = meta.with_suffix(".tmp")
+            tmp_meta.write_text(json.dumps({"version": version, "build_id": build_id,
+                                            "file": deb.name}))
+            os.replace(tmp_meta, meta)
     result = deb
     if out_dir is not None:
         out_dir.mkdir(parents=True, exist_ok=True)

@@ -110,9 +110,7 @@ def create_app(manager: Manager, admin_token: str) -> FastAPI:
 
     @app.post("/v1/devices/{device}/reset-hostkey", dependencies=[Depends(auth)])
     async def reset_hostkey(device: str) -> dict[str, Any]:
-        manager.registry.reset_host_key(device)
-        if device in manager.presence:
-            manager.presence[device].host_key_ok = True
+        manager.reset_host_key(device)
         return _device_view(device)
 
     @app.get("/v1/tunnels", dependencies=[Depends(auth)])

@@ -47,6 +47,7 @@ class Presence:
     agent_version: str = ""
     port: Optional[int] = None
     host_key_ok: bool = True
+    host_key: str = ""  # as last announced, pinned or not
 
 
 @dataclass
@@ -194,6 +195,7 @@ class Manager:
         if not p.online:
             self._drop(device)
         if msg.host_key:
+            p.host_key = msg.host_key
             self._check_host_key(device, msg.host_key, p)
         with contextlib.suppress(Exception):
             self.registry.touch(device, time.time())
@@ -214,6 +216,18 @@ class Manager:
         elif not p.host_key_ok:
             log.error("device %s presents host key %s but %s is pinned: refusing it",
                       device, fingerprint(key), fingerprint(pinned or ""))
+
+    def reset_host_key(self, device: str) -> None:
+        """Forget the pinned key and pin the one the device presents now, if online (the
+        operator re-imaged it on purpose)."""
+        self.registry.reset_host_key(device)
+        self._drop(device)
+        p = self.presence.get(device)
+        if p is not None:
+            p.host_key_ok = True
+            if p.online and p.host_key:
+                self._check_host_key(device, p.host_key, p)
+        self.write_known_hosts()
 
     def _on_resp(self, device: str, payload: bytes) -> None:
         msg = wire.decode(payload)

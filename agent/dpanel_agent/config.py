@@ -225,7 +225,8 @@ assert set(_KEYS) <= {f.name for f in fields(AgentConfig)}
 def _line_of(text: str, key: str) -> Optional[int]:
     """Line number of ``key = ...`` in the file, for error messages (tomllib keeps no
     positions of values)."""
-    pattern = re.compile(rf"^\s*(\"{re.escape(key)}\"|{re.escape(key)})\s*=")
+    k = re.escape(key)
+    pattern = re.compile(rf"^\s*((\"{k}\"|{k})\s*=|\[+\s*(\"{k}\"|{k})\s*[\].])")
     for n, line in enumerate(text.splitlines(), 1):
         if pattern.match(line):
             return n

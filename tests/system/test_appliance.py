@@ -1,0 +1,395 @@
+"""The server appliance, checked with testinfra on a real booted Debian 12 host.
+
+By default this boots a throwaway Debian 12 guest, deploys onto it with the real
+``deploy-server`` code and checks it. Against your own deployed server::
+
+    .venv/bin/python -m pytest tests/system/test_appliance.py --hosts=ssh://root@SERVER
+
+(add DPANEL_APPLIANCE_DISRUPTIVE=1 to also kill services and reboot it). Tests run in
+file order: the refusals need the guest before anything is deployed on it.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import shlex
+import ssl
+import threading
+from pathlib import Path
+from typing import Any
+
+import paho.mqtt.client as mqtt
+import pytest
+from appliance_fixtures import (
+    Appliance,
+    Device,
+    disruptive_ok,
+    enrol,
+    wait_online,
+    wait_until,
+)
+from appliance_vm import Guest, free_port
+
+from dpanel_deploy.debpkg import build_deb
+from dpanel_deploy.deploy import deploy
+from dpanel_deploy.target import DeployError, SshTarget
+
+pytestmark = [pytest.mark.system, pytest.mark.slow, pytest.mark.timeout(1200)]
+
+SERVICES = ["mosquitto.service", "dpanel-tunnel.service", "dpanel-manager.service"]
+OUR_UNITS = ["dpanel-tunnel.service", "dpanel-manager.service", "dpanel-broker-reload.path",
+             "dpanel-broker-reload.service"]
+#: systemd-analyze security "exposure" (0 = locked down, 10 = none). Ours score ~1;
+#: Debian's stock units score 9.6 (mosquitto) and 9.6 (sshd).
+MAX_EXPOSURE = 2.0
+
+
+def _untouched(guest: Guest) -> str:
+    """What a refused deploy must not have created."""
+    return guest.ssh("ls -d /opt/dpanel /etc/dpanel /var/lib/dpanel /var/cache/dpanel "
+                     "2>/dev/null; dpkg-query -W -f='${Status}' dpanel-server mosquitto "
+                     "2>/dev/null; true").stdout
+
+
+# ---------------------------------------------------------------------------- refusals
+
+
+def test_deploy_refuses_an_unreachable_host() -> None:
+    port = free_port()  # nothing listens there
+    target = SshTarget(f"ssh://root@127.0.0.1:{port}", connect_timeout=5)
+    try:
+        with pytest.raises(DeployError, match=r"cannot reach ssh://root@127\.0\.0\.1"):
+            deploy(target, tunnel_public="127.0.0.1:2220")
+    finally:
+        target.close()
+
+
+def test_deploy_refuses_a_host_that_is_not_debian_12(fresh_guest: Guest) -> None:
+    if fresh_guest.ssh("test -e /etc/dpanel", check=False).returncode == 0:
+        pytest.skip("the guest is already deployed (run this file in order)")
+    before = _untouched(fresh_guest)
+    fresh_guest.ssh("printf 'ID=alpine\\nVERSION_ID=3.19\\nPRETTY_NAME=\"Alpine Linux v3.19\"\\n'"
+                    " > /run/fake-os-release && mount --bind /run/fake-os-release "
+                    "/etc/os-release")
+    target = SshTarget(fresh_guest.alias, ssh_config=str(fresh_guest.ssh_config))
+    try:
+        with pytest.raises(DeployError, match=r"runs Alpine Linux v3\.19; .* Debian 12"):
+            deploy(target, tunnel_public="127.0.0.1:2220")
+    finally:
+        target.close()
+        fresh_guest.ssh("umount /etc/os-release")
+    assert _untouched(fresh_guest) == before
+
+
+def test_deploy_refuses_a_taken_port(fresh_guest: Guest) -> None:
+    if fresh_guest.ssh("test -e /etc/dpanel", check=False).returncode == 0:
+        pytest.skip("the guest is already deployed (run this file in order)")
+    before = _untouched(fresh_guest)
+    fresh_guest.ssh("systemd-run --unit=squatter -p Type=exec python3 -m http.server "
+                    "--bind 0.0.0.0 8883")
+    try:
+        wait_until("the squatter on 8883", lambda: ":8883 " in fresh_guest.ssh(
+            "ss -Hltn").stdout, timeout=60, interval=1)
+        target = SshTarget(fresh_guest.alias, ssh_config=str(fresh_guest.ssh_config))
+        try:
+            with pytest.raises(DeployError, match=r"port 8883 \(MQTT over TLS\) is already "
+                                                  r"in use on 0\.0\.0\.0.*nothing was changed|"
+                                                  r"nothing was changed.*port 8883"):
+                deploy(target, tunnel_public="127.0.0.1:2220")
+        finally:
+            target.close()
+    finally:
+        fresh_guest.ssh("systemctl stop squatter", check=False)
+    assert _untouched(fresh_guest) == before
+
+
+# ---------------------------------------------------------------------------- deploy
+
+
+def test_second_deploy_changes_nothing(appliance: Appliance) -> None:
+    if appliance.operator_mode:
+        pytest.skip("deploys only onto the test guest")
+    first = appliance.deploys[0]
+    assert first.package_changed and first.changes, "the first deploy installed nothing?"
+    pids = {u: appliance.main_pid(u) for u in SERVICES}
+    keys = appliance.key_digests()
+    second = appliance.deploy()
+    appliance.timings["second_deploy_s"] = second.seconds
+    assert not second.changed, f"second run changed {second.changes}"
+    assert {u: appliance.main_pid(u) for u in SERVICES} == pids, "a service was restarted"
+    assert appliance.key_digests() == keys
+    assert second.enrolment == first.enrolment
+
+
+@pytest.mark.parametrize("unit", [*SERVICES, "dpanel-broker-reload.path"])
+def test_services_enabled_and_running(appliance: Appliance, unit: str) -> None:
+    svc = appliance.host.service(unit)
+    assert svc.is_enabled
+    assert svc.is_running
+
+
+def test_systemd_analyze_verify_is_clean(appliance: Appliance) -> None:
+    res = appliance.run("systemd-analyze verify " + " ".join(OUR_UNITS))
+    assert res.rc == 0 and not res.stderr.strip(), res.stderr
+    # Debian's own unit names man pages; whether man-db is installed is not our business
+    res = appliance.run("systemd-analyze verify --man=no mosquitto.service")
+    assert res.rc == 0 and not res.stderr.strip(), res.stderr
+
+
+def test_systemd_analyze_security_scores(appliance: Appliance) -> None:
+    scores = {}
+    for unit in [*SERVICES, "dpanel-broker-reload.service"]:
+        out = appliance.check(f"systemd-analyze security --no-pager {unit} | tail -1")
+        m = re.search(r"exposure level for \S+: ([\d.]+) (\w+)", out)
+        assert m, out
+        scores[unit] = (float(m.group(1)), m.group(2))
+    print("systemd-analyze security:", json.dumps(scores))
+    appliance.timings.update({f"exposure {u}": s for u, (s, _) in scores.items()})
+    worst = {u: s for u, (s, _) in scores.items() if s > MAX_EXPOSURE}
+    assert not worst, f"units above exposure {MAX_EXPOSURE}: {worst}"
+
+
+def test_dpanel_user(appliance: Appliance) -> None:
+    user = appliance.host.user("dpanel")
+    assert user.exists
+    assert user.uid < 1000, "not a system user"
+    assert user.shell in ("/usr/sbin/nologin", "/bin/false")
+    assert user.home == "/var/lib/dpanel"
+    assert appliance.host.group("dpanel").exists
+
+
+@pytest.mark.parametrize("unit,user", [("dpanel-tunnel.service", "dpanel"),
+                                       ("dpanel-manager.service", "dpanel"),
+                                       ("mosquitto.service", "mosquitto")])
+def test_no_service_runs_as_root(appliance: Appliance, unit: str, user: str) -> None:
+    cgroup = appliance.check(f"systemctl show -p ControlGroup --value {unit}").strip()
+    pids = appliance.check(f"cat /sys/fs/cgroup{cgroup}/cgroup.procs").split()
+    assert pids, f"{unit} has no processes"
+    for pid in pids:
+        status = appliance.check(f"cat /proc/{pid}/status")
+        uids = re.search(r"^Uid:\s+(.*)$", status, re.M)
+        assert uids and all(u != "0" for u in uids.group(1).split()), f"{unit} pid {pid}: {uids}"
+        caps = re.search(r"^CapEff:\s+(\w+)$", status, re.M)
+        assert caps and int(caps.group(1), 16) == 0, f"{unit} pid {pid} has capabilities"
+    owner = appliance.check(f"ps -o user= -p {pids[0]}").strip()
+    assert owner == user
+
+
+@pytest.mark.parametrize("path,user,group,mode", [
+    ("/etc/dpanel/keys", "dpanel", "dpanel", 0o700),
+    ("/etc/dpanel/keys/tunnel_host_key", "dpanel", "dpanel", 0o600),
+    ("/etc/dpanel/keys/manager_key", "dpanel", "dpanel", 0o600),
+    ("/etc/dpanel/admin.token", "dpanel", "dpanel", 0o600),
+    ("/etc/dpanel/broker-manager.secret", "dpanel", "dpanel", 0o600),
+    ("/etc/dpanel/tls/ca.key", "dpanel", "dpanel", 0o600),
+    ("/etc/dpanel/tls/server.key", "mosquitto", "mosquitto", 0o600),
+    ("/etc/dpanel/tls/ca.crt", "root", "root", 0o644),
+    ("/etc/dpanel/server.toml", "root", "dpanel", 0o640),
+    ("/etc/dpanel/mosquitto.conf", "root", "mosquitto", 0o640),
+    ("/var/lib/dpanel", "dpanel", "mosquitto", 0o710),
+    ("/var/lib/dpanel/mosquitto", "dpanel", "mosquitto", 0o2750),
+    ("/var/lib/dpanel/mosquitto/passwd", "dpanel", "mosquitto", 0o640),
+    ("/var/lib/dpanel/mosquitto/acl", "dpanel", "mosquitto", 0o640),
+])
+def test_file_modes_and_owners(appliance: Appliance, path: str, user: str, group: str,
+                               mode: int) -> None:
+    f = appliance.host.file(path)
+    assert f.exists
+    assert (f.user, f.group, oct(f.mode)) == (user, group, oct(mode))
+
+
+def test_registry_is_private(appliance: Appliance) -> None:
+    f = appliance.host.file("/var/lib/dpanel/registry.db")
+    assert f.user == "dpanel"
+    assert f.mode & 0o077 == 0, oct(f.mode)
+
+
+def _listeners(app: Appliance) -> list[tuple[str, int, str, str]]:
+    """(proto, port, address, process) for every listening socket on the host."""
+    out = []
+    for line in app.check("ss -Hlntup").splitlines():
+        cols = line.split()
+        local = cols[4]
+        addr, _, port = local.rpartition(":")
+        proc = re.search(r'\(\("([^"]+)"', line)
+        out.append((cols[0], int(port), addr.strip("[]").split("%")[0],
+                    proc.group(1) if proc else "?"))
+    return out
+
+
+def _public(addr: str) -> bool:
+    return addr not in ("127.0.0.1", "::1") and not addr.startswith("127.")
+
+
+def test_only_tunnel_and_broker_listen_publicly(appliance: Appliance) -> None:
+    socks = _listeners(appliance)
+    ours = [s for s in socks if s[3] in ("dpanel", "mosquitto")]
+    public = {(proto, port) for proto, port, addr, _ in ours if _public(addr)}
+    assert public == {("tcp", 2220), ("tcp", 8883)}, ours
+    loop = {port for proto, port, addr, _ in ours if not _public(addr)}
+    assert {1883, 8780} <= loop, ours
+    if not appliance.operator_mode:  # our guest runs nothing else but sshd
+        others = {(proto, port, proc) for proto, port, addr, proc in socks
+                  if proto == "tcp" and _public(addr) and proc not in ("dpanel", "mosquitto")}
+        assert others <= {("tcp", 22, "sshd")}, others
+
+
+def _mqtt_connect(host: str, port: int, ca: Path | None, user: str | None = None,
+                  password: str | None = None) -> Any:
+    """The CONNACK reason code the broker gives (None if nothing came back)."""
+    done = threading.Event()
+    result: list[Any] = [None]
+
+    def on_connect(client: Any, userdata: Any, flags: Any, reason: Any, props: Any) -> None:
+        result[0] = reason
+        done.set()
+
+    client = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id=user or "anon-probe")
+    client.on_connect = on_connect
+    if ca is not None:
+        client.tls_set(ca_certs=str(ca), tls_version=ssl.PROTOCOL_TLS_CLIENT)
+    if user is not None:
+        client.username_pw_set(user, password)
+    client.connect(host, port, keepalive=10)
+    client.loop_start()
+    try:
+        done.wait(60)
+    finally:
+        client.disconnect()
+        client.loop_stop()
+    return result[0]
+
+
+def test_mosquitto_refuses_anonymous_clients(appliance: Appliance, tmp_path: Path) -> None:
+    ca = tmp_path / "ca.crt"
+    ca.write_text(appliance.check("cat /etc/dpanel/tls/ca.crt"))
+    host, _, port = appliance.broker_public.rpartition(":")
+    anon = _mqtt_connect(host, int(port), ca)
+    assert anon is not None and anon.is_failure and anon.value == 5, anon  # not authorized
+    wrong = _mqtt_connect(host, int(port), ca, "appl-nobody", "x" * 43)
+    assert wrong is not None and wrong.is_failure and wrong.value == 5, wrong
+    # the loopback listener refuses anonymous clients too
+    probe = (
+        "import paho.mqtt.client as m, threading\n"
+        "e = threading.Event(); r = []\n"
+        "c = m.Client(m.CallbackAPIVersion.VERSION2)\n"
+        "c.on_connect = lambda *a: (r.append(a[3].value), e.set())\n"
+        "c.connect('127.0.0.1', 1883); c.loop_start(); e.wait(30); print(r)\n")
+    out = appliance.check(f"/opt/dpanel/bin/python -c {shlex.quote(probe)}")
+    assert out.strip() == "[5]", out
+
+
+def test_enrol_and_revoke_reach_the_broker(appliance: Appliance, tmp_path: Path) -> None:
+    """Enrol/revoke rewrite the broker's files and dpanel-broker-reload.path has Mosquitto
+    re-read them: a new device's credentials start working, a revoked one's stop."""
+    dev = enrol(appliance, "appl-probe", tmp_path)
+    host, _, port = appliance.broker_public.rpartition(":")
+    ca = tmp_path / "ca.crt"
+    ca.write_text(appliance.check("cat /etc/dpanel/tls/ca.crt"))
+
+    def connack() -> Any:
+        return _mqtt_connect(host, int(port), ca, dev.name, dev.token.secret)
+
+    try:
+        accepted = wait_until("the broker to accept the new device",
+                              lambda: (r := connack()) is not None and not r.is_failure and r,
+                              timeout=60)
+        assert not accepted.is_failure
+    finally:
+        assert appliance.dpanel("device", "revoke", dev.name).rc == 0
+    refused = wait_until("the broker to refuse the revoked device",
+                         lambda: (r := connack()) is not None and r.is_failure and r,
+                         timeout=60)
+    assert refused.value == 5
+
+
+def test_round_trip_exec_on_a_device(appliance: Appliance, device: Device) -> None:
+    res = appliance.dpanel("exec", device.name, "--", "sh", "-c",
+                           "echo hello from $(uname -s); exit 3")
+    assert res.stdout.strip() == "hello from Linux", res.stderr
+    assert res.rc == 3, "the device's exit code must come through"
+
+
+def test_tunnel_ports_listen_on_loopback_only(appliance: Appliance, device: Device) -> None:
+    res = appliance.dpanel("tunnel", "open", device.name)
+    assert res.rc == 0, res.stderr
+    port = wait_until("the device's tunnel port",
+                      lambda: appliance.devices()[device.name].get("port"), timeout=120)
+    socks = [s for s in _listeners(appliance) if s[1] == int(port)]
+    assert socks, f"tunnel port {port} is not listening"
+    assert all(not _public(addr) for _, _, addr, _ in socks), socks
+
+
+# ---------------------------------------------------------------------------- faults
+
+
+@pytest.mark.parametrize("unit", ["dpanel-tunnel.service", "dpanel-manager.service",
+                                  "mosquitto.service"])
+def test_killed_service_is_restarted_and_device_returns(appliance: Appliance, device: Device,
+                                                        unit: str) -> None:
+    disruptive_ok(appliance)
+    old = appliance.main_pid(unit)
+    assert old > 0
+    appliance.check(f"kill -KILL {old}")
+    new = wait_until(f"systemd to restart {unit}", lambda: (
+        p := appliance.main_pid(unit)) not in (0, old) and appliance.host.service(unit)
+        .is_running and p, timeout=120)
+    assert new != old
+    wait_online(appliance, device.name)
+    res = wait_until("exec after the restart", lambda: (
+        r := appliance.dpanel("exec", device.name, "--", "echo", "back")).rc == 0 and r,
+        timeout=180, interval=5)
+    assert res.stdout.strip() == "back"
+
+
+def test_upgrade_keeps_registry_and_keys(appliance: Appliance, device: Device) -> None:
+    if appliance.operator_mode:
+        pytest.skip("deploys only onto the test guest")
+    keys = appliance.key_digests()
+    before = set(appliance.devices())
+    newer = build_deb(version_suffix="upgradetest")
+    assert appliance.deb is not None and newer.build_id != appliance.deb.build_id
+    result = appliance.deploy(newer)
+    appliance.timings["upgrade_deploy_s"] = result.seconds
+    assert result.package_changed
+    installed = appliance.check("dpkg-query -W -f='${Version}' dpanel-server")
+    assert installed == newer.version
+    assert appliance.key_digests() == keys
+    assert set(appliance.devices()) == before
+    wait_online(appliance, device.name)
+    assert appliance.dpanel("exec", device.name, "--", "true").rc == 0
+
+
+def test_reboot_brings_everything_back(appliance: Appliance, device: Device) -> None:
+    disruptive_ok(appliance)
+    keys = appliance.key_digests()
+    devices = appliance.devices()
+    if appliance.guest is not None:
+        took = appliance.guest.reboot()
+        appliance.timings["reboot_s"] = took
+    else:
+        boot = appliance.check("cat /proc/sys/kernel/random/boot_id")
+        appliance.run("systemctl reboot", timeout=10)
+        wait_until("the server to come back", lambda: appliance.check(
+            "cat /proc/sys/kernel/random/boot_id") != boot, timeout=600, interval=5)
+    for unit in [*SERVICES, "dpanel-broker-reload.path"]:
+        wait_until(f"{unit} after the reboot", lambda u=unit: appliance.host.service(u)
+                   .is_running, timeout=180)
+    assert appliance.key_digests() == keys
+    after = appliance.devices()
+    assert set(after) == set(devices), "the registry lost devices"
+    assert all(after[d]["revoked"] == devices[d]["revoked"] for d in devices)
+    wait_online(appliance, device.name)
+    res = wait_until("exec after the reboot", lambda: (
+        r := appliance.dpanel("exec", device.name, "--", "echo", "rebooted")).rc == 0 and r,
+        timeout=180, interval=5)
+    assert res.stdout.strip() == "rebooted"
+
+
+def test_journal_has_the_service_logs(appliance: Appliance) -> None:
+    """Logs go to the journal (the units have no log files of their own)."""
+    out = appliance.check("journalctl -u dpanel-tunnel -u dpanel-manager --no-pager -o cat "
+                          "| tail -300")
+    assert "tunnel listening on" in out
+    assert "manager API on" in out

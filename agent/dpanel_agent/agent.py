@@ -62,7 +62,6 @@ class Agent:
         self.config = config
         self.token: Optional[DeviceToken] = config.token
         self.host_key_line = ""
-        self._host_key_pem = b""
         self._loop: Optional[asyncio.AbstractEventLoop] = None
         self._stopped: Optional[asyncio.Event] = None
         self._stop_requested = False
@@ -117,7 +116,7 @@ class Agent:
         except OSError as exc:
             raise AgentError(f"state_dir: cannot create {cfg.state_dir}: {exc.strerror}") from None
         if cfg.ssh_target == "builtin":
-            self._host_key_pem, self.host_key_line = load_or_create_host_key(cfg.host_key_path)
+            self.host_key_line = load_or_create_host_key(cfg.host_key_path)
         else:
             self.host_key_line = read_public_key_line(cfg.sshd_host_key)
         guard = RequestGuard(token.device, ManagerKey(token.manager_key),
@@ -190,8 +189,20 @@ class Agent:
             from .sshd import BuiltinSSHServer
 
             assert self.token is not None
+            try:
+                key = asyncssh.read_private_key(str(cfg.host_key_path))
+            except (OSError, asyncssh.KeyImportError, ValueError) as exc:
+                raise AgentError(f"host key {cfg.host_key_path} is unreadable: {exc}") from None
+            line = " ".join(key.export_public_key().decode().split()[:2])
+            if line != self.host_key_line:
+                # someone replaced the key under us: announce the key actually served
+                log.error("host key %s does not match its .pub file; announcing the key "
+                          "in use (the manager will refuse it if it pinned the old one)",
+                          cfg.host_key_path)
+                self.host_key_line = line
+                self._publish_status()
             self._sshd = BuiltinSSHServer(
-                asyncssh.import_private_key(self._host_key_pem),
+                key,
                 asyncssh.import_public_key(self.token.manager_key),
                 allow_forward_hosts=cfg.allow_forward_hosts, shell=cfg.shell,
                 window=cfg.ssh_window, keepalive=cfg.tunnel_keepalive,

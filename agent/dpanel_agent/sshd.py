@@ -139,7 +139,7 @@ class BuiltinSSHServer:
         self._acceptor = await asyncssh.create_server(
             lambda: _Server(self), "127.0.0.1", 0,
             server_host_keys=[self.host_key],
-            process_factory=self._handle, sftp_factory=True, allow_scp=True,
+            process_factory=self._handle, sftp_factory=_SFTPServer, allow_scp=True,
             encoding=None, line_editor=False,
             public_key_auth=True, password_auth=False, kbdint_auth=False,
             host_based_auth=False, gss_host=None,
@@ -291,6 +291,19 @@ class BuiltinSSHServer:
         # Blocks while a redirected reader is still feeding the channel (until its EOF).
         await process.stdout.drain()
         await process.stderr.drain()
+
+
+
+class _SFTPServer(asyncssh.SFTPServer):
+    """asyncssh's SFTP server, plus the exit status that OpenSSH's sftp-server sends:
+    without it, OpenSSH's scp (which speaks SFTP since 9.0) reports failure."""
+
+    def exit(self) -> None:
+        super().exit()
+        try:
+            self.channel.exit(0)
+        except (OSError, asyncssh.Error, AttributeError):
+            pass  # the channel is already gone
 
 
 def _killpg(pid: int, sig: int) -> None:

@@ -11,10 +11,7 @@ from __future__ import annotations
 import base64
 import binascii
 import struct
-from typing import Any, Optional, Tuple
-
-from cryptography.exceptions import InvalidSignature
-from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
+from typing import Any, Tuple
 
 from .wire import DecodeError, Request, canonical_bytes
 
@@ -41,7 +38,7 @@ class ManagerKey:
         if len(fields) < 2:
             raise DecodeError("manager_key: not an OpenSSH public key line")
         self.line = f"{fields[0]} {fields[1]}"
-        self._ed: Optional[Ed25519PublicKey] = None
+        self._raw = b""  # ed25519 key bytes; the cryptography object is made on first use
         self._other: Any = None
         if fields[0] == _ED25519.decode():
             try:
@@ -50,7 +47,7 @@ class ManagerKey:
                 raw, off = _ssh_string(blob, off)
                 if alg != _ED25519 or len(raw) != 32 or off != len(blob):
                     raise ValueError("bad ed25519 key blob")
-                self._ed = Ed25519PublicKey.from_public_bytes(raw)
+                self._raw = raw
             except (binascii.Error, ValueError) as exc:
                 raise DecodeError(f"manager_key: {exc}") from None
         else:
@@ -60,8 +57,12 @@ class ManagerKey:
 
     def verify(self, data: bytes, sig_blob: bytes) -> bool:
         """Check an SSH signature blob (``string alg, string sig``) over ``data``."""
-        if self._ed is None:
+        if not self._raw:
             return bool(self._other.verify(data, sig_blob))
+        # imported here: an agent that never gets a request never loads cryptography
+        from cryptography.exceptions import InvalidSignature
+        from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
+
         try:
             alg, off = _ssh_string(sig_blob, 0)
             sig, off = _ssh_string(sig_blob, off)
@@ -70,7 +71,7 @@ class ManagerKey:
         if alg != _ED25519 or off != len(sig_blob):
             return False
         try:
-            self._ed.verify(sig, data)
+            Ed25519PublicKey.from_public_bytes(self._raw).verify(sig, data)
         except InvalidSignature:
             return False
         return True

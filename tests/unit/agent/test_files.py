@@ -23,24 +23,29 @@ def test_host_key_generated_once_private_and_loadable_by_asyncssh(tmp_path: Path
     d = ensure_private_dir(tmp_path / "state")
     assert stat.S_IMODE(d.stat().st_mode) == 0o700
     path = d / "ssh_host_ed25519_key"
-    pem, line = load_or_create_host_key(path)
+    line = load_or_create_host_key(path)
     assert stat.S_IMODE(path.stat().st_mode) == 0o600
     assert line.startswith("ssh-ed25519 ") and len(line.split()) == 2
-    assert asyncssh.import_private_key(pem).export_public_key().decode().strip() == line
-    assert load_or_create_host_key(path) == (pem, line)  # reused, not regenerated
+    key = asyncssh.read_private_key(str(path))
+    assert key.export_public_key().decode().strip() == line
+    assert load_or_create_host_key(path) == line  # reused, not regenerated
     # two devices flashed from one image never share a key: each generates its own
-    ensure_private_dir(tmp_path / "other")
-    _, other = load_or_create_host_key(tmp_path / "other" / "key")
-    assert other != line
-    assert [p.name for p in d.iterdir()] == ["ssh_host_ed25519_key"]  # no temp files left
+    assert load_or_create_host_key(tmp_path / "other_key") != line
+    assert sorted(p.name for p in d.iterdir()) == [path.name, path.name + ".pub"]  # no temps
 
 
-def test_loose_host_key_mode_is_tightened_and_garbage_is_an_error(tmp_path: Path) -> None:
+def test_lost_pub_file_is_rederived_and_garbage_key_is_an_error(tmp_path: Path) -> None:
     path = tmp_path / "key"
-    load_or_create_host_key(path)
+    line = load_or_create_host_key(path)
+    pub = tmp_path / "key.pub"
+    pub.unlink()
     os.chmod(path, 0o644)
-    load_or_create_host_key(path)
-    assert stat.S_IMODE(path.stat().st_mode) == 0o600
+    assert load_or_create_host_key(path) == line
+    assert stat.S_IMODE(path.stat().st_mode) == 0o600  # loose mode tightened
+    assert pub.read_text().strip() == line
+    pub.write_text("junk\n")
+    assert load_or_create_host_key(path) == line
+    pub.unlink()
     path.write_text("not a key")
     with pytest.raises(AgentError, match="unreadable"):
         load_or_create_host_key(path)

@@ -12,8 +12,9 @@ from pathlib import Path
 from typing import AsyncIterator, Optional
 
 import pytest
-from dpanel_agent import __version__, wire
 from test_agent_harness import World, manager_key, world
+
+from dpanel_agent import __version__, wire
 
 __all__ = ["manager_key", "world"]  # fixtures re-exported for pytest
 
@@ -40,6 +41,9 @@ class Proc:
             assert self.p.stdin is not None
             self.p.stdin.write(stdin.encode())
             self.p.stdin.close()
+
+    def cmdline(self) -> str:
+        return Path(f"/proc/{self.p.pid}/cmdline").read_text()
 
     def rss_kb(self) -> int:
         m = re.search(r"VmRSS:\s+(\d+) kB", Path(f"/proc/{self.p.pid}/status").read_text())
@@ -106,7 +110,7 @@ async def test_token_on_stdin_runs_and_sigterm_goes_offline(
     procs.append(p)
     status = await world.bus.wait_status("dev-1", lambda s: s.state == "online", "online")
     assert status.host_key.startswith("ssh-ed25519 ")
-    assert dev.token.secret not in Path(f"/proc/{p.p.pid}/cmdline").read_text()
+    assert dev.token.secret not in p.cmdline()
     p.p.send_signal(signal.SIGTERM)
     assert await p.wait() == 0
     await world.bus.wait_status("dev-1", lambda s: s.state == "offline", "offline")

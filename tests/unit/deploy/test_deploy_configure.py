@@ -1,0 +1,88 @@
+"""dpanel-configure's pure parts: the server.toml and mosquitto.conf it writes."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from dpanel_deploy.configure import Layout, Options, _desired_config, render_mosquitto_conf
+from dpanel_deploy.debpkg import _fix_venv_paths
+from dpanel_deploy.deploy import write_handover
+from dpanel_server.config import load_config
+
+
+def _layout(tmp_path: Path) -> Layout:
+    lay = Layout(etc=tmp_path / "etc", state=tmp_path / "state")
+    lay.etc.mkdir()
+    return lay
+
+
+def test_first_run_needs_a_public_host(tmp_path: Path) -> None:
+    with pytest.raises(SystemExit, match="--public-host is required"):
+        _desired_config(_layout(tmp_path), Options())
+
+
+def test_config_from_public_host(tmp_path: Path) -> None:
+    lay = _layout(tmp_path)
+    lay.config.write_text(_desired_config(lay, Options(public_host="dp.example.com")))
+    cfg = load_config(lay.config)
+    assert cfg.tunnel.public_address == "dp.example.com:2220"
+    assert cfg.tunnel.listen == "0.0.0.0:2220"
+    assert cfg.broker.public_url == "mqtts://dp.example.com:8883"
+    assert cfg.broker.url == "mqtt://127.0.0.1:1883"  # the manager stays on loopback
+    assert cfg.broker.reload == "none"  # the .path unit reloads mosquitto
+    assert cfg.manager.api_listen == "127.0.0.1:8780"
+    assert cfg.broker.passwd_path == str(lay.state / "mosquitto" / "passwd")
+    assert cfg.broker.ca_file == str(lay.etc / "tls" / "ca.crt")
+
+
+def test_rerun_without_options_keeps_the_public_addresses(tmp_path: Path) -> None:
+    lay = _layout(tmp_path)
+    first = _desired_config(lay, Options(tunnel_public="127.0.0.1:40000",
+                                         broker_public="[2001:db8::5]:40001"))
+    lay.config.write_text(first)
+    assert _desired_config(lay, Options()) == first
+    changed = _desired_config(lay, Options(public_host="new.example.com"))
+    cfg_text = changed
+    assert "new.example.com:2220" in cfg_text and "mqtts://new.example.com:8883" in cfg_text
+
+
+def test_bad_public_address_names_the_option(tmp_path: Path) -> None:
+    with pytest.raises(SystemExit, match="--tunnel-public: port '99999'"):
+        _desired_config(_layout(tmp_path), Options(tunnel_public="h:99999",
+                                                   broker_public="h:8883"))
+
+
+def test_mosquitto_conf_is_locked_down(tmp_path: Path) -> None:
+    text = render_mosquitto_conf(_layout(tmp_path))
+    lines = [ln.strip() for ln in text.splitlines() if ln.strip() and not ln.startswith("#")]
+    assert "allow_anonymous false" in lines
+    assert "per_listener_settings false" in lines
+    listeners = [ln for ln in lines if ln.startswith("listener ")]
+    assert listeners == ["listener 1883 127.0.0.1", "listener 8883"]
+    tls_part = lines[lines.index("listener 8883"):]
+    assert any(ln.startswith("keyfile ") for ln in tls_part)
+    assert lines.count("use_username_as_clientid true") == 2  # per listener
+
+
+def test_venv_paths_are_rewritten(tmp_path: Path) -> None:
+    venv = tmp_path / "stage" / "opt" / "dpanel"
+    (venv / "bin").mkdir(parents=True)
+    (venv / "bin" / "dpanel").write_text(f"#!{venv}/bin/python\nimport x\n")
+    (venv / "bin" / "python").symlink_to("/usr/bin/python3")
+    (venv / "pyvenv.cfg").write_text(f"home = /usr/bin\ncommand = /usr/bin/python3 -m venv "
+                                     f"{venv}\n")
+    _fix_venv_paths(venv, str(venv))
+    assert (venv / "bin" / "dpanel").read_text().startswith("#!/opt/dpanel/bin/python\n")
+    assert str(tmp_path) not in (venv / "pyvenv.cfg").read_text()
+
+
+def test_handover_files(tmp_path: Path) -> None:
+    e = {"tunnel": "h:2220", "tunnel_host_key": "ssh-ed25519 AAAA h",
+         "manager_key": "ssh-ed25519 BBBB m", "broker_ca": "-----BEGIN CERTIFICATE-----\n",
+         "broker": "mqtts://h:8883"}
+    files = write_handover(e, tmp_path / "out")
+    assert sorted(p.name for p in files) == ["broker-ca.crt", "manager_key.pub", "server.json",
+                                             "tunnel_host_key.pub"]
+    assert (tmp_path / "out" / "tunnel_host_key.pub").read_text() == "ssh-ed25519 AAAA h\n"

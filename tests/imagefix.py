@@ -66,3 +66,28 @@ def part_of(img: Path, n: int) -> Part:
 @pytest.fixture
 def agent_arm64(tmp_path: Path) -> Path:
     return fake_agent(tmp_path / "dpanel-tunnel", "arm64")
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def as_seen_from_qemu(token: str) -> str:
+    """The same token, addressed the way a qemu user-net guest reaches the host (10.0.2.2).
+
+    The stack listens on 127.0.0.1; slirp maps the guest's 10.0.2.2 to the host's
+    loopback, as a home router maps a device's outgoing connection.
+    """
+    import dataclasses
+
+    from dpanel_agent.token import parse_token
+
+    t = parse_token(token)
+    scheme, hp = t.broker.split("://", 1)
+    return dataclasses.replace(
+        t, broker=f"{scheme}://10.0.2.2:{hp.rsplit(':', 1)[1]}",
+        tunnel=f"10.0.2.2:{t.tunnel.rsplit(':', 1)[1]}").encode()

@@ -94,6 +94,7 @@ def build_agent(arch: Arch, mode: FreezeMode = "onefile", dist: Optional[Path] =
         root = debian_root(spec, _setup_root)
         with locked(root):
             _freeze(root, arch, mode, cache)
+        _prune(arch, mode, keep=3)
     out = _output_path(dist, arch, mode)
     _publish(cache / "dpanel-tunnel", out.parent if mode == "onedir" else out)
     if verify:
@@ -115,7 +116,8 @@ def _freeze(root: Path, arch: Arch, mode: FreezeMode, cache: Path) -> None:
         argv += ["--hidden-import", mod]
     argv.append("/build/src/dpanel_agent/__main__.py")
     t0 = time.monotonic()
-    log(f"freezing the agent for {arch} ({mode}) under qemu-user")
+    how = "natively" if host_arch() == arch else "under qemu-user"
+    log(f"freezing the agent for {arch} ({mode}) {how}")
     chroot_run(root, argv, f"PyInstaller freeze for {arch}")
     log(f"freeze took {time.monotonic() - t0:.0f} s")
     tmp = cache.with_name(cache.name + ".tmp")
@@ -126,6 +128,15 @@ def _freeze(root: Path, arch: Arch, mode: FreezeMode, cache: Path) -> None:
     shutil.rmtree(cache, ignore_errors=True)
     os.replace(tmp, cache)
     shutil.rmtree(build, ignore_errors=True)
+
+
+def _prune(arch: Arch, mode: FreezeMode, keep: int) -> None:
+    """Keep the newest ``keep`` frozen agents per arch/mode (each is ~11 MB)."""
+    entries = sorted((p for p in cache_root().glob(f"agent-{arch}-{mode}-*")
+                      if p.is_dir() and not p.name.endswith(".tmp")),
+                     key=lambda p: p.stat().st_mtime, reverse=True)
+    for old in entries[keep:]:
+        shutil.rmtree(old, ignore_errors=True)
 
 
 def _publish(src: Path, dest: Path) -> None:

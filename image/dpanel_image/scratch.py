@@ -13,7 +13,7 @@ from pathlib import Path
 
 from .arches import Arch
 from .boards import Board
-from .debroot import RootSpec, debian_root, locked
+from .debroot import RootSpec, chroot_run, debian_root, locked
 from .disk import make_disk
 from .errors import ImageError
 from .util import cache_root, hash_text, log, run
@@ -23,7 +23,7 @@ __all__ = ["scratch_base", "scratch_spec"]
 #: Bump ROOT_RECIPE when the mmdebstrap call changes, CONFIG_RECIPE when _configure does
 #: (configuration is re-applied to the cached root, which is much cheaper).
 ROOT_RECIPE = "2"
-CONFIG_RECIPE = "3"
+CONFIG_RECIPE = "4"
 NETWORK = """[Match]
 Name=en* eth*
 
@@ -61,8 +61,13 @@ def _configure(board: Board, root: Path) -> None:
     net = root / "etc" / "systemd" / "network"
     net.mkdir(parents=True, exist_ok=True)
     (net / "10-wired.network").write_text(NETWORK)
-    run(["systemctl", f"--root={root}", "enable", "systemd-networkd"],
-        "enabling systemd-networkd in the guest root")
+    # The guest's own systemctl (under qemu-user): the build host may have no systemd.
+    chroot_run(root, ["systemctl", "enable", "systemd-networkd"],
+               "enabling systemd-networkd in the guest root")
+    for leftover in ("etc/resolv.conf", "etc/dpanel-host-ca.crt"):
+        p = root / leftover
+        if p.exists() and p.stat().st_size == 0:
+            p.unlink()
     (root / "etc" / "machine-id").write_text("uninitialized\n")
     for junk in ("var/lib/apt/lists", "var/cache/apt/archives", "var/log"):
         d = root / junk

@@ -12,8 +12,8 @@ from typing import Any, Callable, Optional, TypeVar, cast
 
 from invoke.collection import Collection
 from invoke.context import Context
-from invoke.tasks import task
 from invoke.exceptions import Exit
+from invoke.tasks import task
 
 from .errors import ImageError
 

@@ -169,9 +169,9 @@ def _fake_sys(tmp: Path, removable: str) -> tuple[Path, Path, tuple[int, int], t
     (disk / "sdx1").mkdir(parents=True)
     (disk / "removable").write_text(removable + "\n")
     (disk / "sdx1" / "partition").write_text("1\n")
-    (disk / "sdx1" / "dev").write_text("%d:%d\n" % part_nums)
+    (disk / "sdx1" / "dev").write_text(f"{part_nums[0]}:{part_nums[1]}\n")
     (sysr / "dev" / "block").mkdir(parents=True)
-    (sysr / "dev" / "block" / ("%d:%d" % disk_nums)).symlink_to(disk)
+    (sysr / "dev" / "block" / f"{disk_nums[0]}:{disk_nums[1]}").symlink_to(disk)
     proc = tmp / "proc"
     (proc / "self").mkdir(parents=True)
     (proc / "self" / "mountinfo").write_text("")

@@ -23,7 +23,7 @@ import pwd
 import signal
 import struct
 import termios
-from typing import Dict, List, Optional, Sequence, Set
+from typing import Callable, Dict, List, Optional, Sequence, Set
 
 import asyncssh
 
@@ -238,6 +238,8 @@ class BuiltinSSHServer:
         # send_eof=False: an SSH EOF ends the whole channel, stderr included, so it must
         # wait until both streams are drained (exit() then sends EOF + close).
         await process.redirect(stdin=in_w, stdout=out_r, stderr=err_r, send_eof=False)
+        pid = child.pid
+        _deliver_signals(process, lambda: pid)  # its own process group (new session)
         await self._supervise(process, child, drain_timeout=None)
 
     async def _run_pty(self, process: asyncssh.SSHServerProcess[bytes],
@@ -252,7 +254,9 @@ class BuiltinSSHServer:
             os.close(master)
             return
         await process.redirect(stdin=os.dup(master), stdout=master, send_eof=False)
-        process.set_redirect_pid(child.pid)  # signals and SIGWINCH go to the shell
+        pid = child.pid
+        # the terminal's foreground job, like ^C would; the shell's group if that fails
+        _deliver_signals(process, lambda: _foreground_pgrp(master, pid))
         await self._supervise(process, child, drain_timeout=_PTY_DRAIN)
 
     async def _supervise(self, process: asyncssh.SSHServerProcess[bytes],
@@ -304,6 +308,40 @@ class _SFTPServer(asyncssh.SFTPServer):
             self.channel.exit(0)
         except (OSError, asyncssh.Error, AttributeError):
             pass  # the channel is already gone
+
+
+def _foreground_pgrp(fd: int, fallback: int) -> int:
+    try:
+        return os.tcgetpgrp(fd)
+    except OSError:
+        return fallback
+
+
+def _deliver_signals(process: asyncssh.SSHServerProcess[bytes],
+                     pgrp: Callable[[], int]) -> None:
+    """Send the client's ``signal`` and ``break`` requests to the command's process
+    group (sshd signals only the shell, which leaves ``sh -c 'a; b'`` children running
+    and the channel open).
+
+    asyncssh 2.21 (the last release for Python 3.9, which the frozen agent uses) drops
+    them for redirected processes, and later releases need ``set_redirect_pid``; hooking
+    the two session callbacks on this instance works the same with both. Window changes
+    need nothing: asyncssh resizes the pty and the kernel sends SIGWINCH itself.
+    """
+
+    def on_signal(name: str) -> None:
+        sig = getattr(signal, f"SIG{name}", None)
+        if isinstance(sig, signal.Signals):
+            group = pgrp()
+            log.debug("delivering SIG%s to process group %d", name, group)
+            _killpg(group, sig)
+
+    def on_break(msec: int) -> bool:
+        _killpg(pgrp(), signal.SIGINT)
+        return True
+
+    process.signal_received = on_signal  # type: ignore[method-assign,assignment]
+    process.break_received = on_break  # type: ignore[method-assign]
 
 
 def _killpg(pid: int, sig: int) -> None:

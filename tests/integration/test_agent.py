@@ -47,6 +47,12 @@ async def test_open_reports_port_and_exec_keeps_streams_and_exit_code(world: Wor
         assert (r.stdout, r.exit_status) == ("from stdin\ndone\n", 0)
         r = await conn.run("kill -TERM $$", check=False)
         assert r.exit_signal is not None and r.exit_signal[0] == "TERM"
+        # a signal sent by the client reaches the command
+        proc = await conn.create_process("echo started; sleep 30; echo not reached")
+        assert await asyncio.wait_for(proc.stdout.readline(), 15) == "started\n"
+        proc.send_signal("USR1")
+        r = await asyncio.wait_for(proc.wait(check=False), 15)
+        assert r.exit_signal is not None and r.exit_signal[0] == "USR1", r
 
 
 async def test_pty_shell_is_interactive_and_resizes(world: World) -> None:
@@ -76,6 +82,13 @@ async def test_pty_ctrl_c_interrupts_foreground_command(world: World) -> None:
         proc.stdin.write("echo after=$?\n")
         out = ""
         while "after=130" not in out:
+            out += await asyncio.wait_for(proc.stdout.read(4096), 15)
+        # an SSH break request does the same (ssh's ~B escape)
+        proc.stdin.write("sleep 60\n")
+        await asyncio.sleep(0.5)
+        proc.send_break(100)
+        proc.stdin.write("echo again=$?\n")
+        while "again=130" not in out:
             out += await asyncio.wait_for(proc.stdout.read(4096), 15)
         proc.stdin.write("exit\n")
         assert (await asyncio.wait_for(proc.wait(check=False), 15)).exit_status == 0

@@ -18,12 +18,14 @@ from dpanel_agent import __version__, wire
 
 __all__ = ["manager_key", "world"]  # fixtures re-exported for pytest
 
-BIN = str(Path(sys.executable).parent / "dpanel-tunnel")
+#: ``python -m dpanel_agent`` (what the PyInstaller freeze runs) with this interpreter, so
+#: the same tests also run under the Python 3.9 the device build uses.
+AGENT = [sys.executable, "-m", "dpanel_agent"]
 
 
 def _run(*args: str, input: Optional[str] = None,
          env: Optional[dict[str, str]] = None) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([BIN, *args], capture_output=True, text=True, timeout=60,
+    return subprocess.run([*AGENT, *args], capture_output=True, text=True, timeout=60,
                           input=input, stdin=None if input is not None else subprocess.DEVNULL,
                           env=env if env is not None else {**os.environ, "DPANEL_TOKEN": ""})
 
@@ -105,7 +107,7 @@ def test_bad_token_file_exits_2(tmp_path: Path) -> None:
 async def test_token_on_stdin_runs_and_sigterm_goes_offline(
         world: World, procs: list[Proc], tmp_path: Path) -> None:
     dev = world.device()
-    p = Proc([BIN, "--state-dir", str(dev.state_dir), "-"], tmp_path / "agent.log",
+    p = Proc([*AGENT, "--state-dir", str(dev.state_dir), "-"], tmp_path / "agent.log",
              stdin=dev.token.encode() + "\n")
     procs.append(p)
     status = await world.bus.wait_status("dev-1", lambda s: s.state == "online", "online")
@@ -121,7 +123,7 @@ async def test_env_token_is_not_passed_to_shell_sessions(
         world: World, procs: list[Proc], tmp_path: Path) -> None:
     dev = world.device()
     env = {**os.environ, "DPANEL_TOKEN": dev.token.encode()}
-    procs.append(Proc([BIN, "--state-dir", str(dev.state_dir)], tmp_path / "agent.log",
+    procs.append(Proc([*AGENT, "--state-dir", str(dev.state_dir)], tmp_path / "agent.log",
                       env=env))
     await world.bus.wait_status("dev-1", lambda s: s.state == "online", "online")
     resp = await world.bus.open("dev-1")
@@ -143,7 +145,7 @@ async def test_config_imports_token_from_boot_partition(
     cfg = tmp_path / "agent.toml"
     cfg.write_text(f'state_dir = "{state}"\nimport_token_from = ["{boot}/none.txt", "{fat}"]\n'
                    'log_level = "debug"\n')
-    procs.append(Proc([BIN, "--config", str(cfg)], tmp_path / "agent.log"))
+    procs.append(Proc([*AGENT, "--config", str(cfg)], tmp_path / "agent.log"))
     await world.bus.wait_status("dev-1", lambda s: s.state == "online", "online")
     assert dev.token.secret not in fat.read_text()
     assert (state / "token").read_text().strip() == dev.token.encode()
@@ -157,13 +159,13 @@ async def test_kill_9_leaves_last_will_and_restart_comes_back(
     (dev.state_dir / "token").write_text(dev.token.encode() + "\n")
     cfg = tmp_path / "agent.toml"
     cfg.write_text(f'state_dir = "{dev.state_dir}"\nmqtt_keepalive = 10\n')
-    p = Proc([BIN, "--config", str(cfg)], tmp_path / "agent.log")
+    p = Proc([*AGENT, "--config", str(cfg)], tmp_path / "agent.log")
     procs.append(p)
     first = await world.bus.wait_status("dev-1", lambda s: s.state == "online", "online")
     p.p.kill()
     # the broker publishes the will after 1.5 keepalives without a packet
     await world.bus.wait_status("dev-1", lambda s: s.state == "offline", "last will", 60)
-    procs.append(Proc([BIN, "--config", str(cfg)], tmp_path / "agent.log"))
+    procs.append(Proc([*AGENT, "--config", str(cfg)], tmp_path / "agent.log"))
     again = await world.bus.wait_status("dev-1", lambda s: s.state == "online", "back", 30)
     assert again.host_key == first.host_key  # the device keeps its own key across restarts
 
@@ -175,7 +177,7 @@ async def test_idle_agent_memory(world: World, procs: list[Proc], tmp_path: Path
     dev = world.device()
     rss: list[int] = []
     for _ in range(2):  # first start (generates the host key), then a normal start
-        p = Proc([BIN, "--state-dir", str(dev.state_dir), "-"], tmp_path / "agent.log",
+        p = Proc([*AGENT, "--state-dir", str(dev.state_dir), "-"], tmp_path / "agent.log",
                  stdin=dev.token.encode())
         procs.append(p)
         await world.bus.wait_status("dev-1", lambda s: s.state == "online", "online")

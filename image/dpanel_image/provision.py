@@ -6,6 +6,7 @@ import os
 import re
 import shutil
 import subprocess
+import sys
 import tempfile
 import time
 from collections.abc import Sequence
@@ -36,11 +37,19 @@ class Provisioned:
     seconds: float
 
 
-def dpanel_enrol(name: str, dpanel: Sequence[str] = ("dpanel",)) -> str:
-    """``dpanel device add NAME --print-token``; its error (e.g. a duplicate) is relayed."""
-    if shutil.which(dpanel[0]) is None:
-        raise ImageError(f"cannot enrol {name}: {dpanel[0]} not found (pass --token)")
-    proc = subprocess.run([*dpanel, "device", "add", name, "--print-token"],
+def _dpanel_cli() -> list[str]:
+    """The server CLI: on PATH, or beside this Python (the project venv)."""
+    exe = shutil.which("dpanel") or str(Path(sys.executable).parent / "dpanel")
+    if not Path(exe).exists():
+        raise ImageError("cannot enrol: the dpanel CLI is not installed (pass --token)")
+    return [exe]
+
+
+def dpanel_enrol(name: str, dpanel: Optional[Sequence[str]] = None) -> str:
+    """``dpanel device add NAME --print-token`` (server from $DPANEL_CONFIG or
+    /etc/dpanel/server.toml); its error, e.g. a duplicate name, is relayed."""
+    argv = list(dpanel) if dpanel else _dpanel_cli()
+    proc = subprocess.run([*argv, "device", "add", name, "--print-token"],
                           capture_output=True, text=True, stdin=subprocess.DEVNULL)
     if proc.returncode != 0:
         raise ImageError(f"enrolling {name} with the manager failed: "

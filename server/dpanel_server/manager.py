@@ -111,11 +111,18 @@ class Manager:
             asyncio.get_running_loop(), host, port, self.cfg.broker.username,
             self._broker_password,
             [f"{wire.TOPIC_ROOT}/+/status", f"{wire.TOPIC_ROOT}/+/resp"],
-            self._dispatch, tls_ca=self.cfg.broker.ca_file
+            self._dispatch, on_connected=self._on_broker, tls_ca=self.cfg.broker.ca_file
             if self.cfg.broker.url.startswith("mqtts://") else None,
         )
         self._mqtt.start()
         self._reaper = asyncio.create_task(self._reap_idle())
+
+    def _on_broker(self, up: bool) -> None:
+        if up:
+            # Rebuild presence from what the broker holds now (retained statuses arrive
+            # right after we subscribe). A broker that restarted without persistence
+            # has forgotten devices that died meanwhile: they must not stay "online".
+            self.presence.clear()
 
     async def close(self) -> None:
         if self._reaper:
@@ -374,14 +381,19 @@ class Manager:
         if stdin is not None:
             proc.stdin.write(stdin)
             proc.stdin.write_eof()
-        queue: asyncio.Queue[Optional[ExecEvent]] = asyncio.Queue(maxsize=64)
+        queue: asyncio.Queue[Union[ExecEvent, BaseException, None]] = asyncio.Queue(maxsize=64)
 
         async def pump(name: str, reader: asyncssh.SSHReader[bytes]) -> None:
-            while True:
-                chunk = await reader.read(65536)
-                if not chunk:
-                    break
-                await queue.put((name, chunk))
+            try:
+                while True:
+                    chunk = await reader.read(65536)
+                    if not chunk:
+                        break
+                    await queue.put((name, chunk))
+            except (OSError, asyncssh.Error) as exc:
+                # the connection died under us: hand it to the consumer, never hang it
+                await queue.put(exc)
+                return
             await queue.put(None)
 
         pumps = [asyncio.create_task(pump("stdout", proc.stdout)),
@@ -400,6 +412,8 @@ class Manager:
                                          f"{timeout:g} s") from None
                 if item is None:
                     done += 1
+                elif isinstance(item, BaseException):
+                    raise item
                 else:
                     yield item
             result = await proc.wait()

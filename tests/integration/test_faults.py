@@ -59,7 +59,9 @@ def test_broker_killed_and_restarted(online: tuple[Stack, Path]) -> None:
     # error is a clear one; never a hang or a traceback
     assert out.returncode == 0 or any(e in out.stderr for e in CLEAR_ERRORS), out.stderr
     wait_for(lambda: _health(stack).get("broker") is True, "manager back on the broker", 60)
-    stack.cli_ok("tunnel", "close", "dev-f")
+    # a fresh open request must cross the restarted broker and reach the agent
+    wait_for(lambda: stack.cli("tunnel", "close", "dev-f").returncode == 0,
+             "agent answers on the restarted broker", 90, interval=1)
     wait_for(lambda: _exec_ok(stack, "dev-f"), "exec after broker restart", 90, interval=1)
     assert _ports_in_use(stack) == 1
 

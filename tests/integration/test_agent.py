@@ -375,3 +375,23 @@ async def test_sshd_target_forwards_to_the_device_sshd_and_announces_its_key(
     writer.write(b"ping")
     assert await asyncio.wait_for(reader.readexactly(4), 15) == b"ping"
     writer.close()
+
+
+async def test_agent_started_before_the_broker_connects_when_it_comes_up(world: World) -> None:
+    loop = asyncio.get_running_loop()
+    device = world.device()  # enrolled while the broker is up
+    await loop.run_in_executor(None, world.broker.stop)
+    agent = await device.start()
+    await asyncio.sleep(1.5)  # a few failed attempts
+    assert not agent.connected
+    await loop.run_in_executor(None, world.broker.start)
+    await world.bus.wait_status("dev-1", lambda s: s.state == "online", "online", 60)
+    assert agent.connected
+
+
+async def test_mqtt_v5_works_too(world: World) -> None:
+    dev = world.device()
+    await dev.start(mqtt_protocol="5")
+    await world.bus.wait_status("dev-1", lambda s: s.state == "online", "online")
+    resp = await world.bus.open("dev-1")
+    assert resp.code == OK and resp.port

@@ -23,13 +23,15 @@ __all__ = [
 log = logging.getLogger("dpanel.agent")
 
 
-def ensure_private_dir(path: Union[str, Path]) -> Path:
-    """Create ``path`` (and parents) with mode 0700; tighten it if it already exists and
-    we own it, because it holds the token and the host key."""
+def ensure_private_dir(path: Union[str, Path], tighten: bool = True) -> Path:
+    """Create ``path`` (and parents) with mode 0700. With ``tighten``, also fix the mode
+    of an existing directory we own (the state dir: it holds the host key); without, a
+    shared existing directory such as /etc/dpanel is left as it is (the files we put
+    there are 0600 themselves)."""
     p = Path(path)
     p.mkdir(mode=0o700, parents=True, exist_ok=True)
     st = p.stat()
-    if stat.S_IMODE(st.st_mode) & 0o077 and st.st_uid == os.geteuid():
+    if tighten and stat.S_IMODE(st.st_mode) & 0o077 and st.st_uid == os.geteuid():
         os.chmod(p, 0o700)
     return p
 

@@ -71,6 +71,9 @@ class AgentMqtt:
         self._stopping = False
         self.connected = threading.Event()
         self.status = b""
+        # (store + publish) of the presence must be atomic w.r.t. on_connect's publish,
+        # or a reconnect racing a port change could leave a stale retained status.
+        self._status_lock = threading.Lock()
         scheme, rest = token.broker.split("://", 1)
         self.tls = scheme == "mqtts"
         self.host, self.port = parse_hostport(rest, "token broker", 8883 if self.tls else 1883)
@@ -117,9 +120,10 @@ class AgentMqtt:
     def publish_status(self, payload: bytes) -> None:
         """Remember the presence payload and send it if connected (else on_connect will:
         a stale status queued while offline must not land after the fresh one)."""
-        self.status = payload
-        if self.connected.is_set():
-            self.publish(self._status_topic, payload, retain=True)
+        with self._status_lock:
+            self.status = payload
+            if self.connected.is_set():
+                self.publish(self._status_topic, payload, retain=True)
 
     def stop(self, final_status: Optional[bytes] = None, timeout: float = 3.0) -> None:
         """Disconnect cleanly. A clean DISCONNECT suppresses the last will, so publish
@@ -153,9 +157,10 @@ class AgentMqtt:
             return
         self._connected_at = time.monotonic()
         client.subscribe(self._req_topic, qos=1)
-        if self.status:
-            client.publish(self._status_topic, self.status, qos=1, retain=True)
-        self.connected.set()
+        with self._status_lock:
+            self.connected.set()
+            if self.status:
+                client.publish(self._status_topic, self.status, qos=1, retain=True)
         log.info("connected to broker %s:%s%s as %s", self.host, self.port,
                  " (TLS)" if self.tls else "", self._token.device)
         self._call(self._on_connected, True)

@@ -79,7 +79,7 @@ def import_token(config: AgentConfig) -> Optional[DeviceToken]:
                       f"; still using {dest}" if dest.exists() else "")
             continue
         try:
-            ensure_private_dir(dest.parent)
+            ensure_private_dir(dest.parent, tighten=False)
             current = dest.read_text() if dest.exists() else ""
             if read_token_text(current) != token.encode():
                 atomic_write(dest, token.encode() + "\n", 0o600)

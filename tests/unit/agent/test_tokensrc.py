@@ -98,3 +98,15 @@ def test_explicit_token_wins(tmp_path: Path) -> None:
     cfg = AgentConfig(state_dir=tmp_path, import_token_from=(fat,), token=_token("dev-1"))
     assert resolve_token(cfg).device == "dev-1"
     assert fat.read_text() == _token("dev-2").encode()  # not consumed
+
+
+def test_shared_token_dir_keeps_its_mode_but_the_token_is_private(tmp_path: Path) -> None:
+    etc = tmp_path / "etc-dpanel"
+    etc.mkdir(mode=0o755)
+    etc.chmod(0o755)
+    fat = tmp_path / "token.txt"
+    fat.write_text(_token().encode())
+    cfg = AgentConfig(state_dir=tmp_path / "state", token_file=etc / "token",
+                      import_token_from=(fat,))
+    assert resolve_token(cfg).device == "dev-1"
+    assert _mode(etc) == 0o755 and _mode(etc / "token") == 0o600

@@ -2,23 +2,19 @@
 
 Client commands talk to the manager's HTTP API with the stdlib only, so they start fast;
 the daemons (``stack up``, ``manager run``, ``tunnel run``) import the heavy parts lazily.
+Modules only some commands need are imported inside them: ``dpanel exec`` start-up time
+is most of a warm exec.
 """
 
 from __future__ import annotations
 
 import argparse
 import base64
-import fnmatch
 import json
-import logging
 import os
 import shlex
-import shutil
-import socket
 import sys
-import threading
 import time
-from concurrent.futures import ThreadPoolExecutor, as_completed
 from pathlib import Path
 from typing import Any, Callable, Optional, Sequence
 
@@ -112,6 +108,8 @@ def _exec_one_stream(api: ApiClient, device: str, body: dict[str, Any]) -> int:
 
 
 def _select(api: ApiClient, args: argparse.Namespace) -> list[str]:
+    import fnmatch
+
     devices = [d for d in api.call("GET", "/v1/devices") if not d["revoked"]]
     if args.all:
         return [d["id"] for d in devices]
@@ -128,6 +126,8 @@ def _select(api: ApiClient, args: argparse.Namespace) -> list[str]:
 
 class _Progress:
     def __init__(self, total: int) -> None:
+        import threading
+
         self.total, self.done, self.failed = total, 0, 0
         self._tty = sys.stderr.isatty()
         self._lock = threading.Lock()
@@ -149,6 +149,8 @@ class _Progress:
 
 def _exec_fanout(api: ApiClient, devices: list[str], body: dict[str, Any],
                  parallel: int, as_json: bool) -> int:
+    from concurrent.futures import ThreadPoolExecutor, as_completed
+
     body = dict(body, stream=False)
     progress = _Progress(len(devices))
     results: dict[str, dict[str, Any]] = {}
@@ -213,6 +215,9 @@ def _open_port(api: ApiClient, device: str) -> int:
 
 def cmd_proxy(args: argparse.Namespace) -> int:
     """stdio <-> the device's tunnel port, for OpenSSH ProxyCommand."""
+    import socket
+    import threading
+
     device = _device_name(args.device)
     api = _client(args)
     sock = socket.create_connection(("127.0.0.1", _open_port(api, device)), timeout=10)
@@ -251,6 +256,8 @@ def cmd_proxy(args: argparse.Namespace) -> int:
 
 
 def _ssh_options(cfg: ServerConfig, config_arg: Optional[str]) -> list[tuple[str, str]]:
+    import shutil
+
     me = shutil.which("dpanel") or f"{sys.executable} -m dpanel_server.cli"
     conf = f" --config {shlex.quote(config_arg or cfg.source)}"
     return [
@@ -315,6 +322,8 @@ def cmd_tunnel_list(args: argparse.Namespace) -> int:
 
 
 def _logging(level: str) -> None:
+    import logging
+
     logging.basicConfig(level=level.upper(), stream=sys.stderr,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     # asyncssh logs every channel at INFO; our own modules say what matters

@@ -7,12 +7,12 @@ from pathlib import Path
 
 import pytest
 from imagefix import agent_arm64, base_image, boot_fs, free_port
-from stackfix import Stack
 
 from dpanel_agent.token import parse_token
 from dpanel_image.build import build_image
 from dpanel_image.errors import ImageError
 from dpanel_image.provision import provision
+from stackfix import Stack
 
 __all__ = ["agent_arm64"]
 
@@ -38,6 +38,6 @@ def test_enrol_via_manager_then_duplicate_refused(stack: Stack, tmp_path: Path,
     assert parse_token(raw.decode()).device == "field-7"
     assert stack.device("field-7")["id"] == "field-7"
     # Same name again, into another directory: the manager refuses, nothing is written.
-    with pytest.raises(ImageError, match="enrolling field-7 with the manager failed: .*exist"):
+    with pytest.raises(ImageError, match=r"enrolling field-7 with the manager failed: .*exist"):
         provision(img, device="field-7", out=tmp_path / "b")
     assert not list((tmp_path / "b").glob("*.img"))

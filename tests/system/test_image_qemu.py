@@ -15,7 +15,6 @@ from pathlib import Path
 import pytest
 import testinfra
 from imagefix import as_seen_from_qemu, free_port
-from stackfix import Stack, wait_for
 
 from dpanel_image.build import build_image
 from dpanel_image.disk import Ext4, read_table
@@ -23,6 +22,7 @@ from dpanel_image.elf import elf_arch_of_file
 from dpanel_image.freeze import build_agent
 from dpanel_image.provision import provision
 from dpanel_image.qemu import QemuVM
+from stackfix import Stack, wait_for
 
 pytestmark = [pytest.mark.slow, pytest.mark.system, pytest.mark.root, pytest.mark.timeout(1500)]
 

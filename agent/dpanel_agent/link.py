@@ -23,7 +23,7 @@ from .mqtt import Backoff
 from .token import DeviceToken, parse_hostport
 from .wire import ErrorCode
 
-__all__ = ["TunnelError", "TunnelLink"]
+__all__ = ["TunnelError", "TunnelLink", "preferred_ciphers"]
 
 log = logging.getLogger("dpanel.agent.tunnel")
 
@@ -50,6 +50,31 @@ class _Client(asyncssh.SSHClient):
 
     def connection_lost(self, exc: Optional[Exception]) -> None:
         self._link._lost(exc)
+
+
+def _cpu_has_aes(cpuinfo: str = "/proc/cpuinfo") -> bool:
+    """x86 'flags' and arm64 'Features' both list 'aes' when the CPU has AES instructions."""
+    try:
+        with open(cpuinfo) as f:
+            for line in f:
+                if line.split(":")[0].strip().lower() in ("flags", "features"):
+                    return "aes" in line.split(":", 1)[1].split()
+    except OSError:
+        pass
+    return False
+
+
+def preferred_ciphers(has_aes: bool) -> Optional[List[str]]:
+    """AES-GCM first where the CPU accelerates it (x86, Pi 5, RK3588): measured on the
+    tunnel at 0.9-1.06x OpenSSH against ~0.6x with asyncssh's default chacha20. Pi 3/4
+    lack AES instructions, so they keep asyncssh's default order (chacha20 first)."""
+    if not has_aes:
+        return None
+    return ["aes128-gcm@openssh.com", "aes256-gcm@openssh.com",
+            "chacha20-poly1305@openssh.com", "aes128-ctr", "aes256-ctr"]
+
+
+_CIPHERS = preferred_ciphers(_cpu_has_aes())
 
 
 def _classify(exc: BaseException) -> Tuple[ErrorCode, str]:
@@ -193,6 +218,7 @@ class TunnelLink:
                 preferred_auth="password", gss_host=None,
                 keepalive_interval=self._keepalive, keepalive_count_max=3,
                 window=self._window, compression_algs=None,
+                encryption_algs=_CIPHERS if _CIPHERS is not None else (),
             ), self._connect_timeout)
         except Exception as exc:  # classified into an error code
             code, message = _classify(exc)

@@ -2,34 +2,21 @@
 
 from __future__ import annotations
 
-import os
 import secrets
-import tempfile
 from pathlib import Path
 from typing import Union
 
 import asyncssh
 
+from dpanel_agent.files import atomic_write as _agent_atomic_write
+
 __all__ = ["atomic_write", "ensure_private_key", "ensure_secret"]
 
 
 def atomic_write(path: Union[str, Path], data: Union[str, bytes], mode: int = 0o600) -> None:
-    """Write via a temp file in the same directory + fsync + rename, so readers (and a
-    crash) only ever see the old or the new content, never half of it."""
-    p = Path(path)
-    p.parent.mkdir(parents=True, exist_ok=True)
-    raw = data.encode() if isinstance(data, str) else data
-    fd, tmp = tempfile.mkstemp(prefix=f".{p.name}.", dir=p.parent)
-    try:
-        os.fchmod(fd, mode)
-        with os.fdopen(fd, "wb") as f:
-            f.write(raw)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, p)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    """The agent's atomic write (tmp + fsync + rename), creating parent directories."""
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    _agent_atomic_write(path, data, mode)
 
 
 def ensure_private_key(path: Union[str, Path]) -> asyncssh.SSHKey:

@@ -40,7 +40,7 @@ BUILD_ID_PATH = f"{PREFIX}/BUILD-ID"
 #: The target's interpreter: Debian 12 ships 3.11; wheels with C code are cp311.
 TARGET_PYTHON = (3, 11)
 #: Bump when the package layout changes, so cached packages are rebuilt.
-LAYOUT_VERSION = "3"
+LAYOUT_VERSION = "4"
 
 #: Units installed into /lib/systemd/system (repo path -> package path).
 UNITS = {
@@ -301,7 +301,9 @@ def build_deb(out_dir: Optional[Path] = None, *, version_suffix: str = "",
             _assemble(root, pkg, work, pins, version, build_id, python)
             cache.mkdir(parents=True, exist_ok=True)
             part = deb.with_suffix(".part")
-            _run(["dpkg-deb", "--root-owner-group", "-Zxz", "-z3", "--build", str(pkg),
+            # zstd: dpkg >= 1.21.18 (Debian 12) reads it, and it unpacks ~10x faster
+            # than xz on a small server
+            _run(["dpkg-deb", "--root-owner-group", "-Zzstd", "-z9", "--build", str(pkg),
                   str(part)])
             os.replace(part, deb)
             tmp_meta = meta.with_suffix(".tmp")

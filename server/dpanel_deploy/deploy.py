@@ -47,6 +47,7 @@ class DeployResult:
     changes: list[tuple[str, str]] = field(default_factory=list)
     enrolment: dict[str, str] = field(default_factory=dict)
     seconds: float = 0.0
+    configure_seconds: float = 0.0
 
     @property
     def changed(self) -> bool:
@@ -94,9 +95,11 @@ def deploy(target: Target, *, deb: Optional[DebBuild] = None, public_host: str =
         print(f"deploy: installing {PACKAGE} {deb.version}", flush=True)
         target.run(f"mkdir -p {REMOTE_CACHE} && chmod 0700 {REMOTE_CACHE}")
         target.put(deb.path, remote)
+        t_install = time.monotonic()
         target.run(INSTALL_SCRIPT.format(deb=shlex.quote(remote),
                                          build_id=shlex.quote(deb.build_id)),
                    stream=True, timeout=1800)
+        print(f"  ok       installed in {time.monotonic() - t_install:.0f} s", flush=True)
         # keep only the package just installed (the next upgrade compares against it)
         target.run(f"find {REMOTE_CACHE} -name '{PACKAGE}_*.deb' ! -name "
                    f"{shlex.quote(deb.path.name)} -delete", check=False)
@@ -112,9 +115,11 @@ def deploy(target: Target, *, deb: Optional[DebBuild] = None, public_host: str =
     if package_changed:
         args.append("--package-changed")
     print("deploy: configuring", flush=True)
+    t_conf = time.monotonic()
     res = target.run("/usr/bin/dpanel-configure " + " ".join(shlex.quote(a) for a in args),
                      stream=True, timeout=900)
     result = DeployResult(package_changed=package_changed)
+    result.configure_seconds = time.monotonic() - t_conf
     for line in res.stdout.splitlines():
         if line.startswith(RESULT_PREFIX):
             data: dict[str, Any] = json.loads(line[len(RESULT_PREFIX):])

@@ -14,6 +14,7 @@ import hashlib
 import json
 import os
 import shlex
+import shutil
 import signal
 import subprocess
 import sys
@@ -41,6 +42,7 @@ __all__ = [
     "disruptive_ok",
     "enrol",
     "fresh_guest",
+    "repack",
     "wait_online",
     "wait_until",
 ]
@@ -124,6 +126,25 @@ class Appliance:
         return result
 
 
+def repack(deb: DebBuild, suffix: str, workdir: Path) -> DebBuild:
+    """The same package as a newer version with another build id: what an upgrade looks
+    like to the server (dpkg replaces every file, services restart), without paying for
+    a second build."""
+    tree = workdir / f"repack-{suffix}"
+    subprocess.run(["dpkg-deb", "-R", str(deb.path), str(tree)], check=True)
+    control = tree / "DEBIAN" / "control"
+    version = f"{deb.version}.{suffix}"
+    control.write_text(control.read_text().replace(f"Version: {deb.version}\n",
+                                                   f"Version: {version}\n"))
+    build_id = hashlib.sha256((deb.build_id + suffix).encode()).hexdigest()
+    (tree / "opt/dpanel/BUILD-ID").write_text(build_id + "\n")
+    out = workdir / deb.path.name.replace(deb.version, version)
+    subprocess.run(["dpkg-deb", "--root-owner-group", "-Zzstd", "--build", str(tree),
+                    str(out)], check=True, stdout=subprocess.DEVNULL)
+    shutil.rmtree(tree)
+    return DebBuild(path=out, version=version, build_id=build_id)
+
+
 def disruptive_ok(app: Appliance) -> None:
     if app.operator_mode and os.environ.get("DPANEL_APPLIANCE_DISRUPTIVE") != "1":
         pytest.skip("restarts/reboots a server: set DPANEL_APPLIANCE_DISRUPTIVE=1 to allow")
@@ -189,7 +210,8 @@ def appliance(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathF
                     broker_public=f"127.0.0.1:{guest.broker_port}", guest=guest, deb=deb)
     first = app.deploy()
     app.timings.update(guest.timings)
-    app.timings.update(build_deb_s=t_deb, first_deploy_s=first.seconds)
+    app.timings.update(build_deb_s=t_deb, first_deploy_s=first.seconds,
+                       first_configure_s=first.configure_seconds)
     yield app
     summary = tmp_path_factory.getbasetemp() / "appliance-timings.json"
     summary.write_text(json.dumps(app.timings, indent=2))

@@ -139,10 +139,14 @@ def _dirs_first(ops: list[Op]) -> list[Op]:
 
 def build_image(board_name: str, out: Path, base: Optional[Path] = None,
                 arch: Optional[str] = None, agent: Optional[Path] = None,
-                mode: FreezeMode = "onefile", compression: Compression = "zst",
+                mode: FreezeMode = "onedir", compression: Compression = "zst",
                 tunnel_host_key: Optional[Path] = None, manager_key: Optional[Path] = None,
                 ) -> BuildResult:
-    """Build ``out/dpanel-<board>.img`` (+ compressed, .sha256, .bmap), all or nothing."""
+    """Build ``out/dpanel-<board>.img`` (+ compressed, .sha256, .bmap), all or nothing.
+
+    ``mode`` onedir is the default for images: it starts faster than onefile (no unpack
+    of ~25 MB into /tmp, i.e. onto the SD card, at every start) and runs as one process.
+    """
     t0 = time.monotonic()
     board = load_board(board_name)
     a: Arch = parse_arch(arch) if arch else board.default_arch
@@ -156,6 +160,9 @@ def build_image(board_name: str, out: Path, base: Optional[Path] = None,
         agent = build_agent(a, mode).path
     elif not agent.is_file():
         raise ImageError(f"--agent: {agent} is not a file")
+    else:
+        # A given binary decides the layout: PyInstaller onedir keeps _internal/ beside it.
+        mode = "onedir" if (agent.parent / "_internal").is_dir() else "onefile"
     agent_arch = elf_arch_of_file(agent)
     if agent_arch != a:
         raise ImageError(f"--agent: {agent} is an {agent_arch} binary, the image is {a}")

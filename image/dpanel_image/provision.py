@@ -186,25 +186,29 @@ def provision(image: Path, device: Optional[str] = None, token: Optional[str] = 
             _refresh_sha256(image)
             results.append(Provisioned(name, image, time.monotonic() - t0))
             continue
-        dest_dir = out if out is not None else image.parent
-        final = dest_dir / f"{stem}-{name}.img"
-        tmp = dest_dir / f".{final.name}.tmp{os.getpid()}"
+        if target is not None:
+            # Flash the master, then put the token on the card itself: no copy of the image.
+            _write_card(image, _bmap_of(image), target)
+            _write_token(target, parts, Ext4(target, root.part), info, tok)
+            run(["sync"], "sync")
+            results.append(Provisioned(name, target, time.monotonic() - t0))
+            continue
+        assert out is not None
+        final = out / f"{stem}-{name}.img"
+        tmp = out / f".{final.name}.tmp{os.getpid()}"
         try:
+            # Reflink where the file system can (btrfs, XFS): then only the token's blocks
+            # are new. Elsewhere a sparse copy: only the image's data blocks are copied.
             run(["cp", "--reflink=auto", "--sparse=always", image, tmp],
                 f"copying {image.name} for {name}")
             p2, r2 = find_root(tmp)
             changed = _write_token(tmp, p2, Ext4(tmp, r2.part), info, tok)
             _update_sidecars(tmp, changed, p2, _bmap_of(image), _bmap_of(final))
-            if target is not None:
-                _write_card(tmp, _bmap_of(final), target)
-                _bmap_of(final).unlink(missing_ok=True)
-                results.append(Provisioned(name, target, time.monotonic() - t0))
-                continue
             if final.exists():
                 raise ImageError(f"device {name} already provisioned: {final} exists")
             os.replace(tmp, final)
         except OSError as e:
-            raise ImageError(f"writing the image for {name} into {dest_dir} failed: "
+            raise ImageError(f"writing the image for {name} into {out} failed: "
                              f"{e.strerror or e}") from None
         finally:
             tmp.unlink(missing_ok=True)
@@ -228,4 +232,5 @@ def _refresh_sha256(img: Path) -> None:
 def _write_card(img: Path, bmap: Path, device: Path) -> None:
     need_tool("bmaptool", "bmap-tools")
     log(f"writing {img.name} to {device} (bmaptool)")
-    run(["bmaptool", "copy", "--bmap", bmap, img, device], f"writing {device}")
+    args = ["--bmap", str(bmap)] if bmap.exists() else ["--nobmap"]
+    run(["bmaptool", "copy", *args, img, device], f"writing {device}")

@@ -61,14 +61,14 @@ def build(c: Context, arch: Optional[list[str]] = None, mode: str = "onefile",
     "base": "vendor image (.img, .img.xz, .img.zst, .img.gz); qemu-arm64 builds its own",
     "out": "output directory (default out/)",
     "arch": "target architecture (default: the board's first)",
-    "agent": "use this frozen agent instead of building one",
-    "mode": "agent layout: onefile or onedir",
+    "agent": "use this frozen agent (onefile binary, or the executable of a onedir)",
+    "mode": "agent layout: onedir (default: starts faster) or onefile",
     "compress": "zst (default), xz or none",
     "tunnel_host_key": "tunnel server public key file, copied to /etc/dpanel/pins/",
     "manager_key": "manager public key file, copied to /etc/dpanel/pins/"})
 @_clear_errors
 def build_image_task(c: Context, board: str = "rpi", base: str = "", out: str = "out",
-                     arch: str = "", agent: str = "", mode: str = "onefile",
+                     arch: str = "", agent: str = "", mode: str = "onedir",
                      compress: str = "zst", tunnel_host_key: str = "",
                      manager_key: str = "") -> None:
     """Bake the agent into an SD image, rootless: outputs .img, .zst/.xz, .sha256, .bmap."""

@@ -33,7 +33,7 @@ if os.geteuid() != 0:  # chroot/mmdebstrap for the freeze; image editing itself 
 @pytest.fixture(scope="module")
 def image(tmp_path_factory: pytest.TempPathFactory) -> Path:
     out = tmp_path_factory.mktemp("qemu-image")
-    agent = build_agent("arm64")
+    agent = build_agent("arm64", "onedir")  # the images' default layout
     return build_image("qemu-arm64", out, agent=agent.path, compression="none").image
 
 
@@ -49,10 +49,13 @@ def rootfs(image: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Pa
 
 def test_rootfs_before_boot(rootfs: Path) -> None:
     host = testinfra.get_host(str(rootfs), connection="chroot")
-    agent = host.file("/usr/local/bin/dpanel-tunnel")
+    link = host.file("/usr/local/bin/dpanel-tunnel")
+    assert link.is_symlink and link.linked_to == "/opt/dpanel-tunnel/dpanel-tunnel"
+    agent = host.file("/opt/dpanel-tunnel/dpanel-tunnel")
     assert agent.is_file and agent.mode == 0o755 and agent.user == "root"
-    assert elf_arch_of_file(rootfs / "usr/local/bin/dpanel-tunnel") == "arm64"
-    assert "ARM aarch64" in subprocess.run(["file", "-b", str(rootfs / "usr/local/bin/"
+    assert host.file("/opt/dpanel-tunnel/_internal").is_directory
+    assert elf_arch_of_file(rootfs / "opt/dpanel-tunnel/dpanel-tunnel") == "arm64"
+    assert "ARM aarch64" in subprocess.run(["file", "-b", str(rootfs / "opt/dpanel-tunnel/"
                                            "dpanel-tunnel")], capture_output=True,
                                            text=True).stdout
     assert host.service("dpanel-agent").is_enabled

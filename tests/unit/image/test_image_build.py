@@ -95,7 +95,7 @@ def test_onedir_agent_installed_under_opt_with_symlink(tmp_path: Path) -> None:
     (d / "_internal" / "lib" / "x.so").write_bytes(b"\0" * 100)
     (d / "_internal" / "link.so").symlink_to("lib/x.so")
     r = build_image("rpi", tmp_path / "o", base=base_image("rpi"), agent=d / "dpanel-tunnel",
-                    mode="onedir", compression="none")
+                    compression="none")
     root = root_fs(r.image)
     assert root.cat("/opt/dpanel-tunnel/dpanel-tunnel") == (d / "dpanel-tunnel").read_bytes()
     assert stat_of(root, "/opt/dpanel-tunnel/_internal/lib/x.so")[1] == 0o644

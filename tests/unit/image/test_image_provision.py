@@ -210,3 +210,23 @@ def test_cli_provision_with_token(rpi_image: Path, tmp_path: Path) -> None:
     assert "cli-1" in p.stdout
     assert boot_fs(tmp_path / "d" / "dpanel-rpi-cli-1.img").read("/dpanel-token.txt") == \
         (tok + "\n").encode()
+
+
+def test_to_flashes_master_then_writes_token_on_the_card(rpi_image: Path, tmp_path: Path,
+                                                          monkeypatch: pytest.MonkeyPatch) -> None:
+    # A file stands in for /dev/sdX once the (separately tested) safety checks passed.
+    card = tmp_path / "card"
+    with open(card, "wb") as f:
+        f.truncate(rpi_image.stat().st_size + (8 << 20))
+        f.seek(0)
+        f.write(b"\xff" * 4096)  # old contents must go
+    monkeypatch.setattr("dpanel_image.provision.check_target", lambda dev: card)
+    before = _sha(rpi_image)
+    tok = make_token("card-1")
+    with pytest.raises(ImageError, match="pass --yes"):
+        provision(rpi_image, token=tok, to="/dev/sdx")
+    [res] = provision(rpi_image, token=tok, to="/dev/sdx", yes=True)
+    assert res.image == card and _sha(rpi_image) == before
+    assert boot_fs(card).read("/dpanel-token.txt") == (tok + "\n").encode()
+    assert root_fs(card).cat("/usr/local/bin/dpanel-tunnel") == \
+        root_fs(rpi_image).cat("/usr/local/bin/dpanel-tunnel")

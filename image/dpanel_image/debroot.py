@@ -106,6 +106,18 @@ def debian_root(spec: RootSpec, setup: Optional[Callable[[Path], None]] = None) 
     return dest
 
 
+def _root_arch(root: Path) -> Arch:
+    """Architecture of a Debian root, from dpkg's own record."""
+    from .arches import parse_arch
+
+    arch_file = root / "var" / "lib" / "dpkg" / "arch"
+    if arch_file.exists():
+        lines = arch_file.read_text().split()
+        if lines:
+            return parse_arch(lines[0], f"{arch_file}")
+    raise ImageError(f"{root}: not a Debian root (no {arch_file})")
+
+
 def chroot_run(root: Path, argv: Sequence[str], what: str,
                env: Optional[Mapping[str, str]] = None) -> str:
     """Run ``argv`` chrooted in ``root`` with /proc, /sys, /dev and DNS available.
@@ -114,6 +126,7 @@ def chroot_run(root: Path, argv: Sequence[str], what: str,
     process, even if it is killed: nothing stays mounted on the build host.
     """
     _require_root(what)
+    ensure_binfmt(_root_arch(root))
     r = shlex.quote(str(root))
     (root / "etc" / "resolv.conf").unlink(missing_ok=True)
     (root / "etc" / "resolv.conf").touch()

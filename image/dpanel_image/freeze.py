@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Literal, Optional
 
 from .arches import Arch, arch_info, host_arch
+from .binfmt import ensure_binfmt
 from .debroot import RootSpec, chroot_run, debian_root, locked
 from .elf import elf_arch_of_file
 from .errors import ImageError
@@ -86,6 +87,8 @@ def build_agent(arch: Arch, mode: FreezeMode = "onefile", dist: Optional[Path] =
     if not (AGENT_SRC / "__main__.py").exists():
         raise ImageError(f"agent entry point {AGENT_SRC / '__main__.py'} is missing")
     dist = dist or PROJECT_ROOT / "dist"
+    if verify:
+        ensure_binfmt(arch)  # a cached binary is still run under qemu-user to check it
     spec = build_root_spec(arch)
     cache = cache_root() / f"agent-{arch}-{mode}-{agent_key(arch, mode)}"
     cached = (cache / ".dpanel-complete").exists()

@@ -58,7 +58,7 @@ def _image(args: argparse.Namespace) -> dict[str, Any]:
     if not args.with_image:
         return {"skipped": "pass --with-image (slow)"}
     try:
-        from dpanel_image import bench as image_bench  # type: ignore[attr-defined]
+        from dpanel_image import bench as image_bench
     except ImportError as exc:
         return {"skipped": f"dpanel_image.bench not available ({exc})"}
     return dict(image_bench.run_bench())
@@ -75,6 +75,8 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--agents", type=int, help="scale: simulated agents (goal 10000)")
     p.add_argument("--tunnels", type=int, help="scale: tunnels to open (goal 500)")
     p.add_argument("--sim-workers", type=int, help="scale: simulator processes")
+    p.add_argument("--connect-rate", type=float, default=0,
+                   help="scale: agent connections per second (default: unpaced burst)")
     p.add_argument("--bytes", type=int, help="throughput: bytes per transfer (256 MiB)")
     p.add_argument("--reps", type=int, help="repetitions (throughput 3, exec 7)")
     p.add_argument("--idle-window", type=float, help="agent idle: seconds counted (130)")
@@ -128,7 +130,8 @@ def main(argv: Optional[list[str]] = None) -> int:
         "memory": lambda: run_memory(work, counts=s["counts"], sshd_conns=s["sshd_conns"]),
         "agent_idle": lambda: run_agent_idle(work, window=s["idle_window"]),
         "scale": lambda: run_scale(work, agents=s["agents"], tunnels=s["tunnels"],
-                                   workers=s["sim_workers"], steady=s["steady"]),
+                                   workers=s["sim_workers"], steady=s["steady"],
+                                   connect_rate=args.connect_rate),
         "image": lambda: _image(args),
     }
     results: dict[str, Any] = {"meta": {**_meta(args), "settings": s, "nofile": fds,

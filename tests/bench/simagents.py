@@ -78,6 +78,7 @@ class Sim:
         self.keepalive = int(spec.get("keepalive", 60))
         self.target = int(spec.get("target_port", 9))
         self.concurrency = int(spec.get("connect_concurrency", 100))
+        self.rate = float(spec.get("connect_rate", 0))
         self.agents = [Agent(self, d, s) for d, s in spec["devices"]]
         self.connected = 0
         self.refused: dict[str, int] = {}
@@ -106,7 +107,16 @@ class Sim:
                 await agent.connect()
 
         self.t_start = time.monotonic()
-        await asyncio.gather(*(one(a) for a in self.agents))
+        if not self.rate:
+            await asyncio.gather(*(one(a) for a in self.agents))
+            return
+        tasks = []
+        for i, a in enumerate(self.agents):
+            delay = self.t_start + i / self.rate - time.monotonic()
+            if delay > 0:
+                await asyncio.sleep(delay)
+            tasks.append(asyncio.ensure_future(one(a)))
+        await asyncio.gather(*tasks)
 
     async def pinger(self) -> None:
         """One task for every keepalive: PINGREQ to whoever has been quiet for 3/4 of it."""

@@ -31,6 +31,7 @@ from appliance_fixtures import (
     wait_until,
 )
 from appliance_vm import Guest, free_port
+from paho.mqtt.enums import CallbackAPIVersion
 
 from dpanel_deploy.deploy import deploy
 from dpanel_deploy.target import DeployError, SshTarget
@@ -246,7 +247,7 @@ def _mqtt_connect(host: str, port: int, ca: Path | None, user: str | None = None
         result[0] = reason
         done.set()
 
-    client = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id=user or "anon-probe")
+    client = mqtt.Client(CallbackAPIVersion.VERSION2, client_id=user or "anon-probe")
     client.on_connect = on_connect
     if ca is not None:
         client.tls_set(ca_certs=str(ca), tls_version=ssl.PROTOCOL_TLS_CLIENT)

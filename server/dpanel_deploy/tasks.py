@@ -40,7 +40,7 @@ def deploy(c: Context, host: str = "", local: bool = False, public_host: str = "
            tunnel_public: str = "", broker_public: str = "", ssh_config: str = "",
            identity: str = "", deb: str = "", out: str = "") -> None:
     """Turn a fresh Debian 12 host into a dPanel server (idempotent; upgrades keep state)."""
-    from .debpkg import build_deb, read_deb
+    from .debpkg import read_deb
     from .deploy import deploy as run_deploy
     from .deploy import public_host_of, target_for, write_handover
     from .target import DeployError
@@ -51,7 +51,8 @@ def deploy(c: Context, host: str = "", local: bool = False, public_host: str = "
         sys.exit(f"deploy: {exc}")
     default_public = socket.getfqdn() if local else public_host_of(host)
     try:
-        build = read_deb(Path(deb)) if deb else build_deb()
+        # built only after the preflight passed (deploy() does it): fail early
+        build = read_deb(Path(deb)) if deb else None
         result = run_deploy(target, deb=build, public_host=public_host,
                             tunnel_public=tunnel_public, broker_public=broker_public,
                             default_public_host=default_public)

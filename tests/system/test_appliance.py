@@ -36,7 +36,7 @@ from paho.mqtt.enums import CallbackAPIVersion
 from dpanel_deploy.deploy import deploy
 from dpanel_deploy.target import DeployError, SshTarget
 
-pytestmark = [pytest.mark.system, pytest.mark.slow, pytest.mark.timeout(1200)]
+pytestmark = [pytest.mark.system, pytest.mark.slow, pytest.mark.root, pytest.mark.timeout(1200)]
 
 SERVICES = ["mosquitto.service", "dpanel-tunnel.service", "dpanel-manager.service"]
 OUR_UNITS = ["dpanel-tunnel.service", "dpanel-manager.service", "dpanel-broker-reload.path",

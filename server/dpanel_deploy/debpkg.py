@@ -259,6 +259,14 @@ def _assemble(root: Path, pkg: Path, work: Path, pins: str, version: str, build_
         package=PACKAGE, version=version, arch=_arch(), size_kb=_installed_size_kb(pkg)))
 
 
+def _prune(root: Path, keep: Path, count: int = 4) -> None:
+    """Every source edit makes a new package: keep only the newest few (~10 MB each)."""
+    olds = sorted((p for p in root.glob("deb-*") if p.is_dir() and p != keep),
+                  key=lambda p: p.stat().st_mtime, reverse=True)
+    for p in olds[count - 1:]:
+        shutil.rmtree(p, ignore_errors=True)
+
+
 def build_deb(out_dir: Optional[Path] = None, *, version_suffix: str = "",
               cache_root: Optional[Path] = None, python: Optional[str] = None,
               log: bool = True) -> DebBuild:
@@ -310,6 +318,7 @@ def build_deb(out_dir: Optional[Path] = None, *, version_suffix: str = "",
             tmp_meta.write_text(json.dumps({"version": version, "build_id": build_id,
                                             "file": deb.name}))
             os.replace(tmp_meta, meta)
+        _prune(cache.parent, keep=cache)
     result = deb
     if out_dir is not None:
         out_dir.mkdir(parents=True, exist_ok=True)

@@ -375,6 +375,8 @@ def _parser() -> argparse.ArgumentParser:
             help: str) -> argparse.ArgumentParser:
         sp: argparse.ArgumentParser = parent.add_parser(name, help=help, description=help)
         sp.set_defaults(fn=fn)
+        # `dpanel tunnel run --config F` and `dpanel --config F tunnel run` both work
+        sp.add_argument("--config", default=argparse.SUPPRESS, help=argparse.SUPPRESS)
         return sp
 
     dev = sub.add_parser("device", help="enrol, list, show, revoke devices"

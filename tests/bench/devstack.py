@@ -14,7 +14,7 @@ from typing import Iterator, Optional
 
 from tests.stackfix import Stack
 
-from ._util import BIN, children_of, free_port
+from ._util import BIN, children_of, descendants, free_port
 
 __all__ = ["AGENT_EXE", "agent_ssh_argv", "close_stack", "running_stack", "start_agent"]
 
@@ -40,15 +40,20 @@ def close_stack(stack: Stack) -> None:
     """``Stack.close`` plus the broker: with uvicorn >= 0.29 the stack process dies of the
     SIGTERM that uvicorn re-raises after its graceful shutdown, before ``stack_up`` can stop
     its mosquitto, which is left running (reported; not our file to fix)."""
-    brokers = []
+    leftovers: list[tuple[int, str]] = []
     if stack.proc is not None:
-        brokers = [p for p in children_of(stack.proc.pid) if _comm(p) == "mosquitto"]
+        leftovers += [(p, "mosquitto") for p in children_of(stack.proc.pid)
+                      if _comm(p) == "mosquitto"]
+    # A PyInstaller onefile agent is a bootloader plus a child; Stack.close kills only the
+    # bootloader, which would leave the real agent running.
+    for agent in stack.agents:
+        leftovers += [(p, _comm(p)) for p in descendants(agent.pid)]
     stack.close()
-    for pid in brokers:
-        if _comm(pid) == "mosquitto":  # still ours: same pid, same program
+    for pid, comm in leftovers:
+        if comm and _comm(pid) == comm:  # still the same program under that pid
             os.kill(pid, signal.SIGTERM)
     deadline = time.monotonic() + 10
-    while any(_comm(p) == "mosquitto" for p in brokers) and time.monotonic() < deadline:
+    while any(c and _comm(p) == c for p, c in leftovers) and time.monotonic() < deadline:
         time.sleep(0.05)
 
 

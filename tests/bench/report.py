@@ -108,9 +108,20 @@ def _scale(r: dict[str, Any]) -> list[Row]:
     return rows
 
 
+def _image(r: dict[str, Any]) -> list[Row]:
+    """The image helper's figures, as reported (no goals or baseline here)."""
+    rows = []
+    for key, value in r.items():
+        if key == "seconds" or isinstance(value, bool) or not isinstance(value, (int, float)):
+            continue
+        unit = "s" if key.endswith("_s") else "MB" if key.endswith("_mb") else ""
+        rows.append(Row(f"image: {key}", value, unit, goal="report"))
+    return rows
+
+
 _SECTIONS: dict[str, Callable[[dict[str, Any]], list[Row]]] = {
     "throughput": _throughput, "exec": _exec, "memory": _memory, "agent_idle": _agent,
-    "scale": _scale,
+    "scale": _scale, "image": _image,
 }
 
 
@@ -169,6 +180,9 @@ def plot(results: dict[str, Any], path: Path) -> None:
     ax.bar(keys, [ex[k]["median_s"] for k in keys],
            color=["grey" if k.startswith(("openssh", "cli")) else "tab:blue" for k in keys])
     ax.axhline(1.0, color="red", linestyle=":", label="cold goal 1 s")
+    if _get(ex, "openssh_fresh", "median_s"):
+        ax.axhline(0.5 * ex["openssh_fresh"]["median_s"], color="orange", linestyle="--",
+                   label="warm goal 0.5x fresh ssh")
     ax.set_ylabel("seconds")
     ax.set_title("exec latency of `true` (median)")
     ax.tick_params(axis="x", labelsize=7)

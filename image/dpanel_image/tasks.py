@@ -5,6 +5,7 @@ from __future__ import annotations
 import functools
 import json
 import os
+import shlex
 import shutil
 import subprocess
 from pathlib import Path
@@ -119,7 +120,7 @@ def boot_qemu(c: Context, image: str = "out/dpanel-qemu-arm64.img", log: str = "
     vm = QemuVM(Path(image), Path(log or os.devnull), snapshot=not persist)
     try:
         argv = vm.argv(serial=log or "stdio")
-        print(" ".join(argv), flush=True)
+        print(shlex.join(argv), flush=True)
         subprocess.run(argv, check=False)
     finally:
         vm.stop()

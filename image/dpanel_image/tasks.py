@@ -139,7 +139,7 @@ def synthetic(c: Context, board: str = "rpi", arch: str = "", out: str = "out",
     b = load_board(board)
     src = synthetic_base(b, parse_arch(arch) if arch else b.default_arch, compressed=xz)
     Path(out).mkdir(parents=True, exist_ok=True)
-    dest = Path(out) / f"synthetic-{b.name}{''.join(src.suffixes[-1:]) if xz else '.img'}"
+    dest = Path(out) / f"synthetic-{b.name}{'.img.xz' if xz else '.img'}"
     shutil.copyfile(src, dest)
     print(dest)
 

@@ -26,12 +26,16 @@ from .util import cache_root, log
 
 __all__ = ["run_bench"]
 
-_KEY = "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIBenchBenchBenchBenchBenchBenchBenchBench00"
+def _key() -> str:
+    import asyncssh  # host-side only: a real key, so the agent accepts the token
+
+    return asyncssh.generate_private_key("ssh-ed25519").export_public_key().decode().strip()
 
 
-def _token(name: str) -> str:
-    return DeviceToken(name, secrets.token_urlsafe(32), "mqtt://10.0.2.2:1883", "10.0.2.2:2220",
-                       _KEY, _KEY).encode()
+def _token(name: str, host: str = "10.0.2.2") -> str:
+    key = _key()
+    return DeviceToken(name, secrets.token_urlsafe(32), f"mqtt://{host}:1883",
+                       f"{host}:2220", key, key).encode()
 
 
 def _timed(fn: Any, *args: Any, **kw: Any) -> tuple[Any, float]:
@@ -72,7 +76,9 @@ def _start_times(path: Path, arch: Arch, root: Path, runs: int = 3) -> dict[str,
 def _idle_rss_kb(path: Path, seconds: float = 8.0) -> int:
     """RSS of a host-arch frozen agent idling (its broker is unreachable), bootloader included."""
     with tempfile.TemporaryDirectory() as td:
-        proc = subprocess.Popen([str(path), "--state-dir", td, _token("bench-rss")],
+        # Broker and tunnel on a closed loopback port: the agent idles in its retry loop.
+        proc = subprocess.Popen([str(path), "--state-dir", td, _token("bench-rss",
+                                                                      "127.0.0.1")],
                                 stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                                 stdin=subprocess.DEVNULL, start_new_session=True)
         try:

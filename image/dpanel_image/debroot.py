@@ -18,7 +18,7 @@ from .binfmt import ensure_binfmt
 from .errors import ImageError
 from .util import cache_root, hash_text, log, need_tool, run
 
-__all__ = ["MIRROR", "RootSpec", "chroot_run", "debian_root", "locked"]
+__all__ = ["MIRROR", "RootSpec", "chroot_run", "debian_root", "locked", "prune_siblings"]
 
 MIRROR = "http://deb.debian.org/debian"
 #: The host's CA bundle (it may hold a TLS-intercepting proxy's CA that the
@@ -103,7 +103,19 @@ def debian_root(spec: RootSpec, setup: Optional[Callable[[Path], None]] = None) 
         os.replace(tmp, dest)
         done.write_text(spec.key())
         log(f"root {dest.name} built in {time.monotonic() - t0:.0f} s")
+    prune_siblings(dest, f"root-{spec.name}-{spec.suite}-{spec.arch}-")
     return dest
+
+
+def prune_siblings(keep: Path, prefix: str) -> None:
+    """Drop older cache entries with the same prefix (a root is ~0.5 GB)."""
+    for p in keep.parent.glob(prefix + "*"):
+        if p == keep or p.name.startswith(keep.name):
+            continue
+        if p.is_dir():
+            shutil.rmtree(p, ignore_errors=True)
+        elif not p.name.endswith(".lock"):
+            p.unlink(missing_ok=True)
 
 
 def _root_arch(root: Path) -> Arch:

@@ -13,7 +13,7 @@ from pathlib import Path
 
 from .arches import Arch
 from .boards import Board
-from .debroot import RootSpec, chroot_run, debian_root, locked
+from .debroot import RootSpec, chroot_run, debian_root, locked, prune_siblings
 from .disk import make_disk
 from .errors import ImageError
 from .util import cache_root, hash_text, log, run
@@ -120,6 +120,7 @@ def scratch_base(board: Board, arch: Arch) -> Path:
             tmp = Path(td) / "base.img"
             make_disk(tmp, layout, board.table)  # type: ignore[arg-type]
             os.replace(tmp, dest)
+    prune_siblings(dest, f"base-{board.name}-{arch}-")
     log(f"base image {dest}")
     return dest
 

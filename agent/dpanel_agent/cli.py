@@ -115,7 +115,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     _setup_logging(cfg.log_level)
     try:
         asyncio.run(_run(cfg))
-    except (ConfigError, TokenError) as exc:
+    except (ConfigError, TokenError, DecodeError) as exc:
         return _fail(EXIT_USAGE, str(exc))
     except AgentError as exc:
         return _fail(EXIT_RUNTIME, str(exc))

@@ -66,8 +66,13 @@ class DeviceToken:
         parse_hostport(self.broker.split("://", 1)[1], "token broker", 1883)
         parse_hostport(self.tunnel, "token tunnel", 2220)
         for name in ("tunnel_host_key", "manager_key"):
-            if not _PUBKEY_RE.match(getattr(self, name)):
+            line = getattr(self, name)
+            if not _PUBKEY_RE.match(line):
                 raise DecodeError(f"token {name}: not an OpenSSH public key line")
+            try:
+                base64.b64decode(line.split()[1], validate=True)
+            except (binascii.Error, ValueError):
+                raise DecodeError(f"token {name}: key data is not valid base64") from None
 
     def encode(self) -> str:
         d = {k: v for k, v in asdict(self).items() if v is not None}

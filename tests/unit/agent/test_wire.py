@@ -102,5 +102,7 @@ def test_token_fields_validated() -> None:
         dataclasses.replace(_token(), broker="http://x")
     with pytest.raises(wire.DecodeError, match="tunnel_host_key"):
         dataclasses.replace(_token(), tunnel_host_key="not a key")
+    with pytest.raises(wire.DecodeError, match="manager_key: key data"):
+        dataclasses.replace(_token(), manager_key="ssh-ed25519 AAAAB")
     with pytest.raises(wire.DecodeError, match="secret"):
         dataclasses.replace(_token(), secret="short")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shlex
@@ -117,8 +118,10 @@ class Stack:
         if netns:
             argv = ["ip", "netns", "exec", netns, *argv]
         log = (state / "agent.log").open("ab")
+        # own process group, so that close() also reaches what a launcher (ip netns exec,
+        # a frozen onefile binary) started beneath it
         proc = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT,
-                                stdin=subprocess.DEVNULL)
+                                stdin=subprocess.DEVNULL, start_new_session=True)
         self.agents.append(proc)
         return proc
 
@@ -131,5 +134,7 @@ class Stack:
 
     def close(self) -> None:
         for a in self.agents:
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                os.killpg(a.pid, signal.SIGKILL)
             stop_proc(a, signal.SIGKILL)
         self.stop()

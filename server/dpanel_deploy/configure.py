@@ -358,6 +358,8 @@ log_type warning
 log_type notice
 connection_messages false
 max_packet_size 65536
+# the manager hears every device's status: a burst of reconnects overflows the default 1000
+max_queued_messages 200000
 
 # the manager, on this host only
 listener {BROKER_PORT} 127.0.0.1

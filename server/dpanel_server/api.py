@@ -20,6 +20,7 @@ from pydantic import BaseModel, Field
 from . import __version__
 from .errors import DPanelError
 from .manager import Manager
+from .registry import Device
 
 __all__ = ["create_app"]
 
@@ -74,8 +75,8 @@ def create_app(manager: Manager, admin_token: str) -> FastAPI:
     async def _dpanel_error(_r: Request, exc: DPanelError) -> JSONResponse:
         return _error(exc)
 
-    def _device_view(device_id: str) -> dict[str, Any]:
-        d = manager.registry.get(device_id).as_dict()
+    def _device_view(device_id: str, device: Optional[Device] = None) -> dict[str, Any]:
+        d = (device or manager.registry.get(device_id)).as_dict()
         p = manager.presence.get(device_id)
         d["online"] = bool(p and p.online)
         d["port"] = p.port if p else None
@@ -93,7 +94,7 @@ def create_app(manager: Manager, admin_token: str) -> FastAPI:
 
     @app.get("/v1/devices", dependencies=[Depends(auth)])
     async def list_devices() -> list[dict[str, Any]]:
-        return [_device_view(d.id) for d in manager.registry.devices()]
+        return [_device_view(d.id, d) for d in manager.registry.devices()]
 
     @app.post("/v1/devices", dependencies=[Depends(auth)], status_code=201)
     async def add_device(body: EnrolIn) -> EnrolOut:

@@ -96,6 +96,9 @@ log_type warning
 log_type notice
 connection_messages false
 max_packet_size 65536
+# The manager subscribes to every device's status: when thousands of devices connect at
+# once, the default queue of 1000 messages per client overflows and statuses are dropped.
+max_queued_messages 200000
 listener {port} {host}
 use_username_as_clientid true
 """

@@ -471,6 +471,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         return 130
     except BrokenPipeError:
         return 141
+    except OSError as exc:  # e.g. a daemon's port is taken: say so, no traceback
+        print(f"dpanel: {exc.strerror or exc}"
+              f"{f' ({exc.filename})' if exc.filename else ''}: {exc}", file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":

@@ -204,8 +204,11 @@ class Manager:
         if msg.host_key:
             p.host_key = msg.host_key
             self._check_host_key(device, msg.host_key, p)
-        with contextlib.suppress(Exception):
-            self.registry.touch(device, time.time())
+        if p.online != was_online:
+            # one write per change of state, not per status: a fleet reconnecting after a
+            # broker restart is thousands of statuses in seconds
+            with contextlib.suppress(Exception):
+                self.registry.touch(device, time.time())
 
     def _check_host_key(self, device: str, key: str, p: Presence) -> None:
         # The status arrives over the device's own authenticated broker session, which

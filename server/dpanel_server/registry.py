@@ -82,6 +82,8 @@ class Registry:
                                    isolation_level=None)
         self._db.execute("PRAGMA journal_mode=WAL")
         self._db.execute("PRAGMA busy_timeout=30000")
+        # WAL + NORMAL: a power cut loses at most the last commits, never consistency
+        self._db.execute("PRAGMA synchronous=NORMAL")
         with self._tx() as cur:
             for stmt in _SCHEMA:
                 cur.execute(stmt)

@@ -7,7 +7,7 @@ import contextlib
 import logging
 import signal
 from pathlib import Path
-from typing import Optional
+from typing import Iterator, Optional
 
 import uvicorn
 
@@ -75,12 +75,25 @@ async def run_tunnel(cfg: ServerConfig) -> None:
     registry.close()
 
 
+class _ApiServer(uvicorn.Server):
+    """uvicorn, minus its signal handling: it re-raises SIGTERM after shutting down, which
+    kills the process before our own cleanup (closing devices' tunnels, stopping the
+    stack's broker) can run. We stop it ourselves instead."""
+
+    @contextlib.contextmanager
+    def capture_signals(self) -> Iterator[None]:
+        yield
+
+
 async def _serve_api(cfg: ServerConfig, manager: Manager,
                      tunnel: Optional[TunnelServer]) -> None:
     host, port = _hostport(cfg.manager.api_listen, "manager.api_listen", 8780)
     app = create_app(manager, ensure_secret(cfg.manager.admin_token_file))
-    server = uvicorn.Server(uvicorn.Config(app, host=host, port=port, log_level="warning",
-                                           lifespan="off", access_log=False))
+    server = _ApiServer(uvicorn.Config(app, host=host, port=port, log_level="warning",
+                                       lifespan="off", access_log=False))
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, setattr, server, "should_exit", True)
     tasks = [asyncio.create_task(watchdog_loop())]
     if tunnel is not None:
         tasks.append(asyncio.create_task(watch_revocations(manager.registry, tunnel)))
@@ -95,7 +108,7 @@ async def _serve_api(cfg: ServerConfig, manager: Manager,
 
     tasks.append(asyncio.create_task(ready()))
     try:
-        await server.serve()  # returns on SIGINT/SIGTERM (uvicorn handles the signals)
+        await server.serve()  # returns once a signal set should_exit
     finally:
         notify("STOPPING=1")
         for t in tasks:

@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import asyncio
+import ctypes
 import logging
 import shutil
+import signal
 import subprocess
 from dataclasses import fields, is_dataclass
 from pathlib import Path
@@ -105,7 +107,17 @@ def start_mosquitto(cfg: ServerConfig) -> subprocess.Popen[bytes]:
     atomic_write(mdir / "mosquitto.conf", conf, 0o600)
     log_file = (mdir / "mosquitto.log").open("ab")
     return subprocess.Popen([exe, "-c", str(mdir / "mosquitto.conf")], stdout=log_file,
-                            stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
+                            stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                            preexec_fn=_die_with_parent)
+
+
+def _die_with_parent() -> None:
+    """The stack's broker must not outlive the stack, even when the stack is SIGKILLed."""
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        pass
 
 
 async def _supervise(cfg: ServerConfig, holder: list[subprocess.Popen[bytes]]) -> None:

@@ -25,6 +25,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Literal, Optional, Sequence
 
+from dpanel_server.broker import mosquitto_settings
+
 __all__ = ["Layout", "Options", "Report", "main", "render_mosquitto_conf"]
 
 RESULT_PREFIX = "DPANEL-RESULT "
@@ -343,24 +345,13 @@ def render_mosquitto_conf(layout: Layout) -> str:
     """Plain MQTT on loopback for the manager, TLS on 8883 for devices; no anonymous
     clients; client id == username so a device cannot take over another's session."""
     tls = layout.tls
+    common = mosquitto_settings(passwd=layout.broker_dir / "passwd",
+                                acl=layout.broker_dir / "acl",
+                                pid_file=Path("/run/mosquitto/mosquitto.pid"),
+                                log_timestamp=False)  # the journal stamps lines
     return f"""\
 # dPanel Edge broker configuration, written by dpanel-configure (edits are overwritten).
-per_listener_settings false
-allow_anonymous false
-password_file {layout.broker_dir / 'passwd'}
-acl_file {layout.broker_dir / 'acl'}
-pid_file /run/mosquitto/mosquitto.pid
-persistence false
-log_dest stderr
-log_timestamp false
-log_type error
-log_type warning
-log_type notice
-connection_messages false
-max_packet_size 65536
-# the manager hears every device's status: a burst of reconnects overflows the default 1000
-max_queued_messages 200000
-
+{common}
 # the manager, on this host only
 listener {BROKER_PORT} 127.0.0.1
 use_username_as_clientid true

@@ -156,7 +156,7 @@ def _host(spec: str, controlpath: str, ssh_config: Optional[str] = None,
                               controlpath=controlpath)
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="module")  # the VM stops when its tests are done
 def fresh_guest(request: pytest.FixtureRequest,
                 tmp_path_factory: pytest.TempPathFactory) -> Iterator[Guest]:
     """A booted, not yet deployed Debian 12 guest (default mode only)."""
@@ -178,7 +178,7 @@ def fresh_guest(request: pytest.FixtureRequest,
         guest.stop()
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="module")  # the VM stops when its tests are done
 def appliance(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory,
               ) -> Iterator[Appliance]:
     """A deployed server: the test guest after ``deploy-server``, or --hosts."""
@@ -261,7 +261,7 @@ def wait_online(app: Appliance, name: str, timeout: float = 240) -> dict[str, An
                            and d["online"] and d, timeout))
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="module")  # the VM stops when its tests are done
 def device(appliance: Appliance, tmp_path_factory: pytest.TempPathFactory,
            ) -> Iterator[Device]:
     """A device agent on this machine, enrolled on the appliance and online."""

@@ -20,7 +20,6 @@ import base64
 import binascii
 import json
 import re
-import time
 from dataclasses import asdict, dataclass, field
 from enum import Enum
 from typing import Any, Callable, Dict, Literal, Mapping, Optional, Union, cast
@@ -338,10 +337,6 @@ def canonical_bytes(msg: Request) -> bytes:
     d = _to_dict(msg)
     d.pop("sig", None)
     return b"dpanel-req-v1\0" + json.dumps(d, separators=(",", ":"), sort_keys=True).encode()
-
-
-def now() -> float:
-    return time.time()
 
 
 def b64(data: bytes) -> str:

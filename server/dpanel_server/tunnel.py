@@ -47,7 +47,6 @@ __all__ = [
     "TunnelSettings",
     "host_key_line",
     "load_host_key",
-    "serve_forever",
 ]
 
 log = logging.getLogger("dpanel.tunnel")
@@ -539,16 +538,3 @@ class TunnelServer:
             "pool_free": self._pool.free,
         }
 
-
-async def serve_forever(settings: TunnelSettings, verify: Verify,
-                        ready: Optional[Callable[[TunnelServer], None]] = None) -> None:
-    """Run a tunnel server until cancelled; ``ready`` is called once it listens (e.g. to
-    send systemd READY=1)."""
-    server = TunnelServer(settings, verify)
-    await server.start()
-    try:
-        if ready is not None:
-            ready(server)
-        await asyncio.Event().wait()
-    finally:
-        await server.close()

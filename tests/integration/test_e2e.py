@@ -52,7 +52,7 @@ def test_exec_stdin(stack: Stack, device: str) -> None:
 def test_interactive_shell_has_a_pty(stack: Stack, device: str) -> None:
     cmd = [*_ssh_base(stack), "-tt", device]
     out = subprocess.run(cmd, input=b"tty; echo $((6*7)); exit 3\n", capture_output=True,
-                         timeout=60)
+                         timeout=120)
     assert out.returncode == 3, out
     assert b"/dev/pts/" in out.stdout and b"42" in out.stdout
 
@@ -60,14 +60,14 @@ def test_interactive_shell_has_a_pty(stack: Stack, device: str) -> None:
 def test_openssh_proxycommand_exec_and_scp(stack: Stack, device: str, tmp_path: Path) -> None:
     base = _ssh_base(stack)
     out = subprocess.run([*base, device, "echo via-openssh; exit 5"], capture_output=True,
-                         timeout=60, stdin=subprocess.DEVNULL)
+                         timeout=120, stdin=subprocess.DEVNULL)
     assert out.returncode == 5 and out.stdout == b"via-openssh\n", out
     src = tmp_path / "payload.bin"
     src.write_bytes(bytes(range(256)) * 4096)
     dst = tmp_path / "uploaded.bin"
     # modern scp speaks SFTP, so this exercises the agent's SFTP server
     scp = ["scp", *base[1:], str(src), f"{device}:{dst}"]
-    res = subprocess.run(scp, capture_output=True, timeout=60, stdin=subprocess.DEVNULL)
+    res = subprocess.run(scp, capture_output=True, timeout=120, stdin=subprocess.DEVNULL)
     assert res.returncode == 0, res
     assert dst.read_bytes() == src.read_bytes()
 
@@ -77,7 +77,7 @@ def test_ssh_config_block_makes_plain_ssh_work(stack: Stack, device: str,
     conf = tmp_path / "ssh_config"
     conf.write_text(stack.cli_ok("ssh-config"))
     out = subprocess.run(["ssh", "-F", str(conf), "-o", "BatchMode=yes", f"{device}.dpanel",
-                          "uname -s"], capture_output=True, timeout=60, env=stack.env,
+                          "uname -s"], capture_output=True, timeout=120, env=stack.env,
                          stdin=subprocess.DEVNULL)
     assert out.returncode == 0 and out.stdout.strip() == b"Linux", out
 
@@ -96,7 +96,7 @@ def test_forward_to_a_device_port(stack: Stack, device: str) -> None:
 
     threading.Thread(target=serve, daemon=True).start()
     out = subprocess.run([*_ssh_base(stack), "-W", f"127.0.0.1:{port}", device],
-                         input=b"hello device port\n", capture_output=True, timeout=60)
+                         input=b"hello device port\n", capture_output=True, timeout=120)
     srv.close()
     assert out.stdout == b"HELLO DEVICE PORT\n", out
 

@@ -262,7 +262,7 @@ def _ssh_options(cfg: ServerConfig, config_arg: Optional[str]) -> list[tuple[str
     conf = f" --config {shlex.quote(config_arg or cfg.source)}"
     return [
         ("ProxyCommand", f"{me}{conf} proxy %n"),
-        ("User", "root"),
+        ("User", cfg.manager.ssh_user),
         ("IdentityFile", cfg.manager.ssh_key),
         ("IdentitiesOnly", "yes"),
         ("UserKnownHostsFile", str(cfg.known_hosts_path)),

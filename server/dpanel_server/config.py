@@ -79,6 +79,9 @@ class ManagerConfig:
     api_listen: str = "127.0.0.1:8780"
     admin_token_file: str = "/etc/dpanel/admin.token"
     ssh_key: str = "/etc/dpanel/keys/manager_key"
+    #: login name on devices: the built-in server ignores it, a device's own sshd
+    #: (agent ssh_target = "sshd") needs a real account that trusts the manager key
+    ssh_user: str = "root"
     request_timeout: float = 15.0
     request_lifetime: int = 60
     tunnel_ttl: int = 3600

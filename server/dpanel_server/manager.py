@@ -343,7 +343,8 @@ class Manager:
                 raise HostKeyMismatch(f"device {device} has not announced a host key yet")
             try:
                 conn = await asyncssh.connect(
-                    "127.0.0.1", port, username="dpanel", client_keys=[self.key],
+                    "127.0.0.1", port, username=self.cfg.manager.ssh_user,
+                    client_keys=[self.key],
                     known_hosts=([asyncssh.import_public_key(pinned)], [], []),
                     agent_path=None, config=None, connect_timeout=10,
                     keepalive_interval=15, keepalive_count_max=3,

@@ -42,12 +42,14 @@ class ManagerMqtt:
         self._client.on_disconnect = self._on_disconnect
         self._client.on_message = self._on_message
         self._client.reconnect_delay_set(1, 30)
+        self._stopping = False
 
     def start(self) -> None:
         self._client.connect_async(self._host, self._port, keepalive=30)
         self._client.loop_start()
 
     def stop(self) -> None:
+        self._stopping = True
         self._client.disconnect()
         self._client.loop_stop()
 
@@ -72,6 +74,8 @@ class ManagerMqtt:
     def _on_disconnect(self, client: mqtt.Client, _u: object, _f: object,
                        rc: ReasonCode, _p: object) -> None:
         self.connected.clear()
+        if self._stopping:
+            return  # our own disconnect at shutdown: nothing to report or retry
         # Jitter so that a restarted broker is not hit by every manager at once.
         delay = random.randint(1, 3)  # noqa: S311
         client.reconnect_delay_set(delay, 30)

@@ -6,7 +6,6 @@ re-exported by test_agent*.py."""
 from __future__ import annotations
 
 import asyncio
-import concurrent.futures
 import random
 import secrets
 import socket
@@ -14,7 +13,7 @@ import threading
 import time
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any, AsyncIterator, Awaitable, Callable, Iterator, Optional, TypeVar
+from typing import Any, AsyncIterator, Callable, Iterator, Optional, TypeVar
 
 import asyncssh
 import paho.mqtt.client as mqtt
@@ -26,7 +25,8 @@ from dpanel_agent.agent import Agent
 from dpanel_agent.config import AgentConfig
 from dpanel_agent.signing import sign_request
 from dpanel_agent.token import DeviceToken
-from dpanel_server.tunnel import TunnelServer, TunnelSettings
+from dpanel_server.tunnel import TunnelSettings
+from tunnelfix import ServerThread
 
 T = TypeVar("T")
 
@@ -34,54 +34,18 @@ T = TypeVar("T")
 # --------------------------------------------------------------------------- tunnel server
 
 
-class TunnelThread:
-    """The real public tunnel, on its own event loop in a thread (as in production it
-    never shares a loop with the agent)."""
+class TunnelThread(ServerThread):
+    """The real public tunnel for agent tests: a small random pool, short keepalives."""
 
     def __init__(self, key_path: Path, secrets_: dict[str, str], listen_port: int = 0) -> None:
         lo = random.randrange(20000, 31000)
-        # a fixed port (not 0), so that a restarted server is found at the same address
-        self.settings = TunnelSettings(host_key_path=key_path, listen_host="127.0.0.1",
-                                       listen_port=listen_port or free_port(),
-                                       port_min=lo, port_max=lo + 63,
-                                       keepalive_interval=5)
         self._secrets = secrets_
-        self.server = TunnelServer(self.settings, lambda d, s: self._secrets.get(d) == s)
-        self.loop = asyncio.new_event_loop()
-        self.thread = threading.Thread(target=self.loop.run_forever, daemon=True)
-        self.thread.start()
-        self.run(self.server.start())
-        self.port = self.call(lambda: self.server.port)
-
-    def run(self, coro: Awaitable[T], timeout: float = 30) -> T:
-        async def wrap() -> T:
-            return await coro
-        return asyncio.run_coroutine_threadsafe(wrap(), self.loop).result(timeout)
-
-    def call(self, fn: Callable[[], T]) -> T:
-        fut: concurrent.futures.Future[T] = concurrent.futures.Future()
-
-        def go() -> None:
-            try:
-                fut.set_result(fn())
-            except BaseException as exc:  # pragma: no cover
-                fut.set_exception(exc)
-        self.loop.call_soon_threadsafe(go)
-        return fut.result(30)
-
-    def host_key_line(self) -> str:
-        return self.call(self.server.host_key_line)
-
-    def sessions(self) -> dict[str, int]:
-        return self.call(self.server.sessions)
-
-    def stop(self) -> None:
-        if self.loop.is_running():
-            try:
-                self.run(self.server.close())
-            finally:
-                self.loop.call_soon_threadsafe(self.loop.stop)
-                self.thread.join(10)
+        # a fixed port (not 0), so that a restarted server is found at the same address
+        super().__init__(TunnelSettings(host_key_path=key_path, listen_host="127.0.0.1",
+                                        listen_port=listen_port or free_port(),
+                                        port_min=lo, port_max=lo + 63,
+                                        keepalive_interval=5),
+                         lambda d, s: self._secrets.get(d) == s)
 
 
 # --------------------------------------------------------------------------- manager side

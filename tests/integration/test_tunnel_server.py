@@ -8,7 +8,6 @@ clients as subprocesses. Everything listens on free loopback ports.
 from __future__ import annotations
 
 import asyncio
-import concurrent.futures
 import logging
 import os
 import random
@@ -20,12 +19,13 @@ import subprocess
 import threading
 import time
 from pathlib import Path
-from typing import Any, Awaitable, Callable, Iterator, Optional, TypeVar
+from typing import Any, Callable, Iterator, Optional, TypeVar
 
 import asyncssh
 import pytest
 
-from dpanel_server.tunnel import MAX_AUTH_FAILURES, TunnelServer, TunnelSettings
+import tunnelfix
+from dpanel_server.tunnel import MAX_AUTH_FAILURES, TunnelSettings
 
 T = TypeVar("T")
 
@@ -53,54 +53,16 @@ def pool_range(width: int) -> tuple[int, int]:
     return lo, lo + width - 1
 
 
-class ServerThread:
-    """A TunnelServer running on its own event loop in a background thread."""
+class ServerThread(tunnelfix.ServerThread):
+    """The shared server thread, remembering which devices ``verify`` was asked about."""
 
     def __init__(self, settings: TunnelSettings) -> None:
         self.verify_calls: list[str] = []
-        self.server = TunnelServer(settings, self._verify)
-        self.loop = asyncio.new_event_loop()
-        self.thread = threading.Thread(target=self.loop.run_forever, daemon=True)
-        self.thread.start()
-        self.run(self.server.start())
+        super().__init__(settings, self._verify)
 
     def _verify(self, device: str, secret: str) -> bool:
         self.verify_calls.append(device)
         return SECRETS.get(device) == secret
-
-    def run(self, coro: Awaitable[T], timeout: float = 30) -> T:
-        async def wrap() -> T:
-            return await coro
-        return asyncio.run_coroutine_threadsafe(wrap(), self.loop).result(timeout)
-
-    def call(self, fn: Callable[[], T]) -> T:
-        fut: concurrent.futures.Future[T] = concurrent.futures.Future()
-
-        def go() -> None:
-            try:
-                fut.set_result(fn())
-            except BaseException as exc:  # pragma: no cover - surfaced to the test
-                fut.set_exception(exc)
-        self.loop.call_soon_threadsafe(go)
-        return fut.result(30)
-
-    @property
-    def port(self) -> int:
-        return self.call(lambda: self.server.port)
-
-    def sessions(self) -> dict[str, int]:
-        return self.call(self.server.sessions)
-
-    def stats(self) -> dict[str, int]:
-        return self.call(self.server.stats)
-
-    def stop(self) -> None:
-        if self.loop.is_running():
-            try:
-                self.run(self.server.close())
-            finally:
-                self.loop.call_soon_threadsafe(self.loop.stop)
-                self.thread.join(10)
 
 
 @pytest.fixture

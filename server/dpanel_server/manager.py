@@ -201,7 +201,8 @@ class Manager:
             p.since = time.time()
         if not p.online:
             self._drop(device)
-        if msg.host_key:
+        if msg.host_key and msg.host_key != p.host_key:
+            # statuses repeat the key every time; the registry only needs to see a new one
             p.host_key = msg.host_key
             self._check_host_key(device, msg.host_key, p)
         if p.online != was_online:

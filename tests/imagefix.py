@@ -8,11 +8,11 @@ from pathlib import Path
 
 import pytest
 
-from dpanel_agent.token import DeviceToken
 from dpanel_image.arches import Arch
 from dpanel_image.boards import load_board
 from dpanel_image.disk import Ext4, Fat, Part, ext4_magic_ok, fat_magic_ok, read_table
 from dpanel_image.synthetic import fake_elf, synthetic_base
+from dpanel_proto.token import DeviceToken
 
 ED_KEY = "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIDpanelDpanelDpanelDpanelDpanelDpanelDpanel0"
 
@@ -84,7 +84,7 @@ def as_seen_from_qemu(token: str) -> str:
     """
     import dataclasses
 
-    from dpanel_agent.token import parse_token
+    from dpanel_proto.token import parse_token
 
     t = parse_token(token)
     scheme, hp = t.broker.split("://", 1)

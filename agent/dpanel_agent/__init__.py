@@ -1,3 +1,5 @@
 """dpanel-tunnel: the device agent of dPanel Edge."""
 
-__version__ = "0.1.0"
+from dpanel_proto import __version__
+
+__all__ = ["__version__"]

@@ -12,17 +12,19 @@ import logging
 import time
 from typing import TYPE_CHECKING, Optional, Tuple
 
+from dpanel_proto.signing import ManagerKey
+from dpanel_proto.token import DeviceToken
+from dpanel_proto.util import Backoff
+from dpanel_proto.wire import Response, Status, encode, resp_topic
+
 from . import __version__
 from .config import AgentConfig
 from .dispatch import Dispatcher
 from .errors import AgentError
 from .files import ensure_private_dir, load_or_create_host_key, read_public_key_line
 from .guard import RequestGuard
-from .mqtt import AgentMqtt, Backoff
-from .token import DeviceToken
+from .mqtt import AgentMqtt
 from .tokensrc import resolve_token
-from .verify import ManagerKey
-from .wire import Response, Status, encode, resp_topic
 
 if TYPE_CHECKING:
     from .link import TunnelLink

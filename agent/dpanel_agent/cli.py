@@ -12,12 +12,13 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Optional, Sequence
 
+from dpanel_proto.token import parse_token
+from dpanel_proto.wire import DecodeError
+
 from . import __version__
 from .config import AgentConfig, ConfigError, load_config
 from .errors import AgentError
-from .token import parse_token
 from .tokensrc import TokenError, read_token_text, resolve_token
-from .wire import DecodeError
 
 __all__ = ["main"]
 

@@ -24,7 +24,7 @@ from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any, Callable, Dict, Literal, Mapping, Optional, Tuple, Union
 
-from .token import DeviceToken
+from dpanel_proto.token import DeviceToken
 
 if sys.version_info >= (3, 11):
     import tomllib

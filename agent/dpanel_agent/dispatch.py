@@ -12,9 +12,7 @@ import logging
 import time
 from typing import Awaitable, Callable, Dict, Optional, Protocol, Set
 
-from .errors import TunnelError
-from .guard import RequestGuard
-from .wire import (
+from dpanel_proto.wire import (
     CloseRequest,
     DecodeError,
     ErrorCode,
@@ -24,6 +22,9 @@ from .wire import (
     Response,
     decode,
 )
+
+from .errors import TunnelError
+from .guard import RequestGuard
 
 __all__ = ["Dispatcher", "Link"]
 

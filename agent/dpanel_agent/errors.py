@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from .wire import ErrorCode
+from dpanel_proto.codes import ErrorCode
 
 __all__ = ["AgentError", "TunnelError"]
 

@@ -5,9 +5,10 @@ from __future__ import annotations
 import logging
 import os
 import stat
-import tempfile
 from pathlib import Path
 from typing import Union
+
+from dpanel_proto.util import atomic_write
 
 from .errors import AgentError
 
@@ -35,31 +36,6 @@ def ensure_private_dir(path: Union[str, Path], tighten: bool = True) -> Path:
         os.chmod(p, 0o700)
     return p
 
-
-def atomic_write(path: Union[str, Path], data: Union[str, bytes], mode: int = 0o600) -> None:
-    """Write via a temp file in the same directory + fsync + rename: readers and a power
-    cut (an SD card yanked out) only ever see the old or the new file, never half."""
-    p = Path(path)
-    raw = data.encode() if isinstance(data, str) else data
-    fd, tmp = tempfile.mkstemp(prefix=f".{p.name}.", dir=str(p.parent))
-    try:
-        os.fchmod(fd, mode)
-        with os.fdopen(fd, "wb") as f:
-            f.write(raw)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, p)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    try:  # make the rename itself durable
-        dfd = os.open(str(p.parent), os.O_RDONLY)
-        try:
-            os.fsync(dfd)
-        finally:
-            os.close(dfd)
-    except OSError:
-        pass
 
 
 def read_public_key_line(path: Union[str, Path]) -> str:

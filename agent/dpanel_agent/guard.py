@@ -6,8 +6,8 @@ from __future__ import annotations
 import time
 from typing import Callable, Dict, Optional, Tuple
 
-from .verify import ManagerKey, verify_signed
-from .wire import MAX_REQUEST_LIFETIME, ErrorCode, Request
+from dpanel_proto.signing import ManagerKey, verify_request
+from dpanel_proto.wire import MAX_REQUEST_LIFETIME, ErrorCode, Request
 
 __all__ = ["Refusal", "RequestGuard"]
 
@@ -34,7 +34,7 @@ class RequestGuard:
 
     def check(self, req: Request) -> Optional[Refusal]:
         """None if the request may be acted on (and remembers it), else why not."""
-        if not verify_signed(req, self._key):
+        if not verify_request(req, self._key):
             return ErrorCode.BAD_SIGNATURE, "signature does not verify with the pinned manager key"
         if req.device != self.device:
             return ErrorCode.WRONG_DEVICE, f"request is for {req.device}, this is {self.device}"

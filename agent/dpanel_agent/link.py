@@ -18,10 +18,11 @@ from typing import Callable, List, Optional, Set, Tuple
 import asyncssh
 from asyncssh.forward import SSHForwarder
 
+from dpanel_proto.token import DeviceToken
+from dpanel_proto.util import Backoff, parse_hostport
+from dpanel_proto.wire import ErrorCode
+
 from .errors import TunnelError
-from .mqtt import Backoff
-from .token import DeviceToken, parse_hostport
-from .wire import ErrorCode
 
 __all__ = ["TunnelError", "TunnelLink", "preferred_ciphers"]
 

@@ -18,10 +18,11 @@ from typing import Any, Callable, Optional, cast
 import paho.mqtt.client as mqtt
 from paho.mqtt.enums import CallbackAPIVersion
 
-from .token import DeviceToken, parse_hostport
-from .wire import req_topic, status_topic
+from dpanel_proto.token import DeviceToken
+from dpanel_proto.util import Backoff, parse_hostport
+from dpanel_proto.wire import req_topic, status_topic
 
-__all__ = ["AgentMqtt", "Backoff"]
+__all__ = ["AgentMqtt"]
 
 log = logging.getLogger("dpanel.agent.mqtt")
 
@@ -35,14 +36,6 @@ def _secs(value: float) -> int:
     and sub-second jitter is what spreads a herd of reconnecting devices."""
     return cast(int, value)
 
-
-class Backoff:
-    """Exponential backoff with full jitter in [d/2, d]: thousands of devices behind one
-    broker that restarts do not all come back in the same second."""
-
-    def __init__(self, lo: float, hi: float) -> None:
-        self.lo, self.hi = lo, hi
-        self.failures = 0
 
     def next(self) -> float:
         d = min(self.hi, self.lo * (2 ** min(self.failures, 30)))

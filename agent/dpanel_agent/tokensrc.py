@@ -16,10 +16,11 @@ import time
 from pathlib import Path
 from typing import Optional
 
+from dpanel_proto.token import DeviceToken, parse_token
+from dpanel_proto.wire import DecodeError
+
 from .config import AgentConfig
 from .files import atomic_write, ensure_private_dir
-from .token import DeviceToken, parse_token
-from .wire import DecodeError
 
 __all__ = ["IMPORTED_MARKER", "TokenError", "import_token", "read_token_text", "resolve_token"]
 

@@ -12,7 +12,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from dpanel_agent.token import DeviceToken
+from dpanel_proto.token import DeviceToken
 
 from .arches import Arch, host_arch
 from .boards import load_board

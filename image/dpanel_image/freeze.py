@@ -27,6 +27,8 @@ FreezeMode = Literal["onefile", "onedir"]
 SUITE = "bullseye"
 LOCK = Path(__file__).with_name("freeze-lock.txt")
 AGENT_SRC = PROJECT_ROOT / "agent" / "dpanel_agent"
+#: The protocol package the agent stands on; frozen with it.
+PROTO_SRC = PROJECT_ROOT / "agent" / "dpanel_proto"
 #: Bump when the freeze recipe below changes, so cached binaries are rebuilt.
 RECIPE = "3"
 BASE_PACKAGES = ("python3", "python3-venv", "libpython3.9", "binutils", "file",
@@ -77,7 +79,7 @@ def _output_path(dist: Path, arch: Arch, mode: FreezeMode) -> Path:
 
 def agent_key(arch: Arch, mode: FreezeMode) -> str:
     return hash_text(build_root_spec(arch).key(), mode, RECIPE, *HIDDEN_IMPORTS,
-                     hash_paths([AGENT_SRC], PROJECT_ROOT))
+                     hash_paths([AGENT_SRC, PROTO_SRC], PROJECT_ROOT))
 
 
 def build_agent(arch: Arch, mode: FreezeMode = "onefile", dist: Optional[Path] = None,
@@ -109,11 +111,13 @@ def _freeze(root: Path, arch: Arch, mode: FreezeMode, cache: Path) -> None:
     build = root / "build"
     shutil.rmtree(build, ignore_errors=True)
     (build / "src").mkdir(parents=True)
-    shutil.copytree(AGENT_SRC, build / "src" / "dpanel_agent",
-                    ignore=shutil.ignore_patterns("__pycache__", "*.pyc"))
+    for src in (AGENT_SRC, PROTO_SRC):
+        shutil.copytree(src, build / "src" / src.name,
+                        ignore=shutil.ignore_patterns("__pycache__", "*.pyc"))
     argv = ["/opt/freeze/bin/pyinstaller", "--noconfirm", "--clean", "--log-level=WARN",
             f"--{mode}", "--name", "dpanel-tunnel", "--paths", "/build/src",
-            "--collect-submodules", "dpanel_agent", "--distpath", "/build/dist",
+            "--collect-submodules", "dpanel_agent",
+            "--collect-submodules", "dpanel_proto", "--distpath", "/build/dist",
             "--workpath", "/build/work", "--specpath", "/build", "--strip"]
     for mod in HIDDEN_IMPORTS:
         argv += ["--hidden-import", mod]

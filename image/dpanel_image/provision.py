@@ -14,8 +14,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Optional
 
-from dpanel_agent.token import DeviceToken, parse_token
-from dpanel_agent.wire import DecodeError, validate_device_id
+from dpanel_proto.token import DeviceToken, parse_token
+from dpanel_proto.wire import DecodeError, validate_device_id
 
 from . import bmap as bmapmod
 from .build import find_root, read_image_info

@@ -280,8 +280,8 @@ def _ensure_tls(layout: Layout, broker_host: str, report: Report) -> None:
 
 
 def _split_hostport(value: str, what: str, default_port: int) -> tuple[str, int]:
-    from dpanel_agent.token import parse_hostport
-    from dpanel_agent.wire import DecodeError
+    from dpanel_proto.util import parse_hostport
+    from dpanel_proto.wire import DecodeError
 
     try:
         return parse_hostport(value, what, default_port)

@@ -112,6 +112,11 @@ class DebBuild:
     build_id: str
 
 
+#: The source packages the .deb ships, protocol package first (the layers' order).
+PACKAGE_DIRS = ("agent/dpanel_proto", "agent/dpanel_agent", "server/dpanel_server",
+                "server/dpanel_deploy", "image/dpanel_image")
+
+
 def repo_root() -> Path:
     return Path(__file__).resolve().parents[2]
 
@@ -119,8 +124,7 @@ def repo_root() -> Path:
 def _source_files(root: Path) -> Iterable[Path]:
     """Everything that ends up in the package, in a stable order."""
     yield root / "pyproject.toml"
-    for top in ("agent/dpanel_agent", "server/dpanel_server", "server/dpanel_deploy",
-                "image/dpanel_image"):
+    for top in PACKAGE_DIRS:
         for p in sorted((root / top).rglob("*")):
             if p.is_file() and "__pycache__" not in p.parts and p.suffix != ".pyc":
                 yield p
@@ -179,8 +183,7 @@ def _copy_sources(root: Path, dest: Path) -> None:
     build/ and egg-info in the working copy)."""
     ignore = shutil.ignore_patterns("__pycache__", "*.pyc", "*.egg-info")
     shutil.copy2(root / "pyproject.toml", dest / "pyproject.toml")
-    for top in ("agent/dpanel_agent", "server/dpanel_server", "server/dpanel_deploy",
-                "image/dpanel_image"):
+    for top in PACKAGE_DIRS:
         shutil.copytree(root / top, dest / top, ignore=ignore)
 
 

@@ -1,5 +1,5 @@
 """dPanel Edge server side: public tunnel, manager, broker config, CLI and HTTP API."""
 
-from dpanel_agent import __version__
+from dpanel_proto import __version__
 
 __all__ = ["__version__"]

@@ -8,15 +8,14 @@ from typing import Union
 
 import asyncssh
 
-from dpanel_agent.files import atomic_write as _agent_atomic_write
+from dpanel_proto.util import atomic_write as _atomic_write
 
 __all__ = ["atomic_write", "ensure_private_key", "ensure_secret"]
 
 
 def atomic_write(path: Union[str, Path], data: Union[str, bytes], mode: int = 0o600) -> None:
-    """The agent's atomic write (tmp + fsync + rename), creating parent directories."""
-    Path(path).parent.mkdir(parents=True, exist_ok=True)
-    _agent_atomic_write(path, data, mode)
+    """The protocol package's atomic write (tmp + fsync + rename), creating parents."""
+    _atomic_write(path, data, mode, make_parents=True)
 
 
 def ensure_private_key(path: Union[str, Path]) -> asyncssh.SSHKey:

@@ -9,13 +9,14 @@ from __future__ import annotations
 
 import base64
 import hmac
-import json
 import shlex
 from typing import Any, AsyncIterator, Optional, Union
 
 from fastapi import Depends, FastAPI, HTTPException, Request
 from fastapi.responses import JSONResponse, StreamingResponse
 from pydantic import BaseModel, Field
+
+from dpanel_proto.events import Error, Exit, Output, encode_event
 
 from . import __version__
 from .errors import DPanelError
@@ -56,7 +57,7 @@ class ExecIn(BaseModel):
 
 
 def _error(exc: DPanelError) -> JSONResponse:
-    return JSONResponse({"error": str(exc), "code": type(exc).__name__},
+    return JSONResponse({"error": str(exc), "code": exc.code.value},
                         status_code=exc.http_status)
 
 
@@ -157,7 +158,7 @@ def create_app(manager: Manager, admin_token: str) -> FastAPI:
                 async for ev in events:
                     yield _line(ev)
             except DPanelError as exc:
-                yield json.dumps({"error": str(exc), "code": type(exc).__name__}).encode() + b"\n"
+                yield encode_event(Error(str(exc), exc.code.value))
 
         return StreamingResponse(lines(), media_type="application/x-ndjson")
 
@@ -167,5 +168,5 @@ def create_app(manager: Manager, admin_token: str) -> FastAPI:
 def _line(event: tuple[str, Union[bytes, int]]) -> bytes:
     kind, data = event
     if isinstance(data, int):
-        return json.dumps({kind: data}).encode() + b"\n"
-    return json.dumps({kind: base64.b64encode(data).decode()}).encode() + b"\n"
+        return encode_event(Exit(data))
+    return encode_event(Output(kind, data))  # type: ignore[arg-type]

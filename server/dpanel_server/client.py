@@ -8,6 +8,8 @@ import os
 from pathlib import Path
 from typing import Any, Iterator, Optional
 
+from dpanel_proto.codes import ErrorCode
+
 from .config import ServerConfig, _hostport, load_config
 from .errors import DPanelError
 
@@ -17,9 +19,12 @@ DEFAULT_CONFIG = "/etc/dpanel/server.toml"
 
 
 class ApiError(DPanelError):
+    """An error the API answered with (``code`` as it sent it), or no answer at all."""
+
     def __init__(self, message: str, status: int = 0, code: str = "") -> None:
-        super().__init__(message)
-        self.status, self.code = status, code
+        known = code in ErrorCode._value2member_map_
+        super().__init__(message, code if known else None)
+        self.status, self.wire_code = status, code
 
 
 def find_config(path: Optional[str]) -> ServerConfig:

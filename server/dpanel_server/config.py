@@ -8,8 +8,8 @@ from typing import Any, Literal, Optional, get_args, get_type_hints
 
 import tomllib
 
-from dpanel_agent.token import parse_hostport
-from dpanel_agent.wire import DecodeError
+from dpanel_proto.util import parse_hostport
+from dpanel_proto.wire import DecodeError
 
 from .errors import ConfigError
 

@@ -2,7 +2,7 @@
 
 The hierarchy, so callers can catch as broadly or narrowly as they need::
 
-    DPanelError                      base; str(e) is a message fit for an operator
+    DPanelError                      base; str(e) is for an operator, e.code for machines
     ├── ConfigError                  a config file or value is invalid (names the field)
     ├── RegistryError                registry problems
     │   ├── UnknownDevice            no such device
@@ -10,15 +10,17 @@ The hierarchy, so callers can catch as broadly or narrowly as they need::
     │   └── DeviceRevoked            the device was revoked
     ├── DeviceError                  talking to a device failed
     │   ├── DeviceOffline            no presence on the broker
-    │   ├── TunnelRefused            the device answered with a refusal (carries the code)
+    │   ├── TunnelRefused            the device answered with a refusal (its code)
     │   ├── RequestTimeout           no answer within N s
     │   └── HostKeyMismatch          the device's SSH host key changed: refused
     └── BrokerError                  the manager cannot reach the broker
 
-Protocol-level decoding errors are :class:`dpanel_agent.wire.DecodeError`.
+Protocol-level decoding errors are :class:`dpanel_proto.wire.DecodeError`.
 """
 
 from __future__ import annotations
+
+from dpanel_proto.codes import ErrorCode, http_status
 
 __all__ = [
     "BrokerError",
@@ -37,53 +39,63 @@ __all__ = [
 
 
 class DPanelError(Exception):
-    """Base of every dPanel server error; the message is meant for an operator."""
+    """Base of every dPanel server error; the message is meant for an operator.
 
-    #: HTTP status the API answers with for this error.
-    http_status = 500
+    ``code`` is the stable :class:`~dpanel_proto.codes.ErrorCode` the API sends and the
+    CLI exits by; the HTTP status comes from the one table in :mod:`dpanel_proto.codes`.
+    """
+
+    code: ErrorCode = ErrorCode.INTERNAL
+
+    def __init__(self, message: str, code: ErrorCode | str | None = None) -> None:
+        super().__init__(message)
+        if code is not None:
+            self.code = ErrorCode(code)
+
+    @property
+    def http_status(self) -> int:
+        return http_status(self.code)
 
 
 class ConfigError(DPanelError):
-    http_status = 400
+    code = ErrorCode.CONFIG
 
 
 class RegistryError(DPanelError):
-    http_status = 400
+    code = ErrorCode.REGISTRY
 
 
 class UnknownDevice(RegistryError):
-    http_status = 404
+    code = ErrorCode.UNKNOWN_DEVICE
 
 
 class DeviceExists(RegistryError):
-    http_status = 409
+    code = ErrorCode.DEVICE_EXISTS
 
 
 class DeviceRevoked(RegistryError):
-    http_status = 410
+    code = ErrorCode.REVOKED
 
 
 class DeviceError(DPanelError):
-    http_status = 502
+    code = ErrorCode.DEVICE_ERROR
 
 
 class DeviceOffline(DeviceError):
-    http_status = 503
+    code = ErrorCode.OFFLINE
 
 
 class TunnelRefused(DeviceError):
-    def __init__(self, message: str, code: str = "tunnel_refused") -> None:
-        super().__init__(message)
-        self.code = code
+    code = ErrorCode.TUNNEL_REFUSED
 
 
 class RequestTimeout(DeviceError):
-    http_status = 504
+    code = ErrorCode.TIMEOUT
 
 
 class HostKeyMismatch(DeviceError):
-    http_status = 502
+    code = ErrorCode.HOST_KEY_MISMATCH
 
 
 class BrokerError(DPanelError):
-    http_status = 503
+    code = ErrorCode.BROKER_UNREACHABLE

@@ -13,9 +13,9 @@ from typing import AsyncIterator, Callable, Optional, Union
 
 import asyncssh
 
-from dpanel_agent import wire
-from dpanel_agent.signing import sign_request
-from dpanel_agent.token import DeviceToken
+from dpanel_proto import wire
+from dpanel_proto.signing import sign_request
+from dpanel_proto.token import DeviceToken
 
 from ._files import atomic_write, ensure_private_key, ensure_secret
 from ._mqtt import ManagerMqtt
@@ -110,7 +110,7 @@ class Manager:
         self._mqtt = ManagerMqtt(
             asyncio.get_running_loop(), host, port, self.cfg.broker.username,
             self._broker_password,
-            [f"{wire.TOPIC_ROOT}/+/status", f"{wire.TOPIC_ROOT}/+/resp"],
+            list(wire.MANAGER_SUBSCRIPTIONS),
             self._dispatch, on_connected=self._on_broker, tls_ca=self.cfg.broker.ca_file
             if self.cfg.broker.url.startswith("mqtts://") else None,
         )
@@ -300,12 +300,13 @@ class Manager:
         ))
         if resp.code != wire.ErrorCode.OK or resp.port is None:
             raise TunnelRefused(f"device {device}: tunnel refused ({resp.code.value}: "
-                                f"{resp.message or 'no detail'})", resp.code.value)
+                                f"{resp.message or 'no detail'})", resp.code)
         if self._tunnel_sessions is not None:
             owned = self._tunnel_sessions().get(device)
             if owned != resp.port:
                 raise TunnelRefused(f"device {device} reported port {resp.port}, but the tunnel "
-                                    f"gave it {owned or 'no port'}; refused", "wrong_port")
+                                    f"gave it {owned or 'no port'}; refused",
+                                    wire.ErrorCode.WRONG_PORT)
         self.presence[device].port = resp.port
         return resp.port
 

@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional, Union
 
-from dpanel_agent.wire import DecodeError, validate_device_id
+from dpanel_proto.wire import DecodeError, validate_device_id
 
 from .broker import mosquitto_hash
 from .errors import DeviceExists, RegistryError, UnknownDevice

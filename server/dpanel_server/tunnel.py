@@ -33,7 +33,7 @@ from typing import Awaitable, Callable, Literal, Optional, Union
 
 import asyncssh
 
-from dpanel_agent.wire import DecodeError, validate_device_id
+from dpanel_proto.wire import DecodeError, validate_device_id
 
 from ._files import atomic_write, ensure_private_key
 from ._pool import PoolExhausted, PortPool

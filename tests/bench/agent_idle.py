@@ -14,7 +14,7 @@ import time
 from pathlib import Path
 from typing import Any, Optional
 
-from dpanel_agent.token import parse_token
+from dpanel_proto.token import parse_token
 
 from ._util import ROOT, cpu_seconds, descendants, pss_kb, rss_kb
 from .devstack import AGENT_EXE, running_stack, start_agent

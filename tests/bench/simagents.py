@@ -24,7 +24,7 @@ from typing import Any, Optional
 
 import asyncssh
 
-from dpanel_agent import wire
+from dpanel_proto import wire
 
 from ._util import rss_kb
 from .fwd_clients import dial_forward

@@ -14,8 +14,8 @@ import asyncssh
 import pytest
 from test_agent_harness import World, echo_server, free_port, manager_key, world
 
-from dpanel_agent import wire
-from dpanel_agent.signing import sign_request
+from dpanel_proto import wire
+from dpanel_proto.signing import sign_request
 
 __all__ = ["echo_server", "manager_key", "world"]  # fixtures re-exported for pytest
 

@@ -14,7 +14,7 @@ from typing import AsyncIterator, Optional
 import pytest
 from test_agent_harness import World, manager_key, world
 
-from dpanel_agent import __version__, wire
+from dpanel_proto import __version__, wire
 
 __all__ = ["manager_key", "world"]  # fixtures re-exported for pytest
 

@@ -20,11 +20,11 @@ import paho.mqtt.client as mqtt
 import pytest
 
 from conftest import Mosquitto
-from dpanel_agent import wire
 from dpanel_agent.agent import Agent
 from dpanel_agent.config import AgentConfig
-from dpanel_agent.signing import sign_request
-from dpanel_agent.token import DeviceToken
+from dpanel_proto import wire
+from dpanel_proto.signing import sign_request
+from dpanel_proto.token import DeviceToken
 from dpanel_server.tunnel import TunnelSettings
 from tunnelfix import ServerThread
 

@@ -22,7 +22,7 @@ from cryptography.x509.oid import NameOID
 from conftest import free_port, wait_port
 from dpanel_agent.agent import Agent
 from dpanel_agent.config import AgentConfig
-from dpanel_agent.token import DeviceToken
+from dpanel_proto.token import DeviceToken
 from dpanel_server.broker import mosquitto_hash, render_acl, render_passwd
 
 

@@ -14,9 +14,9 @@ import asyncssh
 import paho.mqtt.client as mqtt
 from paho.mqtt.enums import CallbackAPIVersion
 
-from dpanel_agent import wire
-from dpanel_agent.signing import sign_request
-from dpanel_agent.token import parse_token
+from dpanel_proto import wire
+from dpanel_proto.signing import sign_request
+from dpanel_proto.token import parse_token
 from stackfix import BIN, Stack, stop_proc, wait_for
 
 

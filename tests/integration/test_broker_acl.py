@@ -10,7 +10,7 @@ import paho.mqtt.client as mqtt
 import pytest
 
 from conftest import Mosquitto
-from dpanel_agent import wire
+from dpanel_proto import wire
 
 
 def _client(broker: Mosquitto, user: str, password: str, client_id: str = "") -> mqtt.Client:

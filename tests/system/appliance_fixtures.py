@@ -28,10 +28,10 @@ import pytest
 import testinfra
 from appliance_vm import Guest, build_base_image, kvm_works
 
-from dpanel_agent.token import DeviceToken, parse_token
 from dpanel_deploy.debpkg import DebBuild, build_deb
 from dpanel_deploy.deploy import DeployResult, deploy
 from dpanel_deploy.target import SshTarget
+from dpanel_proto.token import DeviceToken, parse_token
 
 __all__ = [
     "KEY_FILES",

@@ -10,12 +10,11 @@ from typing import Optional
 import asyncssh
 import pytest
 
-from dpanel_agent import wire
 from dpanel_agent.dispatch import Dispatcher
 from dpanel_agent.errors import TunnelError
 from dpanel_agent.guard import RequestGuard
-from dpanel_agent.signing import sign_request
-from dpanel_agent.verify import ManagerKey
+from dpanel_proto import wire
+from dpanel_proto.signing import ManagerKey, sign_request
 
 MGR = asyncssh.generate_private_key("ssh-ed25519")
 

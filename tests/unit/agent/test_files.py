@@ -16,7 +16,7 @@ from dpanel_agent.files import (
     load_or_create_host_key,
     read_public_key_line,
 )
-from dpanel_agent.mqtt import Backoff
+from dpanel_proto.util import Backoff
 
 
 def test_host_key_generated_once_private_and_loadable_by_asyncssh(tmp_path: Path) -> None:

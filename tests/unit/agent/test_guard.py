@@ -7,10 +7,9 @@ import dataclasses
 import asyncssh
 import pytest
 
-from dpanel_agent import wire
 from dpanel_agent.guard import RequestGuard
-from dpanel_agent.signing import sign_request, verify_request
-from dpanel_agent.verify import ManagerKey, verify_signed
+from dpanel_proto import wire
+from dpanel_proto.signing import ManagerKey, sign_request, verify_request
 
 MGR = asyncssh.generate_private_key("ssh-ed25519")
 MGR_LINE = MGR.export_public_key().decode().strip()
@@ -49,12 +48,12 @@ def guard(clock: Clock) -> RequestGuard:
 def test_verify_agrees_with_asyncssh_signing() -> None:
     key = ManagerKey(MGR_LINE + " comment")
     req = _signed(_open())
-    assert verify_signed(req, key) and verify_request(req, asyncssh.import_public_key(MGR_LINE))
+    assert verify_request(req, key) and verify_request(req, asyncssh.import_public_key(MGR_LINE))
     for bad in (dataclasses.replace(req, ttl=7200),  # tampered after signing
                 dataclasses.replace(req, sig=""), dataclasses.replace(req, sig="!!notb64"),
                 dataclasses.replace(req, sig=wire.b64(b"\x00\x00\x00\x0bssh-ed25519")),
                 _signed(_open(), asyncssh.generate_private_key("ssh-ed25519"))):
-        assert not verify_signed(bad, key)
+        assert not verify_request(bad, key)
 
 
 def test_non_ed25519_manager_key_falls_back_to_asyncssh() -> None:
@@ -62,8 +61,8 @@ def test_non_ed25519_manager_key_falls_back_to_asyncssh() -> None:
     key = ManagerKey(ec.export_public_key().decode())
     req = dataclasses.replace(_open(), sig=wire.b64(ec.sign(wire.canonical_bytes(_open()),
                                                             b"ecdsa-sha2-nistp256")))
-    assert verify_signed(req, key)
-    assert not verify_signed(_signed(_open()), key)
+    assert verify_request(req, key)
+    assert not verify_request(_signed(_open()), key)
 
 
 def test_bad_manager_key_line() -> None:

@@ -11,8 +11,8 @@ import asyncssh
 import pytest
 
 from dpanel_agent.config import AgentConfig
-from dpanel_agent.token import DeviceToken
 from dpanel_agent.tokensrc import TokenError, import_token, read_token_text, resolve_token
+from dpanel_proto.token import DeviceToken
 
 _KEY = asyncssh.generate_private_key("ssh-ed25519").export_public_key().decode().strip()
 

@@ -9,9 +9,9 @@ import time
 import asyncssh
 import pytest
 
-from dpanel_agent import wire
-from dpanel_agent.signing import load_public_key, sign_request, verify_request
-from dpanel_agent.token import DeviceToken, parse_token
+from dpanel_proto import wire
+from dpanel_proto.signing import ManagerKey, sign_request, verify_request
+from dpanel_proto.token import DeviceToken, parse_token
 
 
 def _open(**kw: object) -> wire.OpenRequest:
@@ -69,14 +69,14 @@ def test_topics_reject_wildcards_and_other_trees() -> None:
 
 def test_signature_covers_every_field() -> None:
     key = asyncssh.generate_private_key("ssh-ed25519")
-    pub = load_public_key(key.export_public_key().decode())
+    pub = ManagerKey(key.export_public_key().decode())
     signed = sign_request(_open(), key)
     assert verify_request(signed, pub)
     for change in ({"ttl": 99}, {"device": "dev-2"}, {"expires_at": signed.expires_at + 999},
                    {"target": "sshd"}, {"id": "f" * 16}):
         assert not verify_request(dataclasses.replace(signed, **change), pub), change  # type: ignore[arg-type]
     other = asyncssh.generate_private_key("ssh-ed25519")
-    assert not verify_request(signed, load_public_key(other.export_public_key().decode()))
+    assert not verify_request(signed, ManagerKey(other.export_public_key().decode()))
     assert not verify_request(_open(), pub)  # unsigned
 
 

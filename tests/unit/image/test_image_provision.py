@@ -19,11 +19,11 @@ from imagefix import (
     stat_of,
 )
 
-from dpanel_agent.token import parse_token
 from dpanel_image.build import build_image
 from dpanel_image.cardwrite import check_target, confirm
 from dpanel_image.errors import ImageError
 from dpanel_image.provision import bulk_names, provision
+from dpanel_proto.token import parse_token
 
 __all__ = ["agent_arm64"]
 

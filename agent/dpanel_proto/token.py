@@ -16,33 +16,17 @@ import zlib
 from dataclasses import asdict, dataclass
 from typing import Any, Optional
 
+from .ports import BROKER_PORT, TUNNEL_PORT
+from .util import parse_hostport
 from .wire import DecodeError, validate_device_id
 
-__all__ = ["TOKEN_PREFIX", "DeviceToken", "parse_hostport", "parse_token"]
+__all__ = ["TOKEN_PREFIX", "DeviceToken", "parse_token"]
 
 TOKEN_PREFIX = "dpt1"
 _MAX_TOKEN = 16 * 1024
 _SECRET_RE = re.compile(r"^[A-Za-z0-9_-]{32,128}$")
 _PUBKEY_RE = re.compile(r"^(ssh-ed25519|ecdsa-sha2-nistp256|ssh-rsa) [A-Za-z0-9+/=]+( .*)?$")
 
-
-def parse_hostport(value: str, what: str, default_port: int) -> tuple[str, int]:
-    """``host[:port]`` or ``[v6]:port`` -> (host, port); errors name ``what``."""
-    host, port_s = value, ""
-    if value.startswith("["):
-        end = value.find("]")
-        if end < 0:
-            raise DecodeError(f"{what}: unclosed '[' in {value!r}")
-        host, port_s = value[1:end], value[end + 2:] if value[end + 1:end + 2] == ":" else ""
-    elif value.count(":") == 1:
-        host, port_s = value.split(":")
-    if not host:
-        raise DecodeError(f"{what}: no host in {value!r}")
-    if not port_s:
-        return host, default_port
-    if not port_s.isdigit() or not 1 <= int(port_s) <= 65535:
-        raise DecodeError(f"{what}: port {port_s!r} is not 1-65535")
-    return host, int(port_s)
 
 
 @dataclass(frozen=True)
@@ -63,8 +47,8 @@ class DeviceToken:
             raise DecodeError("token secret: expected 32-128 url-safe characters")
         if not self.broker.startswith(("mqtt://", "mqtts://")):
             raise DecodeError(f"token broker: {self.broker!r} is not mqtt://... or mqtts://...")
-        parse_hostport(self.broker.split("://", 1)[1], "token broker", 1883)
-        parse_hostport(self.tunnel, "token tunnel", 2220)
+        parse_hostport(self.broker.split("://", 1)[1], "token broker", BROKER_PORT)
+        parse_hostport(self.tunnel, "token tunnel", TUNNEL_PORT)
         for name in ("tunnel_host_key", "manager_key"):
             line = getattr(self, name)
             if not _PUBKEY_RE.match(line):

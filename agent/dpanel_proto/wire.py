@@ -1,7 +1,6 @@
-"""The wire contract between agent and manager: MQTT topics, message schemas, error codes.
+"""The MQTT contract between agent and manager: topics, their ACL patterns, messages.
 
-This is the only module both sides share. The agent owns it (the agent must never import
-server code); the manager imports it from here. Everything that crosses the broker is
+Everything that crosses the broker is
 encoded and decoded here, and any bad input raises exactly one exception type,
 :class:`DecodeError`, whose message names the offending field.
 
@@ -12,6 +11,9 @@ broker username *is* the device id::
     dpanel/v1/dev/<id>/status   device -> all      retained; last will = offline
     dpanel/v1/dev/<id>/req      manager -> device  signed open/close requests
     dpanel/v1/dev/<id>/resp     device -> manager  answers, correlated by request id
+
+:data:`DEVICE_ACL` and :data:`MANAGER_TOPICS` are those rules in broker-neutral form;
+each broker backend renders them in its own syntax.
 """
 
 from __future__ import annotations
@@ -24,8 +26,13 @@ from dataclasses import asdict, dataclass, field
 from enum import Enum
 from typing import Any, Callable, Dict, Literal, Mapping, Optional, Union, cast
 
+from .codes import ErrorCode
+
 __all__ = [
+    "DEVICE_ACL",
     "DEVICE_ID_RE",
+    "MANAGER_SUBSCRIPTIONS",
+    "MANAGER_TOPICS",
     "MAX_PAYLOAD",
     "MAX_REQUEST_LIFETIME",
     "PROTOCOL_VERSION",
@@ -52,6 +59,18 @@ __all__ = [
 
 PROTOCOL_VERSION = 1
 TOPIC_ROOT = "dpanel/v1/dev"
+#: Everything the manager may read and write.
+MANAGER_TOPICS = "dpanel/v1/#"
+#: What the manager subscribes to.
+MANAGER_SUBSCRIPTIONS = (f"{TOPIC_ROOT}/+/status", f"{TOPIC_ROOT}/+/resp")
+#: A device's whole permission set, as (access, pattern) with ``%u`` = the username,
+#: which *is* the device id. Nothing here touches another device's topics, and a device
+#: can only read its request topic (it cannot forge requests, which are signed anyway).
+DEVICE_ACL: tuple[tuple[Literal["read", "write"], str], ...] = (
+    ("write", f"{TOPIC_ROOT}/%u/status"),
+    ("write", f"{TOPIC_ROOT}/%u/resp"),
+    ("read", f"{TOPIC_ROOT}/%u/req"),
+)
 #: Anything bigger is refused before JSON parsing, so a hostile peer cannot make us
 #: allocate; real messages are well under 2 KiB (the largest carries one public key).
 MAX_PAYLOAD = 16 * 1024
@@ -76,20 +95,6 @@ class MsgType(str, Enum):
     CLOSE = "close"
     RESPONSE = "response"
 
-
-class ErrorCode(str, Enum):
-    """Codes carried in :class:`Response.code`; stable, for machines and dashboards."""
-
-    OK = "ok"
-    BAD_REQUEST = "bad_request"
-    BAD_SIGNATURE = "bad_signature"
-    EXPIRED = "expired"
-    REPLAYED = "replayed"
-    WRONG_DEVICE = "wrong_device"
-    TUNNEL_REFUSED = "tunnel_refused"
-    TUNNEL_UNREACHABLE = "tunnel_unreachable"
-    NOT_OPEN = "not_open"
-    INTERNAL = "internal"
 
 
 def validate_device_id(value: object, what: str = "device") -> str:
@@ -307,6 +312,9 @@ def decode(payload: Union[bytes, bytearray, str]) -> Message:
         raise DecodeError(f"payload: {len(payload)} bytes is over the {MAX_PAYLOAD} limit")
     try:
         obj = json.loads(payload)
+    except RecursionError:
+        # b"[" * 15000 nests deeper than the parser recurses: a hostile payload, not a bug
+        raise DecodeError("payload: nested too deeply") from None
     except (ValueError, UnicodeDecodeError) as exc:
         raise DecodeError(f"payload: not JSON ({exc})") from None
     if not isinstance(obj, dict):

@@ -1,0 +1,79 @@
+"""Small helpers both sides use: ``host:port`` parsing, atomic writes, jittered backoff."""
+
+from __future__ import annotations
+
+import os
+import random
+import tempfile
+from pathlib import Path
+from typing import Union
+
+from .wire import DecodeError
+
+__all__ = ["Backoff", "atomic_write", "parse_hostport"]
+
+
+def parse_hostport(value: str, what: str, default_port: int) -> tuple[str, int]:
+    """``host[:port]`` or ``[v6]:port`` -> (host, port); errors name ``what``."""
+    host, port_s = value, ""
+    if value.startswith("["):
+        end = value.find("]")
+        if end < 0:
+            raise DecodeError(f"{what}: unclosed '[' in {value!r}")
+        host, port_s = value[1:end], value[end + 2:] if value[end + 1:end + 2] == ":" else ""
+    elif value.count(":") == 1:
+        host, port_s = value.split(":")
+    if not host:
+        raise DecodeError(f"{what}: no host in {value!r}")
+    if not port_s:
+        return host, default_port
+    if not port_s.isdigit() or not 1 <= int(port_s) <= 65535:
+        raise DecodeError(f"{what}: port {port_s!r} is not 1-65535")
+    return host, int(port_s)
+
+
+def atomic_write(path: Union[str, Path], data: Union[str, bytes], mode: int = 0o600, *,
+                 make_parents: bool = False) -> None:
+    """Write via a temp file in the same directory + fsync + rename: readers and a power
+    cut (an SD card yanked out) only ever see the old or the new file, never half. The
+    mode is set before any byte is written, so a secret is never readable by others."""
+    p = Path(path)
+    if make_parents:
+        p.parent.mkdir(parents=True, exist_ok=True)
+    raw = data.encode() if isinstance(data, str) else data
+    fd, tmp = tempfile.mkstemp(prefix=f".{p.name}.", dir=str(p.parent))
+    try:
+        os.fchmod(fd, mode)
+        with os.fdopen(fd, "wb") as f:
+            f.write(raw)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, p)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    try:  # make the rename itself durable
+        dfd = os.open(str(p.parent), os.O_RDONLY)
+        try:
+            os.fsync(dfd)
+        finally:
+            os.close(dfd)
+    except OSError:
+        pass
+
+
+class Backoff:
+    """Exponential backoff with full jitter in [d/2, d]: thousands of devices behind one
+    broker that restarts do not all come back in the same second."""
+
+    def __init__(self, lo: float, hi: float) -> None:
+        self.lo, self.hi = lo, hi
+        self.failures = 0
+
+    def next(self) -> float:
+        d = min(self.hi, self.lo * (2 ** min(self.failures, 30)))
+        self.failures += 1
+        return random.uniform(d / 2, d)  # noqa: S311 (jitter, not crypto)
+
+    def reset(self) -> None:
+        self.failures = 0

@@ -18,6 +18,7 @@ from dpanel_proto.wire import (
     ErrorCode,
     MsgType,
     OpenRequest,
+    PingRequest,
     Request,
     Response,
     decode,
@@ -60,6 +61,7 @@ class Dispatcher:
         self._handlers: Dict[MsgType, Callable[[Request], Awaitable[Response]]] = {
             MsgType.OPEN: self._open,
             MsgType.CLOSE: self._close,
+            MsgType.PING: self._ping,
         }
 
     def handle(self, payload: bytes) -> Optional[asyncio.Task[None]]:
@@ -69,7 +71,7 @@ class Dispatcher:
             log.warning("ignored a malformed request (%d bytes): %s", len(payload), exc)
             return None
         handler = self._handlers.get(msg.type)
-        if handler is None or not isinstance(msg, (OpenRequest, CloseRequest)):
+        if handler is None or not isinstance(msg, (OpenRequest, CloseRequest, PingRequest)):
             log.warning("ignored a %s message on the request topic", msg.type.value)
             return None
         refusal = self.guard.check(msg)
@@ -128,3 +130,7 @@ class Dispatcher:
         code = ErrorCode.OK if was_open else ErrorCode.NOT_OPEN
         return Response(device=self.device, id=req.id, code=code, ts=time.time(),
                         message="" if was_open else "no tunnel was open")
+
+    async def _ping(self, req: Request) -> Response:
+        # liveness only: the manager asks after a request went unanswered
+        return Response(device=self.device, id=req.id, code=ErrorCode.OK, ts=time.time())

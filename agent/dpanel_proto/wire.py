@@ -43,6 +43,7 @@ __all__ = [
     "Message",
     "MsgType",
     "OpenRequest",
+    "PingRequest",
     "Request",
     "Response",
     "Status",
@@ -97,6 +98,7 @@ class MsgType(str, Enum):
     STATUS = "status"
     OPEN = "open"
     CLOSE = "close"
+    PING = "ping"
     RESPONSE = "response"
 
 
@@ -177,6 +179,19 @@ class CloseRequest:
 
 
 @dataclass(frozen=True)
+class PingRequest:
+    """Are you there? The device answers ``ok`` at once and does nothing else. The
+    manager sends it to a device that stopped answering, to notice when it is back."""
+
+    device: str
+    id: str
+    issued_at: float
+    expires_at: float
+    sig: str = ""
+    type: MsgType = field(default=MsgType.PING, init=False)
+
+
+@dataclass(frozen=True)
 class Response:
     """Device answer to a request (``id`` is the request's id)."""
 
@@ -189,8 +204,8 @@ class Response:
     type: MsgType = field(default=MsgType.RESPONSE, init=False)
 
 
-Request = Union[OpenRequest, CloseRequest]
-Message = Union[Status, OpenRequest, CloseRequest, Response]
+Request = Union[OpenRequest, CloseRequest, PingRequest]
+Message = Union[Status, OpenRequest, CloseRequest, PingRequest, Response]
 
 
 # --------------------------------------------------------------------------- field readers
@@ -301,6 +316,16 @@ def _decode_close(d: Mapping[str, Any]) -> CloseRequest:
     )
 
 
+def _decode_ping(d: Mapping[str, Any]) -> PingRequest:
+    return PingRequest(
+        device=validate_device_id(d.get("device")),
+        id=_req_id(d),
+        issued_at=_get(d, "issued_at", float),
+        expires_at=_get(d, "expires_at", float),
+        sig=_short_str(d, "sig", 256),
+    )
+
+
 def _decode_response(d: Mapping[str, Any]) -> Response:
     code = _get(d, "code", str)
     try:
@@ -321,6 +346,7 @@ _DECODERS: Dict[MsgType, Callable[[Mapping[str, Any]], Message]] = {
     MsgType.STATUS: _decode_status,
     MsgType.OPEN: _decode_open,
     MsgType.CLOSE: _decode_close,
+    MsgType.PING: _decode_ping,
     MsgType.RESPONSE: _decode_response,
 }
 

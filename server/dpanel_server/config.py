@@ -9,7 +9,7 @@ from typing import Any, Literal, Optional, get_args, get_type_hints
 import tomllib
 
 from dpanel_proto.util import parse_hostport
-from dpanel_proto.wire import DecodeError
+from dpanel_proto.wire import MAX_REQUEST_LIFETIME, DecodeError
 
 from .errors import ConfigError
 
@@ -74,6 +74,11 @@ class BrokerConfig:
         return parse_hostport(self.url.split("://", 1)[1], "broker.url", 1883)
 
 
+#: default request lifetime = request_timeout + this; the most allowed = + _LIFETIME_SLACK
+_DEFAULT_LIFETIME_MARGIN = 5.0
+_LIFETIME_SLACK = 30.0
+
+
 @dataclass
 class ManagerConfig:
     api_listen: str = "127.0.0.1:8780"
@@ -82,8 +87,15 @@ class ManagerConfig:
     #: login name on devices: the built-in server ignores it, a device's own sshd
     #: (agent ssh_target = "sshd") needs a real account that trusts the manager key
     ssh_user: str = "root"
+    #: how long a caller waits for a device's answer to an open/close request
     request_timeout: float = 15.0
-    request_lifetime: int = 60
+    #: how long a request stays valid; by default request_timeout + 5 s, so that a
+    #: request queued during a broker stall cannot be acted on long after its caller
+    #: gave up (at most request_timeout + 30 s, and wire.MAX_REQUEST_LIFETIME)
+    request_lifetime: Optional[float] = None
+    #: MQTT keepalive of the manager's own broker session: a stalled broker is noticed
+    #: after at most two of these (health says broker=false, requests fail at once)
+    mqtt_keepalive: int = 10
     tunnel_ttl: int = 3600
     tunnel_idle_timeout: int = 600
     #: Pooled SSH connections to devices are closed after this long unused, so the
@@ -98,8 +110,24 @@ class ManagerConfig:
                 f"manager.api_listen: {host} is not loopback; put a TLS proxy in front and set "
                 "manager.allow_public_api = true if you really mean it"
             )
-        if not 1 <= self.request_lifetime <= 300:
-            raise ConfigError("manager.request_lifetime: must be 1-300 s")
+        if not 1 <= self.request_timeout <= MAX_REQUEST_LIFETIME:
+            raise ConfigError(f"manager.request_timeout: must be 1-{MAX_REQUEST_LIFETIME} s")
+        hi = min(self.request_timeout + _LIFETIME_SLACK, MAX_REQUEST_LIFETIME)
+        if not self.request_timeout <= self.lifetime <= hi:
+            raise ConfigError(
+                f"manager.request_lifetime: {self.lifetime:g} s must be between "
+                f"manager.request_timeout ({self.request_timeout:g} s) and {hi:g} s "
+                f"(request_timeout + {_LIFETIME_SLACK:g} s, at most {MAX_REQUEST_LIFETIME} s): "
+                "a request must not outlive its caller by more than seconds")
+        if not 5 <= self.mqtt_keepalive <= 300:
+            raise ConfigError("manager.mqtt_keepalive: must be 5-300 s")
+
+    @property
+    def lifetime(self) -> float:
+        """The validity of a request the manager signs (request_lifetime or its default)."""
+        if self.request_lifetime is not None:
+            return self.request_lifetime
+        return min(self.request_timeout + _DEFAULT_LIFETIME_MARGIN, MAX_REQUEST_LIFETIME)
 
 
 Mode = Literal["appliance", "stack"]

@@ -10,6 +10,7 @@ The hierarchy, so callers can catch as broadly or narrowly as they need::
     │   └── DeviceRevoked            the device was revoked
     ├── DeviceError                  talking to a device failed
     │   ├── DeviceOffline            no presence on the broker
+    │   ├── DeviceNotAnswering       connected, but left the last request unanswered
     │   ├── TunnelRefused            the device answered with a refusal (its code)
     │   ├── RequestTimeout           no answer within N s
     │   └── HostKeyMismatch          the device's SSH host key changed: refused
@@ -28,6 +29,7 @@ __all__ = [
     "DPanelError",
     "DeviceError",
     "DeviceExists",
+    "DeviceNotAnswering",
     "DeviceOffline",
     "DeviceRevoked",
     "HostKeyMismatch",
@@ -83,6 +85,10 @@ class DeviceError(DPanelError):
 
 class DeviceOffline(DeviceError):
     code = ErrorCode.OFFLINE
+
+
+class DeviceNotAnswering(DeviceError):
+    code = ErrorCode.NOT_ANSWERING
 
 
 class TunnelRefused(DeviceError):

@@ -13,7 +13,7 @@ import logging
 import secrets
 import time
 from pathlib import Path
-from typing import AsyncIterator, Callable, Optional
+from typing import Any, AsyncIterator, Callable, Coroutine, Optional
 
 from dpanel_proto import wire
 from dpanel_proto.token import DeviceToken
@@ -23,9 +23,12 @@ from .broker import mosquitto_hash, write_broker_files
 from .config import ServerConfig
 from .errors import (
     BrokerError,
+    DeviceError,
+    DeviceNotAnswering,
     DeviceOffline,
     DeviceRevoked,
     HostKeyMismatch,
+    RequestTimeout,
     TunnelRefused,
 )
 from .hostkeys import fingerprint
@@ -41,6 +44,8 @@ log = logging.getLogger("dpanel.manager")
 #: known_hosts is rewritten at most this often: a fleet reconnecting pins thousands of
 #: keys in seconds, and each rewrite is O(fleet).
 _KNOWN_HOSTS_DEBOUNCE = 0.5
+#: A device marked not answering is pinged this often until it answers again.
+_PROBE_INTERVAL = 5.0
 
 
 def sync_broker_files(cfg: ServerConfig, registry: Registry, manager_password: str,
@@ -74,15 +79,19 @@ class Manager:
         self._tunnel_sessions = tunnel_sessions
         self.tunnel_stats = tunnel_stats
         self._known_hosts_due: Optional[asyncio.TimerHandle] = None
+        self._tasks: set[asyncio.Task[None]] = set()
+        self._probing: set[str] = set()
         self.pool = SshPool(cfg, self.key, open_tunnel=self.open_tunnel,
-                            pinned_key=self._pinned_key)
+                            pinned_key=self._pinned_key, on_silent=self._not_answering)
         self._presence = PresenceTracker(self.registry, on_offline=self.pool.drop,
                                          on_pinned=self._known_hosts_changed)
-        #: device id -> Presence (read-only for callers)
+        #: device id -> Presence (read-only for callers; ``Presence.state`` is
+        #: online | offline | not_answering)
         self.presence: dict[str, Presence] = self._presence.devices
         self._requests = Requests(cfg, self.key, self._broker_password,
-                                  on_status=self._presence.on_status,
-                                  on_broker=self._on_broker)
+                                  on_status=self._on_status, on_broker=self._on_broker,
+                                  on_alive=self._presence.alive,
+                                  on_late_open=self._late_open)
 
     # ------------------------------------------------------------------ lifecycle
     async def start(self) -> None:
@@ -95,6 +104,8 @@ class Manager:
             self._presence.clear()  # retained statuses arrive right after we subscribe
 
     async def close(self) -> None:
+        for task in list(self._tasks):
+            task.cancel()
         self.pool.close()
         await self._requests.stop()
         await self._presence.drain()
@@ -181,6 +192,10 @@ class Manager:
         p = self.presence.get(device)
         if p is None or not p.online:
             raise DeviceOffline(f"device {device} is offline")
+        if p.not_answering_since is not None:
+            since = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(p.not_answering_since))
+            raise DeviceNotAnswering(f"device {device} is connected but not answering "
+                                     f"(since {since})")
         if not p.host_key_ok:
             raise HostKeyMismatch(
                 f"device {device} changed its SSH host key; refused. If it was re-imaged "
@@ -189,18 +204,95 @@ class Manager:
 
     def _times(self) -> tuple[float, float]:
         now = time.time()
-        return now, now + self.cfg.manager.request_lifetime
+        return now, now + self.cfg.manager.lifetime
+
+    async def _request(self, req: wire.Request) -> wire.Response:
+        try:
+            return await self._requests.request(req)
+        except RequestTimeout:
+            self._not_answering(req.device)
+            raise
+
+    # ------------------------------------------------------------------ liveness
+    def _on_status(self, device: str, payload: bytes) -> None:
+        self._presence.on_status(device, payload)
+        p = self.presence.get(device)
+        if p is not None and p.port and self._requests.abandoned_open(device):
+            # the open's answer may have been lost with our broker session; the status
+            # says a tunnel is up all the same
+            self._late_open(device)
+
+    def _not_answering(self, device: str) -> None:
+        """The device let a request or an SSH session time out: fail fast from now on,
+        and ping it until it answers again."""
+        self._presence.mark_not_answering(device)
+        p = self.presence.get(device)
+        if p is not None and p.not_answering_since is not None and device not in self._probing:
+            self._spawn(self._probe(device))
+
+    async def _probe(self, device: str) -> None:
+        self._probing.add(device)
+        try:
+            while True:
+                p = self.presence.get(device)
+                if p is None or p.not_answering_since is None:
+                    return  # answered, went offline, or was revoked
+                if self.broker_connected():
+                    issued, expires = self._times()
+                    try:
+                        await self._requests.request(wire.PingRequest(
+                            device=device, id=secrets.token_hex(16), issued_at=issued,
+                            expires_at=expires), timeout=_PROBE_INTERVAL)
+                        continue  # any answer cleared the mark (on_alive)
+                    except RequestTimeout:
+                        continue  # the ping's own wait was the pause
+                await asyncio.sleep(_PROBE_INTERVAL)
+        finally:
+            self._probing.discard(device)
+
+    def _late_open(self, device: str) -> None:
+        """A device opened a tunnel for a caller that had given up: close it, unless
+        someone uses the device now (a newer caller's open, a pooled SSH connection)."""
+        if self.pool.live(device) or self._requests.pending_open(device):
+            return
+        self._requests.forget_abandoned(device)
+        self._spawn(self._close_orphan(device))
+
+    async def _close_orphan(self, device: str) -> None:
+        log.warning("closing the tunnel of %s: its open request had been given up", device)
+        issued, expires = self._times()
+        try:
+            resp = await self._requests.request(wire.CloseRequest(
+                device=device, id=secrets.token_hex(16), issued_at=issued, expires_at=expires))
+        except (DeviceError, BrokerError) as exc:
+            log.warning("could not close the orphan tunnel of %s: %s", device, exc)
+            return
+        p = self.presence.get(device)
+        if p is not None and resp.code == wire.ErrorCode.OK:
+            p.port = None
+
+    def _spawn(self, coro: Coroutine[Any, Any, None]) -> None:
+        task = asyncio.ensure_future(coro)
+        self._tasks.add(task)
+        task.add_done_callback(self._task_done)
+
+    def _task_done(self, task: asyncio.Task[None]) -> None:
+        self._tasks.discard(task)
+        if not task.cancelled() and task.exception() is not None:
+            log.error("bug: background task failed", exc_info=task.exception())
 
     async def open_tunnel(self, device: str, ttl: Optional[int] = None,
                           idle_timeout: Optional[int] = None) -> int:
         """Ask the device to dial the tunnel; returns the loopback port of its forward."""
         p = await self._check_reachable(device)
         issued, expires = self._times()
-        resp = await self._requests.request(wire.OpenRequest(
+        resp = await self._request(wire.OpenRequest(
             device=device, id=secrets.token_hex(16), issued_at=issued, expires_at=expires,
             ttl=ttl or self.cfg.manager.tunnel_ttl,
             idle_timeout=idle_timeout or self.cfg.manager.tunnel_idle_timeout,
         ))
+        if resp.code == wire.ErrorCode.OK:
+            self._requests.forget_abandoned(device)  # the tunnel has a caller again
         if resp.code != wire.ErrorCode.OK or resp.port is None:
             raise TunnelRefused(f"device {device}: tunnel refused ({resp.code.value}: "
                                 f"{resp.message or 'no detail'})", resp.code)
@@ -217,7 +309,7 @@ class Manager:
         self.pool.drop(device)
         p = await self._check_reachable(device)
         issued, expires = self._times()
-        resp = await self._requests.request(wire.CloseRequest(
+        resp = await self._request(wire.CloseRequest(
             device=device, id=secrets.token_hex(16), issued_at=issued, expires_at=expires))
         p.port = None
         return resp.code == wire.ErrorCode.OK

@@ -3,6 +3,12 @@
 Statuses arrive over each device's own authenticated broker session, which the ACL
 confines to its own topic: that is what makes pinning a host key on first sight safe.
 Registry work (pinning, last-seen) runs in a worker thread, never on the event loop.
+
+Being connected to the broker is not being alive: a frozen agent (SIGSTOP, a stuck
+board) keeps its broker session, and its retained "online" status, until the broker's
+keepalive runs out (1.5 x the agent's ``mqtt_keepalive``: 90 s by default), when its last
+will says "offline". So a device that lets a request time out is marked
+``not_answering`` at once, until it shows a sign of life (any status or answer).
 """
 
 from __future__ import annotations
@@ -11,7 +17,7 @@ import asyncio
 import logging
 import time
 from dataclasses import dataclass
-from typing import Any, Callable, Coroutine, Optional
+from typing import Any, Callable, Coroutine, Literal, Optional
 
 from dpanel_proto import wire
 
@@ -33,6 +39,18 @@ class Presence:
     port: Optional[int] = None
     host_key_ok: bool = True
     host_key: str = ""  # as last announced (normalised), pinned or not
+    #: wall time of the first request it left unanswered; None while it answers
+    not_answering_since: Optional[float] = None
+
+    @property
+    def state(self) -> Literal["online", "offline", "not_answering"]:
+        """offline: no broker session; not_answering: connected, but the last request
+        went unanswered and nothing was heard from it since; online otherwise."""
+        if not self.online:
+            return "offline"
+        if self.not_answering_since is not None:
+            return "not_answering"
+        return "online"
 
 
 class PresenceTracker:
@@ -48,6 +66,19 @@ class PresenceTracker:
 
     def get(self, device: str) -> Optional[Presence]:
         return self.devices.get(device)
+
+    def mark_not_answering(self, device: str) -> None:
+        p = self.devices.get(device)
+        if p is not None and p.online and p.not_answering_since is None:
+            p.not_answering_since = time.time()
+            log.warning("device %s is connected but not answering", device)
+
+    def alive(self, device: str) -> None:
+        """Something well-formed came from ``device`` itself: it answers again."""
+        p = self.devices.get(device)
+        if p is not None and p.not_answering_since is not None:
+            p.not_answering_since = None
+            log.info("device %s answers again", device)
 
     def forget(self, device: str) -> None:
         self.devices.pop(device, None)
@@ -72,6 +103,7 @@ class PresenceTracker:
             except InvalidHostKey as exc:
                 raise wire.DecodeError(str(exc)) from None
         p = self.devices.setdefault(device, Presence())
+        self.alive(device)
         was_online = p.online
         p.online = msg.state == "online"
         p.agent_version = msg.agent_version

@@ -15,6 +15,7 @@ from ._files import ensure_secret
 from ._sdnotify import notify, watchdog_loop
 from .api import create_app
 from .config import ServerConfig, _hostport
+from .errors import BrokerError
 from .manager import Manager
 from .registry import Registry
 from .tunnel import TunnelServer, TunnelSettings
@@ -98,21 +99,46 @@ async def _serve_api(cfg: ServerConfig, manager: Manager,
     if tunnel is not None:
         tasks.append(asyncio.create_task(watch_revocations(manager.registry, tunnel)))
 
-    async def ready() -> None:
-        while not server.started:  # noqa: ASYNC110 (uvicorn exposes only a flag)
-            await asyncio.sleep(0.05)
-        with contextlib.suppress(Exception):
-            await manager.wait_broker(30)
-        log.info("manager API on http://%s:%s", host, port)
-        notify("READY=1\nSTATUS=manager up")
-
-    tasks.append(asyncio.create_task(ready()))
+    tasks.append(asyncio.create_task(_ready(manager, server, f"http://{host}:{port}")))
+    for t in tasks:
+        t.add_done_callback(_log_crash)
     try:
         await server.serve()  # returns once a signal set should_exit
     finally:
         notify("STOPPING=1")
         for t in tasks:
             t.cancel()
+
+
+def _log_crash(task: asyncio.Task[None]) -> None:
+    # a helper task must never die silently: say what and where, with the traceback
+    if not task.cancelled() and task.exception() is not None:
+        log.error("bug: %s failed", task.get_coro(), exc_info=task.exception())
+
+
+async def _ready(manager: Manager, server: uvicorn.Server, url: str) -> None:
+    """READY=1 means: the API answers *and* the manager is on the broker (systemd's
+    TimeoutStartSec bounds the wait, then Restart= tries again). Afterwards STATUS=
+    follows the broker connection, so `systemctl status` shows a lost broker."""
+    while not server.started:  # noqa: ASYNC110 (uvicorn exposes only a flag)
+        await asyncio.sleep(0.05)
+    log.info("manager API on %s", url)
+    broker = manager.cfg.broker.url
+    notify(f"STATUS=waiting for the broker at {broker}")
+    while True:
+        try:
+            await manager.wait_broker(10)
+            break
+        except BrokerError:
+            log.warning("still waiting for the broker at %s", broker)
+    notify("READY=1\nSTATUS=manager up")
+    up = True
+    while True:
+        await asyncio.sleep(2)
+        now = manager.broker_connected()
+        if now != up:
+            up = now
+            notify("STATUS=manager up" if up else f"STATUS=broker unreachable at {broker}")
 
 
 async def run_manager(cfg: ServerConfig) -> None:

@@ -10,7 +10,7 @@ from typing import AsyncIterator, Awaitable, Callable, Optional, Union
 import asyncssh
 
 from .config import ServerConfig
-from .errors import DeviceError, HostKeyMismatch, RequestTimeout
+from .errors import DeviceError, DeviceNotAnswering, HostKeyMismatch, RequestTimeout
 from .hostkeys import fingerprint
 
 __all__ = ["ExecEvent", "Pooled", "SshPool"]
@@ -36,8 +36,10 @@ class SshPool:
 
     def __init__(self, cfg: ServerConfig, key: asyncssh.SSHKey, *,
                  open_tunnel: Callable[[str], Awaitable[int]],
-                 pinned_key: Callable[[str], Awaitable[Optional[str]]]) -> None:
+                 pinned_key: Callable[[str], Awaitable[Optional[str]]],
+                 on_silent: Callable[[str], None] = lambda _d: None) -> None:
         self._cfg = cfg
+        self._on_silent = on_silent
         self._key = key
         self._open_tunnel = open_tunnel
         self._pinned_key = pinned_key
@@ -58,6 +60,10 @@ class SshPool:
         pooled = self._pool.pop(device, None)
         if pooled:
             pooled.conn.close()
+
+    def live(self, device: str) -> bool:
+        """Whether a pooled connection to ``device`` is open (its tunnel has a user)."""
+        return self._live(device) is not None
 
     def _live(self, device: str) -> Optional[Pooled]:
         pooled = self._pool.get(device)
@@ -113,9 +119,18 @@ class SshPool:
 
     async def _run(self, device: str, conn: asyncssh.SSHClientConnection, command: str,
                    stdin: Optional[bytes], timeout: Optional[float]) -> AsyncIterator[ExecEvent]:
+        # A live agent opens a session channel in milliseconds; a frozen one never does,
+        # and the SSH keepalive would take a minute to say so.
+        wait = self._cfg.manager.request_timeout
         try:
-            proc = await conn.create_process(command, encoding=None,
-                                             stdin=asyncssh.PIPE if stdin is not None else None)
+            proc = await asyncio.wait_for(conn.create_process(
+                command, encoding=None, stdin=asyncssh.PIPE if stdin is not None else None),
+                wait)
+        except asyncio.TimeoutError:
+            self.drop(device)
+            self._on_silent(device)
+            raise DeviceNotAnswering(f"device {device} is connected but not answering (no "
+                                     f"session within {wait:g} s)") from None
         except (OSError, asyncssh.Error) as exc:
             self.drop(device)
             raise DeviceError(f"device {device}: could not start the command: {exc}") from None

@@ -9,11 +9,19 @@ from typing import AsyncIterator, Awaitable, Callable, Optional, Union
 
 import asyncssh
 
+from dpanel_proto import wire
+
 from .config import ServerConfig
 from .errors import DeviceError, DeviceNotAnswering, HostKeyMismatch, RequestTimeout
 from .hostkeys import fingerprint
 
 __all__ = ["ExecEvent", "Pooled", "SshPool"]
+
+
+def _said(what: object, limit: int = 300) -> str:
+    """An error text that may come from the device (an SSH disconnect reason, a signal
+    name): it reaches terminals, the API and logs, so no control characters, bounded."""
+    return wire.printable(str(what)[:limit])
 
 #: (kind, data): ("stdout"|"stderr", bytes) while running, then ("exit", int).
 ExecEvent = tuple[str, Union[bytes, int]]
@@ -100,7 +108,7 @@ class SshPool:
                     f"pinned host key {fingerprint(pinned)}; refused") from None
             except (OSError, asyncssh.Error) as exc:
                 raise DeviceError(f"device {device}: SSH through the tunnel failed: "
-                                  f"{exc}") from None
+                                  f"{_said(exc)}") from None
             pooled = Pooled(device, conn, port)
             self._pool[device] = pooled
             return pooled
@@ -133,7 +141,8 @@ class SshPool:
                                      f"session within {wait:g} s)") from None
         except (OSError, asyncssh.Error) as exc:
             self.drop(device)
-            raise DeviceError(f"device {device}: could not start the command: {exc}") from None
+            raise DeviceError(f"device {device}: could not start the command: "
+                              f"{_said(exc)}") from None
         if stdin is not None:
             proc.stdin.write(stdin)
             proc.stdin.write_eof()
@@ -176,7 +185,8 @@ class SshPool:
             finished = True
         except (OSError, asyncssh.Error, asyncssh.misc.ChannelOpenError) as exc:
             self.drop(device)
-            raise DeviceError(f"device {device}: connection lost mid-command ({exc})") from None
+            raise DeviceError(f"device {device}: connection lost mid-command "
+                              f"({_said(exc)})") from None
         finally:
             for t in pumps:
                 t.cancel()
@@ -190,7 +200,7 @@ class SshPool:
         if result.exit_status is not None and result.exit_status >= 0:
             yield ("exit", result.exit_status)
         elif result.exit_signal:
-            yield ("stderr", f"killed by signal {result.exit_signal[0]}\n".encode())
+            yield ("stderr", f"killed by signal {_said(result.exit_signal[0], 32)}\n".encode())
             yield ("exit", 255)
         else:
             self.drop(device)

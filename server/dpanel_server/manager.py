@@ -31,7 +31,7 @@ from .errors import (
     RequestTimeout,
     TunnelRefused,
 )
-from .hostkeys import fingerprint
+from .hostkeys import InvalidHostKey, fingerprint, normalize_host_key
 from .presence import Presence, PresenceTracker
 from .registry import Device, Registry
 from .requests import Requests
@@ -335,8 +335,20 @@ class Manager:
     async def known_hosts_text(self) -> str:
         """OpenSSH known_hosts lines for ``HostKeyAlias``-based ssh-config entries."""
         devices = await self.devices(False)
-        # both spellings: `ssh -o ProxyCommand=.. DEVICE` and the `DEVICE.dpanel` config
-        return "".join(f"{d.id},{d.id}.dpanel {d.host_key}\n" for d in devices if d.host_key)
+        lines = []
+        for d in devices:
+            if not d.host_key:
+                continue
+            try:
+                # pins made before keys were parsed (an older manager) are re-checked
+                # here: a pin can never add a line of its own to known_hosts
+                key = normalize_host_key(d.host_key)
+            except InvalidHostKey as exc:
+                log.error("device %s: pinned host key left out of known_hosts: %s", d.id, exc)
+                continue
+            # both spellings: `ssh -o ProxyCommand=.. DEVICE` and the `DEVICE.dpanel` config
+            lines.append(f"{d.id},{d.id}.dpanel {key}\n")
+        return "".join(lines)
 
     async def write_known_hosts(self) -> Path:
         path = self.cfg.known_hosts_path

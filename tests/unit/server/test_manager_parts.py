@@ -211,3 +211,87 @@ def test_presence_cleared_mid_request_is_no_500(tmp_path: Path) -> None:
         asyncio.run(go())
     finally:
         manager.registry.close()
+
+
+def test_registry_is_never_called_on_the_event_loop(tmp_path: Path) -> None:
+    """Presence, the pool's pin look-up and the facade's checks run SQLite in threads."""
+    import threading
+
+    from dpanel_server.config import stack_config
+    from dpanel_server.manager import Manager
+    from dpanel_server.presence import Presence
+
+    cfg = stack_config(tmp_path, broker_port=1, tunnel_port=2, api_port=3)
+    manager = Manager(cfg)
+    manager.registry.add("dev-1")
+    on_loop: list[str] = []
+    calls: list[str] = []
+    loop_thread: list[threading.Thread] = []
+    for name in ("get", "devices", "pin_host_key", "touch", "reset_host_key"):
+        real = getattr(manager.registry, name)
+
+        def spy(*a: object, _real: object = real, _name: str = name) -> object:
+            calls.append(_name)
+            if loop_thread and threading.current_thread() is loop_thread[0]:
+                on_loop.append(_name)
+            return _real(*a)  # type: ignore[operator]
+
+        setattr(manager.registry, name, spy)
+    key = " ".join(asyncssh.generate_private_key("ssh-ed25519").export_public_key()
+                   .decode().split()[:2])
+
+    class _Ok:
+        def connected(self) -> bool:
+            return True
+
+        async def request(self, req: wire.Request) -> wire.Response:
+            return wire.Response(device=req.device, id=req.id, code=wire.ErrorCode.OK,
+                                 port=30001)
+
+        def forget_abandoned(self, _device: str) -> None:
+            pass
+
+        def abandoned_open(self, _device: str) -> bool:
+            return False
+
+    async def go() -> None:
+        loop_thread.append(threading.current_thread())
+        manager._requests = _Ok()  # type: ignore[assignment]
+        manager._on_status("dev-1", wire.encode(wire.Status(
+            device="dev-1", state="online", host_key=key)))
+        await manager._presence.drain()
+        assert manager.presence["dev-1"] == Presence(
+            online=True, since=manager.presence["dev-1"].since, host_key=key)
+        assert await manager._pinned_key("dev-1") == key
+        assert await manager.open_tunnel("dev-1") == 30001
+        await manager.reset_host_key("dev-1")
+        await manager.write_known_hosts()
+        if manager._known_hosts_due is not None:
+            manager._known_hosts_due.cancel()
+
+    try:
+        asyncio.run(go())
+    finally:
+        manager.registry.close()
+    assert on_loop == []
+    assert {"get", "devices", "pin_host_key", "touch", "reset_host_key"} <= set(calls)
+
+
+def test_known_hosts_rechecks_old_pins(tmp_path: Path) -> None:
+    """A key pinned verbatim by an older manager cannot add lines to known_hosts."""
+    from dpanel_server.config import stack_config
+    from dpanel_server.manager import Manager
+
+    cfg = stack_config(tmp_path, broker_port=1, tunnel_port=2, api_port=3)
+    manager = Manager(cfg)
+    good = " ".join(asyncssh.generate_private_key("ssh-ed25519").export_public_key()
+                    .decode().split()[:2])
+    manager.registry.add("dev-a")
+    manager.registry.add("dev-b")
+    manager.registry.pin_host_key("dev-a", good + " comment")
+    manager.registry.pin_host_key("dev-b", "ssh-ed25519 AAAA\n@revoked * " + good)
+    try:
+        text = asyncio.run(manager.known_hosts_text())
+    finally:
+        manager.registry.close()
+    assert text == f"dev-a,dev-a.dpanel {good}\n"

@@ -125,7 +125,14 @@ class PresenceTracker:
     def _spawn(self, coro: Coroutine[Any, Any, None]) -> None:
         task = asyncio.ensure_future(coro)
         self._tasks.add(task)
-        task.add_done_callback(self._tasks.discard)
+        task.add_done_callback(self._done)
+
+    def _done(self, task: asyncio.Task[None]) -> None:
+        self._tasks.discard(task)
+        # RegistryError is handled where it is expected; anything else is a bug (or a
+        # broken database) and must be seen, with its traceback
+        if not task.cancelled() and task.exception() is not None:
+            log.error("bug: registry update failed", exc_info=task.exception())
 
     async def _update_registry(self, device: str, p: Presence, key: str,
                                state_changed: bool) -> None:

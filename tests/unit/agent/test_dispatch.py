@@ -132,3 +132,22 @@ async def test_concurrent_requests_are_all_answered(h: Harness) -> None:
     tasks = [h.d.handle(_req()) for _ in range(20)]
     await asyncio.gather(*[t for t in tasks if t is not None])
     assert len(h.sent) == 20 and {r.code for r in h.sent} == {wire.ErrorCode.OK}
+
+
+async def test_ping_is_answered_ok_without_touching_the_tunnel(h: Harness) -> None:
+    resp = await h.feed(_req(wire.PingRequest))
+    assert resp is not None and resp.code == wire.ErrorCode.OK
+    assert h.link.opens == [] and h.link.port is None
+
+
+async def test_unsigned_or_replayed_ping_is_refused(h: Harness) -> None:
+    payload = _req(wire.PingRequest)
+    assert (await h.feed(payload)).code == wire.ErrorCode.OK  # type: ignore[union-attr]
+    again = await h.feed(payload)
+    assert again is not None and again.code == wire.ErrorCode.REPLAYED
+    msg = wire.decode(payload)
+    assert isinstance(msg, wire.PingRequest)
+    forged = wire.encode(wire.PingRequest(device="dev-1", id="c" * 32,
+                                          issued_at=msg.issued_at, expires_at=msg.expires_at))
+    refused = await h.feed(forged)
+    assert refused is not None and refused.code == wire.ErrorCode.BAD_SIGNATURE

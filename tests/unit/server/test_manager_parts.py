@@ -295,3 +295,26 @@ def test_known_hosts_rechecks_old_pins(tmp_path: Path) -> None:
     finally:
         manager.registry.close()
     assert text == f"dev-a,dev-a.dpanel {good}\n"
+
+
+def test_a_registry_failure_in_presence_is_logged_with_its_traceback(
+        tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    registry = Registry(tmp_path / "r.db")
+    registry.add("dev-1")
+
+    def broken(*_a: object) -> None:
+        raise OSError("disk I/O error")
+
+    registry.touch = broken  # type: ignore[method-assign]
+    tracker = PresenceTracker(registry, on_offline=lambda _d: None, on_pinned=lambda: None)
+
+    async def go() -> None:
+        tracker.on_status("dev-1", wire.encode(wire.Status(device="dev-1", state="online")))
+        await tracker.drain()
+        await asyncio.sleep(0)
+
+    with caplog.at_level(logging.ERROR):
+        asyncio.run(go())
+    registry.close()
+    assert "registry update failed" in caplog.text and "disk I/O error" in caplog.text
+    assert any(r.exc_info for r in caplog.records)

@@ -64,7 +64,7 @@ def test_parse_hostport(value: str, want: tuple[str, int]) -> None:
 
 @pytest.mark.parametrize("value", ["", ":1", "h:0", "h:65536", "h:x", "[::1"])
 def test_parse_hostport_names_the_field(value: str) -> None:
-    with pytest.raises(wire.DecodeError, match="^tunnel.listen: "):
+    with pytest.raises(wire.DecodeError, match=r"^tunnel\.listen: "):
         parse_hostport(value, "tunnel.listen", 7)
 
 

@@ -32,7 +32,7 @@ def test_a_key_with_a_comment_is_kept_without_it() -> None:
     "",
 ])
 def test_refused(text: str) -> None:
-    with pytest.raises(InvalidHostKey, match="^host key: "):
+    with pytest.raises(InvalidHostKey, match=r"^host key: "):
         normalize_host_key(text)
 
 

@@ -26,6 +26,7 @@ from .errors import (
     DeviceError,
     DeviceOffline,
     DeviceRevoked,
+    DPanelError,
     HostKeyMismatch,
     RequestTimeout,
     TunnelRefused,
@@ -320,7 +321,17 @@ class Manager:
         return resp.code == wire.ErrorCode.OK
 
     def tunnels(self) -> dict[str, int]:
-        return {d: p.port for d, p in self.presence.items() if p.online and p.port}
+        """device -> port of open tunnels: the tunnel server's own allocation, never a port
+        a device reported (one may report another's); empty if the tunnel cannot say."""
+        if self._tunnel_sessions is None:
+            return {d: p.port for d, p in self.presence.items() if p.online and p.port}
+        try:
+            owned = self._tunnel_sessions()
+        except DPanelError as exc:
+            log.warning("tunnel list: %s", exc)
+            return {}
+        return {d: port for d, port in owned.items()
+                if (p := self.presence.get(d)) is not None and p.online}
 
     # ------------------------------------------------------------------ SSH
     def _drop(self, device: str) -> None:

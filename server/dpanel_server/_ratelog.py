@@ -7,8 +7,8 @@ per-connection or per-device line therefore goes through :class:`RateLimitedLog`
 * each key has a token bucket (``burst`` lines at once, then ``rate`` lines a second);
 * a line over the budget is counted, not written;
 * when that key may log again, ``suppressed N similar messages from KEY`` comes first, so
-  the operator knows what was left out; :meth:`RateLimitedLog.flush` (called periodically)
-  reports keys that went quiet after being suppressed;
+  the operator knows what was left out; :meth:`RateLimitedLog.flush` (called every few
+  seconds) reports the rest, so a flood that stopped is accounted for too;
 * a global bucket bounds the sum over all keys (a flood from many addresses), and at most
   ``max_keys`` keys are remembered (least recently used forgotten, reporting their count).
 
@@ -25,6 +25,8 @@ from typing import Callable
 __all__ = ["RateLimitedLog"]
 
 _ALL = "all sources"
+#: Keys reported by name in one flush; the others are summed into the "all sources" line.
+_FLUSH_KEYS = 20
 
 
 class _Bucket:
@@ -90,17 +92,21 @@ class RateLimitedLog:
         return True
 
     def flush(self) -> None:
-        """Report the suppressed count of every key that may log again (call periodically,
-        so a flood that stopped is still accounted for)."""
-        now = self._clock()
+        """Report what was suppressed since the last report (call every few seconds, so a
+        flood that stopped is still accounted for): one line for each of the first
+        ``_FLUSH_KEYS`` keys, the rest folded into one line for all sources."""
+        reported = 0
         for key, bucket in list(self._keys.items()):
-            if bucket.suppressed and self._refill(bucket, now, self._rate, self._burst) >= 1:
-                self._report(logging.WARNING, key, bucket)
-            elif not bucket.suppressed and bucket.tokens >= self._burst:
+            if bucket.suppressed:
+                if reported < _FLUSH_KEYS:
+                    self._report(logging.WARNING, key, bucket)
+                    reported += 1
+                else:
+                    self._global.suppressed += bucket.suppressed
+                    bucket.suppressed = 0
+            elif bucket.tokens >= self._burst:
                 del self._keys[key]  # full and quiet: nothing to remember
-        if self._global.suppressed and self._refill(self._global, now, self._grate,
-                                                    self._gburst) >= 1:
-            self._report(logging.WARNING, _ALL, self._global)
+        self._report(logging.WARNING, _ALL, self._global)
 
     @property
     def keys(self) -> int:

@@ -12,6 +12,7 @@ from typing import Callable, Iterator, Optional
 import uvicorn
 
 from ._files import ensure_secret
+from ._httpguard import guarded_h11
 from ._sdnotify import notify, watchdog_loop
 from .api import create_app
 from .config import ServerConfig, _hostport
@@ -24,6 +25,13 @@ from .tunnelctl import TunnelControl, control_path, serve_control
 __all__ = ["run_manager", "run_services", "run_tunnel", "watch_revocations"]
 
 log = logging.getLogger("dpanel.service")
+
+#: The API's limits (see :mod:`dpanel_server._httpguard`): each request must arrive
+#: within API_REQUEST_TIMEOUT s; at most API_MAX_WAITING connections may be waiting for
+#: theirs (the longest-waiting is closed beyond); API_LIMIT_CONCURRENCY requests in service.
+API_REQUEST_TIMEOUT = 30.0
+API_MAX_WAITING = 256
+API_LIMIT_CONCURRENCY = 2048
 
 
 def registry_allows(registry: Registry) -> Callable[[str], bool]:
@@ -109,8 +117,18 @@ async def _serve_api(cfg: ServerConfig, manager: Manager,
                      tunnel: Optional[TunnelServer]) -> None:
     host, port = _hostport(cfg.manager.api_listen, "manager.api_listen", 8780)
     app = create_app(manager, ensure_secret(cfg.manager.admin_token_file))
-    server = _ApiServer(uvicorn.Config(app, host=host, port=port, log_level="warning",
-                                       lifespan="off", access_log=False))
+    server = _ApiServer(uvicorn.Config(
+        app, host=host, port=port, log_level="warning", lifespan="off", access_log=False,
+        # uvicorn has no request-read deadline: without this a slowloris client holds its
+        # connection forever and limit_concurrency then turns away /v1/health (503)
+        http=guarded_h11(request_timeout=API_REQUEST_TIMEOUT, max_waiting=API_MAX_WAITING),
+        # requests in service at once (exec streams included); far above max_waiting, so
+        # connections still sending their request can never fill it
+        limit_concurrency=API_LIMIT_CONCURRENCY,
+        timeout_keep_alive=5,                     # idle keep-alive connections, seconds
+        h11_max_incomplete_event_size=16 * 1024,  # request line + headers, bytes
+        backlog=1024,
+    ))
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, setattr, server, "should_exit", True)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import resource
 import signal
 import socket
 import subprocess
@@ -37,6 +38,8 @@ class Appliance(Stack):
 
     tunnel: Optional[subprocess.Popen[bytes]] = None
     broker: Optional[subprocess.Popen[bytes]] = None
+    #: RLIMIT_NOFILE of the manager (None: inherited), to make fd exhaustion reachable
+    manager_nofile: Optional[int] = None
 
     def start(self) -> None:
         cfg = prepare_stack(self.dir, broker_port=self.broker_port,
@@ -50,9 +53,16 @@ class Appliance(Stack):
 
     def _daemon(self, what: str) -> subprocess.Popen[bytes]:
         log = (self.dir.parent / f"{self.dir.name}-{what}.log").open("ab")
+        nofile = self.manager_nofile if what == "manager" else None
+
+        def limit() -> None:
+            if nofile is not None:
+                resource.setrlimit(resource.RLIMIT_NOFILE, (nofile, nofile))
+
         return subprocess.Popen([str(BIN / "dpanel"), "--config", str(self.config), what,
                                  "run", "--log-level", "info"], stdout=log,
-                                stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
+                                stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                                preexec_fn=limit)
 
     def start_tunnel(self) -> None:
         self.tunnel = self._daemon("tunnel")

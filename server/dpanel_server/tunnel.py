@@ -102,7 +102,7 @@ class TunnelSettings:
     #: a connection that sends a banner and then nothing is gone after this.
     handshake_timeout: float = 5
     #: Unauthenticated connections at once; at the cap a newcomer evicts the oldest
-    #: connection of the busiest address (see :mod:`dpanel_server._gate`). ~30 KB each.
+    #: connection of the busiest address (see :mod:`dpanel_server._gate`). ~23 KB each.
     max_unauthenticated: int = 1000
     #: OpenSSH MaxStartups start:rate:full, applied to each source address's pending
     #: connections (a device has one at a time; a NAT'd site reconnecting a few more).

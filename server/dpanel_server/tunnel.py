@@ -38,6 +38,7 @@ import os
 import random
 import resource
 import stat
+import threading
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Awaitable, Callable, Literal, Optional, Union
@@ -567,6 +568,11 @@ class TunnelServer:
         self._housekeeping: Optional[asyncio.Task[None]] = None
         #: the sticky map as last written, and the pending batched write
         self._sticky_saved: dict[str, int] = {}
+        #: snapshots are numbered on the loop; a write older than the last one written is
+        #: skipped (a batched write still in its thread when close() writes the final map)
+        self._sticky_seq = 0
+        self._sticky_written = 0
+        self._sticky_lock = threading.Lock()
         self._sticky_dirty = False
         self._sticky_writer: Optional[asyncio.Task[None]] = None
         self._load_sticky()
@@ -592,15 +598,20 @@ class TunnelServer:
         path = self.settings.sticky_path
         if path is None:
             return
-        self._write_sticky(path, self._pool.export())
+        self._sticky_seq += 1
+        self._write_sticky(path, self._pool.export(), self._sticky_seq)
 
-    def _write_sticky(self, path: Path, ports: dict[str, int]) -> None:
-        try:
-            atomic_write(path, json.dumps(ports, indent=0) + "\n", 0o600)
-        except OSError as exc:
-            log.warning("cannot save sticky port map %s: %s", path, exc)
-            return
-        self._sticky_saved = ports
+    def _write_sticky(self, path: Path, ports: dict[str, int], seq: int) -> None:
+        with self._sticky_lock:
+            if seq <= self._sticky_written:
+                return
+            try:
+                atomic_write(path, json.dumps(ports, indent=0) + "\n", 0o600)
+            except OSError as exc:
+                log.warning("cannot save sticky port map %s: %s", path, exc)
+                return
+            self._sticky_written = seq
+            self._sticky_saved = ports
 
     def _allocated(self, device: str, port: int) -> None:
         """A forward was bound: persist the device's port soon if it is a new one, so a
@@ -621,7 +632,8 @@ class TunnelServer:
             ports = self._pool.export()
             if ports != self._sticky_saved:
                 # fsync + rename off the loop; the snapshot was taken on it
-                await asyncio.to_thread(self._write_sticky, path, ports)
+                self._sticky_seq += 1
+                await asyncio.to_thread(self._write_sticky, path, ports, self._sticky_seq)
 
     async def _housekeep(self) -> None:
         while True:

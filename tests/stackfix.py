@@ -10,6 +10,7 @@ import signal
 import subprocess
 import sys
 import time
+import urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
@@ -131,6 +132,18 @@ class Stack:
 
     def wait_offline(self, name: str, timeout: float = 60) -> None:
         wait_for(lambda: not self.device(name)["online"], f"{name} offline", timeout)
+
+    def health(self) -> dict[str, Any]:
+        """GET /v1/health, or {} while the API does not answer."""
+        try:
+            with urllib.request.urlopen(f"http://127.0.0.1:{self.api_port}/v1/health",
+                                        timeout=5) as r:
+                return dict(json.loads(r.read()))
+        except OSError:
+            return {}
+
+    def ports_in_use(self) -> int:
+        return int(self.health().get("tunnel", {}).get("ports_in_use", -1))
 
     def close(self) -> None:
         for a in self.agents:

@@ -307,23 +307,22 @@ def _decode_open(d: Mapping[str, Any]) -> OpenRequest:
 
 
 def _decode_close(d: Mapping[str, Any]) -> CloseRequest:
-    return CloseRequest(
-        device=validate_device_id(d.get("device")),
-        id=_req_id(d),
-        issued_at=_get(d, "issued_at", float),
-        expires_at=_get(d, "expires_at", float),
-        sig=_short_str(d, "sig", 256),
-    )
+    return CloseRequest(**_plain_request(d))
 
 
 def _decode_ping(d: Mapping[str, Any]) -> PingRequest:
-    return PingRequest(
-        device=validate_device_id(d.get("device")),
-        id=_req_id(d),
-        issued_at=_get(d, "issued_at", float),
-        expires_at=_get(d, "expires_at", float),
-        sig=_short_str(d, "sig", 256),
-    )
+    return PingRequest(**_plain_request(d))
+
+
+def _plain_request(d: Mapping[str, Any]) -> Dict[str, Any]:
+    """The fields every request has (close and ping have nothing else)."""
+    return {
+        "device": validate_device_id(d.get("device")),
+        "id": _req_id(d),
+        "issued_at": _get(d, "issued_at", float),
+        "expires_at": _get(d, "expires_at", float),
+        "sig": _short_str(d, "sig", 256),
+    }
 
 
 def _decode_response(d: Mapping[str, Any]) -> Response:

@@ -12,7 +12,6 @@ import signal
 import subprocess
 import threading
 import time
-import urllib.request
 from pathlib import Path
 from typing import Iterator
 
@@ -85,19 +84,6 @@ def _ssh(stack: Stack, device: str) -> subprocess.CompletedProcess[bytes]:
          "-o", f"UserKnownHostsFile={stack.dir / 'known_hosts'}",
          "-o", "StrictHostKeyChecking=yes", "-o", "LogLevel=ERROR", device, "echo", "ok"],
         capture_output=True, timeout=120, stdin=subprocess.DEVNULL)
-
-
-def _health(stack: Stack) -> dict[str, object]:
-    try:
-        with urllib.request.urlopen(f"http://127.0.0.1:{stack.api_port}/v1/health",
-                                    timeout=5) as r:
-            return dict(json.loads(r.read()))
-    except OSError:
-        return {}
-
-
-def _ports_in_use(stack: Stack) -> int:
-    return int(_health(stack).get("tunnel", {}).get("ports_in_use", -1))  # type: ignore[union-attr]
 
 
 def _broker_pid(stack: Stack) -> int:
@@ -237,7 +223,7 @@ def test_stalled_broker_is_noticed_and_late_opens_are_closed(stack: Stack,
     stack.wait_online("dev-s")
     assert stack.cli("exec", "dev-s", "--", "true").returncode == 0
     stack.cli_ok("tunnel", "close", "dev-s")
-    wait_for(lambda: _ports_in_use(stack) == 0, "tunnel closed", 15)
+    wait_for(lambda: stack.ports_in_use() == 0, "tunnel closed", 15)
     broker = _broker_pid(stack)
 
     # 1. a request queued in a stalled broker, answered after its caller gave up
@@ -252,27 +238,27 @@ def test_stalled_broker_is_noticed_and_late_opens_are_closed(stack: Stack,
     # The agent may act on the request late (it is still within its lifetime and the
     # device's clock tolerance), or refuse it as expired; either way no tunnel may stay
     # open with nobody waiting: the manager closes it.
-    wait_for(lambda: _health(stack).get("broker") is True, "manager back on the broker", 60)
+    wait_for(lambda: stack.health().get("broker") is True, "manager back on the broker", 60)
     wait_for(lambda: "open request" in agent_log.read_text()[mark:]
              or "refused open" in agent_log.read_text()[mark:], "agent saw the request", 30)
-    wait_for(lambda: _ports_in_use(stack) == 0, "late tunnel closed", 30)
+    wait_for(lambda: stack.ports_in_use() == 0, "late tunnel closed", 30)
     after = agent_log.read_text()[mark:]
     if "tunnel up" in after:
         assert "tunnel closed: close request" in after, after
         assert "closing the tunnel of dev-s" in stack.log()
     time.sleep(3)
-    assert _ports_in_use(stack) == 0
+    assert stack.ports_in_use() == 0
 
     # 2. a stalled broker is noticed within two manager keepalives (10 s each)
     os.kill(broker, signal.SIGSTOP)
     try:
-        wait_for(lambda: _health(stack).get("broker") is False, "stall noticed", 30)
+        wait_for(lambda: stack.health().get("broker") is False, "stall noticed", 30)
         t0 = time.monotonic()
         out = stack.cli("exec", "dev-s", "--", "true")
         assert out.returncode == 255 and b"not connected to the broker" in out.stderr, out
         assert time.monotonic() - t0 < 15
     finally:
         os.kill(broker, signal.SIGCONT)
-    wait_for(lambda: _health(stack).get("broker") is True, "manager back", 60)
+    wait_for(lambda: stack.health().get("broker") is True, "manager back", 60)
     wait_for(lambda: stack.cli("exec", "dev-s", "--", "true").returncode == 0,
              "exec after the stall", 60, interval=1)

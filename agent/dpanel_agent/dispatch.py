@@ -1,8 +1,13 @@
 """Turn request payloads into actions and answers: decode, check, dispatch by type.
 
 Garbage never gets an answer (there is no trustworthy id to answer to) and never raises:
-it is logged and dropped. A well-formed request that fails a check gets a
+it is logged (rate-limited: a flood gives a few lines and a "suppressed N" count) and
+dropped. A well-formed request that fails a check gets a
 :class:`~dpanel_agent.wire.Response` with the matching :class:`ErrorCode`.
+
+A request is checked when it arrives and its expiry again at the moment it is acted on
+(the tunnel link checks it once more right before it dials), so a request that waited
+behind a slow dial or a busy loop is not acted on after its caller gave up.
 """
 
 from __future__ import annotations
@@ -25,6 +30,7 @@ from dpanel_proto.wire import (
 
 from .errors import TunnelError
 from .guard import RequestGuard
+from .ratelog import RateLimitedLog
 
 __all__ = ["Dispatcher", "Link"]
 
@@ -37,7 +43,8 @@ class Link(Protocol):
     @property
     def port(self) -> Optional[int]: ...
 
-    async def open(self, ttl: float, idle_timeout: float) -> int: ...
+    async def open(self, ttl: float, idle_timeout: float, *,
+                   not_after: Optional[float] = None) -> int: ...
 
     async def close(self, reason: str) -> bool: ...
 
@@ -57,7 +64,8 @@ class Dispatcher:
         self._idle_max = idle_timeout_max
         self._target = target
         self._tasks: Set[asyncio.Task[None]] = set()
-        self._handlers: Dict[MsgType, Callable[[Request], Awaitable[Response]]] = {
+        self._rl = RateLimitedLog(log)
+        self._handlers: Dict[MsgType, Callable[[Request, float], Awaitable[Response]]] = {
             MsgType.OPEN: self._open,
             MsgType.CLOSE: self._close,
         }
@@ -66,19 +74,25 @@ class Dispatcher:
         try:
             msg = decode(payload)
         except DecodeError as exc:
-            log.warning("ignored a malformed request (%d bytes): %s", len(payload), exc)
+            self._rl.warning("malformed requests", "ignored a malformed request (%d bytes): %s",
+                             len(payload), exc)
             return None
         handler = self._handlers.get(msg.type)
         if handler is None or not isinstance(msg, (OpenRequest, CloseRequest)):
-            log.warning("ignored a %s message on the request topic", msg.type.value)
+            self._rl.warning("other messages", "ignored a %s message on the request topic",
+                             msg.type.value)
             return None
         refusal = self.guard.check(msg)
         if refusal is not None:
             code, why = refusal
-            log.warning("refused %s request %s: %s: %s", msg.type.value, msg.id, code.value, why)
+            self._rl.warning(f"{code.value} refusals", "refused %s request %s: %s: %s",
+                             msg.type.value, msg.id, code.value, why)
             self._answer(msg, code, why)
             return None
-        task = asyncio.ensure_future(self._run(handler, msg))
+        # expires_at as a monotonic deadline: what is left of the request's life must not
+        # grow if the wall clock is stepped while it waits (NTP on a board without RTC).
+        not_after = time.monotonic() + (msg.expires_at - time.time())
+        task = asyncio.ensure_future(self._run(handler, msg, not_after))
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
         return task
@@ -95,17 +109,24 @@ class Dispatcher:
         self._respond(Response(device=self.device, id=req.id, code=code, message=message,
                                port=port, ts=time.time()))
 
-    async def _run(self, handler: Callable[[Request], Awaitable[Response]],
-                   req: Request) -> None:
+    async def _run(self, handler: Callable[[Request, float], Awaitable[Response]],
+                   req: Request, not_after: float) -> None:
+        late = time.monotonic() - not_after
+        if late > 0:
+            log.warning("%s request %s expired %.1f s before it could be acted on",
+                        req.type.value, req.id, late)
+            self._answer(req, ErrorCode.EXPIRED,
+                         f"request expired {late:.1f} s before the device could act on it")
+            return
         try:
-            resp = await handler(req)
+            resp = await handler(req, not_after)
         except Exception as exc:  # one bad request must not take the agent down
             log.exception("%s request %s failed", req.type.value, req.id)
             resp = Response(device=self.device, id=req.id, code=ErrorCode.INTERNAL,
                             message=f"agent error: {exc}", ts=time.time())
         self._respond(resp)
 
-    async def _open(self, req: Request) -> Response:
+    async def _open(self, req: Request, not_after: float) -> Response:
         assert isinstance(req, OpenRequest)
         if req.target != self._target:
             # The device owner decides what is exposed, not the request.
@@ -114,7 +135,7 @@ class Dispatcher:
         ttl = min(req.ttl, self._ttl_max)
         idle = min(req.idle_timeout, self._idle_max)
         try:
-            port = await self.link.open(ttl, idle)
+            port = await self.link.open(ttl, idle, not_after=not_after)
         except TunnelError as exc:
             return Response(device=self.device, id=req.id, code=exc.code,
                             message=str(exc), ts=time.time())
@@ -123,7 +144,7 @@ class Dispatcher:
         return Response(device=self.device, id=req.id, code=ErrorCode.OK, port=port,
                         ts=time.time())
 
-    async def _close(self, req: Request) -> Response:
+    async def _close(self, req: Request, not_after: float) -> Response:
         was_open = await self.link.close(f"close request {req.id}")
         code = ErrorCode.OK if was_open else ErrorCode.NOT_OPEN
         return Response(device=self.device, id=req.id, code=code, ts=time.time(),

@@ -28,8 +28,10 @@ class FakeLink:
         self.fail: Optional[TunnelError] = None
         self.crash = False
 
-    async def open(self, ttl: float, idle_timeout: float) -> int:
+    async def open(self, ttl: float, idle_timeout: float, *,
+                   not_after: Optional[float] = None) -> int:
         self.opens.append((ttl, idle_timeout))
+        self.not_after = not_after
         if self.crash:
             raise RuntimeError("boom")
         if self.fail:

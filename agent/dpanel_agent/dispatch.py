@@ -13,6 +13,7 @@ behind a slow dial or a busy loop is not acted on after its caller gave up.
 from __future__ import annotations
 
 import asyncio
+import contextvars
 import logging
 import time
 from typing import Awaitable, Callable, Dict, Optional, Protocol, Set
@@ -35,6 +36,10 @@ from .ratelog import RateLimitedLog
 __all__ = ["Dispatcher", "Link"]
 
 log = logging.getLogger("dpanel.agent")
+
+#: The monotonic expiry of the request being handled, set per task by the dispatcher, so
+#: that handlers keep the plain ``handler(req)`` shape and still act by the deadline.
+NOT_AFTER: contextvars.ContextVar[float] = contextvars.ContextVar("not_after")
 
 
 class Link(Protocol):
@@ -65,7 +70,7 @@ class Dispatcher:
         self._target = target
         self._tasks: Set[asyncio.Task[None]] = set()
         self._rl = RateLimitedLog(log)
-        self._handlers: Dict[MsgType, Callable[[Request, float], Awaitable[Response]]] = {
+        self._handlers: Dict[MsgType, Callable[[Request], Awaitable[Response]]] = {
             MsgType.OPEN: self._open,
             MsgType.CLOSE: self._close,
         }
@@ -109,7 +114,7 @@ class Dispatcher:
         self._respond(Response(device=self.device, id=req.id, code=code, message=message,
                                port=port, ts=time.time()))
 
-    async def _run(self, handler: Callable[[Request, float], Awaitable[Response]],
+    async def _run(self, handler: Callable[[Request], Awaitable[Response]],
                    req: Request, not_after: float) -> None:
         late = time.monotonic() - not_after
         if late > 0:
@@ -118,15 +123,16 @@ class Dispatcher:
             self._answer(req, ErrorCode.EXPIRED,
                          f"request expired {late:.1f} s before the device could act on it")
             return
+        NOT_AFTER.set(not_after)  # this task's own context
         try:
-            resp = await handler(req, not_after)
+            resp = await handler(req)
         except Exception as exc:  # one bad request must not take the agent down
             log.exception("%s request %s failed", req.type.value, req.id)
             resp = Response(device=self.device, id=req.id, code=ErrorCode.INTERNAL,
                             message=f"agent error: {exc}", ts=time.time())
         self._respond(resp)
 
-    async def _open(self, req: Request, not_after: float) -> Response:
+    async def _open(self, req: Request) -> Response:
         assert isinstance(req, OpenRequest)
         if req.target != self._target:
             # The device owner decides what is exposed, not the request.
@@ -135,7 +141,7 @@ class Dispatcher:
         ttl = min(req.ttl, self._ttl_max)
         idle = min(req.idle_timeout, self._idle_max)
         try:
-            port = await self.link.open(ttl, idle, not_after=not_after)
+            port = await self.link.open(ttl, idle, not_after=NOT_AFTER.get(None))
         except TunnelError as exc:
             return Response(device=self.device, id=req.id, code=exc.code,
                             message=str(exc), ts=time.time())
@@ -144,7 +150,7 @@ class Dispatcher:
         return Response(device=self.device, id=req.id, code=ErrorCode.OK, port=port,
                         ts=time.time())
 
-    async def _close(self, req: Request, not_after: float) -> Response:
+    async def _close(self, req: Request) -> Response:
         was_open = await self.link.close(f"close request {req.id}")
         code = ErrorCode.OK if was_open else ErrorCode.NOT_OPEN
         return Response(device=self.device, id=req.id, code=code, ts=time.time(),

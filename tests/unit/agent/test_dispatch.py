@@ -134,3 +134,16 @@ async def test_concurrent_requests_are_all_answered(h: Harness) -> None:
     tasks = [h.d.handle(_req()) for _ in range(20)]
     await asyncio.gather(*[t for t in tasks if t is not None])
     assert len(h.sent) == 20 and {r.code for r in h.sent} == {wire.ErrorCode.OK}
+
+
+async def test_expiry_is_checked_again_when_acting(h: Harness) -> None:
+    now = time.time()
+    task = h.d.handle(_req(issued_at=now, expires_at=now + 0.05))
+    assert task is not None  # fresh when it arrived
+    time.sleep(0.1)  # noqa: ASYNC251 (on purpose: the loop was busy past the expiry)
+    await task
+    assert h.sent[-1].code == wire.ErrorCode.EXPIRED and h.link.opens == []
+    # a request acted on in time hands its deadline to the tunnel (checked before dialling)
+    await h.feed(_req())
+    assert h.link.opens and h.link.not_after is not None
+    assert 0 < h.link.not_after - time.monotonic() <= 30

@@ -286,15 +286,19 @@ async def test_a_command_that_exits_takes_its_background_jobs_with_its_session(
     async with await world.connect_ssh(port, dev) as conn:
         r = await conn.run("sleep 600 >/dev/null 2>&1 & echo $!", check=False)
         bg = int(str(r.stdout))
-        # a job started in a session of its own is the way to keep it on purpose
-        r = await conn.run("setsid sleep 600 >/dev/null 2>&1 < /dev/null & echo $!",
+        # a job started in a session of its own is the way to keep it on purpose (the
+        # pid printed is the sleep's, whether setsid forked or not)
+        r = await conn.run("setsid sh -c 'echo $$; exec sleep 600 </dev/null >/dev/null 2>&1' &",
                            check=False)
         kept = int(str(r.stdout))
     try:
-        assert await _wait_gone([bg], 20) == []
-        assert not _gone(kept)
+        assert await _wait_gone([bg], 20) == [], f"background job {bg} still running"
+        assert not _gone(kept), f"setsid job {kept} was killed too"
     finally:
-        os.kill(kept, signal.SIGKILL)
+        try:
+            os.kill(kept, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
 
 
 # --------------------------------------------------------------------------- B4 environment

@@ -3,7 +3,9 @@
 Garbage never gets an answer (there is no trustworthy id to answer to) and never raises:
 it is logged (rate-limited: a flood gives a few lines and a "suppressed N" count) and
 dropped. A well-formed request that fails a check gets a
-:class:`~dpanel_agent.wire.Response` with the matching :class:`ErrorCode`.
+:class:`~dpanel_agent.wire.Response` with the matching :class:`ErrorCode`, up to
+:data:`REFUSAL_ANSWERS` per 10 s: a flood of refused requests must not fill the MQTT
+send queue, where the answers to valid requests would then be dropped.
 
 A request is checked when it arrives and its expiry again at the moment it is acted on
 (the tunnel link checks it once more right before it dials), so a request that waited
@@ -31,11 +33,14 @@ from dpanel_proto.wire import (
 
 from .errors import TunnelError
 from .guard import RequestGuard
-from .ratelog import RateLimitedLog
+from .ratelog import Budget, RateLimitedLog
 
-__all__ = ["Dispatcher", "Link"]
+__all__ = ["REFUSAL_ANSWERS", "Dispatcher", "Link"]
 
 log = logging.getLogger("dpanel.agent")
+
+#: Refusals answered per 10 s; beyond that they are only counted in the log.
+REFUSAL_ANSWERS = 20
 
 #: The monotonic expiry of the request being handled, set per task by the dispatcher, so
 #: that handlers keep the plain ``handler(req)`` shape and still act by the deadline.
@@ -70,6 +75,7 @@ class Dispatcher:
         self._target = target
         self._tasks: Set[asyncio.Task[None]] = set()
         self._rl = RateLimitedLog(log)
+        self._refusal_answers = Budget(REFUSAL_ANSWERS, 10.0)
         self._handlers: Dict[MsgType, Callable[[Request], Awaitable[Response]]] = {
             MsgType.OPEN: self._open,
             MsgType.CLOSE: self._close,
@@ -92,7 +98,8 @@ class Dispatcher:
             code, why = refusal
             self._rl.warning(f"{code.value} refusals", "refused %s request %s: %s: %s",
                              msg.type.value, msg.id, code.value, why)
-            self._answer(msg, code, why)
+            if self._refusal_answers.take():
+                self._answer(msg, code, why)
             return None
         # expires_at as a monotonic deadline: what is left of the request's life must not
         # grow if the wall clock is stepped while it waits (NTP on a board without RTC).

@@ -9,7 +9,29 @@ import logging
 import time
 from typing import Callable, Dict, List, Optional
 
-__all__ = ["RateLimitedLog"]
+__all__ = ["Budget", "RateLimitedLog"]
+
+
+class Budget:
+    """At most ``burst`` events per ``window`` seconds (a fixed window: enough to bound a
+    flood, and two numbers to reason about); :meth:`take` says whether one more fits."""
+
+    def __init__(self, burst: int, window: float,
+                 clock: Callable[[], float] = time.monotonic) -> None:
+        self.burst = burst
+        self.window = window
+        self._clock = clock
+        self._start = -window
+        self._used = 0
+
+    def take(self) -> bool:
+        now = self._clock()
+        if now - self._start >= self.window:
+            self._start, self._used = now, 0
+        if self._used >= self.burst:
+            return False
+        self._used += 1
+        return True
 
 
 class _Window:

@@ -147,3 +147,12 @@ async def test_expiry_is_checked_again_when_acting(h: Harness) -> None:
     await h.feed(_req())
     assert h.link.opens and h.link.not_after is not None
     assert 0 < h.link.not_after - time.monotonic() <= 30
+
+
+async def test_a_flood_of_refused_requests_gets_a_bounded_number_of_answers(h: Harness) -> None:
+    from dpanel_agent.dispatch import REFUSAL_ANSWERS
+
+    for _ in range(500):
+        await h.feed(_req(device="dev-2"))  # validly signed, wrong device: refused
+    assert len(h.sent) == REFUSAL_ANSWERS
+    assert (await h.feed(_req())).code == wire.ErrorCode.OK  # type: ignore[union-attr]

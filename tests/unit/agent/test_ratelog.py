@@ -57,3 +57,13 @@ async def test_counts_are_reported_by_a_timer_when_the_flood_stops(
             rl.warning("flood", "x")
         await asyncio.sleep(0.5)
     assert any("flood: suppressed 49" in m for m in _lines(caplog)), _lines(caplog)
+
+
+def test_budget_refills_per_window() -> None:
+    from dpanel_agent.ratelog import Budget
+
+    clock = Clock()
+    b = Budget(3, 10, clock=clock)
+    assert [b.take() for _ in range(5)] == [True, True, True, False, False]
+    clock.t += 10
+    assert b.take()

@@ -105,7 +105,7 @@ class Listener:
         return self.host in (None, "", "0.0.0.0")
 
     def render(self) -> str:
-        lines = [f"listener {self.port}" + (f" {self.host}" if not self.wildcard else ""),
+        lines = [f"listener {self.port}" + (f" {self.host}" if self.host else ""),
                  # client id == username: device B cannot take over A's session
                  "use_username_as_clientid true"]
         if self.public:

@@ -15,6 +15,7 @@ import ctypes
 import errno
 import ipaddress
 import logging
+import os
 import resource
 import shutil
 import signal
@@ -45,6 +46,9 @@ LOOPBACK = "127.0.0.1"
 BROKER_START_TIMEOUT = 15.0
 #: How many log lines of a broker that failed to start go into the error.
 ERROR_LINES = 8
+#: A broker that dies this soon after starting, this many times in a row, ends the stack.
+QUICK_DEATH = 10.0
+MAX_QUICK_DEATHS = 3
 
 
 def _fmt(host: str, port: int) -> str:
@@ -232,12 +236,25 @@ def _tail(path: Path, offset: int) -> str:
     return "\n".join(lines[-ERROR_LINES:])
 
 
-def _accepting(host: str, port: int) -> bool:
+def _listening(pid: int, port: int) -> bool:
+    """Whether process ``pid`` itself listens on ``port`` (a connect test would also be
+    answered by whoever else holds the port, the very case where Mosquitto cannot bind)."""
     try:
-        with socket.create_connection((host, port), timeout=0.5):
-            return True
+        inodes = {os.readlink(f"/proc/{pid}/fd/{fd}")[8:-1] for fd in os.listdir(
+            f"/proc/{pid}/fd")}
     except OSError:
         return False
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        try:
+            rows = Path(table).read_text().splitlines()[1:]
+        except OSError:
+            continue
+        for row in rows:
+            cols = row.split()
+            if (len(cols) > 9 and cols[3] == "0A" and int(cols[1].rsplit(":", 1)[1], 16) == port
+                    and cols[9] in inodes):
+                return True
+    return False
 
 
 def start_mosquitto(cfg: ServerConfig) -> subprocess.Popen[bytes]:
@@ -267,7 +284,7 @@ def start_mosquitto(cfg: ServerConfig) -> subprocess.Popen[bytes]:
                                 preexec_fn=_child_setup)
     host, port = cfg.broker.host_port
     deadline = time.monotonic() + BROKER_START_TIMEOUT
-    while not _accepting(host, port):
+    while not _listening(proc.pid, port):
         code = proc.poll()
         if code is not None or time.monotonic() > deadline:
             if code is None:
@@ -286,16 +303,29 @@ async def _supervise(cfg: ServerConfig, holder: list[subprocess.Popen[bytes]]) -
     start again ends the stack (BrokerError, with the broker's words), instead of a
     restart loop that only shows up as warnings."""
     delay = 0.5
+    quick = 0  # consecutive deaths soon after a start
+    started = time.monotonic()
     while True:
         await asyncio.sleep(0.5)
         code = holder[0].poll()
         if code is None:
-            delay = 0.5
+            if time.monotonic() - started > QUICK_DEATH:
+                delay, quick = 0.5, 0
             continue
+        # Killed by a signal (an operator, the OOM killer) is not a failure to run; an
+        # error exit soon after each start is (a config the broker rejects at runtime).
+        soon = time.monotonic() - started < QUICK_DEATH
+        quick = quick + 1 if soon and code > 0 else 0
+        mdir = Path(cfg.broker.passwd_path).parent
+        if quick >= MAX_QUICK_DEATHS:
+            raise BrokerError(f"mosquitto keeps exiting ({code}) right after it starts; "
+                              f"its last words ({mdir / 'mosquitto.log'}):\n"
+                              + (_tail(mdir / "mosquitto.log", 0) or "(none)"))
         log.warning("mosquitto exited with %s; restarting it in %.1f s", code, delay)
         await asyncio.sleep(delay)
         delay = min(delay * 2, 10)
         holder[0] = await asyncio.to_thread(start_mosquitto, cfg)
+        started = time.monotonic()
 
 
 async def _stack_main(cfg: ServerConfig, holder: list[subprocess.Popen[bytes]]) -> None:

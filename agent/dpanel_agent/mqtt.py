@@ -10,6 +10,7 @@ topic is handed on.
 from __future__ import annotations
 
 import asyncio
+import logging
 from typing import Callable
 
 from dpanel_proto.mqtt import MqttSession, SessionSpec
@@ -17,7 +18,11 @@ from dpanel_proto.token import DeviceToken
 from dpanel_proto.util import Backoff, parse_hostport
 from dpanel_proto.wire import req_topic, status_topic
 
+from .ratelog import RateLimitedLog
+
 __all__ = ["AgentMqtt"]
+
+log = logging.getLogger("dpanel.agent.mqtt")
 
 
 class AgentMqtt(MqttSession):
@@ -34,6 +39,7 @@ class AgentMqtt(MqttSession):
         self._token = token
         self._req_topic = req_topic(token.device)
         self._on_request = on_request
+        self._rl = RateLimitedLog(log)
         super().__init__(loop, SessionSpec(
             host=host, port=port, username=token.device, password=token.secret,
             keepalive=keepalive, backoff=backoff, who=f"device {token.device}",
@@ -46,6 +52,10 @@ class AgentMqtt(MqttSession):
     @property
     def status(self) -> bytes:
         return self.retained
+
+    def _publish_failed(self, topic: str, why: str) -> None:
+        # rate-limited: a full send queue fails every publish for a while
+        self._rl.warning(f"publish on {topic}", "publish on %s failed: %s", topic, why)
 
     def publish_status(self, payload: bytes) -> None:
         self.publish_retained(payload)

@@ -118,10 +118,14 @@ class MqttSession:
         """Queue a QoS 1 publish; False (logged) if paho refused it outright."""
         info = self._client.publish(topic, payload, qos=1, retain=retain)
         if info.rc not in (mqtt.MQTT_ERR_SUCCESS, mqtt.MQTT_ERR_NO_CONN):
-            log.warning("%s: publish on %s failed: %s", self.spec.who, topic,
-                        mqtt.error_string(info.rc))
+            self._publish_failed(topic, mqtt.error_string(info.rc))
             return False
         return True
+
+    def _publish_failed(self, topic: str, why: str) -> None:
+        """Log a refused publish (a subclass may rate-limit: a full send queue fails
+        every publish for a while)."""
+        log.warning("%s: publish on %s failed: %s", self.spec.who, topic, why)
 
     def publish_retained(self, payload: bytes) -> None:
         """Remember the presence payload and send it if connected (else on_connect will:

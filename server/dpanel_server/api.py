@@ -150,6 +150,13 @@ class ExecOut(BaseModel):
     truncated: bool = Field(description="true if either stream was cut at max_output")
 
 
+#: The admin token, declared in OpenAPI as an HTTP bearer scheme; checked in ``auth``
+#: (auto_error off, so that a missing header gets our 401 ErrorOut, not a bare 403).
+_BEARER = HTTPBearer(auto_error=False, description="the admin token "
+                     "(manager.admin_token_file)")
+_Credentials = Annotated[Optional[HTTPAuthorizationCredentials], Security(_BEARER)]
+
+
 def _error(exc: DPanelError) -> JSONResponse:
     return JSONResponse({"error": str(exc), "code": exc.code.value},
                         status_code=exc.http_status)
@@ -169,11 +176,8 @@ def create_app(manager: Manager, admin_token: str) -> FastAPI:
     app = FastAPI(title="dPanel Edge manager", version=__version__,
                   responses=_ERROR_RESPONSES)
     heartbeat = float(os.environ.get("DPANEL_EXEC_HEARTBEAT") or 15)
-    bearer = HTTPBearer(auto_error=False, description="the admin token "
-                        "(manager.admin_token_file)")
 
-    def auth(cred: Annotated[Optional[HTTPAuthorizationCredentials], Security(bearer)]
-             ) -> None:
+    def auth(cred: _Credentials) -> None:
         supplied = cred.credentials if cred is not None else ""
         if cred is None or not hmac.compare_digest(supplied.encode(), admin_token.encode()):
             raise HTTPException(401, "missing or wrong admin token",
@@ -451,6 +455,9 @@ class _ExecStream(Response):
 
     def __init__(self, session: _Session, heartbeat: float) -> None:
         super().__init__(media_type=self.media_type)
+        # no content-length: the body is chunked, for as long as the command runs
+        self.raw_headers = [(b"content-type", b"application/x-ndjson"),
+                            (b"cache-control", b"no-store")]
         self.session, self.heartbeat = session, heartbeat
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:

@@ -208,13 +208,14 @@ def test_killing_dpanel_exec_ends_the_remote_command(stack: Stack, tmp_path: Pat
                 *marker]
         proc = subprocess.Popen(argv, env=stack.env, stdin=subprocess.DEVNULL,
                                 stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-        wait_for(lambda: _pids_of(marker), "remote sleep started", 30)
+        wait_for(lambda m=marker: _pids_of(m), "remote sleep started", 30)  # type: ignore[misc]
         proc.send_signal(sig)
         proc.wait(30)
         if sig != signal.SIGKILL:
             assert proc.returncode == 128 + int(sig), (proc.returncode, proc.stderr)
             assert proc.stderr is not None and b"Traceback" not in proc.stderr.read()
-        wait_for(lambda: not _pids_of(marker), f"remote {marker} gone after {sig.name}", 15)
+        wait_for(lambda m=marker: not _pids_of(m),  # type: ignore[misc]
+                 f"remote {marker} gone after {sig.name}", 15)
 
 
 def test_fan_out_for_an_operator(stack: Stack, tmp_path: Path) -> None:

@@ -198,11 +198,13 @@ def create_app(manager: Manager, admin_token: str) -> FastAPI:
         return JSONResponse({"error": str(exc.detail), "code": code.value},
                             status_code=exc.status_code, headers=exc.headers)
 
-    async def _device_view(device_id: str, device: Optional[Device] = None) -> dict[str, Any]:
+    async def _device_view(device_id: str, device: Optional[Device] = None,
+                           ports: Optional[dict[str, int]] = None) -> dict[str, Any]:
         d = (device or await manager.device(device_id)).as_dict()
         p = manager.presence.get(device_id)
         d["online"] = bool(p and p.online)
-        d["port"] = p.port if p else None
+        # the tunnel's allocation, not what the device reported
+        d["port"] = (manager.tunnels() if ports is None else ports).get(device_id)
         d["agent_version"] = p.agent_version if p else ""
         d["host_key_ok"] = p.host_key_ok if p else True
         return d
@@ -217,7 +219,8 @@ def create_app(manager: Manager, admin_token: str) -> FastAPI:
 
     @app.get("/v1/devices", dependencies=[Depends(auth)])
     async def list_devices() -> list[dict[str, Any]]:
-        return [await _device_view(d.id, d) for d in await manager.devices()]
+        ports = manager.tunnels()
+        return [await _device_view(d.id, d, ports) for d in await manager.devices()]
 
     @app.post("/v1/devices", dependencies=[Depends(auth)], status_code=201)
     async def add_device(body: EnrolIn) -> EnrolOut:

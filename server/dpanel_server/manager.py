@@ -25,6 +25,7 @@ from .errors import (
     BrokerError,
     DeviceOffline,
     DeviceRevoked,
+    DPanelError,
     HostKeyMismatch,
     RegistryError,
     TunnelRefused,
@@ -240,9 +241,14 @@ class Manager:
 
     def tunnels(self) -> dict[str, int]:
         """Open tunnels, device -> loopback port: the tunnel's own allocations when it can
-        be asked, else what the devices last reported."""
+        be asked (a device may report another's port), else what the devices last
+        reported; empty if the tunnel cannot be asked."""
         if self._tunnel_sessions is not None:
-            return dict(self._tunnel_sessions())
+            try:
+                return dict(self._tunnel_sessions())
+            except DPanelError as exc:
+                log.warning("tunnel list: %s", exc)
+                return {}
         return {d: p.port for d, p in self.presence.items() if p.online and p.port}
 
     # ------------------------------------------------------------------ SSH

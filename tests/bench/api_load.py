@@ -77,7 +77,7 @@ def rows(r: dict[str, Any]) -> list[Any]:
     from .report import Row
 
     during, idle = r.get("during") or {}, r.get("idle") or {}
-    mb = round((r.get("bytes") or 0) / 1e6)
-    return [Row(f"API /v1/health {q} while a device streams {mb} MB to a fan-out (vs idle)",
+    mib = (r.get("bytes") or 0) >> 20
+    return [Row(f"API /v1/health {q} while a device streams {mib} MiB to a fan-out (vs idle)",
                 during.get(f"{q}_ms"), "ms", idle.get(f"{q}_ms"), None, "report")
             for q in ("p50", "p99")]

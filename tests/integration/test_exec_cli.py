@@ -249,3 +249,13 @@ def test_fan_out_for_an_operator(stack: Stack, tmp_path: Path) -> None:
     res = json.loads(out.stdout)
     assert out.returncode == 1
     assert sum(1 for r in res.values() if r.get("code") == "not_run") == 3, res
+
+
+def test_streamed_stdin_may_take_longer_than_the_request_deadline(stack: Stack,
+                                                                   tmp_path: Path) -> None:
+    """-i with a slow producer: the API's 30 s request deadline (slowloris guard) must not
+    cut a request body that is an exec's stdin, once the exec is answering."""
+    dev = _device(stack, tmp_path)
+    out = subprocess.run(f"(echo a; sleep 35; echo b) | {BIN / 'dpanel'} exec -i {dev} -- cat",
+                         shell=True, env=stack.env, capture_output=True, timeout=120)
+    assert out.returncode == 0 and out.stdout == b"a\nb\n", out

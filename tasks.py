@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import shlex
 import shutil
 import subprocess
 import sys
@@ -65,7 +66,10 @@ if __name__ == "__main__":
 
 from invoke import Collection, Context, task  # noqa: E402
 
-from dpanel_deploy.tasks import server_ns  # noqa: E402
+# The deploy tasks live outside the product package (the .deb ships dpanel_deploy, and
+# invoke is a dev-only dependency): server/deploy_tasks.py, a top-level module.
+sys.path.insert(0, str(ROOT / "server"))
+from deploy_tasks import server_ns  # noqa: E402
 from dpanel_image.tasks import agent_ns, image_ns  # noqa: E402
 
 PY = str(VENV / "bin" / "python")
@@ -86,7 +90,7 @@ def test(c: Context, k: str = "", fast: bool = False) -> None:
     args = ["-m", "not slow"] if fast else []
     if k:
         args += ["-k", k]
-    c.run(f"{PY} -m pytest -p no:cacheprovider {' '.join(repr(a) for a in args)}", pty=False)
+    c.run(f"{PY} -m pytest -p no:cacheprovider {shlex.join(args)}", pty=False)
 
 
 @task(help={"dir": "state directory for the demo stack (default: a temp dir)"})

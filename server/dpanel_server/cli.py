@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any, Callable, Optional, Sequence
 
 from dpanel_proto.codes import ErrorCode
+from dpanel_proto.ports import API_PORT, STACK_BROKER_PORT, TUNNEL_PORT
 
 from . import __version__
 from .client import ApiClient, ApiError, find_config
@@ -379,7 +380,8 @@ def cmd_stack_up(args: argparse.Namespace) -> int:
     cfg = prepare_stack(Path(args.dir), broker_port=args.broker_port,
                         tunnel_port=args.tunnel_port, api_port=args.api_port,
                         port_range=args.port_range, public_host=args.public_host,
-                        keepalive_interval=args.keepalive_interval, tls=args.tls)
+                        advertise=args.advertise, keepalive_interval=args.keepalive_interval,
+                        tls=args.tls)
     return stack_up(cfg)
 
 
@@ -491,16 +493,23 @@ def _parser() -> argparse.ArgumentParser:
     st = sub.add_parser("stack", help="all services on loopback").add_subparsers(
         dest="sub", required=True)
     a = add(st, "up", cmd_stack_up, "run broker + tunnel + manager in the foreground")
-    a.add_argument("--dir", required=True, help="state directory (created; reused)")
-    a.add_argument("--broker-port", type=int, default=18830)
-    a.add_argument("--tunnel-port", type=int, default=2220)
-    a.add_argument("--api-port", type=int, default=8780)
-    a.add_argument("--port-range", default="20000-29999")
-    a.add_argument("--public-host", help="also serve devices on this address")
-    a.add_argument("--tls", action="store_true",
+    # Defaults are None: for an existing --dir only the flags given change its server.toml.
+    a.add_argument("--dir", required=True, help="state directory (created; reused, and "
+                   "the flags given are applied to it)")
+    a.add_argument("--broker-port", type=int, help=f"default {STACK_BROKER_PORT}")
+    a.add_argument("--tunnel-port", type=int, help=f"default {TUNNEL_PORT}")
+    a.add_argument("--api-port", type=int, help=f"default {API_PORT}")
+    a.add_argument("--port-range", help="device ports (default 20000-29999)")
+    a.add_argument("--public-host", metavar="ADDR", help="also listen for devices on this "
+                   "address of this machine (0.0.0.0: all; then give --advertise)")
+    a.add_argument("--advertise", metavar="HOST", help="the name or address device tokens "
+                   "carry, if not where the stack listens (a public name, NAT, qemu's "
+                   "10.0.2.2)")
+    a.add_argument("--tls", action="store_true", default=None,
                    help="MQTT over TLS with a generated CA (pinned in device tokens)")
-    a.add_argument("--keepalive-interval", type=float, default=15.0,
-                   help="tunnel SSH keepalive; dead devices free their port after 3 misses")
+    a.add_argument("--keepalive-interval", type=float,
+                   help="tunnel SSH keepalive, default 15 s; dead devices free their port "
+                   "after 3 misses")
     a.add_argument("--log-level", default="info")
     return p
 

@@ -71,6 +71,10 @@ def guarded_h11(*, request_timeout: float = 30.0, max_waiting: int = 256) -> typ
 
         def _drop(self) -> None:
             self._disarm()
+            if self.conn.our_state is h11.SEND_BODY:
+                # answering already: a request in service, such as an exec that still
+                # streams its stdin in the request body (``dpanel exec -i``)
+                return
             if self.transport is not None and not self.transport.is_closing():
                 self.transport.close()
 

@@ -29,6 +29,7 @@ from .errors import (
     DeviceRevoked,
     DPanelError,
     HostKeyMismatch,
+    RegistryError,
     RequestTimeout,
     TunnelRefused,
 )
@@ -36,7 +37,7 @@ from .hostkeys import InvalidHostKey, fingerprint, normalize_host_key
 from .presence import Presence, PresenceTracker
 from .registry import Device, Registry
 from .requests import Requests
-from .sshpool import ExecEvent, Pooled, SshPool
+from .sshpool import ExecEvent, Pooled, RemoteCommand, SshPool
 
 __all__ = ["ExecEvent", "Manager", "Presence", "fingerprint", "sync_broker_files"]
 
@@ -167,6 +168,21 @@ class Manager:
         self._presence.forget(name)
         log.warning("revoked device %s", name)
         return device
+
+    async def delete(self, name: str, force: bool = False) -> dict[str, object]:
+        """Free a revoked device's name; its record moves to ``deleted_devices``.
+        ``force`` revokes it first (cut off everywhere, as ``revoke``)."""
+        if not (await self.device(name)).revoked:
+            if not force:
+                raise RegistryError(f"device {name} is not revoked; revoke it first "
+                                    f"(dpanel device revoke {name}) or use --force")
+            await self.revoke(name)
+        record = await asyncio.to_thread(self.registry.delete, name)
+        log.warning("deleted device %s (its name is free again)", name)
+        return record
+
+    async def deleted_devices(self) -> list[dict[str, object]]:
+        return await asyncio.to_thread(self.registry.deleted)
 
     async def reset_host_key(self, device: str) -> None:
         """Forget the pinned key and pin the one the device presents now, if online (the
@@ -336,6 +352,13 @@ class Manager:
              timeout: Optional[float] = None) -> AsyncIterator[ExecEvent]:
         """Run ``command`` on the device; yields output chunks, then the exit code."""
         return self.pool.exec(device, command, stdin, timeout)
+
+    async def start_exec(self, device: str, command: str, stdin: Optional[bytes] = None, *,
+                         stream_stdin: bool = False,
+                         timeout: Optional[float] = None) -> RemoteCommand:
+        """Start ``command`` and return it running (the API streams it; see sshpool)."""
+        return await self.pool.start_command(device, command, stdin,
+                                             stream_stdin=stream_stdin, timeout=timeout)
 
     # ------------------------------------------------------------------ known_hosts
     async def known_hosts_text(self) -> str:

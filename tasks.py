@@ -66,7 +66,10 @@ if __name__ == "__main__":
 from invoke import Collection, Context, task  # noqa: E402
 
 from dpanel_deploy.tasks import server_ns  # noqa: E402
-from dpanel_image.tasks import agent_ns, image_ns  # noqa: E402
+
+# The image tasks are a top-level module beside the package, so that it is not shipped.
+sys.path.insert(0, str(ROOT / "image"))
+from image_tasks import agent_ns, image_ns  # noqa: E402
 
 PY = str(VENV / "bin" / "python")
 

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from dpanel_image import bmap
-from dpanel_image.boards import board_names, load_board, parse_board
+from dpanel_image.board import board_names, load_board, parse_board
 from dpanel_image.compress import decompress_sparse
 from dpanel_image.elf import elf_arch
 from dpanel_image.errors import ImageError

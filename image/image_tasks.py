@@ -118,7 +118,7 @@ def provision(c: Context, image: str, device: str = "", token: str = "", out: st
 @_clear_errors
 def boot_qemu(c: Context, image: str = "out/dpanel-qemu-arm64.img", log: str = "",
               persist: bool = False) -> None:
-    """Boot an image under qemu-system-aarch64 -M virt (user networking, host = 10.0.2.2)."""
+    """Boot an image under qemu as its board says (user networking, host = 10.0.2.2)."""
     from dpanel_image.qemu import QemuVM
 
     vm = QemuVM(Path(image), Path(log or os.devnull), snapshot=not persist)

@@ -46,9 +46,9 @@ class Step:
 def _unit_name(name: str, where: str) -> str:
     if "/" in name or "." not in name:
         raise ImageError(f"{where}: {name!r} is not a unit name (e.g. foo.service)")
-    if "@" in name:
-        raise ImageError(f"{where}: template unit {name!r}: enable an instance in the "
-                         "overlay instead")
+    if "@." in name:
+        raise ImageError(f"{where}: template unit {name!r}: name an instance "
+                         "(e.g. getty@tty1.service)")
     return name
 
 
@@ -97,10 +97,16 @@ def _install_section(text: str) -> dict[str, list[str]]:
 
 
 def find_unit(name: str, read: Reader) -> Optional[tuple[str, bytes]]:
-    for d in UNIT_DIRS:
-        data = read(f"{d}/{name}")
-        if data is not None:
-            return f"{d}/{name}", data
+    """The unit's file (for an instance foo@x.service, its template foo@.service)."""
+    names = [name]
+    if "@" in name:
+        prefix, _, rest = name.partition("@")
+        names.append(f"{prefix}@.{rest.rsplit('.', 1)[-1]}")
+    for n in names:
+        for d in UNIT_DIRS:
+            data = read(f"{d}/{n}")
+            if data is not None:
+                return f"{d}/{n}", data
     return None
 
 

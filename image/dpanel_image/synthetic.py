@@ -21,7 +21,7 @@ from .util import cache_root, hash_text
 
 __all__ = ["fake_elf", "root_tree", "synthetic_base"]
 
-RECIPE = "2"
+RECIPE = "3"
 
 
 def fake_elf(arch: Arch) -> bytes:
@@ -42,6 +42,19 @@ def root_tree(d: Path, arch: Arch, board: Board) -> None:
     (d / "etc/ssh/ssh_host_ed25519_key").write_text("vendor key that must not ship\n")
     (d / "etc/ssh/ssh_host_ed25519_key.pub").write_text("ssh-ed25519 AAAA vendor\n")
     os.chmod(d / "etc/ssh/ssh_host_ed25519_key", 0o600)
+    # Units a Debian root ships, with bookworm's [Install] sections, so that a board's
+    # post-build "enable" has something real to link.
+    units = d / "usr/lib/systemd/system"
+    units.mkdir(parents=True, exist_ok=True)
+    (units / "systemd-networkd.service").write_text(
+        "[Unit]\nDescription=Network Configuration\n[Service]\n"
+        "ExecStart=/lib/systemd/systemd-networkd\n[Install]\nWantedBy=multi-user.target\n"
+        "Also=systemd-networkd.socket\nAlias=dbus-org.freedesktop.network1.service\n"
+        "Also=systemd-networkd-wait-online.service\n")
+    (units / "systemd-networkd.socket").write_text(
+        "[Socket]\nListenNetlink=route 1361\n[Install]\nWantedBy=sockets.target\n")
+    (units / "systemd-networkd-wait-online.service").write_text(
+        "[Service]\nType=oneshot\n[Install]\nWantedBy=network-online.target\n")
     (d / "etc/os-release").write_text(f'PRETTY_NAME="synthetic {board.name} {arch}"\n')
     if board.token_role == "root":
         (d / "boot/armbianEnv.txt").write_text("verbosity=1\n")

@@ -96,7 +96,7 @@ def test(c: Context, k: str = "", fast: bool = False) -> None:
 def demo(c: Context, dir: str = "") -> None:
     """Start broker, tunnel and manager on loopback, enrol 'demo', exec through it."""
     extra = f" --dir {dir}" if dir else ""
-    c.run(f"{PY} -m dpanel_server.demo{extra}", pty=False)
+    c.run(f"{PY} -m tests.demo{extra}", pty=False)
 
 
 @task(help={"out": "directory for bench.json and bench.png"})

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import random
 import ssl
 import threading
 import time
@@ -35,15 +34,6 @@ def _secs(value: float) -> int:
     """paho annotates delays as int but only adds them to time.time(): fractions work,
     and sub-second jitter is what spreads a herd of reconnecting devices."""
     return cast(int, value)
-
-
-    def next(self) -> float:
-        d = min(self.hi, self.lo * (2 ** min(self.failures, 30)))
-        self.failures += 1
-        return random.uniform(d / 2, d)  # noqa: S311 (jitter, not crypto)
-
-    def reset(self) -> None:
-        self.failures = 0
 
 
 class AgentMqtt:

@@ -51,6 +51,7 @@ __all__ = [
     "decode",
     "encode",
     "parse_topic",
+    "printable",
     "req_topic",
     "resp_topic",
     "status_topic",
@@ -79,6 +80,9 @@ MAX_PAYLOAD = 16 * 1024
 MAX_REQUEST_LIFETIME = 300
 
 DEVICE_ID_RE = re.compile(r"^[a-z0-9][a-z0-9-]{0,62}$")
+#: What an agent version may look like (PEP 440 / semver / git describe): it is shown in
+#: terminals, logs and web pages, so nothing else gets through.
+_VERSION_RE = re.compile(r"^[A-Za-z0-9._+~:-]{0,64}$")
 _REQ_ID_RE = re.compile(r"^[0-9a-f]{16,64}$")
 
 Target = Literal["builtin", "sshd"]
@@ -242,6 +246,21 @@ def _short_str(d: Mapping[str, Any], key: str, limit: int = 4096) -> str:
     return cast(str, value)
 
 
+def _version(d: Mapping[str, Any]) -> str:
+    value = _short_str(d, "agent_version", 64)
+    if not _VERSION_RE.match(value):
+        raise DecodeError("agent_version: only letters, digits and . _ + ~ : - are allowed")
+    return value
+
+
+def printable(text: str) -> str:
+    """``text`` with every control character (newline, ESC, ...) shown escaped, so a
+    peer-supplied string can neither forge a log line nor drive a terminal."""
+    if text.isprintable():
+        return text
+    return "".join(c if c.isprintable() else repr(c)[1:-1] for c in text)
+
+
 def _decode_status(d: Mapping[str, Any]) -> Status:
     state = _get(d, "state", str)
     if state not in ("online", "offline"):
@@ -250,7 +269,7 @@ def _decode_status(d: Mapping[str, Any]) -> Status:
         device=validate_device_id(d.get("device")),
         state=state,
         ts=_get(d, "ts", float, optional=True) or 0.0,
-        agent_version=_short_str(d, "agent_version", 64),
+        agent_version=_version(d),
         host_key=_short_str(d, "host_key"),
         port=_port(d, optional=True),
     )
@@ -292,7 +311,7 @@ def _decode_response(d: Mapping[str, Any]) -> Response:
         device=validate_device_id(d.get("device")),
         id=_req_id(d),
         code=err,
-        message=_short_str(d, "message", 1024),
+        message=printable(_short_str(d, "message", 1024)),
         port=_port(d, optional=True),
         ts=_get(d, "ts", float, optional=True) or 0.0,
     )

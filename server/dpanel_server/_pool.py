@@ -19,7 +19,7 @@ class PoolExhausted(Exception):
 
 
 class PortPool:
-    """Ports ``lo..hi`` (inclusive) handed out at random (seed TODO 2).
+    """Ports ``lo..hi`` (inclusive) handed out at random, so a port says nothing of its device.
 
     A port is in exactly one of three states:
 

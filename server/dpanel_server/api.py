@@ -76,8 +76,8 @@ def create_app(manager: Manager, admin_token: str) -> FastAPI:
     async def _dpanel_error(_r: Request, exc: DPanelError) -> JSONResponse:
         return _error(exc)
 
-    def _device_view(device_id: str, device: Optional[Device] = None) -> dict[str, Any]:
-        d = (device or manager.registry.get(device_id)).as_dict()
+    async def _device_view(device_id: str, device: Optional[Device] = None) -> dict[str, Any]:
+        d = (device or await manager.device(device_id)).as_dict()
         p = manager.presence.get(device_id)
         d["online"] = bool(p and p.online)
         d["port"] = p.port if p else None
@@ -95,25 +95,25 @@ def create_app(manager: Manager, admin_token: str) -> FastAPI:
 
     @app.get("/v1/devices", dependencies=[Depends(auth)])
     async def list_devices() -> list[dict[str, Any]]:
-        return [_device_view(d.id, d) for d in manager.registry.devices()]
+        return [await _device_view(d.id, d) for d in await manager.devices()]
 
     @app.post("/v1/devices", dependencies=[Depends(auth)], status_code=201)
     async def add_device(body: EnrolIn) -> EnrolOut:
-        device, token = manager.enrol(body.name, body.labels)
+        device, token = await manager.enrol(body.name, body.labels)
         return EnrolOut(device=device.as_dict(), token=token)
 
     @app.get("/v1/devices/{device}", dependencies=[Depends(auth)])
     async def show_device(device: str) -> dict[str, Any]:
-        return _device_view(device)
+        return await _device_view(device)
 
     @app.delete("/v1/devices/{device}", dependencies=[Depends(auth)])
     async def revoke_device(device: str) -> dict[str, Any]:
-        return manager.revoke(device).as_dict()
+        return (await manager.revoke(device)).as_dict()
 
     @app.post("/v1/devices/{device}/reset-hostkey", dependencies=[Depends(auth)])
     async def reset_hostkey(device: str) -> dict[str, Any]:
-        manager.reset_host_key(device)
-        return _device_view(device)
+        await manager.reset_host_key(device)
+        return await _device_view(device)
 
     @app.get("/v1/tunnels", dependencies=[Depends(auth)])
     async def list_tunnels() -> dict[str, int]:
@@ -123,7 +123,7 @@ def create_app(manager: Manager, admin_token: str) -> FastAPI:
     async def open_tunnel(device: str, body: TunnelIn) -> TunnelOut:
         port = await manager.open_tunnel(device, body.ttl, body.idle_timeout)
         return TunnelOut(device=device, port=port,
-                         host_key=manager.registry.get(device).host_key)
+                         host_key=(await manager.device(device)).host_key)
 
     @app.delete("/v1/devices/{device}/tunnel", dependencies=[Depends(auth)])
     async def close_tunnel(device: str) -> dict[str, Any]:
@@ -131,8 +131,8 @@ def create_app(manager: Manager, admin_token: str) -> FastAPI:
 
     @app.get("/v1/known_hosts", dependencies=[Depends(auth)])
     async def known_hosts() -> dict[str, str]:
-        return {"known_hosts": manager.known_hosts_text(),
-                "path": str(manager.write_known_hosts())}
+        return {"known_hosts": await manager.known_hosts_text(),
+                "path": str(await manager.write_known_hosts())}
 
     @app.post("/v1/devices/{device}/exec", dependencies=[Depends(auth)], response_model=None)
     async def exec_(device: str, body: ExecIn) -> Union[StreamingResponse, dict[str, Any]]:

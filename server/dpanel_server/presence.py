@@ -1,0 +1,126 @@
+"""Presence: which devices are online, with what agent and host key, from their statuses.
+
+Statuses arrive over each device's own authenticated broker session, which the ACL
+confines to its own topic: that is what makes pinning a host key on first sight safe.
+Registry work (pinning, last-seen) runs in a worker thread, never on the event loop.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from dataclasses import dataclass
+from typing import Any, Callable, Coroutine, Optional
+
+from dpanel_proto import wire
+
+from .errors import RegistryError
+from .hostkeys import InvalidHostKey, fingerprint, normalize_host_key
+from .registry import Registry
+
+__all__ = ["Presence", "PresenceTracker"]
+
+log = logging.getLogger("dpanel.manager.presence")
+
+
+@dataclass
+class Presence:
+    online: bool = False
+    since: float = 0.0
+    agent_version: str = ""
+    #: the tunnel port the device last reported (see Manager.tunnel_port for the truth)
+    port: Optional[int] = None
+    host_key_ok: bool = True
+    host_key: str = ""  # as last announced (normalised), pinned or not
+
+
+class PresenceTracker:
+    """Device presence, rebuilt from retained statuses after any broker reconnect."""
+
+    def __init__(self, registry: Registry, *, on_offline: Callable[[str], None],
+                 on_pinned: Callable[[], None]) -> None:
+        self._registry = registry
+        self._on_offline = on_offline
+        self._on_pinned = on_pinned
+        self.devices: dict[str, Presence] = {}
+        self._tasks: set[asyncio.Task[None]] = set()
+
+    def get(self, device: str) -> Optional[Presence]:
+        return self.devices.get(device)
+
+    def forget(self, device: str) -> None:
+        self.devices.pop(device, None)
+
+    def clear(self) -> None:
+        # A broker that restarted without persistence has forgotten devices that died
+        # meanwhile: they must not stay "online"; retained statuses rebuild the rest.
+        self.devices.clear()
+
+    def on_status(self, device: str, payload: bytes) -> None:
+        """Handle one status payload (raises wire.DecodeError for a bad one)."""
+        if not payload:
+            return  # a cleared retained message
+        msg = wire.decode(payload)
+        if not isinstance(msg, wire.Status) or msg.device != device:
+            raise wire.DecodeError(f"device: status for {getattr(msg, 'device', '?')} on "
+                                   f"{device}'s topic")
+        host_key = ""
+        if msg.host_key:
+            try:
+                host_key = normalize_host_key(msg.host_key)
+            except InvalidHostKey as exc:
+                raise wire.DecodeError(str(exc)) from None
+        p = self.devices.setdefault(device, Presence())
+        was_online = p.online
+        p.online = msg.state == "online"
+        p.agent_version = msg.agent_version
+        p.port = msg.port  # the device's claim; Manager.tunnel_port prefers the tunnel's
+        if p.online and not was_online:
+            p.since = time.time()
+        if not p.online:
+            self._on_offline(device)
+        new_key = bool(host_key) and host_key != p.host_key
+        if new_key:
+            # statuses repeat the key every time; the registry only needs to see a new one
+            p.host_key = host_key
+        if new_key or p.online != was_online:
+            # one registry write per change, not per status: a fleet reconnecting after a
+            # broker restart is thousands of statuses in seconds
+            self._spawn(self._update_registry(device, p, host_key if new_key else "",
+                                              p.online != was_online))
+
+    def _spawn(self, coro: Coroutine[Any, Any, None]) -> None:
+        task = asyncio.ensure_future(coro)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def _update_registry(self, device: str, p: Presence, key: str,
+                               state_changed: bool) -> None:
+        if key:
+            await self.check_host_key(device, key, p)
+        if state_changed:
+            try:
+                await asyncio.to_thread(self._registry.touch, device, time.time())
+            except RegistryError:
+                pass  # revoked and deleted meanwhile
+
+    async def check_host_key(self, device: str, key: str, p: Presence) -> None:
+        try:
+            pinned = await asyncio.to_thread(self._registry.pin_host_key, device, key)
+        except RegistryError:  # unknown device (e.g. revoked and deleted)
+            return
+        p.host_key_ok = pinned == key
+        if p.host_key_ok:
+            self._on_pinned()
+        elif pinned is None:
+            log.error("device %s announces host key %s, which another device already holds: "
+                      "refusing it (cloned card?)", device, fingerprint(key))
+        else:
+            log.error("device %s presents host key %s but %s is pinned: refusing it",
+                      device, fingerprint(key), fingerprint(pinned))
+
+    async def drain(self) -> None:
+        """Wait for pending registry updates (shutdown, tests)."""
+        if self._tasks:
+            await asyncio.gather(*self._tasks, return_exceptions=True)

@@ -1,0 +1,190 @@
+"""Pooled SSH to devices: one connection per open tunnel, shared by every command."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from dataclasses import dataclass, field
+from typing import AsyncIterator, Awaitable, Callable, Optional, Union
+
+import asyncssh
+
+from .config import ServerConfig
+from .errors import DeviceError, HostKeyMismatch, RequestTimeout
+from .hostkeys import fingerprint
+
+__all__ = ["ExecEvent", "Pooled", "SshPool"]
+
+#: (kind, data): ("stdout"|"stderr", bytes) while running, then ("exit", int).
+ExecEvent = tuple[str, Union[bytes, int]]
+
+
+@dataclass
+class Pooled:
+    """One live SSH connection to a device through its tunnel port."""
+
+    device: str
+    conn: asyncssh.SSHClientConnection
+    port: int
+    last_used: float = field(default_factory=time.monotonic)
+    busy: int = 0
+
+
+class SshPool:
+    """``connection(device)`` opens the device's tunnel (through ``open_tunnel``) and an
+    SSH connection that must present the pinned host key (from ``pinned_key``)."""
+
+    def __init__(self, cfg: ServerConfig, key: asyncssh.SSHKey, *,
+                 open_tunnel: Callable[[str], Awaitable[int]],
+                 pinned_key: Callable[[str], Awaitable[Optional[str]]]) -> None:
+        self._cfg = cfg
+        self._key = key
+        self._open_tunnel = open_tunnel
+        self._pinned_key = pinned_key
+        self._pool: dict[str, Pooled] = {}
+        self._connecting: dict[str, asyncio.Lock] = {}
+        self._reaper: Optional[asyncio.Task[None]] = None
+
+    def start(self) -> None:
+        self._reaper = asyncio.create_task(self._reap_idle())
+
+    def close(self) -> None:
+        if self._reaper:
+            self._reaper.cancel()
+        for dev in list(self._pool):
+            self.drop(dev)
+
+    def drop(self, device: str) -> None:
+        pooled = self._pool.pop(device, None)
+        if pooled:
+            pooled.conn.close()
+
+    def _live(self, device: str) -> Optional[Pooled]:
+        pooled = self._pool.get(device)
+        if pooled and not pooled.conn.is_closed():
+            return pooled
+        return None
+
+    async def connection(self, device: str) -> Pooled:
+        """The pooled connection to ``device``, opening its tunnel if needed."""
+        pooled = self._live(device)
+        if pooled:
+            pooled.last_used = time.monotonic()
+            return pooled
+        lock = self._connecting.setdefault(device, asyncio.Lock())
+        async with lock:
+            pooled = self._live(device)
+            if pooled:
+                return pooled
+            port = await self._open_tunnel(device)
+            pinned = await self._pinned_key(device)
+            if not pinned:
+                raise HostKeyMismatch(f"device {device} has not announced a host key yet")
+            try:
+                conn = await asyncssh.connect(
+                    "127.0.0.1", port, username=self._cfg.manager.ssh_user,
+                    client_keys=[self._key],
+                    known_hosts=([asyncssh.import_public_key(pinned)], [], []),
+                    agent_path=None, config=None, connect_timeout=10,
+                    keepalive_interval=15, keepalive_count_max=3,
+                )
+            except asyncssh.HostKeyNotVerifiable:
+                raise HostKeyMismatch(
+                    f"device {device}: the SSH server on port {port} does not hold the "
+                    f"pinned host key {fingerprint(pinned)}; refused") from None
+            except (OSError, asyncssh.Error) as exc:
+                raise DeviceError(f"device {device}: SSH through the tunnel failed: "
+                                  f"{exc}") from None
+            pooled = Pooled(device, conn, port)
+            self._pool[device] = pooled
+            return pooled
+
+    async def exec(self, device: str, command: str, stdin: Optional[bytes] = None,
+                   timeout: Optional[float] = None) -> AsyncIterator[ExecEvent]:
+        """Run ``command`` on the device; yields output chunks, then the exit code."""
+        pooled = await self.connection(device)
+        pooled.busy += 1
+        try:
+            async for event in self._run(device, pooled.conn, command, stdin, timeout):
+                yield event
+        finally:
+            pooled.busy -= 1
+            pooled.last_used = time.monotonic()
+
+    async def _run(self, device: str, conn: asyncssh.SSHClientConnection, command: str,
+                   stdin: Optional[bytes], timeout: Optional[float]) -> AsyncIterator[ExecEvent]:
+        try:
+            proc = await conn.create_process(command, encoding=None,
+                                             stdin=asyncssh.PIPE if stdin is not None else None)
+        except (OSError, asyncssh.Error) as exc:
+            self.drop(device)
+            raise DeviceError(f"device {device}: could not start the command: {exc}") from None
+        if stdin is not None:
+            proc.stdin.write(stdin)
+            proc.stdin.write_eof()
+        queue: asyncio.Queue[Union[ExecEvent, BaseException, None]] = asyncio.Queue(maxsize=64)
+
+        async def pump(name: str, reader: asyncssh.SSHReader[bytes]) -> None:
+            try:
+                while True:
+                    chunk = await reader.read(65536)
+                    if not chunk:
+                        break
+                    await queue.put((name, chunk))
+            except (OSError, asyncssh.Error) as exc:
+                # the connection died under us: hand it to the consumer, never hang it
+                await queue.put(exc)
+                return
+            await queue.put(None)
+
+        pumps = [asyncio.create_task(pump("stdout", proc.stdout)),
+                 asyncio.create_task(pump("stderr", proc.stderr))]
+        deadline = None if timeout is None else time.monotonic() + timeout
+        done = 0
+        finished = False
+        try:
+            while done < 2:
+                left = None if deadline is None else max(0.0, deadline - time.monotonic())
+                try:
+                    item = await asyncio.wait_for(queue.get(), left)
+                except asyncio.TimeoutError:
+                    proc.close()
+                    raise RequestTimeout(f"device {device}: command timed out after "
+                                         f"{timeout:g} s") from None
+                if item is None:
+                    done += 1
+                elif isinstance(item, BaseException):
+                    raise item
+                else:
+                    yield item
+            result = await proc.wait()
+            finished = True
+        except (OSError, asyncssh.Error, asyncssh.misc.ChannelOpenError) as exc:
+            self.drop(device)
+            raise DeviceError(f"device {device}: connection lost mid-command ({exc})") from None
+        finally:
+            for t in pumps:
+                t.cancel()
+            if not finished:
+                # the caller went away (Ctrl-C, HTTP client gone): the agent hangs up
+                # the command, as sshd does when its client disconnects
+                proc.close()
+        if conn.is_closed() and result.exit_status is None:
+            self.drop(device)
+            raise DeviceError(f"device {device}: connection lost mid-command")
+        if result.exit_status is not None and result.exit_status >= 0:
+            yield ("exit", result.exit_status)
+        elif result.exit_signal:
+            yield ("stderr", f"killed by signal {result.exit_signal[0]}\n".encode())
+            yield ("exit", 255)
+        else:
+            self.drop(device)
+            raise DeviceError(f"device {device}: connection lost mid-command")
+
+    async def _reap_idle(self) -> None:
+        while True:
+            await asyncio.sleep(5)
+            limit = time.monotonic() - self._cfg.manager.connection_idle
+            for dev, pooled in list(self._pool.items()):
+                if pooled.conn.is_closed() or (pooled.busy == 0 and pooled.last_used < limit):
+                    self.drop(dev)

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import shlex
 import shutil
 import subprocess
 import sys
@@ -65,10 +66,11 @@ if __name__ == "__main__":
 
 from invoke import Collection, Context, task  # noqa: E402
 
-from dpanel_deploy.tasks import server_ns  # noqa: E402
-
-# The image tasks are a top-level module beside the package, so that it is not shipped.
+# The task modules live outside the product packages (the .deb ships dpanel_deploy and
+# dpanel_image, and invoke is a dev-only dependency): top-level modules beside them.
+sys.path.insert(0, str(ROOT / "server"))
 sys.path.insert(0, str(ROOT / "image"))
+from deploy_tasks import server_ns  # noqa: E402
 from image_tasks import agent_ns, image_ns  # noqa: E402
 
 PY = str(VENV / "bin" / "python")
@@ -89,7 +91,7 @@ def test(c: Context, k: str = "", fast: bool = False) -> None:
     args = ["-m", "not slow"] if fast else []
     if k:
         args += ["-k", k]
-    c.run(f"{PY} -m pytest -p no:cacheprovider {' '.join(repr(a) for a in args)}", pty=False)
+    c.run(f"{PY} -m pytest -p no:cacheprovider {shlex.join(args)}", pty=False)
 
 
 @task(help={"dir": "state directory for the demo stack (default: a temp dir)"})

@@ -49,7 +49,10 @@ class Stack:
     api_port: int
     port_range: str = "30000-30999"
     public_host: str | None = None
+    #: what tokens name, if not where the stack listens (``stack up --advertise``)
+    advertise: str | None = None
     keepalive: float = 15.0
+    extra: tuple[str, ...] = ()
     proc: subprocess.Popen[bytes] | None = None
     agents: list[subprocess.Popen[bytes]] = field(default_factory=list)
     tokens: dict[str, str] = field(default_factory=dict)
@@ -73,12 +76,22 @@ class Stack:
                 "--log-level", "info", "--keepalive-interval", str(self.keepalive)]
         if self.public_host:
             argv += ["--public-host", self.public_host]
+        if self.advertise:
+            argv += ["--advertise", self.advertise]
+        argv += self.extra
         self.dir.mkdir(parents=True, exist_ok=True)
-        log = (self.dir.parent / f"{self.dir.name}-stack.log").open("ab")
-        self.proc = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT,
-                                     stdin=subprocess.DEVNULL)
-        wait_for(lambda: self.config.exists() and self.cli("device", "list").returncode == 0,
-                 "stack API up", 60)
+        with (self.dir.parent / f"{self.dir.name}-stack.log").open("ab") as log:
+            self.proc = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT,
+                                         stdin=subprocess.DEVNULL)
+        proc = self.proc
+
+        def up() -> bool:
+            if proc.poll() is not None:  # say why at once instead of waiting out the timeout
+                raise RuntimeError(f"dpanel stack up exited with {proc.returncode}:\n"
+                                   f"{self.log()[-3000:]}")
+            return self.config.exists() and self.cli("device", "list").returncode == 0
+
+        wait_for(up, "stack API up", 60)
 
     def stop(self, sig: int = signal.SIGTERM) -> None:
         if self.proc:

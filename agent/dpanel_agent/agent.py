@@ -22,7 +22,7 @@ from .config import AgentConfig
 from .dispatch import Dispatcher
 from .errors import AgentError
 from .files import ensure_private_dir, load_or_create_host_key, read_public_key_line
-from .guard import RequestGuard
+from .guard import REPLAY_CACHE_NAME, RequestGuard
 from .mqtt import AgentMqtt
 from .tokensrc import resolve_token
 
@@ -47,10 +47,11 @@ class _LazyLink:
     def port(self) -> Optional[int]:
         return self.real.port if self.real is not None else None
 
-    async def open(self, ttl: float, idle_timeout: float) -> int:
+    async def open(self, ttl: float, idle_timeout: float, *,
+                   not_after: Optional[float] = None) -> int:
         if self.real is None:
             self.real = await self._agent._make_link()
-        return await self.real.open(ttl, idle_timeout)
+        return await self.real.open(ttl, idle_timeout, not_after=not_after)
 
     async def close(self, reason: str) -> bool:
         return await self.real.close(reason) if self.real is not None else False
@@ -121,8 +122,9 @@ class Agent:
             self.host_key_line = load_or_create_host_key(cfg.host_key_path)
         else:
             self.host_key_line = read_public_key_line(cfg.sshd_host_key)
+        # persisted, so that a restarted agent still refuses a request it already honoured
         guard = RequestGuard(token.device, ManagerKey(token.manager_key),
-                             cfg.request_clock_skew)
+                             cfg.request_clock_skew, store=cfg.state_dir / REPLAY_CACHE_NAME)
         self.dispatcher = Dispatcher(token.device, guard, self._link, self._respond,
                                      ttl_max=cfg.ttl_max, idle_timeout_max=cfg.idle_timeout_max,
                                      target=cfg.ssh_target)

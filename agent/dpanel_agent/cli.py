@@ -18,7 +18,7 @@ from dpanel_proto.wire import DecodeError
 from . import __version__
 from .config import AgentConfig, ConfigError, load_config
 from .errors import AgentError
-from .tokensrc import TokenError, read_token_text, resolve_token
+from .tokensrc import TokenError, check_pins, read_token_text, resolve_token
 
 __all__ = ["main"]
 
@@ -89,9 +89,14 @@ def _build_config(args: argparse.Namespace) -> AgentConfig:
         if not raw:
             raise TokenError(f"no token on {where}")
         try:
-            return replace(cfg, token=parse_token(raw))
+            token = parse_token(raw)
         except DecodeError as exc:
             raise TokenError(f"{where}: {exc}") from None
+        try:
+            check_pins(token, cfg.pins_dir)
+        except TokenError as exc:
+            raise TokenError(f"{where}: {exc}") from None
+        return replace(cfg, token=token)
     return replace(cfg, token=resolve_token(cfg))
 
 

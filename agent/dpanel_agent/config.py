@@ -32,6 +32,7 @@ else:  # Debian bullseye (Python 3.9), where the agent is frozen
     import tomli as tomllib
 
 __all__ = [
+    "DEFAULT_PINS_DIR",
     "DEFAULT_ROOT_STATE_DIR",
     "AgentConfig",
     "ConfigError",
@@ -52,6 +53,8 @@ _TARGETS = ("builtin", "sshd")
 _PROTOCOLS = ("3.1.1", "5")
 
 DEFAULT_ROOT_STATE_DIR = Path("/var/lib/dpanel-tunnel")
+#: Where ``build-image --tunnel-host-key/--manager-key`` put the image's pins.
+DEFAULT_PINS_DIR = Path("/etc/dpanel/pins")
 
 
 class ConfigError(ValueError):
@@ -100,6 +103,9 @@ class AgentConfig:
     ssh_window: int = 8 * 1024 * 1024
     #: Shell for exec/PTY sessions; default: the agent user's login shell.
     shell: Optional[str] = None
+    #: Pins baked into the image: a token whose tunnel_host_key / manager_key differs
+    #: from ``tunnel_host_key.pub`` / ``manager_key.pub`` here is refused.
+    pins_dir: Path = DEFAULT_PINS_DIR
     token: Optional[DeviceToken] = field(default=None, repr=False)
     #: Where this config came from, for messages.
     source: str = "<defaults>"
@@ -218,6 +224,7 @@ _KEYS: Dict[str, Callable[[object], Any]] = {
     "reconnect_max": _num,
     "ssh_window": _int,
     "shell": _str,
+    "pins_dir": _path,
 }
 assert set(_KEYS) <= {f.name for f in fields(AgentConfig)}
 

@@ -1,13 +1,21 @@
 """Turn request payloads into actions and answers: decode, check, dispatch by type.
 
 Garbage never gets an answer (there is no trustworthy id to answer to) and never raises:
-it is logged and dropped. A well-formed request that fails a check gets a
-:class:`~dpanel_agent.wire.Response` with the matching :class:`ErrorCode`.
+it is logged (rate-limited: a flood gives a few lines and a "suppressed N" count) and
+dropped. A well-formed request that fails a check gets a
+:class:`~dpanel_agent.wire.Response` with the matching :class:`ErrorCode`, up to
+:data:`REFUSAL_ANSWERS` per 10 s: a flood of refused requests must not fill the MQTT
+send queue, where the answers to valid requests would then be dropped.
+
+A request is checked when it arrives and its expiry again at the moment it is acted on
+(the tunnel link checks it once more right before it dials), so a request that waited
+behind a slow dial or a busy loop is not acted on after its caller gave up.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextvars
 import logging
 import time
 from typing import Awaitable, Callable, Dict, Optional, Protocol, Set
@@ -25,10 +33,18 @@ from dpanel_proto.wire import (
 
 from .errors import TunnelError
 from .guard import RequestGuard
+from .ratelog import Budget, RateLimitedLog
 
-__all__ = ["Dispatcher", "Link"]
+__all__ = ["REFUSAL_ANSWERS", "Dispatcher", "Link"]
 
 log = logging.getLogger("dpanel.agent")
+
+#: Refusals answered per 10 s; beyond that they are only counted in the log.
+REFUSAL_ANSWERS = 20
+
+#: The monotonic expiry of the request being handled, set per task by the dispatcher, so
+#: that handlers keep the plain ``handler(req)`` shape and still act by the deadline.
+NOT_AFTER: contextvars.ContextVar[float] = contextvars.ContextVar("not_after")
 
 
 class Link(Protocol):
@@ -37,7 +53,8 @@ class Link(Protocol):
     @property
     def port(self) -> Optional[int]: ...
 
-    async def open(self, ttl: float, idle_timeout: float) -> int: ...
+    async def open(self, ttl: float, idle_timeout: float, *,
+                   not_after: Optional[float] = None) -> int: ...
 
     async def close(self, reason: str) -> bool: ...
 
@@ -57,6 +74,8 @@ class Dispatcher:
         self._idle_max = idle_timeout_max
         self._target = target
         self._tasks: Set[asyncio.Task[None]] = set()
+        self._rl = RateLimitedLog(log)
+        self._refusal_answers = Budget(REFUSAL_ANSWERS, 10.0)
         self._handlers: Dict[MsgType, Callable[[Request], Awaitable[Response]]] = {
             MsgType.OPEN: self._open,
             MsgType.CLOSE: self._close,
@@ -66,19 +85,26 @@ class Dispatcher:
         try:
             msg = decode(payload)
         except DecodeError as exc:
-            log.warning("ignored a malformed request (%d bytes): %s", len(payload), exc)
+            self._rl.warning("malformed requests", "ignored a malformed request (%d bytes): %s",
+                             len(payload), exc)
             return None
         handler = self._handlers.get(msg.type)
         if handler is None or not isinstance(msg, (OpenRequest, CloseRequest)):
-            log.warning("ignored a %s message on the request topic", msg.type.value)
+            self._rl.warning("other messages", "ignored a %s message on the request topic",
+                             msg.type.value)
             return None
         refusal = self.guard.check(msg)
         if refusal is not None:
             code, why = refusal
-            log.warning("refused %s request %s: %s: %s", msg.type.value, msg.id, code.value, why)
-            self._answer(msg, code, why)
+            self._rl.warning(f"{code.value} refusals", "refused %s request %s: %s: %s",
+                             msg.type.value, msg.id, code.value, why)
+            if self._refusal_answers.take():
+                self._answer(msg, code, why)
             return None
-        task = asyncio.ensure_future(self._run(handler, msg))
+        # expires_at as a monotonic deadline: what is left of the request's life must not
+        # grow if the wall clock is stepped while it waits (NTP on a board without RTC).
+        not_after = time.monotonic() + (msg.expires_at - time.time())
+        task = asyncio.ensure_future(self._run(handler, msg, not_after))
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
         return task
@@ -96,7 +122,15 @@ class Dispatcher:
                                port=port, ts=time.time()))
 
     async def _run(self, handler: Callable[[Request], Awaitable[Response]],
-                   req: Request) -> None:
+                   req: Request, not_after: float) -> None:
+        late = time.monotonic() - not_after
+        if late > 0:
+            log.warning("%s request %s expired %.1f s before it could be acted on",
+                        req.type.value, req.id, late)
+            self._answer(req, ErrorCode.EXPIRED,
+                         f"request expired {late:.1f} s before the device could act on it")
+            return
+        NOT_AFTER.set(not_after)  # this task's own context
         try:
             resp = await handler(req)
         except Exception as exc:  # one bad request must not take the agent down
@@ -114,7 +148,7 @@ class Dispatcher:
         ttl = min(req.ttl, self._ttl_max)
         idle = min(req.idle_timeout, self._idle_max)
         try:
-            port = await self.link.open(ttl, idle)
+            port = await self.link.open(ttl, idle, not_after=NOT_AFTER.get(None))
         except TunnelError as exc:
             return Response(device=self.device, id=req.id, code=exc.code,
                             message=str(exc), ts=time.time())

@@ -12,7 +12,8 @@ class AgentError(Exception):
 
 
 class TunnelError(Exception):
-    """Dialling the tunnel failed; ``code`` is TUNNEL_UNREACHABLE or TUNNEL_REFUSED."""
+    """Dialling the tunnel failed or was not attempted; ``code`` is TUNNEL_UNREACHABLE,
+    TUNNEL_REFUSED, or EXPIRED (the request asking for it expired first)."""
 
     def __init__(self, code: ErrorCode, message: str) -> None:
         super().__init__(message)

@@ -6,6 +6,14 @@ has had a connection through it for ``idle_timeout`` seconds. While it is wanted
 SSH connection drops (tunnel server restart, network cut), it is redialled with jittered
 backoff and the new port is reported. Deadlines use the monotonic clock: a Raspberry Pi
 without an RTC jumps its wall clock when NTP syncs, and that must not close tunnels.
+
+Redialling never spins: a refusal by the tunnel (wrong or revoked credentials, host key,
+forward refused) backs off much more slowly than an unreachable tunnel (from 5 s up to
+5 minutes, jittered), a connection that drops soon after it came up waits its backoff
+before the next dial, and only the connection we hold can cut a backoff wait short. All
+redialling stops when the tunnel's TTL passes. A request-driven dial carries the
+request's expiry: an expired request never dials, and a dial that only finished after
+the expiry is undone unless the tunnel was wanted already.
 """
 
 from __future__ import annotations
@@ -28,6 +36,14 @@ __all__ = ["TunnelError", "TunnelLink", "preferred_ciphers"]
 
 log = logging.getLogger("dpanel.agent.tunnel")
 
+#: A tunnel connection that lived this long resets the backoff; one that dropped sooner
+#: (a server that accepts and then evicts us, a second agent with the same token) waits
+#: its backoff before the next dial.
+_STABLE_AFTER = 30.0
+#: Backoff after the tunnel refused us (auth, host key, forward): a revoked device must
+#: settle to a slow retry, not hammer the tunnel and fill both sides' logs.
+REFUSED_BACKOFF = (5.0, 300.0)
+
 
 class _CountingForwarder(SSHForwarder):
     """The channel side of one forwarded connection; tells the link when it starts and
@@ -48,9 +64,13 @@ class _CountingForwarder(SSHForwarder):
 class _Client(asyncssh.SSHClient):
     def __init__(self, link: TunnelLink) -> None:
         self._link = link
+        self._conn: Optional[asyncssh.SSHClientConnection] = None
+
+    def connection_made(self, conn: asyncssh.SSHClientConnection) -> None:
+        self._conn = conn
 
     def connection_lost(self, exc: Optional[Exception]) -> None:
-        self._link._lost(exc)
+        self._link._lost(self._conn, exc)
 
 
 def _cpu_has_aes(cpuinfo: str = "/proc/cpuinfo") -> bool:
@@ -103,7 +123,8 @@ class TunnelLink:
 
     def __init__(self, token: DeviceToken, target: Tuple[str, int], *,
                  on_port: Callable[[Optional[int]], None], keepalive: float,
-                 window: int, backoff: Backoff, connect_timeout: float = 20) -> None:
+                 window: int, backoff: Backoff, connect_timeout: float = 20,
+                 refused_backoff: Optional[Backoff] = None) -> None:
         self._token = token
         self.host, self.port_ = parse_hostport(token.tunnel, "token tunnel", 2220)
         # known_hosts = only the pinned key: no ~/.ssh/known_hosts, no CA, no TOFU
@@ -114,6 +135,8 @@ class TunnelLink:
         self._keepalive = keepalive
         self._window = window
         self._backoff = backoff
+        self._refused_backoff = refused_backoff or Backoff(*REFUSED_BACKOFF)
+        self._up_since = 0.0  # monotonic time the current connection came up
         self._connect_timeout = connect_timeout
         self._conn: Optional[asyncssh.SSHClientConnection] = None
         self._listener: Optional[asyncssh.SSHListener] = None
@@ -132,31 +155,53 @@ class TunnelLink:
 
     # ------------------------------------------------------------------ public API
 
-    async def open(self, ttl: float, idle_timeout: float) -> int:
+    async def open(self, ttl: float, idle_timeout: float, *,
+                   not_after: Optional[float] = None) -> int:
         """Make sure the forward is up and return its port; extends TTL/idle to the max
-        of the old and new values. Raises :class:`TunnelError`."""
-        now = time.monotonic()
-        if self.wanted:
-            self.deadline = max(self.deadline, now + ttl)
-            self.idle_timeout = max(self.idle_timeout, idle_timeout)
-        else:
-            self.deadline, self.idle_timeout = now + ttl, idle_timeout
-        # A fresh request means someone is about to connect: restart the idle clock.
-        self._last_active = now
+        of the old and new values. ``not_after`` (monotonic) is the expiry of the request
+        asking: past it, nothing is extended or dialled. Raises :class:`TunnelError`."""
+        self._check_alive(not_after, "before the tunnel was asked for")
         async with self._lock:
+            # the lock may have been held by a slow dial for another request
+            self._check_alive(not_after, "while waiting for another dial")
+            now = time.monotonic()
+            was_wanted = self.wanted
+            if self.wanted:
+                self.deadline = max(self.deadline, now + ttl)
+                self.idle_timeout = max(self.idle_timeout, idle_timeout)
+            else:
+                self.deadline, self.idle_timeout = now + ttl, idle_timeout
+            # A fresh request means someone is about to connect: restart the idle clock.
+            self._last_active = now
             if self._conn is not None and self.port is not None:
                 self.wanted = True
                 self._wake.set()  # re-plan the supervisor's next check
                 return self.port
+            timeout = self._connect_timeout
+            if not_after is not None:
+                timeout = max(0.1, min(timeout, not_after - now))
             try:
-                port = await self._dial()
+                port = await self._dial(timeout)
             except TunnelError:
-                if not self.wanted:
+                if not was_wanted:
                     self.deadline = 0.0
+                self._check_alive(not_after, "while the tunnel was being dialled")
                 raise
+            if not was_wanted and not_after is not None and time.monotonic() > not_after:
+                # The caller has given up: a tunnel nobody waits for must not stay open.
+                await self._teardown("the request expired while the tunnel was dialled")
+                self.deadline = 0.0
+                self._check_alive(not_after, "while the tunnel was being dialled")
             self.wanted = True
         self._ensure_supervisor()
         return port
+
+    @staticmethod
+    def _check_alive(not_after: Optional[float], when: str) -> None:
+        if not_after is not None:
+            late = time.monotonic() - not_after
+            if late > 0:
+                raise TunnelError(ErrorCode.EXPIRED, f"request expired {late:.1f} s ago, {when}")
 
     async def close(self, reason: str) -> bool:
         """Tear the forward down; True if one was up or wanted."""
@@ -193,9 +238,13 @@ class TunnelLink:
         self._last_active = time.monotonic()
         self._wake.set()
 
-    def _lost(self, exc: Optional[Exception]) -> None:
-        # Called by asyncssh for the connection we hold (or one we just dropped).
-        self._wake.set()
+    def _lost(self, conn: Optional[asyncssh.SSHClientConnection],
+              exc: Optional[Exception]) -> None:
+        # asyncssh calls this for every connection, also for a dial that just failed
+        # (after _dial returned): only the loss of the one we hold is news, or each failed
+        # dial would cut its own backoff wait short (a revoked device redialled ~150/s).
+        if conn is not None and conn is self._conn:
+            self._wake.set()
 
     async def _forward(self, _orig_host: str, _orig_port: int) -> SSHForwarder:
         loop = asyncio.get_running_loop()
@@ -206,7 +255,7 @@ class TunnelLink:
             raise asyncssh.ChannelOpenError(asyncssh.OPEN_CONNECT_FAILED, str(exc)) from None
         return _CountingForwarder(peer, self)
 
-    async def _dial(self) -> int:
+    async def _dial(self, timeout: Optional[float] = None) -> int:
         """Connect + request the forward. Caller holds the lock."""
         await self._teardown("")
         self.dials += 1
@@ -220,7 +269,7 @@ class TunnelLink:
                 keepalive_interval=self._keepalive, keepalive_count_max=3,
                 window=self._window, compression_algs=None,
                 encryption_algs=_CIPHERS if _CIPHERS is not None else (),
-            ), self._connect_timeout)
+            ), timeout if timeout is not None else self._connect_timeout)
         except Exception as exc:  # classified into an error code
             code, message = _classify(exc)
             log.warning("tunnel %s:%d: %s", self.host, self.port_, message)
@@ -234,9 +283,9 @@ class TunnelLink:
             raise TunnelError(code, message) from None
         self._conn, self._listener = conn, listener
         self.port = listener.get_port()
+        self._up_since = time.monotonic()
         log.info("tunnel up: %s:%d port %d -> %s:%d", self.host, self.port_, self.port,
                  *self.target)
-        self._backoff.reset()
         self._on_port(self.port)
         return self.port
 
@@ -295,21 +344,48 @@ class TunnelLink:
                 pass
 
     async def _redial(self) -> None:
+        hold = 0.0
         async with self._lock:
             if not self.wanted or (self._conn is not None and not self._conn.is_closed()):
                 return
             if self.port is not None:
-                log.warning("tunnel connection lost; redialling")
+                lived = time.monotonic() - self._up_since
                 await self._teardown("")
+                if lived >= _STABLE_AFTER:
+                    self._backoff.reset()
+                    self._refused_backoff.reset()
+                else:  # flapping: do not come straight back
+                    hold = self._backoff.next()
+                log.warning("tunnel connection lost after %.0f s; redialling%s", lived,
+                            f" in {hold:.1f} s" if hold else "")
+        if hold:
+            await self._pause(hold)
+            return  # the supervisor re-checks TTL/idle, then comes back here
+        async with self._lock:
+            if not self.wanted or (self._conn is not None and not self._conn.is_closed()):
+                return
             try:
                 await self._dial()
                 return
-            except TunnelError:
+            except TunnelError as exc:
+                refused = exc.code == ErrorCode.TUNNEL_REFUSED
+        backoff = self._refused_backoff if refused else self._backoff
+        delay = backoff.next()
+        log.info("tunnel redial failed; next attempt in %.1f s%s", delay,
+                 " (refused by the tunnel)" if refused else "")
+        await self._pause(delay)
+
+    async def _pause(self, delay: float) -> None:
+        """Sleep ``delay`` s, but never past the TTL (the supervisor must get to close the
+        tunnel on time) and only until the tunnel stops being wanted; other wake-ups
+        (a forwarded connection of the dropped session ending) do not shorten it."""
+        end = time.monotonic() + delay
+        while self.wanted:
+            left = min(end, self.deadline) - time.monotonic()
+            if left <= 0:
+                return
+            self._wake.clear()
+            try:
+                await asyncio.wait_for(self._wake.wait(), left)
+            except asyncio.TimeoutError:
                 pass
-        # never sleep past the TTL: the supervisor must get to close the tunnel on time
-        delay = min(self._backoff.next(), max(0.0, self.deadline - time.monotonic()))
-        log.info("tunnel redial failed; next attempt in %.1f s", delay)
-        try:
-            await asyncio.wait_for(self._wake.wait(), delay)
-        except asyncio.TimeoutError:
-            pass

@@ -21,6 +21,8 @@ from dpanel_proto.token import DeviceToken
 from dpanel_proto.util import Backoff, parse_hostport
 from dpanel_proto.wire import req_topic, status_topic
 
+from .ratelog import RateLimitedLog
+
 __all__ = ["AgentMqtt"]
 
 log = logging.getLogger("dpanel.agent.mqtt")
@@ -49,6 +51,7 @@ class AgentMqtt:
         self._on_request = on_request
         self._on_connected = on_connected
         self._backoff = backoff
+        self._rl = RateLimitedLog(log)
         self._keepalive = keepalive
         self._connected_at = 0.0
         self._stopping = False
@@ -98,7 +101,9 @@ class AgentMqtt:
     def publish(self, topic: str, payload: bytes, *, retain: bool = False) -> None:
         info = self._client.publish(topic, payload, qos=1, retain=retain)
         if info.rc not in (mqtt.MQTT_ERR_SUCCESS, mqtt.MQTT_ERR_NO_CONN):
-            log.warning("publish on %s failed: %s", topic, mqtt.error_string(info.rc))
+            # rate-limited: a full send queue fails every publish for a while
+            self._rl.warning(f"publish on {topic}", "publish on %s failed: %s", topic,
+                             mqtt.error_string(info.rc))
 
     def publish_status(self, payload: bytes) -> None:
         """Remember the presence payload and send it if connected (else on_connect will:

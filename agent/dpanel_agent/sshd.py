@@ -11,27 +11,99 @@ agent's own user through that user's shell, like OpenSSH would:
   terminal, window-change requests resize it, and break/signals reach the process;
 * SFTP and scp, in process (asyncssh's server, with the agent's file permissions);
 * direct-tcpip only to ``allow_forward_hosts`` (device services such as a web UI on :80).
+
+Sessions get the environment sshd would give them, not the agent's own (the image's unit
+runs the agent with ``UMask=0077``, and its PATH is whatever started it): the standard
+PATH, umask 022, HOME, USER, LOGNAME, SHELL, MAIL, SSH_CONNECTION, SSH_CLIENT, SSH_TTY
+and TERM with a PTY, TZ if the agent has it, LANG and LC_* from /etc/default/locale
+(overridden by what the client sends, as AcceptEnv LANG LC_* does). SFTP and scp create
+files with umask 022 too.
+
+Process lifetime (why it is done this way): every command runs in its own session and
+process group, and the group ends when the SSH session ends, as with OpenSSH: SIGHUP
+(and SIGCONT, so that stopped jobs see it) to the group, then SIGKILL after
+:data:`HANGUP_GRACE` seconds to whatever is left. The same must happen when the agent
+itself is SIGKILLed (or crashes, or is OOM-killed), when no code of the agent runs any
+more. Each session therefore gets a watchdog: a tiny ``/bin/sh`` process (dash: well
+under 1 MB, no Python, nothing to unpack from the PyInstaller bundle) in a session of
+its own, blocked reading a pipe whose only writer is the agent. When the session ends the
+agent closes the pipe; when the agent dies the kernel does. Either way the watchdog reads
+EOF and hangs up the group (and, through ``pkill -s``, job-control groups of a PTY
+session), waits the grace period and kills what is left. One code path covers a clean
+end, a client that vanished and a dead agent, and nothing has to be remembered across a
+restart. Besides, the command's leader gets ``PR_SET_PDEATHSIG`` = SIGHUP, which covers
+the instant between spawning it and its watchdog. Under systemd the unit's default
+``KillMode=control-group`` also kills the whole cgroup when the agent's main process
+dies, but the agent is also run by hand (``dpanel-tunnel TOKEN``), so it does not rely on
+that. Alternatives not taken: a per-session supervisor in Python (a second interpreter
+per command: ~10 MB and a slow start on a Pi Zero, and a re-unpack of the onefile
+bundle); a fork of the agent as supervisor (fork in a threaded process, copy-on-write of
+the whole heap); a file of process groups killed at the next start (leaves the commands
+running until then). To keep a job running after the session on purpose, start it in a
+new session (``setsid nohup job &``), as one would under OpenSSH with a PTY.
 """
 
 from __future__ import annotations
 
 import asyncio
+import ctypes
 import fcntl
 import logging
 import os
 import pwd
+import re
 import signal
 import struct
 import termios
-from typing import Callable, Dict, List, Optional, Sequence, Set
+from pathlib import Path
+from typing import Callable, Dict, List, Optional, Sequence, Set, Tuple
 
 import asyncssh
 
-__all__ = ["BuiltinSSHServer"]
+from .ratelog import RateLimitedLog
+
+__all__ = ["HANGUP_GRACE", "ROOT_PATH", "SESSION_UMASK", "USER_PATH", "BuiltinSSHServer"]
 
 log = logging.getLogger("dpanel.agent.sshd")
+_rl = RateLimitedLog(log)
 
-_DEFAULT_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
+#: The PATH OpenSSH's sshd gives root and other users on Debian.
+ROOT_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
+USER_PATH = "/usr/local/bin:/usr/bin:/bin:/usr/games"
+#: sshd's default umask for sessions.
+SESSION_UMASK = 0o022
+#: Seconds between SIGHUP and SIGKILL when a session's process group is ended.
+HANGUP_GRACE = 5
+_LOCALE_FILE = Path("/etc/default/locale")
+_LOCALE_LINE = re.compile(r"^\s*(?:export\s+)?(LANG|LANGUAGE|LC_[A-Z_]+)=(.*)$")
+
+#: The per-session watchdog (see the module docstring): $1 = process group (= session)
+#: id, $2 = grace seconds. stdin is the pipe from the agent; EOF = the session is over.
+#: The outer shell exits at once, so the watchdog is nobody's child (init reaps it) and
+#: outlives the agent's event loop, which would otherwise kill it on shutdown.
+_WATCHDOG = r"""exec 3<&0 </dev/null
+(
+trap '' HUP INT QUIT TERM PIPE
+read _ <&3 || :
+exec 3<&-
+pk=; command -v pkill >/dev/null 2>&1 && pk=1
+alive() { kill -0 -"$1" 2>/dev/null || { [ -n "$pk" ] && pgrep -s "$1" >/dev/null 2>&1; }; }
+kill -HUP -"$1" 2>/dev/null; [ -n "$pk" ] && pkill -HUP -s "$1" 2>/dev/null
+kill -CONT -"$1" 2>/dev/null; [ -n "$pk" ] && pkill -CONT -s "$1" 2>/dev/null
+i=0
+while alive "$1"; do
+  [ "$i" -ge "$(($2 * 5))" ] && break
+  sleep 0.2 2>/dev/null || sleep 1
+  i=$((i + 1))
+done
+kill -KILL -"$1" 2>/dev/null; [ -n "$pk" ] && pkill -KILL -s "$1" 2>/dev/null
+) &
+"""
+_PR_SET_PDEATHSIG = 1
+try:  # resolved here, not in the forked child
+    _prctl: Optional[Callable[..., int]] = ctypes.CDLL(None, use_errno=True).prctl
+except (OSError, AttributeError):  # pragma: no cover - not Linux/glibc
+    _prctl = None
 #: Client-sent environment accepted, as OpenSSH's default AcceptEnv does.
 _ACCEPT_ENV_PREFIXES = ("LC_",)
 _ACCEPT_ENV = frozenset({"LANG", "LANGUAGE"})
@@ -39,10 +111,39 @@ _ACCEPT_ENV = frozenset({"LANG", "LANGUAGE"})
 _PTY_DRAIN = 2.0
 
 
-def _set_ctty() -> None:  # runs in the child between fork and exec
-    # start_new_session made the child a session leader; make the pty (its stdin) the
-    # controlling terminal so job control, ^C and SIGWINCH work.
-    fcntl.ioctl(0, termios.TIOCSCTTY, 0)
+def _child_setup(pty: bool, parent: int) -> Callable[[], None]:
+    """What runs in the child between fork and exec (one ioctl, one prctl)."""
+
+    def setup() -> None:
+        if _prctl is not None:
+            # the leader is hung up the moment the agent dies, whatever else happens
+            _prctl(_PR_SET_PDEATHSIG, int(signal.SIGHUP), 0, 0, 0)
+            if os.getppid() != parent:  # the agent died before the prctl took effect
+                os._exit(129)
+        if pty:
+            # start_new_session made the child a session leader; make the pty (its
+            # stdin) the controlling terminal so job control, ^C and SIGWINCH work.
+            fcntl.ioctl(0, termios.TIOCSCTTY, 0)
+
+    return setup
+
+
+def _locale_env(path: Path = _LOCALE_FILE) -> Dict[str, str]:
+    """LANG / LANGUAGE / LC_* from /etc/default/locale, as pam_env gives sshd sessions."""
+    env: Dict[str, str] = {}
+    try:
+        text = path.read_text(encoding="utf-8", errors="replace")
+    except OSError:
+        return env
+    for line in text.splitlines():
+        m = _LOCALE_LINE.match(line)
+        if m:
+            value = m.group(2).strip()
+            if len(value) >= 2 and value[0] == value[-1] and value[0] in "\"'":
+                value = value[1:-1]
+            if value and all(c.isprintable() for c in value):
+                env[m.group(1)] = value
+    return env
 
 
 def _set_winsize(fd: int, size: Sequence[int]) -> None:
@@ -90,8 +191,8 @@ class _Server(asyncssh.SSHServer):
     def validate_public_key(self, username: str, key: asyncssh.SSHKey) -> bool:
         ok = key.public_data == self._owner.client_key.public_data
         if not ok:
-            log.warning("refused key %s for %r from %s: not the pinned manager key",
-                        key.get_fingerprint(), username[:64], self._peer)
+            _rl.warning("refused keys", "refused key %s for %r from %s: not the pinned "
+                        "manager key", key.get_fingerprint(), username[:64], self._peer)
         return ok
 
     def auth_completed(self) -> None:
@@ -100,8 +201,8 @@ class _Server(asyncssh.SSHServer):
     def connection_requested(self, dest_host: str, dest_port: int, orig_host: str,
                              orig_port: int) -> bool:
         if dest_host.lower() not in self._owner.allow_forward_hosts:
-            log.warning("refused direct-tcpip to %s:%d (not in allow_forward_hosts)",
-                        dest_host, dest_port)
+            _rl.warning("refused forwards", "refused direct-tcpip to %r:%d (not in "
+                        "allow_forward_hosts)", dest_host[:255], dest_port)
             return False
         log.info("forwarding to %s:%d", dest_host, dest_port)
         return True
@@ -125,7 +226,9 @@ class BuiltinSSHServer:
         self._window = window
         self._keepalive = keepalive
         self._acceptor: Optional[asyncssh.SSHAcceptor] = None
-        self._children: Dict[int, asyncio.subprocess.Process] = {}
+        self._sessions: Set[_ProcessGroup] = set()
+        self._locale = _locale_env()
+        self._path = ROOT_PATH if os.geteuid() == 0 else USER_PATH
         self._conns: Set[Optional[asyncssh.SSHServerConnection]] = set()
 
     @property
@@ -154,8 +257,8 @@ class BuiltinSSHServer:
         acceptor, self._acceptor = self._acceptor, None
         if acceptor is not None:
             acceptor.close()
-        for child in list(self._children.values()):
-            _killpg(child.pid, signal.SIGHUP)
+        for session in list(self._sessions):
+            session.end()
         conns = [c for c in self._conns if c is not None]
         for conn in conns:
             conn.close()
@@ -165,19 +268,26 @@ class BuiltinSSHServer:
 
     # ------------------------------------------------------------------ sessions
 
-    def _env(self, process: asyncssh.SSHServerProcess[bytes]) -> Dict[str, str]:
+    def _env(self, process: asyncssh.SSHServerProcess[bytes],
+             tty: Optional[str] = None) -> Dict[str, str]:
         env = {
             "HOME": self._home, "USER": self._user, "LOGNAME": self._user,
-            "SHELL": self.shell, "PATH": os.environ.get("PATH") or _DEFAULT_PATH,
+            "SHELL": self.shell, "PATH": self._path, "MAIL": f"/var/mail/{self._user}",
         }
-        for name in ("LANG", "TZ"):
-            if name in os.environ:
-                env[name] = os.environ[name]
+        if "TZ" in os.environ:  # sshd passes its own TZ on
+            env["TZ"] = os.environ["TZ"]
+        env.update(self._locale)
         for name, value in process.env.items():
             if name in _ACCEPT_ENV or name.startswith(_ACCEPT_ENV_PREFIXES):
                 env[name] = value
+        peer, local = _addr(process, "peername"), _addr(process, "sockname")
+        if peer is not None and local is not None:
+            env["SSH_CONNECTION"] = f"{peer[0]} {peer[1]} {local[0]} {local[1]}"
+            env["SSH_CLIENT"] = f"{peer[0]} {peer[1]} {local[1]}"
         if process.term_type:
             env["TERM"] = process.term_type
+        if tty:
+            env["SSH_TTY"] = tty
         return env
 
     async def _handle(self, process: asyncssh.SSHServerProcess[bytes]) -> None:
@@ -205,14 +315,15 @@ class BuiltinSSHServer:
 
     async def _spawn(self, process: asyncssh.SSHServerProcess[bytes], argv: List[str],
                      stdin: int, stdout: int, stderr: int,
-                     pty: bool) -> Optional[asyncio.subprocess.Process]:
+                     tty: Optional[str]) -> Optional[asyncio.subprocess.Process]:
         try:
-            # preexec_fn is needed for TIOCSCTTY (no portable alternative on 3.9); it
-            # only makes one ioctl, safe even though paho runs a thread.
+            # preexec_fn is needed for TIOCSCTTY and PR_SET_PDEATHSIG (no portable
+            # alternative on 3.9); it makes one ioctl and one prctl, safe even though
+            # paho runs a thread.
             return await asyncio.create_subprocess_exec(
-                *argv, stdin=stdin, stdout=stdout, stderr=stderr, env=self._env(process),
-                cwd=self._cwd,
-                start_new_session=True, preexec_fn=_set_ctty if pty else None,
+                *argv, stdin=stdin, stdout=stdout, stderr=stderr,
+                env=self._env(process, tty), cwd=self._cwd, umask=SESSION_UMASK,
+                start_new_session=True, preexec_fn=_child_setup(tty is not None, os.getpid()),
             )
         except OSError as exc:
             log.warning("cannot start %s: %s", argv[0], exc)
@@ -227,7 +338,7 @@ class BuiltinSSHServer:
         out_r, out_w = os.pipe()
         err_r, err_w = os.pipe()
         try:
-            child = await self._spawn(process, argv, in_r, out_w, err_w, pty=False)
+            child = await self._spawn(process, argv, in_r, out_w, err_w, tty=None)
         finally:
             for fd in (in_r, out_w, err_w):
                 os.close(fd)
@@ -247,7 +358,8 @@ class BuiltinSSHServer:
         master, slave = os.openpty()
         try:
             _set_winsize(slave, process.term_size)
-            child = await self._spawn(process, argv, slave, slave, slave, pty=True)
+            child = await self._spawn(process, argv, slave, slave, slave,
+                                      tty=os.ttyname(slave))
         finally:
             os.close(slave)  # else reading the master never sees EIO when the shell ends
         if child is None:
@@ -264,15 +376,16 @@ class BuiltinSSHServer:
                          drain_timeout: Optional[float]) -> None:
         """Wait for the child or the channel, whichever ends first; report exit status
         only after all output reached the channel."""
-        self._children[child.pid] = child
+        group = await _ProcessGroup.start(child)
+        self._sessions.add(group)
         exited = asyncio.ensure_future(child.wait())
         closed = asyncio.ensure_future(process.channel.wait_closed())
         try:
             await asyncio.wait({exited, closed}, return_when=asyncio.FIRST_COMPLETED)
             if not exited.done():
                 # The client went away (or the tunnel dropped): hang up like sshd does.
-                log.info("session closed by the client; hanging up pid %d", child.pid)
-                await _terminate(child)
+                log.info("session closed by the client; hanging up process group %d",
+                         child.pid)
                 return
             rc = exited.result()
             drained = asyncio.ensure_future(self._drain(process))
@@ -286,7 +399,10 @@ class BuiltinSSHServer:
             else:
                 process.exit_with_signal(_signal_name(rc))
         finally:
-            self._children.pop(child.pid, None)
+            # The session is over, however it ended: its process group ends with it
+            # (what the command left running in the background is hung up too).
+            group.end()
+            self._sessions.discard(group)
             for fut in (exited, closed):
                 fut.cancel()
 
@@ -300,7 +416,33 @@ class BuiltinSSHServer:
 
 class _SFTPServer(asyncssh.SFTPServer):
     """asyncssh's SFTP server, plus the exit status that OpenSSH's sftp-server sends:
-    without it, OpenSSH's scp (which speaks SFTP since 9.0) reports failure."""
+    without it, OpenSSH's scp (which speaks SFTP since 9.0) reports failure. Files and
+    directories are created with the session umask (022), not the agent's (the unit's
+    0077 would make every uploaded file 0600). The server runs on the event loop thread
+    and no other thread of the agent creates files, so switching the process umask
+    around the call is safe."""
+
+    def open(self, path: bytes, pflags: int, attrs: asyncssh.SFTPAttrs) -> object:
+        old = os.umask(SESSION_UMASK)
+        try:
+            return super().open(path, pflags, attrs)
+        finally:
+            os.umask(old)
+
+    def open56(self, path: bytes, desired_access: int, flags: int,
+               attrs: asyncssh.SFTPAttrs) -> object:
+        old = os.umask(SESSION_UMASK)
+        try:
+            return super().open56(path, desired_access, flags, attrs)
+        finally:
+            os.umask(old)
+
+    def mkdir(self, path: bytes, attrs: asyncssh.SFTPAttrs) -> None:
+        old = os.umask(SESSION_UMASK)
+        try:
+            super().mkdir(path, attrs)
+        finally:
+            os.umask(old)
 
     def exit(self) -> None:
         super().exit()
@@ -351,11 +493,66 @@ def _killpg(pid: int, sig: int) -> None:
         pass
 
 
-async def _terminate(child: asyncio.subprocess.Process) -> None:
-    _killpg(child.pid, signal.SIGHUP)
-    _killpg(child.pid, signal.SIGCONT)
-    try:
-        await asyncio.wait_for(child.wait(), 5)
-    except asyncio.TimeoutError:
-        _killpg(child.pid, signal.SIGKILL)
-        await child.wait()
+def _addr(process: asyncssh.SSHServerProcess[bytes], what: str) -> Optional[Tuple[str, int]]:
+    value = process.channel.get_extra_info(what)
+    if isinstance(value, tuple) and len(value) >= 2:
+        return str(value[0]), int(value[1])
+    return None
+
+
+class _ProcessGroup:
+    """A session's process group and its watchdog (see the module docstring).
+    :meth:`end` is idempotent; it only closes the pipe, the watchdog does the rest."""
+
+    def __init__(self, pgid: int, pipe_w: Optional[int]) -> None:
+        self.pgid = pgid
+        self._w = pipe_w
+        self._ended = False
+
+    @classmethod
+    async def start(cls, child: asyncio.subprocess.Process) -> _ProcessGroup:
+        r, w = os.pipe()  # both ends close-on-exec: no command ever inherits the writer
+        try:
+            launcher = await asyncio.create_subprocess_exec(
+                "/bin/sh", "-c", _WATCHDOG, "dpanel-session-watchdog", str(child.pid),
+                str(HANGUP_GRACE), stdin=r, stdout=asyncio.subprocess.DEVNULL,
+                stderr=asyncio.subprocess.DEVNULL, start_new_session=True,
+                env={"PATH": ROOT_PATH}, cwd="/")
+            rc = await launcher.wait()
+            if rc != 0:
+                raise OSError(f"/bin/sh exited with status {rc}")
+        except OSError as exc:
+            os.close(w)
+            log.warning("cannot start the session watchdog (%s); the session's processes "
+                        "are only ended while the agent runs", exc)
+            return cls(child.pid, None)
+        finally:
+            os.close(r)
+        return cls(child.pid, w)
+
+    def end(self) -> None:
+        if self._ended:
+            return
+        self._ended = True
+        if self._w is not None:
+            os.close(self._w)
+            self._w = None
+        else:  # no watchdog: do its job from here
+            task = asyncio.ensure_future(_hang_up(self.pgid))
+            _HANGUPS.add(task)
+            task.add_done_callback(_HANGUPS.discard)
+
+
+_HANGUPS: Set[asyncio.Task[None]] = set()
+
+
+async def _hang_up(pgid: int) -> None:
+    _killpg(pgid, signal.SIGHUP)
+    _killpg(pgid, signal.SIGCONT)
+    for _ in range(HANGUP_GRACE * 5):
+        try:
+            os.killpg(pgid, 0)
+        except (ProcessLookupError, PermissionError):
+            return
+        await asyncio.sleep(0.2)
+    _killpg(pgid, signal.SIGKILL)

@@ -5,6 +5,10 @@ FAT boot partition (editable from any OS). On start the agent moves a valid toke
 there into ``token_file`` (0600, in a 0700 directory) and blanks the FAT copy, the way
 rpi-preseed treats secrets: a token on a FAT partition is readable by anyone holding the
 card and by every local user.
+
+An image may also carry pins (``build-image --tunnel-host-key/--manager-key`` writes them
+to ``pins_dir``): a token whose keys differ from them is refused, wherever it comes from,
+and is never imported over the token in use.
 """
 
 from __future__ import annotations
@@ -22,7 +26,8 @@ from dpanel_proto.wire import DecodeError
 from .config import AgentConfig
 from .files import atomic_write, ensure_private_dir
 
-__all__ = ["IMPORTED_MARKER", "TokenError", "import_token", "read_token_text", "resolve_token"]
+__all__ = ["IMPORTED_MARKER", "PIN_FILES", "TokenError", "check_pins", "import_token",
+           "read_token_text", "resolve_token"]
 
 log = logging.getLogger("dpanel.agent")
 
@@ -41,6 +46,38 @@ def read_token_text(text: str) -> str:
         if s and not s.startswith("#"):
             return s
     return ""
+
+
+#: pin file name in ``pins_dir`` -> the token field it pins
+PIN_FILES = (("tunnel_host_key.pub", "tunnel_host_key"), ("manager_key.pub", "manager_key"))
+
+
+def _key_of(line: str) -> str:
+    """Key type + base64 only: comments (user@host) are not part of a key."""
+    return " ".join(line.split()[:2])
+
+
+def check_pins(token: DeviceToken, pins_dir: Path) -> None:
+    """Raise :class:`TokenError` naming the pin file and the token field if ``token``
+    does not carry the keys pinned in ``pins_dir``. A missing pin file pins nothing; an
+    unreadable or malformed one refuses every token (a pin must fail closed)."""
+    for name, fld in PIN_FILES:
+        path = pins_dir / name
+        try:
+            text = path.read_text(encoding="utf-8", errors="replace")
+        except FileNotFoundError:
+            continue
+        except OSError as exc:
+            raise TokenError(f"pin file {path} is unreadable ({exc.strerror}); refusing "
+                             f"to run unpinned") from None
+        lines = [ln for ln in text.splitlines() if ln.strip() and not ln.startswith("#")]
+        pinned = _key_of(lines[0]) if lines else ""
+        if len(pinned.split()) != 2 or not pinned.startswith(("ssh-", "ecdsa-")):
+            raise TokenError(f"pin file {path} holds no OpenSSH public key; refusing to run "
+                             f"unpinned")
+        if _key_of(getattr(token, fld)) != pinned:
+            raise TokenError(f"token {fld} does not match the key pinned in {path} "
+                             f"(token for another server?)")
 
 
 def _blank(src: Path, dest: Path) -> None:
@@ -80,6 +117,12 @@ def import_token(config: AgentConfig) -> Optional[DeviceToken]:
                       f"; still using {dest}" if dest.exists() else "")
             continue
         try:
+            check_pins(token, config.pins_dir)
+        except TokenError as exc:
+            log.error("token import: %s: %s; not imported, left in place%s", src, exc,
+                      f"; still using {dest}" if dest.exists() else "")
+            continue
+        try:
             ensure_private_dir(dest.parent, tighten=False)
             current = dest.read_text() if dest.exists() else ""
             if read_token_text(current) != token.encode():
@@ -97,7 +140,14 @@ def import_token(config: AgentConfig) -> Optional[DeviceToken]:
 
 
 def resolve_token(config: AgentConfig) -> DeviceToken:
-    """The token to run with: ``config.token`` if set, else an import, else token_file."""
+    """The token to run with: ``config.token`` if set, else an import, else token_file;
+    in every case checked against the image's pins."""
+    token = _find_token(config)
+    check_pins(token, config.pins_dir)
+    return token
+
+
+def _find_token(config: AgentConfig) -> DeviceToken:
     if config.token is not None:
         return config.token
     imported = import_token(config)

@@ -5,8 +5,15 @@ One JSON object per line (NDJSON), in order::
     {"stdout": "<base64>"}  {"stderr": "<base64>"}   zero or more output chunks
     {"exit": <int>}                                    the remote exit status, last
     {"error": "<message>", "code": "<ErrorCode>"}     instead of exit, on failure
+    {}                                                 heartbeat, any time: ignore it
 
-Output is base64 so that binary output survives byte for byte.
+Output is base64 so that binary output survives byte for byte. The server sends a
+heartbeat after every few seconds of silence, so that a reader can tell a silent command
+(an apt upgrade) from a dead manager with a read timeout instead of waiting forever.
+
+A request body of type ``application/x-ndjson`` uses the same framing the other way: the
+first line is the exec request object, then ``{"stdin": "<base64>"}`` lines; the end of
+the body is EOF on the remote stdin.
 """
 
 from __future__ import annotations
@@ -19,7 +26,7 @@ from typing import Literal, Union
 
 from .wire import DecodeError
 
-__all__ = ["Error", "Exit", "Output", "StreamEvent", "decode_event", "encode_event"]
+__all__ = ["Error", "Exit", "Heartbeat", "Output", "StreamEvent", "decode_event", "encode_event"]
 
 
 @dataclass(frozen=True)
@@ -39,7 +46,12 @@ class Error:
     code: str
 
 
-StreamEvent = Union[Output, Exit, Error]
+@dataclass(frozen=True)
+class Heartbeat:
+    """Nothing happened; the stream is alive."""
+
+
+StreamEvent = Union[Output, Exit, Error, Heartbeat]
 
 
 def encode_event(ev: StreamEvent) -> bytes:
@@ -48,6 +60,8 @@ def encode_event(ev: StreamEvent) -> bytes:
         obj: dict[str, object] = {ev.stream: base64.b64encode(ev.data).decode()}
     elif isinstance(ev, Exit):
         obj = {"exit": ev.status}
+    elif isinstance(ev, Heartbeat):
+        return b"{}\n"
     else:
         obj = {"error": ev.message, "code": ev.code}
     return json.dumps(obj).encode() + b"\n"
@@ -60,6 +74,8 @@ def decode_event(line: Union[bytes, str]) -> StreamEvent:
         raise DecodeError("exec stream: a line is not JSON") from None
     if not isinstance(obj, dict):
         raise DecodeError("exec stream: a line is not an object")
+    if not obj:
+        return Heartbeat()
     if "exit" in obj:
         if isinstance(obj["exit"], bool) or not isinstance(obj["exit"], int):
             raise DecodeError("exec stream: exit is not an integer")

@@ -6,7 +6,7 @@ import os
 import random
 import tempfile
 from pathlib import Path
-from typing import Union
+from typing import Optional, Union
 
 from .wire import DecodeError
 
@@ -33,16 +33,20 @@ def parse_hostport(value: str, what: str, default_port: int) -> tuple[str, int]:
 
 
 def atomic_write(path: Union[str, Path], data: Union[str, bytes], mode: int = 0o600, *,
-                 make_parents: bool = False) -> None:
+                 make_parents: bool = False, owner: Optional[tuple[int, int]] = None) -> None:
     """Write via a temp file in the same directory + fsync + rename: readers and a power
     cut (an SD card yanked out) only ever see the old or the new file, never half. The
-    mode is set before any byte is written, so a secret is never readable by others."""
+    mode (and ``owner``, a (uid, gid), when given) are set before any byte is written, so
+    a secret is never readable by others and a service never sees the file with the
+    wrong owner."""
     p = Path(path)
     if make_parents:
         p.parent.mkdir(parents=True, exist_ok=True)
     raw = data.encode() if isinstance(data, str) else data
     fd, tmp = tempfile.mkstemp(prefix=f".{p.name}.", dir=str(p.parent))
     try:
+        if owner is not None:
+            os.fchown(fd, *owner)
         os.fchmod(fd, mode)
         with os.fdopen(fd, "wb") as f:
             f.write(raw)

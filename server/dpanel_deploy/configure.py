@@ -10,26 +10,24 @@ replaced: devices pinned them, and an upgrade must keep them.
 from __future__ import annotations
 
 import argparse
-import datetime as dt
 import grp
 import hashlib
-import ipaddress
 import json
 import os
 import pwd
 import secrets
 import subprocess
 import sys
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Literal, Optional, Sequence
 
-from dpanel_server.broker import mosquitto_settings
+from dpanel_proto.ports import API_PORT, BROKER_PORT, BROKER_TLS_PORT, TUNNEL_PORT
+from dpanel_proto.result import format_result
+from dpanel_proto.util import atomic_write
+from dpanel_server.broker import APPLIANCE_MAX_CONNECTIONS, Listener
 
 __all__ = ["Layout", "Options", "Report", "main", "render_mosquitto_conf"]
-
-RESULT_PREFIX = "DPANEL-RESULT "
 
 Owner = tuple[str, str]
 Change = Literal["created", "updated", "fixed"]
@@ -66,8 +64,8 @@ class Layout:
 @dataclass
 class Options:
     public_host: Optional[str] = None
-    tunnel_public: Optional[str] = None  # HOST:PORT devices dial (default PUBLIC_HOST:2220)
-    broker_public: Optional[str] = None  # HOST:PORT devices dial (default PUBLIC_HOST:8883)
+    tunnel_public: Optional[str] = None  # HOST:PORT devices dial (default ADVERTISE:2220)
+    broker_public: Optional[str] = None  # HOST:PORT devices dial (default ADVERTISE:8883)
     package_changed: bool = False
     start: bool = True
 
@@ -89,12 +87,6 @@ class Report:
 DPANEL = ("dpanel-tunnel", "dpanel-manager")
 BROKER = ("mosquitto",)
 
-TUNNEL_PORT = 2220
-BROKER_TLS_PORT = 8883
-BROKER_PORT = 1883
-API_PORT = 8780
-CERT_DAYS = 825
-RENEW_BEFORE = dt.timedelta(days=30)
 
 
 # ---------------------------------------------------------------------------- files
@@ -126,19 +118,8 @@ def ensure_dir(path: Path, owner: Owner, mode: int, report: Report) -> None:
 
 
 def write_atomic(path: Path, data: bytes, owner: Owner, mode: int) -> None:
-    """tmp + fsync + rename, with owner and mode set before the name appears."""
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    try:
-        os.fchown(fd, *_ids(owner))
-        os.fchmod(fd, mode)
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    """The protocol package's atomic write, owner and mode set before the name appears."""
+    atomic_write(path, data, mode, owner=_ids(owner))
 
 
 def ensure_content(path: Path, data: bytes, owner: Owner, mode: int, report: Report,
@@ -187,93 +168,38 @@ def _cert_names(broker_host: str) -> list[str]:
     return list(dict.fromkeys([broker_host, "localhost", "127.0.0.1"]))
 
 
+#: Who owns each TLS file on the appliance: the broker reads its own key and nobody else
+#: needs it; the CA key is dpanel's (nothing runs as root).
+TLS_OWNERS: dict[str, tuple[Owner, int]] = {
+    "ca.key": (("dpanel", "dpanel"), 0o600),
+    "ca.crt": (("root", "root"), 0o644),
+    "server.key": (("mosquitto", "mosquitto"), 0o600),
+    "server.crt": (("root", "root"), 0o644),
+}
+
+
 def _ensure_tls(layout: Layout, broker_host: str, report: Report) -> None:
-    """A private CA (kept, so the server certificate can be re-issued for a new name
-    without touching devices that pinned the CA) and a server certificate for the name
-    devices dial, re-issued when that name changes or expiry is near."""
-    from cryptography import x509
-    from cryptography.hazmat.primitives import hashes, serialization
-    from cryptography.hazmat.primitives.asymmetric import ec
-    from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+    """The broker CA and the server certificate for the name devices dial, by the one
+    set of rules in :mod:`dpanel_server.pki` (the CA is kept; the certificate is
+    re-issued when that name changes or expiry is near)."""
+    from dpanel_server.errors import ConfigError
+    from dpanel_server.pki import ensure_broker_tls
 
-    dpanel: Owner = ("dpanel", "dpanel")
-    now = dt.datetime.now(dt.timezone.utc)
+    def write(path: Path, data: bytes, kind: str) -> None:
+        owner, mode = TLS_OWNERS[kind]
+        write_atomic(path, data, owner, mode)
 
-    def pem_key(k: ec.EllipticCurvePrivateKey) -> bytes:
-        return k.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
-                               serialization.NoEncryption())
-
-    def name(cn: str) -> x509.Name:
-        return x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, cn)])
-
-    ca_key_p, ca_crt_p = layout.tls / "ca.key", layout.tls / "ca.crt"
-    key_p, crt_p = layout.tls / "server.key", layout.tls / "server.crt"
-    if not (ca_key_p.exists() and ca_crt_p.exists()):
-        if ca_crt_p.exists():
-            raise SystemExit(f"dpanel-configure: {ca_crt_p} exists but its key {ca_key_p} "
-                             "does not; refusing to replace a CA that devices may have pinned")
-        ca_key = ec.generate_private_key(ec.SECP256R1())
-        ca = (x509.CertificateBuilder().subject_name(name("dPanel Edge broker CA"))
-              .issuer_name(name("dPanel Edge broker CA")).public_key(ca_key.public_key())
-              .serial_number(x509.random_serial_number())
-              .not_valid_before(now - dt.timedelta(days=1))
-              .not_valid_after(now + dt.timedelta(days=20 * 365))
-              .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
-              .add_extension(x509.KeyUsage(False, False, False, False, False, True, True,
-                                           False, False), critical=True)
-              .sign(ca_key, hashes.SHA256()))
-        write_atomic(ca_key_p, pem_key(ca_key), dpanel, 0o600)
-        write_atomic(ca_crt_p, ca.public_bytes(serialization.Encoding.PEM), ("root", "root"),
-                     0o644)
-        report.note("created", f"{ca_crt_p} (broker CA)", BROKER + DPANEL)
-    ensure_meta(ca_key_p, dpanel, 0o600, report)
-    ensure_meta(ca_crt_p, ("root", "root"), 0o644, report)
-    ca_key_any = serialization.load_pem_private_key(ca_key_p.read_bytes(), None)
-    assert isinstance(ca_key_any, ec.EllipticCurvePrivateKey)
-    ca = x509.load_pem_x509_certificate(ca_crt_p.read_bytes())
-
-    want = _cert_names(broker_host)
-    reason = ""
-    if not (key_p.exists() and crt_p.exists()):
-        reason = "created"
-    else:
-        crt = x509.load_pem_x509_certificate(crt_p.read_bytes())
-        try:
-            san = crt.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
-            have = [str(v) for v in san.get_values_for_type(x509.DNSName)] + [
-                str(v) for v in san.get_values_for_type(x509.IPAddress)]
-        except x509.ExtensionNotFound:
-            have = []
-        if sorted(have) != sorted(want):
-            reason = f"updated (names {', '.join(want)})"
-        elif crt.not_valid_after_utc - now < RENEW_BEFORE:
-            reason = "updated (renewed before expiry)"
-        elif crt.issuer != ca.subject:
-            reason = "updated (issued by the current CA)"
-    if reason:
-        entries: list[x509.GeneralName] = []
-        for n in want:
-            try:
-                entries.append(x509.IPAddress(ipaddress.ip_address(n)))
-            except ValueError:
-                entries.append(x509.DNSName(n))
-        key = ec.generate_private_key(ec.SECP256R1())
-        crt = (x509.CertificateBuilder().subject_name(name(want[0])).issuer_name(ca.subject)
-               .public_key(key.public_key()).serial_number(x509.random_serial_number())
-               .not_valid_before(now - dt.timedelta(days=1))
-               .not_valid_after(now + dt.timedelta(days=CERT_DAYS))
-               .add_extension(x509.SubjectAlternativeName(entries), critical=False)
-               .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH]),
-                              critical=False)
-               .sign(ca_key_any, hashes.SHA256()))
-        # The broker reads its own key; nobody else needs it.
-        write_atomic(key_p, pem_key(key), ("mosquitto", "mosquitto"), 0o600)
-        write_atomic(crt_p, crt.public_bytes(serialization.Encoding.PEM), ("root", "root"),
-                     0o644)
-        report.note(reason.split()[0], f"{crt_p} {' '.join(reason.split()[1:])}".strip(),
-                    BROKER)
-    ensure_meta(key_p, ("mosquitto", "mosquitto"), 0o600, report, BROKER)
-    ensure_meta(crt_p, ("root", "root"), 0o644, report, BROKER)
+    try:
+        changes = ensure_broker_tls(layout.tls, _cert_names(broker_host), writer=write)
+    except ConfigError as exc:
+        raise SystemExit(f"dpanel-configure: {exc}") from None
+    for ch in changes:
+        detail = " (broker CA)" if ch.path.name == "ca.crt" else (
+            f" ({ch.reason})" if ch.reason else "")
+        report.note(ch.what, f"{ch.path}{detail}",
+                    BROKER + DPANEL if ch.path.name == "ca.crt" else BROKER)
+    for name, (owner, mode) in TLS_OWNERS.items():
+        ensure_meta(layout.tls / name, owner, mode, report, BROKER)
 
 
 # ---------------------------------------------------------------------------- config
@@ -297,9 +223,8 @@ def _desired_config(layout: Layout, opts: Options) -> str:
     """server.toml: the public addresses come from the options, else from the existing
     file (so a re-run without options keeps them); everything else is the appliance
     layout. Hand edits to other settings are overwritten: say so in the header."""
-    from dpanel_server.config import ServerConfig, load_config
+    from dpanel_server.config import ServerConfig, check_advertised, dump_config, load_config
     from dpanel_server.errors import ConfigError
-    from dpanel_server.stack import dump_config
 
     old: Optional[ServerConfig] = None
     if layout.config.exists():
@@ -317,9 +242,15 @@ def _desired_config(layout: Layout, opts: Options) -> str:
         broker_pub = broker_pub or old.broker.public_url.split("://", 1)[1]
     if not tunnel_pub or not broker_pub:
         raise SystemExit("dpanel-configure: --public-host is required on the first run "
-                         "(the name or address devices dial)")
+                         "(--advertise HOST: the name or address devices dial)")
     th, tp = _split_hostport(tunnel_pub, "--tunnel-public", TUNNEL_PORT)
     bh, bp = _split_hostport(broker_pub, "--broker-public", BROKER_TLS_PORT)
+    for host, flag, given in ((th, "--tunnel-public", opts.tunnel_public),
+                              (bh, "--broker-public", opts.broker_public)):
+        try:  # name the option the bad address came from
+            check_advertised(host, "--advertise" if opts.public_host and not given else flag)
+        except ConfigError as exc:
+            raise SystemExit(f"dpanel-configure: {exc}") from None
     cfg = ServerConfig(state_dir=str(layout.state))
     cfg.tunnel.listen = f"0.0.0.0:{TUNNEL_PORT}"
     cfg.tunnel.public_address = _fmt_hostport(th, tp)
@@ -338,32 +269,24 @@ def _desired_config(layout: Layout, opts: Options) -> str:
     text = dump_config(cfg).split("\n", 1)[1]
     return ("# dPanel Edge server configuration, written by dpanel-configure.\n"
             "# Re-running it (invoke deploy-server) rewrites this file; change the public\n"
-            "# addresses with --public-host / --tunnel-public / --broker-public.\n" + text)
+            "# addresses with --advertise / --tunnel-public / --broker-public.\n" + text)
 
 
 def render_mosquitto_conf(layout: Layout) -> str:
-    """Plain MQTT on loopback for the manager, TLS on 8883 for devices; no anonymous
-    clients; client id == username so a device cannot take over another's session."""
-    tls = layout.tls
-    common = mosquitto_settings(passwd=layout.broker_dir / "passwd",
-                                acl=layout.broker_dir / "acl",
-                                pid_file=Path("/run/mosquitto/mosquitto.pid"),
-                                log_timestamp=False)  # the journal stamps lines
-    return f"""\
-# dPanel Edge broker configuration, written by dpanel-configure (edits are overwritten).
-{common}
-# the manager, on this host only
-listener {BROKER_PORT} 127.0.0.1
-use_username_as_clientid true
+    """Plain MQTT on loopback for the manager, TLS on 8883 for devices (the shared
+    renderer, :func:`dpanel_server.broker.render_mosquitto_conf`, with the appliance's
+    listeners)."""
+    from dpanel_server.broker import render_mosquitto_conf as render
 
-# devices
-listener {BROKER_TLS_PORT}
-use_username_as_clientid true
-cafile {tls / 'ca.crt'}
-certfile {tls / 'server.crt'}
-keyfile {tls / 'server.key'}
-tls_version tlsv1.2
-"""
+    return render(
+        passwd=layout.broker_dir / "passwd", acl=layout.broker_dir / "acl",
+        pid_file=Path("/run/mosquitto/mosquitto.pid"),
+        listeners=[Listener(BROKER_PORT, "127.0.0.1"),  # the manager, on this host only
+                   Listener(BROKER_TLS_PORT, None, tls_dir=layout.tls, public=True,
+                            max_connections=APPLIANCE_MAX_CONNECTIONS)],
+        as_current_user=False,  # the unit starts it as 'mosquitto'
+        log_timestamp=False,  # the journal stamps lines
+        header="dpanel-configure")
 
 
 def _ensure_broker_files(layout: Layout, report: Report) -> None:
@@ -499,11 +422,14 @@ def configure(opts: Options, layout: Layout = Layout()) -> Report:
 
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="dpanel-configure", description=__doc__.splitlines()[0])
-    p.add_argument("--public-host", help="name or address devices dial (first run: required)")
+    # What device tokens name (the services always listen on every address): the same
+    # setting as `dpanel stack up --advertise`; --public-host is its older spelling.
+    p.add_argument("--advertise", "--public-host", dest="public_host", metavar="HOST",
+                   help="name or address devices dial (first run: required; not 0.0.0.0)")
     p.add_argument("--tunnel-public", help="HOST:PORT devices dial for the tunnel "
-                   "(default PUBLIC_HOST:2220; e.g. behind port forwarding)")
+                   f"(default ADVERTISE:{TUNNEL_PORT}; e.g. behind port forwarding)")
     p.add_argument("--broker-public", help="HOST:PORT devices dial for MQTT over TLS "
-                   "(default PUBLIC_HOST:8883)")
+                   f"(default ADVERTISE:{BROKER_TLS_PORT})")
     p.add_argument("--package-changed", action="store_true",
                    help="the package was just installed or upgraded: reload and restart")
     p.add_argument("--no-start", action="store_true", help="configure but start nothing")
@@ -525,8 +451,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         print("  nothing changed", flush=True)
     if args.json:
         digest = hashlib.sha256(json.dumps(report.changes).encode()).hexdigest()[:12]
-        print(RESULT_PREFIX + json.dumps({"changes": report.changes, "digest": digest,
-                                          "enrolment": info}), flush=True)
+        print(format_result({"changes": report.changes, "digest": digest,
+                             "enrolment": info}), flush=True)
     return 0
 
 

@@ -15,13 +15,15 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional
 
+from dpanel_proto.result import parse_result
+from dpanel_proto.util import atomic_write
+
 from .debpkg import PACKAGE, DebBuild, build_deb
 from .preflight import FACTS_SCRIPT, parse_facts, problems
 from .target import DeployError, LocalTarget, SshTarget, Target
 
 __all__ = ["DeployResult", "deploy", "public_host_of", "target_for", "write_handover"]
 
-RESULT_PREFIX = "DPANEL-RESULT "
 REMOTE_CACHE = "/var/cache/dpanel"
 
 INSTALL_SCRIPT = """set -e
@@ -120,11 +122,10 @@ def deploy(target: Target, *, deb: Optional[DebBuild] = None, public_host: str =
                      stream=True, timeout=900)
     result = DeployResult(package_changed=package_changed)
     result.configure_seconds = time.monotonic() - t_conf
-    for line in res.stdout.splitlines():
-        if line.startswith(RESULT_PREFIX):
-            data: dict[str, Any] = json.loads(line[len(RESULT_PREFIX):])
-            result.changes = [(str(c[0]), str(c[1])) for c in data["changes"]]
-            result.enrolment = data["enrolment"]
+    data: Optional[dict[str, Any]] = parse_result(res.stdout)
+    if data is not None:
+        result.changes = [(str(c[0]), str(c[1])) for c in data.get("changes", [])]
+        result.enrolment = dict(data.get("enrolment") or {})
     if not result.enrolment:
         raise DeployError("dpanel-configure did not report its result:\n" + res.stdout[-2000:])
     result.seconds = time.monotonic() - t0
@@ -148,8 +149,6 @@ def write_handover(enrolment: dict[str, str], out: Path) -> list[Path]:
     written = []
     for name, text in files.items():
         p = out / name
-        tmp = p.with_name(p.name + ".tmp")
-        tmp.write_text(text)
-        tmp.replace(p)
+        atomic_write(p, text, 0o644)  # public keys and pins: nothing secret
         written.append(p)
     return written

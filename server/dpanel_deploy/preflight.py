@@ -10,6 +10,8 @@ import ipaddress
 from dataclasses import dataclass, field
 from typing import Callable, Optional
 
+from dpanel_proto.ports import API_PORT, BROKER_PORT, BROKER_TLS_PORT, TUNNEL_PORT
+
 __all__ = ["FACTS_SCRIPT", "Facts", "Listener", "parse_facts", "problems"]
 
 #: POSIX sh, read-only, works on any Linux so that "not Debian" gets a clear answer.
@@ -35,7 +37,6 @@ cat /proc/net/tcp /proc/net/tcp6 2>/dev/null
 exit 0
 """
 
-TUNNEL_PORT, BROKER_TLS_PORT, BROKER_PORT, API_PORT = 2220, 8883, 1883, 8780
 
 
 @dataclass(frozen=True)

@@ -11,6 +11,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional, Protocol, Sequence
 
+from dpanel_proto.result import RESULT_PREFIX
+
 __all__ = ["DeployError", "LocalTarget", "SshTarget", "Target"]
 
 
@@ -46,7 +48,7 @@ def _run_streaming(cmd: Sequence[str],
     lines = []
     for line in proc.stdout:
         lines.append(line)
-        if not line.startswith("DPANEL-RESULT "):
+        if not line.startswith(RESULT_PREFIX):
             sys.stdout.write(line)
             sys.stdout.flush()
     rc = proc.wait(timeout)

@@ -1,34 +1,90 @@
 """HTTP API for the dPanel panel and the CLI (FastAPI; OpenAPI at /openapi.json).
 
-Every route but /v1/health wants ``Authorization: Bearer <admin token>``. Exec streams
-NDJSON lines: ``{"stdout": b64}`` / ``{"stderr": b64}`` chunks, then ``{"exit": n}``,
-or ``{"error": msg, "code": kind}`` if the device failed mid-stream.
+Every route but /v1/health wants ``Authorization: Bearer <admin token>`` (declared as an
+HTTP bearer security scheme). Errors are ``{"error": message, "code": ErrorCode}``
+(:class:`ErrorOut`). Exec streams the NDJSON events of :mod:`dpanel_proto.events`, with a
+``{}`` heartbeat after every ``DPANEL_EXEC_HEARTBEAT`` seconds (default 15) of silence;
+``stream: false`` answers once, with at most ``max_output`` bytes of each stream kept.
 """
 
 from __future__ import annotations
 
+import asyncio
 import base64
+import binascii
 import hmac
+import json
+import logging
+import os
 import shlex
-from typing import Any, AsyncIterator, Optional, Union
+from typing import Annotated, Any, AsyncIterator, Literal, Optional, Union
 
-from fastapi import Depends, FastAPI, HTTPException, Request
-from fastapi.responses import JSONResponse, StreamingResponse
-from pydantic import BaseModel, Field
+from fastapi import Depends, FastAPI, HTTPException, Request, Security
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, Response
+from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
+from pydantic import BaseModel, Field, ValidationError, field_validator
+from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.types import Receive, Scope, Send
 
-from dpanel_proto.events import Error, Exit, Output, encode_event
+from dpanel_proto.codes import ErrorCode
+from dpanel_proto.events import Error, Exit, Heartbeat, Output, encode_event
 
 from . import __version__
 from .errors import DPanelError
 from .manager import Manager
 from .registry import Device
+from .sshpool import ExecEvent, RemoteCommand
 
-__all__ = ["create_app"]
+__all__ = ["DEFAULT_MAX_OUTPUT", "ErrorOut", "create_app"]
+
+log = logging.getLogger("dpanel.api")
+
+#: What ``stream: false`` keeps of each of stdout and stderr unless asked otherwise.
+DEFAULT_MAX_OUTPUT = 8 << 20
+#: The most a ``stream: false`` caller may ask to keep (the answer is held in memory).
+MAX_MAX_OUTPUT = 64 << 20
+#: A request body line (the exec request, or one stdin chunk) may not be longer.
+_MAX_LINE = 4 << 20
+
+
+class ErrorOut(BaseModel):
+    """Every 4xx/5xx answer."""
+
+    error: str = Field(description="one line for an operator; names the field or thing")
+    code: ErrorCode = Field(description="stable code for scripts (dpanel_proto.codes)")
+
+
+_STATUS_CODES = {401: ErrorCode.UNAUTHORIZED, 403: ErrorCode.FORBIDDEN,
+                 429: ErrorCode.TOO_MANY}
+_ERROR_RESPONSES: dict[Union[int, str], dict[str, Any]] = {
+    status: {"model": ErrorOut, "description": text} for status, text in (
+        (400, "refused"), (401, "missing or wrong admin token"), (404, "no such device"),
+        (409, "conflict"), (410, "revoked"), (422, "invalid request; names the field"),
+        (500, "internal error"), (502, "the device failed"), (503, "device offline"),
+        (504, "no answer in time"))}
+
+
+def _label_text(value: str, what: str, limit: int) -> str:
+    if not value or len(value) > limit or not value.isprintable():
+        raise ValueError(f"{what} {value[:40]!r} must be 1-{limit} printable characters")
+    return value
 
 
 class EnrolIn(BaseModel):
     name: str = Field(description="device id: lowercase letters, digits, '-'")
     labels: dict[str, str] = Field(default_factory=dict)
+
+    @field_validator("labels")
+    @classmethod
+    def _labels(cls, v: dict[str, str]) -> dict[str, str]:
+        for key, value in v.items():
+            _label_text(key, "label key", 63)
+            if "=" in key:
+                raise ValueError(f"label key {key!r} may not contain '='")
+            if value:
+                _label_text(value, "label value", 255)
+        return v
 
 
 class EnrolOut(BaseModel):
@@ -51,9 +107,54 @@ class TunnelOut(BaseModel):
 class ExecIn(BaseModel):
     command: Union[list[str], str] = Field(description="argv list (quoted for you) or a "
                                                        "shell command string")
-    stdin: Optional[str] = Field(default=None, description="base64 data for stdin")
-    timeout: Optional[float] = Field(default=None, gt=0)
+    stdin: Optional[str] = Field(default=None, description="base64 data for stdin, then "
+                                 "EOF; without it the remote stdin is at EOF at once "
+                                 "(or streamed: send the body as application/x-ndjson)")
+    timeout: Optional[float] = Field(default=None, gt=0, le=30 * 86400)
     stream: bool = Field(default=True, description="NDJSON stream; false = one JSON answer")
+    max_output: int = Field(default=DEFAULT_MAX_OUTPUT, ge=0, le=MAX_MAX_OUTPUT,
+                            description="stream=false: bytes kept of stdout and of stderr "
+                            "each; the rest is counted and dropped (truncated: true)")
+
+    @field_validator("command")
+    @classmethod
+    def _command(cls, v: Union[list[str], str]) -> Union[list[str], str]:
+        words = [v] if isinstance(v, str) else v
+        if not words or not "".join(words).strip():
+            raise ValueError("empty command")
+        if any("\0" in w for w in words):
+            raise ValueError("a NUL byte cannot be part of a command")
+        return v
+
+    @field_validator("stdin")
+    @classmethod
+    def _stdin(cls, v: Optional[str]) -> Optional[str]:
+        if v is not None:
+            try:
+                base64.b64decode(v, validate=True)
+            except (binascii.Error, ValueError):
+                raise ValueError("not valid base64") from None
+        return v
+
+
+class ExecOut(BaseModel):
+    """The ``stream: false`` answer."""
+
+    exit: int
+    stdout_b64: str = Field(description="stdout, byte for byte (at most max_output)")
+    stderr_b64: str = Field(description="stderr, byte for byte (at most max_output)")
+    stdout: str = Field(description="the same, as UTF-8 text (invalid bytes replaced)")
+    stderr: str
+    stdout_bytes: int = Field(description="how much the command wrote, all of it")
+    stderr_bytes: int
+    truncated: bool = Field(description="true if either stream was cut at max_output")
+
+
+#: The admin token, declared in OpenAPI as an HTTP bearer scheme; checked in ``auth``
+#: (auto_error off, so that a missing header gets our 401 ErrorOut, not a bare 403).
+_BEARER = HTTPBearer(auto_error=False, description="the admin token "
+                     "(manager.admin_token_file)")
+_Credentials = Annotated[Optional[HTTPAuthorizationCredentials], Security(_BEARER)]
 
 
 def _error(exc: DPanelError) -> JSONResponse:
@@ -61,14 +162,24 @@ def _error(exc: DPanelError) -> JSONResponse:
                         status_code=exc.http_status)
 
 
-def create_app(manager: Manager, admin_token: str) -> FastAPI:
-    app = FastAPI(title="dPanel Edge manager", version=__version__)
+def _invalid(errors: list[Any]) -> JSONResponse:
+    parts = []
+    for e in errors:
+        loc = ".".join(str(x) for x in e.get("loc", ()) if x != "body")
+        msg = str(e.get("msg", "invalid")).removeprefix("Value error, ")
+        parts.append(f"{loc}: {msg}" if loc else msg)
+    return JSONResponse({"error": "; ".join(parts) or "invalid request",
+                         "code": ErrorCode.INVALID.value}, status_code=422)
 
-    def auth(request: Request) -> None:
-        header = request.headers.get("authorization", "")
-        scheme, _, supplied = header.partition(" ")
-        if scheme.lower() != "bearer" or not hmac.compare_digest(supplied.encode(),
-                                                                 admin_token.encode()):
+
+def create_app(manager: Manager, admin_token: str) -> FastAPI:
+    app = FastAPI(title="dPanel Edge manager", version=__version__,
+                  responses=_ERROR_RESPONSES)
+    heartbeat = float(os.environ.get("DPANEL_EXEC_HEARTBEAT") or 15)
+
+    def auth(cred: _Credentials) -> None:
+        supplied = cred.credentials if cred is not None else ""
+        if cred is None or not hmac.compare_digest(supplied.encode(), admin_token.encode()):
             raise HTTPException(401, "missing or wrong admin token",
                                 headers={"WWW-Authenticate": "Bearer"})
 
@@ -76,11 +187,24 @@ def create_app(manager: Manager, admin_token: str) -> FastAPI:
     async def _dpanel_error(_r: Request, exc: DPanelError) -> JSONResponse:
         return _error(exc)
 
-    async def _device_view(device_id: str, device: Optional[Device] = None) -> dict[str, Any]:
+    @app.exception_handler(RequestValidationError)
+    async def _validation(_r: Request, exc: RequestValidationError) -> JSONResponse:
+        return _invalid(list(exc.errors()))
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http(_r: Request, exc: StarletteHTTPException) -> JSONResponse:
+        code = _STATUS_CODES.get(exc.status_code, ErrorCode.INTERNAL if exc.status_code >= 500
+                                 else ErrorCode.INVALID)
+        return JSONResponse({"error": str(exc.detail), "code": code.value},
+                            status_code=exc.status_code, headers=exc.headers)
+
+    async def _device_view(device_id: str, device: Optional[Device] = None,
+                           ports: Optional[dict[str, int]] = None) -> dict[str, Any]:
         d = (device or await manager.device(device_id)).as_dict()
         p = manager.presence.get(device_id)
         d["online"] = bool(p and p.online)
-        d["port"] = p.port if p else None
+        # the tunnel's allocation, not what the device reported
+        d["port"] = (manager.tunnels() if ports is None else ports).get(device_id)
         d["agent_version"] = p.agent_version if p else ""
         d["host_key_ok"] = p.host_key_ok if p else True
         return d
@@ -95,19 +219,30 @@ def create_app(manager: Manager, admin_token: str) -> FastAPI:
 
     @app.get("/v1/devices", dependencies=[Depends(auth)])
     async def list_devices() -> list[dict[str, Any]]:
-        return [await _device_view(d.id, d) for d in await manager.devices()]
+        ports = manager.tunnels()
+        return [await _device_view(d.id, d, ports) for d in await manager.devices()]
 
     @app.post("/v1/devices", dependencies=[Depends(auth)], status_code=201)
     async def add_device(body: EnrolIn) -> EnrolOut:
         device, token = await manager.enrol(body.name, body.labels)
         return EnrolOut(device=device.as_dict(), token=token)
 
+    @app.get("/v1/deleted-devices", dependencies=[Depends(auth)])
+    async def deleted_devices() -> list[dict[str, Any]]:
+        """Tombstones of deleted devices: what they were, when revoked and deleted."""
+        return await manager.deleted_devices()
+
     @app.get("/v1/devices/{device}", dependencies=[Depends(auth)])
     async def show_device(device: str) -> dict[str, Any]:
         return await _device_view(device)
 
     @app.delete("/v1/devices/{device}", dependencies=[Depends(auth)])
-    async def revoke_device(device: str) -> dict[str, Any]:
+    async def revoke_device(device: str, purge: bool = False,
+                            force: bool = False) -> dict[str, Any]:
+        """Revoke the device; ``purge=true`` deletes a revoked one and frees its name
+        (``force=true`` revokes it first), keeping a tombstone (/v1/deleted-devices)."""
+        if purge:
+            return {"deleted": await manager.delete(device, force)}
         return (await manager.revoke(device)).as_dict()
 
     @app.post("/v1/devices/{device}/reset-hostkey", dependencies=[Depends(auth)])
@@ -134,39 +269,250 @@ def create_app(manager: Manager, admin_token: str) -> FastAPI:
         return {"known_hosts": await manager.known_hosts_text(),
                 "path": str(await manager.write_known_hosts())}
 
-    @app.post("/v1/devices/{device}/exec", dependencies=[Depends(auth)], response_model=None)
-    async def exec_(device: str, body: ExecIn) -> Union[StreamingResponse, dict[str, Any]]:
+    exec_schema = ExecIn.model_json_schema(ref_template="#/components/schemas/{model}")
+    exec_doc: dict[str, Any] = {
+        "requestBody": {"required": True, "content": {
+            "application/json": {"schema": exec_schema},
+            "application/x-ndjson": {"schema": {
+                "type": "string", "description": "first line: the exec request (as for "
+                "application/json); then {\"stdin\": \"<base64>\"} lines, streamed to the "
+                "remote stdin; the end of the body is EOF"}}}},
+        "responses": {"200": {"description": "stream=true: NDJSON events (dpanel_proto."
+                              "events); stream=false: ExecOut", "content": {
+                                  "application/x-ndjson": {"schema": {"type": "string"}},
+                                  "application/json": {"schema": ExecOut.model_json_schema(
+                                      ref_template="#/components/schemas/{model}")}}}},
+    }
+
+    @app.post("/v1/devices/{device}/exec", dependencies=[Depends(auth)], response_model=None,
+              openapi_extra=exec_doc)
+    async def exec_(device: str, request: Request) -> Response:
+        """Run a command. Output streams as NDJSON with heartbeats; when the client hangs
+        up the command is hung up too (the agent ends its process group)."""
+        body_in = _Body(request.receive)
+        ndjson = request.headers.get("content-type", "").startswith("application/x-ndjson")
+        raw = await (body_in.line() if ndjson else body_in.read_all())
+        if not raw:
+            raise RequestValidationError([{"loc": ("body",), "msg": "no exec request"}])
+        try:
+            body = ExecIn.model_validate_json(raw)
+        except ValidationError as exc:
+            return _invalid(list(exc.errors()))
         command = body.command if isinstance(body.command, str) else shlex.join(body.command)
         stdin = base64.b64decode(body.stdin) if body.stdin is not None else None
-        events = manager.exec(device, command, stdin, body.timeout)
-        # Pull the first event before answering, so that "offline", "refused" and
-        # "timed out" come back as proper HTTP errors rather than mid-stream.
-        first = await events.__anext__()
+        # Start before answering, so that "offline", "refused" and "timed out" come back
+        # as HTTP errors; output and the exit status then stream.
+        cmd = await manager.start_exec(device, command, stdin, stream_stdin=ndjson,
+                                       timeout=body.timeout)
+        session = _Session(cmd, body_in, ndjson)
         if not body.stream:
-            out: dict[str, Any] = {"stdout": b"", "stderr": b"", "exit": None}
-            for kind, data in [first] + [e async for e in events]:
-                if kind == "exit":
-                    out["exit"] = data
-                else:
-                    out[kind] += data
-            return {"stdout": out["stdout"].decode(errors="replace"),
-                    "stderr": out["stderr"].decode(errors="replace"), "exit": out["exit"]}
-
-        async def lines() -> AsyncIterator[bytes]:
             try:
-                yield _line(first)
-                async for ev in events:
-                    yield _line(ev)
-            except DPanelError as exc:
-                yield encode_event(Error(str(exc), exc.code.value))
-
-        return StreamingResponse(lines(), media_type="application/x-ndjson")
+                return await session.collect(body.max_output)
+            finally:
+                cmd.close()
+        return _ExecStream(session, heartbeat)
 
     return app
+
+
+class _Body:
+    """The request body, read straight from ASGI ``receive`` so that an exec can go on
+    reading stdin lines while it answers, and can tell when its client hangs up."""
+
+    def __init__(self, receive: Receive) -> None:
+        self._receive = receive
+        self._buf = bytearray()
+        self._more = True
+        self.gone = asyncio.Event()
+
+    async def _fill(self) -> bool:
+        if not self._more:
+            return False
+        msg = await self._receive()
+        if msg["type"] == "http.disconnect":
+            self._more = False
+            self.gone.set()
+            return False
+        self._buf += msg.get("body", b"")
+        self._more = bool(msg.get("more_body", False))
+        return True
+
+    async def read_all(self) -> bytes:
+        while await self._fill():
+            if len(self._buf) > _MAX_LINE:
+                raise RequestValidationError([{"loc": ("body",),
+                                               "msg": f"longer than {_MAX_LINE} bytes"}])
+        data = bytes(self._buf)
+        self._buf.clear()
+        return data
+
+    async def line(self) -> Optional[bytes]:
+        """The next line (without its newline), the unterminated rest at the end of the
+        body, or None when nothing is left."""
+        start = 0
+        while True:
+            nl = self._buf.find(b"\n", start)
+            if nl >= 0:
+                out = bytes(self._buf[:nl])
+                del self._buf[:nl + 1]
+                return out
+            start = len(self._buf)
+            if start > _MAX_LINE:
+                raise RequestValidationError([{"loc": ("body",),
+                                               "msg": f"a line is longer than {_MAX_LINE} "
+                                                      "bytes"}])
+            if not await self._fill():
+                if self._buf:
+                    out = bytes(self._buf)
+                    self._buf.clear()
+                    return out
+                return None
+
+    async def wait_gone(self) -> None:
+        """Return when the client has hung up (reads and drops any body left)."""
+        while await self._fill():
+            self._buf.clear()
+        if not self.gone.is_set():
+            while (await self._receive())["type"] != "http.disconnect":
+                pass
+            self.gone.set()
+
+
+class _StdinError(Exception):
+    pass
+
+
+class _Session:
+    """One running exec with its HTTP client: stdin in, events out, hang-up watched."""
+
+    def __init__(self, cmd: RemoteCommand, body: _Body, stream_stdin: bool) -> None:
+        self.cmd, self.body, self.stream_stdin = cmd, body, stream_stdin
+
+    async def _stdin_chunks(self) -> AsyncIterator[bytes]:
+        while (line := await self.body.line()) is not None:
+            if not line.strip():
+                continue
+            try:
+                obj = json.loads(line)
+                yield base64.b64decode(obj["stdin"], validate=True)
+            except (ValueError, KeyError, TypeError, binascii.Error):
+                raise _StdinError("stdin: a line is not {\"stdin\": \"<base64>\"}") from None
+
+    async def client(self) -> None:
+        """Feed stdin from the body (if streamed), then wait for the hang-up; returns
+        only when the client is gone."""
+        if self.stream_stdin:
+            try:
+                await self.cmd.feed(self._stdin_chunks())
+            except _StdinError as exc:
+                log.warning("exec on %s: %s; hanging up", self.cmd.device, exc)
+                return
+        await self.body.wait_gone()
+
+    async def collect(self, limit: int) -> Response:
+        keep = {"stdout": bytearray(), "stderr": bytearray()}
+        seen = {"stdout": 0, "stderr": 0}
+        status: list[int] = []
+
+        async def run() -> None:
+            async for kind, data in self.cmd.events():
+                if isinstance(data, int):
+                    status.append(data)
+                    continue
+                seen[kind] += len(data)
+                room = limit - len(keep[kind])
+                if room > 0:
+                    keep[kind] += data[:room]  # bytearray: linear, whatever the size
+
+        runner = asyncio.ensure_future(run())
+        watcher = asyncio.ensure_future(self.client())
+        try:
+            await asyncio.wait({runner, watcher}, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            watcher.cancel()
+            if not runner.done():
+                runner.cancel()  # the client went away: hang the command up
+        if not runner.done() or runner.cancelled():
+            return Response(status_code=499)  # nobody reads this
+        runner.result()  # a device error mid-command: the DPanelError handler answers
+        # base64 + JSON of up to 2 x 64 MiB takes a while: never on the event loop
+        payload = await asyncio.to_thread(_answer, keep, seen, status[-1], limit)
+        return Response(payload, media_type="application/json")
+
+
+def _answer(keep: dict[str, bytearray], seen: dict[str, int], status: int,
+            limit: int) -> bytes:
+    out: dict[str, Any] = {"exit": status, "truncated": any(n > limit for n in seen.values())}
+    for kind, data in keep.items():
+        out[f"{kind}_b64"] = base64.b64encode(data).decode()
+        out[kind] = data.decode(errors="replace")
+        out[f"{kind}_bytes"] = seen[kind]
+    return json.dumps(out).encode()
+
+
+class _ExecStream(Response):
+    """The NDJSON answer: events as they come, a heartbeat after each ``heartbeat`` s of
+    silence, and the command hung up as soon as the client goes away."""
+
+    media_type = "application/x-ndjson"
+
+    def __init__(self, session: _Session, heartbeat: float) -> None:
+        super().__init__(media_type=self.media_type)
+        # no content-length: the body is chunked, for as long as the command runs
+        self.raw_headers = [(b"content-type", b"application/x-ndjson"),
+                            (b"cache-control", b"no-store")]
+        self.session, self.heartbeat = session, heartbeat
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        cmd = self.session.cmd
+        queue: asyncio.Queue[Union[ExecEvent, DPanelError, None]] = asyncio.Queue(maxsize=8)
+
+        async def pump() -> None:
+            try:
+                async for ev in cmd.events():
+                    await queue.put(ev)
+            except DPanelError as exc:
+                await queue.put(exc)
+                return
+            await queue.put(None)
+
+        pumper = asyncio.ensure_future(pump())
+        watcher = asyncio.ensure_future(self.session.client())
+        try:
+            await send({"type": "http.response.start", "status": 200,
+                        "headers": self.raw_headers})
+            while True:
+                getter = asyncio.ensure_future(queue.get())
+                done, _ = await asyncio.wait({getter, watcher}, timeout=self.heartbeat,
+                                             return_when=asyncio.FIRST_COMPLETED)
+                if getter not in done:
+                    getter.cancel()
+                    if watcher in done:
+                        return  # the client hung up: the finally hangs the command up
+                    line = encode_event(Heartbeat())
+                else:
+                    item = getter.result()
+                    if item is None:
+                        break
+                    if isinstance(item, DPanelError):
+                        line = encode_event(Error(str(item), item.code.value))
+                    else:
+                        line = _line(item)
+                await send({"type": "http.response.body", "body": line, "more_body": True})
+                if getter.done() and isinstance(getter.result(), DPanelError):
+                    break
+            await send({"type": "http.response.body", "body": b"", "more_body": False})
+        except OSError:
+            pass  # the client hung up mid-send
+        finally:
+            watcher.cancel()
+            pumper.cancel()
+            cmd.close()
 
 
 def _line(event: tuple[str, Union[bytes, int]]) -> bytes:
     kind, data = event
     if isinstance(data, int):
         return encode_event(Exit(data))
-    return encode_event(Output(kind, data))  # type: ignore[arg-type]
+    out: Literal["stdout", "stderr"] = "stderr" if kind == "stderr" else "stdout"
+    return encode_event(Output(out, data))

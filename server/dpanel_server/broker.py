@@ -1,4 +1,4 @@
-"""Mosquitto configuration: password file, pattern ACL, and the stack's mosquitto.conf.
+"""Mosquitto configuration: password file, pattern ACL, and mosquitto.conf (stack and appliance).
 
 Why a password file + ACL file and not the dynamic-security plugin: both files are
 plain text that the manager regenerates atomically from the registry (the registry is
@@ -17,8 +17,9 @@ import hmac
 import os
 import pwd
 import signal
+from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Iterable, Optional
+from typing import Iterable, Optional, Sequence
 
 from dpanel_proto.wire import DEVICE_ACL, MANAGER_TOPICS
 
@@ -26,8 +27,9 @@ from ._files import atomic_write
 
 __all__ = [
     "ACL_TEMPLATE",
+    "APPLIANCE_MAX_CONNECTIONS",
+    "Listener",
     "mosquitto_hash",
-    "mosquitto_settings",
     "mosquitto_verify",
     "reload_broker",
     "render_acl",
@@ -70,12 +72,91 @@ def render_acl(manager_user: str) -> str:
     return ACL_TEMPLATE.format(manager=manager_user)
 
 
-def mosquitto_settings(*, passwd: Path, acl: Path, pid_file: Path,
-                       log_timestamp: bool = True) -> str:
-    """What every dPanel broker has, before its listeners: no anonymous clients, our
-    password and ACL files, bounded packets, and queues deep enough for the manager."""
+#: What one device connection may send at most: the largest message of the protocol is a
+#: few KB, so a 64 KiB MQTT packet (any packet: CONNECT, SUBSCRIBE, PUBLISH) is plenty.
+#: A bigger one gets its sender disconnected before anything is forwarded.
+MAX_PACKET = 65536
+#: Per client queue bound in bytes (and in messages below): the manager subscribes to every
+#: device's status, so when thousands of devices connect at once it needs a deep queue,
+#: but a slow or stuck client must not make the broker hold gigabytes for it.
+MAX_QUEUED_BYTES = 64 * 1024 * 1024
+MAX_QUEUED_MESSAGES = 200_000
+#: The appliance's devices listener: well below the unit's LimitNOFILE=65536, so that a
+#: flood of connections meets Mosquitto's own "max_connections exceeded" refusal (which
+#: costs nothing) rather than EMFILE, and the manager's loopback listener always has
+#: descriptors left.
+APPLIANCE_MAX_CONNECTIONS = 60_000
+
+
+@dataclass(frozen=True)
+class Listener:
+    """One ``listener`` block. ``host`` None binds every address. ``tls_dir`` holds
+    ca.crt/server.crt/server.key (see :mod:`.pki`). ``public``: reachable by devices (so by
+    anyone): it gets the per-listener limits."""
+
+    port: int
+    host: Optional[str] = "127.0.0.1"
+    tls_dir: Optional[Path] = None
+    public: bool = False
+    max_connections: int = -1
+
+    @property
+    def wildcard(self) -> bool:
+        return self.host in (None, "", "0.0.0.0")
+
+    def render(self) -> str:
+        lines = [f"listener {self.port}" + (f" {self.host}" if self.host else ""),
+                 # client id == username: device B cannot take over A's session
+                 "use_username_as_clientid true"]
+        if self.public:
+            # The protocol uses QoS <= 1 and MQTT 3.1.1 (no topic aliases); a client that
+            # publishes QoS 2 is disconnected instead of costing four-way handshake state.
+            lines += [f"max_connections {self.max_connections}", "max_qos 1",
+                      "max_topic_alias 0"]
+        if self.tls_dir is not None:
+            lines += [f"cafile {self.tls_dir / 'ca.crt'}",
+                      f"certfile {self.tls_dir / 'server.crt'}",
+                      f"keyfile {self.tls_dir / 'server.key'}", "tls_version tlsv1.2"]
+        return "\n".join(lines) + "\n"
+
+
+def _distinct(listeners: Sequence[Listener]) -> list[Listener]:
+    """Mosquitto cannot bind 127.0.0.1:P and 0.0.0.0:P (nor the same address twice): it
+    exits with "Address already in use". A wildcard listener already serves loopback, so
+    the more specific one on the same port goes; the wildcard keeps the public limits."""
+    out: list[Listener] = []
+    for ln in listeners:
+        same = [o for o in out if o.port == ln.port]
+        if any(o.wildcard or o.host == ln.host for o in same):
+            continue
+        if ln.wildcard:
+            out = [o for o in out if o.port != ln.port]
+            ln = replace(ln, public=ln.public or any(o.public for o in same))
+        out.append(ln)
+    return out
+
+
+def render_mosquitto_conf(*, passwd: Path, acl: Path, pid_file: Path,
+                          listeners: Sequence[Listener] = (), port: Optional[int] = None,
+                          host: str = "127.0.0.1", as_current_user: bool = True,
+                          log_timestamp: bool = True, header: str = "dpanel stack") -> str:
+    """The one Mosquitto configuration of dPanel, for the stack and the appliance alike:
+    no anonymous clients, our password and ACL files, bounded packets and queues, and
+    ``listeners`` (or one public listener on ``host:port``, the stack's usual case).
+
+    ``as_current_user``: the stack's files live in the caller's (often 0700) directory,
+    so a root mosquitto must not drop to the 'mosquitto' user, which could not read them.
+    The appliance's unit starts it as 'mosquitto' already.
+    """
+    if port is not None:
+        listeners = [*listeners, Listener(port, host, public=True)]
+    if not listeners:
+        raise ValueError("render_mosquitto_conf: no listener")
+    user = f"user {pwd.getpwuid(os.geteuid()).pw_name}\n" if as_current_user else ""
+    blocks = "\n".join(ln.render() for ln in _distinct(listeners))
     return f"""\
-per_listener_settings false
+# Generated by {header}; edits are overwritten.
+{user}per_listener_settings false
 allow_anonymous false
 password_file {passwd}
 acl_file {acl}
@@ -87,23 +168,13 @@ log_type error
 log_type warning
 log_type notice
 connection_messages false
-max_packet_size 65536
-# The manager subscribes to every device's status: when thousands of devices connect at
-# once, the default queue of 1000 messages per client overflows and statuses are dropped.
-max_queued_messages 200000
-"""
+max_packet_size {MAX_PACKET}
+max_queued_messages {MAX_QUEUED_MESSAGES}
+max_queued_bytes {MAX_QUEUED_BYTES}
+# Only MQTT v5 clients learn of it (ours speak 3.1.1 by default): the server keepalive.
+max_keepalive 300
 
-
-def render_mosquitto_conf(*, port: int, passwd: Path, acl: Path, pid_file: Path,
-                          host: str = "127.0.0.1") -> str:
-    """The stack's broker: loopback only, no anonymous clients, client id == username
-    (so device B cannot take over device A's session by reusing A's client id)."""
-    # The stack's files live in the caller's (often 0700) directory: don't let a root
-    # mosquitto drop to the 'mosquitto' user, which could not read them.
-    user = pwd.getpwuid(os.geteuid()).pw_name
-    return (f"# Generated by dpanel stack.\nuser {user}\n"
-            + mosquitto_settings(passwd=passwd, acl=acl, pid_file=pid_file)
-            + f"listener {port} {host}\nuse_username_as_clientid true\n")
+{blocks}"""
 
 
 def reload_broker(how: str) -> None:

@@ -9,7 +9,6 @@ is most of a warm exec.
 from __future__ import annotations
 
 import argparse
-import base64
 import json
 import os
 import shlex
@@ -17,6 +16,9 @@ import sys
 import time
 from pathlib import Path
 from typing import Any, Callable, Optional, Sequence
+
+from dpanel_proto.codes import ErrorCode
+from dpanel_proto.ports import API_PORT, STACK_BROKER_PORT, TUNNEL_PORT
 
 from . import __version__
 from .client import ApiClient, ApiError, find_config
@@ -37,15 +39,40 @@ def _print_json(obj: Any) -> None:
     print(json.dumps(obj, indent=2, sort_keys=True))
 
 
+class UsageError(DPanelError):
+    """A wrong flag or argument: one line, exit 2 (255 for exec/ssh/proxy, as ssh)."""
+
+    code = ErrorCode.INVALID
+
+
 def _device_name(name: str) -> str:
-    return name[: -len(HOST_SUFFIX)] if name.endswith(HOST_SUFFIX) else name
+    """A device id from NAME or NAME.dpanel, checked before it goes into a URL path."""
+    from urllib.parse import quote
+
+    from dpanel_proto.wire import DecodeError, validate_device_id
+
+    name = name[: -len(HOST_SUFFIX)] if name.endswith(HOST_SUFFIX) else name
+    try:
+        return quote(validate_device_id(name, "device"), safe="")
+    except DecodeError as exc:
+        raise UsageError(str(exc)) from None
+
+
+def _labels(items: list[str]) -> dict[str, str]:
+    labels = {}
+    for kv in items:
+        key, eq, value = kv.partition("=")
+        if not eq or not key.strip():
+            raise UsageError(f"--label {kv!r}: expected KEY=VALUE (e.g. --label site=acme)")
+        labels[key] = value
+    return labels
 
 
 # ---------------------------------------------------------------------------- device
 
 
 def cmd_device_add(args: argparse.Namespace) -> int:
-    labels = dict(kv.split("=", 1) for kv in args.label)
+    labels = _labels(args.label)
     out = _client(args).call("POST", "/v1/devices", {"name": args.name, "labels": labels})
     if args.print_token:
         print(out["token"])
@@ -57,6 +84,16 @@ def cmd_device_add(args: argparse.Namespace) -> int:
 
 
 def cmd_device_list(args: argparse.Namespace) -> int:
+    if args.deleted:
+        gone = _client(args).call("GET", "/v1/deleted-devices")
+        if args.json:
+            _print_json(gone)
+            return 0
+        print(f"{'DEVICE':<24} {'CREATED':<20} {'REVOKED':<20} DELETED")
+        for d in gone:
+            print(f"{d['id']:<24} {_when(d['created_at']):<20} {_when(d['revoked_at']):<20} "
+                  f"{_when(d['deleted_at'])}")
+        return 0
     devices = _client(args).call("GET", "/v1/devices")
     if args.json:
         _print_json(devices)
@@ -72,40 +109,36 @@ def cmd_device_list(args: argparse.Namespace) -> int:
     return 0
 
 
+def _when(t: Optional[float]) -> str:
+    return time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(t)) if t else "-"
+
+
 def cmd_device_show(args: argparse.Namespace) -> int:
-    _print_json(_client(args).call("GET", f"/v1/devices/{args.name}"))
+    _print_json(_client(args).call("GET", f"/v1/devices/{_device_name(args.name)}"))
     return 0
 
 
 def cmd_device_revoke(args: argparse.Namespace) -> int:
-    _client(args).call("DELETE", f"/v1/devices/{args.name}")
+    _client(args).call("DELETE", f"/v1/devices/{_device_name(args.name)}")
     print(f"revoked {args.name}: cut off from the broker and the tunnel")
     return 0
 
 
+def cmd_device_delete(args: argparse.Namespace) -> int:
+    force = "&force=true" if args.force else ""
+    _client(args).call("DELETE", f"/v1/devices/{_device_name(args.name)}?purge=true{force}")
+    print(f"deleted {args.name}{' (revoked first)' if args.force else ''}: the name is free; "
+          "its record is kept (dpanel device list --deleted)")
+    return 0
+
+
 def cmd_device_reset_hostkey(args: argparse.Namespace) -> int:
-    _client(args).call("POST", f"/v1/devices/{args.name}/reset-hostkey")
+    _client(args).call("POST", f"/v1/devices/{_device_name(args.name)}/reset-hostkey")
     print(f"{args.name}: host key unpinned; the next one it announces is pinned")
     return 0
 
 
 # ---------------------------------------------------------------------------- exec
-
-
-def _exec_one_stream(api: ApiClient, device: str, body: dict[str, Any]) -> int:
-    out, err = sys.stdout.buffer, sys.stderr.buffer
-    sinks = {"stdout": out, "stderr": err}
-    for event in api.stream("POST", f"/v1/devices/{device}/exec", body):
-        if "exit" in event:
-            return int(event["exit"])
-        if "error" in event:
-            raise ApiError(event["error"], code=event.get("code", ""))
-        for kind, sink in sinks.items():
-            if kind in event:
-                sink.write(base64.b64decode(event[kind]))
-                sink.flush()
-    raise ApiError(f"device {device}: stream ended without an exit status")
-
 
 def _select(api: ApiClient, args: argparse.Namespace) -> list[str]:
     import fnmatch
@@ -124,87 +157,45 @@ def _select(api: ApiClient, args: argparse.Namespace) -> list[str]:
     return chosen
 
 
-class _Progress:
-    def __init__(self, total: int) -> None:
-        import threading
-
-        self.total, self.done, self.failed = total, 0, 0
-        self._tty = sys.stderr.isatty()
-        self._lock = threading.Lock()
-
-    def step(self, ok: bool) -> None:
-        with self._lock:
-            self.done += 1
-            self.failed += not ok
-            width = 30
-            fill = width * self.done // max(self.total, 1)
-            line = (f"[{'#' * fill}{'.' * (width - fill)}] {self.done}/{self.total}"
-                    f"  failed {self.failed}")
-            if self._tty:
-                sys.stderr.write("\r" + line + ("\n" if self.done == self.total else ""))
-            elif self.done == self.total or self.done % max(1, self.total // 10) == 0:
-                sys.stderr.write(line + "\n")
-            sys.stderr.flush()
-
-
-def _exec_fanout(api: ApiClient, devices: list[str], body: dict[str, Any],
-                 parallel: int, as_json: bool) -> int:
-    from concurrent.futures import ThreadPoolExecutor, as_completed
-
-    body = dict(body, stream=False)
-    progress = _Progress(len(devices))
-    results: dict[str, dict[str, Any]] = {}
-
-    def run(device: str) -> tuple[str, dict[str, Any]]:
-        start = time.monotonic()
-        try:
-            r = api.call("POST", f"/v1/devices/{device}/exec", body)
-        except DPanelError as exc:
-            r = {"exit": None, "stdout": "", "stderr": "", "error": str(exc)}
-        r["seconds"] = round(time.monotonic() - start, 3)
-        return device, r
-
-    with ThreadPoolExecutor(max_workers=max(1, parallel)) as pool:
-        for fut in as_completed([pool.submit(run, d) for d in devices]):
-            device, r = fut.result()
-            results[device] = r
-            progress.step(r.get("exit") == 0)
-    if as_json:
-        _print_json(results)
-    else:
-        print(f"{'DEVICE':<24} {'EXIT':>4} {'SECONDS':>8}  OUTPUT")
-        for device in sorted(results):
-            r = results[device]
-            text = r.get("error") or (r["stdout"] or r["stderr"]).strip()
-            first = text.splitlines()[0] if text else ""
-            code = "ERR" if r.get("exit") is None else str(r["exit"])
-            print(f"{device:<24} {code:>4} {r['seconds']:>8.2f}  {first[:80]}")
-        ok = sum(1 for r in results.values() if r.get("exit") == 0)
-        print(f"\n{ok}/{len(results)} succeeded")
-    return 0 if all(r.get("exit") == 0 for r in results.values()) else 1
-
-
 def cmd_exec(args: argparse.Namespace) -> int:
+    from . import _exec
+
     argv = list(args.command)
     if not argv:
-        raise ApiError("exec: no command given (dpanel exec DEVICE -- CMD ...)")
+        raise UsageError("exec: no command given (dpanel exec DEVICE -- CMD ...)")
+    if args.parallel < 1:
+        raise UsageError(f"exec: -j/--parallel must be at least 1, not {args.parallel}")
+    if args.timeout is not None and args.timeout <= 0:
+        raise UsageError(f"exec: --timeout must be more than 0 seconds, not {args.timeout:g}")
+    if args.max_output < 0:
+        raise UsageError("exec: --max-output cannot be negative")
     body: dict[str, Any] = {"command": argv if len(argv) > 1 else argv[0]}
     if args.timeout:
         body["timeout"] = args.timeout
-    if args.stdin:
-        body["stdin"] = base64.b64encode(sys.stdin.buffer.read()).decode()
-    api = _client(args)
-    if args.all or args.filter:
+    limit = int(args.max_output * (1 << 20))
+    fan_out = args.all or args.filter
+    if fan_out:
         if args.device:
-            raise ApiError("exec: --all/--filter take no DEVICE (dpanel exec --all -- CMD)")
+            raise UsageError("exec: --all/--filter take no DEVICE (dpanel exec --all -- CMD)")
+        if args.stdin:
+            raise UsageError("exec: -i/--stdin is for one device; a fan-out gets no stdin")
+    elif not args.device:
+        raise UsageError("exec: name a DEVICE, or use --all / --filter")
+    elif args.prefix or args.out_dir or args.fail_fast:
+        raise UsageError("exec: --prefix, --out-dir and --fail-fast are for --all/--filter")
+    api = _client(args)
+    if fan_out:
         devices = _select(api, args)
         if not devices:
-            raise ApiError("exec: no device matches")
-        return _exec_fanout(api, devices, body, args.parallel, args.json)
-    if not args.device:
-        raise ApiError("exec: name a DEVICE, or use --all / --filter")
-    return _exec_one_stream(api, _device_name(args.device), body)
-
+            what = "--all" if args.all else " ".join(f"--filter {f}" for f in args.filter)
+            raise ApiError(f"exec: no enrolled, unrevoked device matches {what}")
+        return _exec.exec_fanout(api, devices, body, parallel=args.parallel,
+                                 as_json=args.json, prefix=args.prefix,
+                                 out_dir=Path(args.out_dir) if args.out_dir else None,
+                                 fail_fast=args.fail_fast, limit=limit)
+    # without -i the remote stdin is at EOF at once (as ssh -n); with -i ours streams
+    stdin = sys.stdin.buffer if args.stdin else None
+    return _exec.exec_one(api, _device_name(args.device), body, stdin, args.json, limit)
 
 # ---------------------------------------------------------------------------- ssh
 
@@ -271,23 +262,75 @@ def _ssh_options(cfg: ServerConfig, config_arg: Optional[str]) -> list[tuple[str
     ]
 
 
+#: device names per ``Host`` line in the ssh-config block (keeps lines short)
+_NAMES_PER_HOST = 32
+
+
 def cmd_ssh_config(args: argparse.Namespace) -> int:
+    """``Host *.dpanel`` plus every enrolled device's bare name.
+
+    Bare names are listed rather than matched with ``Match exec "dpanel proxy --check
+    %h"``: that would start a dpanel process and an API call for *every* ssh to *any*
+    host (and fail them all while the manager is down). The list costs nothing at
+    connect time; its price is re-running this after enrolling devices.
+    """
     cfg = find_config(args.config)
-    ApiClient(cfg).call("GET", "/v1/known_hosts")  # refreshes the known_hosts file
-    print(f"# dPanel Edge devices: `ssh DEVICE{HOST_SUFFIX}`, scp, rsync and Ansible work.")
-    print(f"# generated by dpanel {__version__}; host keys are pinned in "
-          f"{cfg.known_hosts_path}")
-    print(f"Host *{HOST_SUFFIX}")
-    for k, v in _ssh_options(cfg, args.config):
-        print(f"    {k} {v}")
+    api = ApiClient(cfg)
+    api.call("GET", "/v1/known_hosts")  # refreshes the known_hosts file
+    names = [d["id"] for d in api.call("GET", "/v1/devices") if not d["revoked"]]
+    print(f"# dPanel Edge devices: `ssh DEVICE` or `ssh DEVICE{HOST_SUFFIX}`; scp, rsync and "
+          "Ansible work.")
+    print(f"# generated by dpanel {__version__} for the {len(names)} devices enrolled now; "
+          "run `dpanel ssh-config` again after enrolling more (*.dpanel always works).")
+    print(f"# host keys are pinned in {cfg.known_hosts_path}")
+    options = _ssh_options(cfg, args.config)
+    groups = [names[i:i + _NAMES_PER_HOST] for i in range(0, len(names), _NAMES_PER_HOST)]
+    for i, group in enumerate(groups or [[]]):
+        print(" ".join(["Host", *([f"*{HOST_SUFFIX}"] if i == 0 else []), *group]))
+        for k, v in options:
+            print(f"    {k} {v}")
     return 0
+
+
+#: OpenSSH client options that take a value (from ssh's getopt string), so that
+#: ``dpanel ssh [SSH-OPTIONS] DEVICE [COMMAND...]`` finds DEVICE as ssh itself would.
+_SSH_VALUE_OPTS = set("bceilmopBDEFIJLOPQRSwW")
+
+
+def _split_ssh(rest: list[str]) -> tuple[list[str], list[str], Optional[str], list[str]]:
+    """(our options, ssh options, DEVICE, remote command) from what follows ``ssh``."""
+    ours: list[str] = []
+    opts: list[str] = []
+    i = 0
+    while i < len(rest):
+        w = rest[i]
+        if w == "--config" and i + 1 < len(rest):
+            ours += rest[i:i + 2]
+            i += 2
+            continue
+        if w.startswith("--config=") or w in ("-h", "--help"):
+            ours.append(w)
+            i += 1
+            continue
+        if not w.startswith("-") or w == "-":
+            return ours, opts, w, rest[i + 1:]
+        opts.append(w)
+        # -vL8080:h:80 -> the value is the rest of the word; -L 8080:h:80 -> the next word
+        for j, ch in enumerate(w[1:], 1):
+            if ch in _SSH_VALUE_OPTS:
+                if j == len(w) - 1 and i + 1 < len(rest):
+                    i += 1
+                    opts.append(rest[i])
+                break
+        i += 1
+    return ours, opts, None, []
 
 
 def cmd_ssh(args: argparse.Namespace) -> int:
     cfg = find_config(args.config)
     ApiClient(cfg).call("GET", "/v1/known_hosts")
     opts = [f"-o{k}={v}" for k, v in _ssh_options(cfg, args.config)]
-    argv = ["ssh", *opts, _device_name(args.device), *args.ssh_args]
+    argv = ["ssh", *opts, *args.ssh_opts, "--", _device_name(args.device), *args.ssh_args]
     os.execvp("ssh", argv)
     return 255  # not reached
 
@@ -297,13 +340,13 @@ def cmd_ssh(args: argparse.Namespace) -> int:
 
 def cmd_tunnel_open(args: argparse.Namespace) -> int:
     body = {"ttl": args.ttl} if args.ttl else {}
-    out = _client(args).call("POST", f"/v1/devices/{args.device}/tunnel", body)
+    out = _client(args).call("POST", f"/v1/devices/{_device_name(args.device)}/tunnel", body)
     print(f"{args.device}: tunnel open on 127.0.0.1:{out['port']}")
     return 0
 
 
 def cmd_tunnel_close(args: argparse.Namespace) -> int:
-    out = _client(args).call("DELETE", f"/v1/devices/{args.device}/tunnel")
+    out = _client(args).call("DELETE", f"/v1/devices/{_device_name(args.device)}/tunnel")
     print(f"{args.device}: {'closed' if out['closed'] else 'was not open'}")
     return 0
 
@@ -337,7 +380,8 @@ def cmd_stack_up(args: argparse.Namespace) -> int:
     cfg = prepare_stack(Path(args.dir), broker_port=args.broker_port,
                         tunnel_port=args.tunnel_port, api_port=args.api_port,
                         port_range=args.port_range, public_host=args.public_host,
-                        keepalive_interval=args.keepalive_interval, tls=args.tls)
+                        advertise=args.advertise, keepalive_interval=args.keepalive_interval,
+                        tls=args.tls)
     return stack_up(cfg)
 
 
@@ -387,28 +431,48 @@ def _parser() -> argparse.ArgumentParser:
     a.add_argument("--print-token", action="store_true", help="print only the token")
     a = add(dev, "list", cmd_device_list, "list devices with presence")
     a.add_argument("--json", action="store_true")
+    a.add_argument("--deleted", action="store_true", help="list deleted devices instead")
+    a = add(dev, "delete", cmd_device_delete, "free a revoked device's name (its record "
+            "is kept)")
+    a.add_argument("name")
+    a.add_argument("--force", action="store_true", help="revoke it first if need be")
     for name, fn, text in (("show", cmd_device_show, "show one device"),
                            ("revoke", cmd_device_revoke, "cut a device off at once"),
                            ("reset-hostkey", cmd_device_reset_hostkey,
                             "accept the next host key a re-imaged device announces")):
         add(dev, name, fn, text).add_argument("name")
 
-    a = add(sub, "exec", cmd_exec, "run a command on one device or many")
+    a = add(sub, "exec", cmd_exec, "run a command on one device or many: dpanel exec "
+            "[OPTIONS] DEVICE|--all|--filter F [--] COMMAND...")
     a.add_argument("device", nargs="?")
-    a.add_argument("command", nargs="*", help="the command (put it after --)")
+    a.add_argument("command", nargs="*", help="the command: everything after DEVICE (or "
+                   "after --)")
     a.add_argument("--all", action="store_true", help="every enrolled device")
     a.add_argument("--filter", action="append", default=[],
                    help="glob on the device id, or KEY=GLOB on its labels (repeatable)")
     a.add_argument("-j", "--parallel", type=int, default=16, help="fan-out concurrency")
-    a.add_argument("-i", "--stdin", action="store_true", help="send our stdin")
+    a.add_argument("-i", "--stdin", action="store_true",
+                   help="stream our stdin to the command (without -i it reads EOF at once)")
     a.add_argument("--timeout", type=float, help="seconds before the command is stopped")
-    a.add_argument("--json", action="store_true", help="fan-out results as JSON")
+    a.add_argument("--json", action="store_true", help="results as JSON (exit, output as "
+                   "text and base64, truncated, seconds, error and code)")
+    a.add_argument("-p", "--prefix", action="store_true",
+                   help="fan-out: stream every output line as 'DEVICE: line'")
+    a.add_argument("--out-dir", metavar="DIR", help="fan-out: write DIR/DEVICE.stdout, "
+                   ".stderr and .exit (each complete, renamed into place)")
+    a.add_argument("--fail-fast", action="store_true",
+                   help="fan-out: start no more devices after the first failure (the "
+                   "running ones finish)")
+    a.add_argument("--max-output", type=float, default=1.0, metavar="MB",
+                   help="output kept per device and stream for the table and --json "
+                   "(default 1 MB; --out-dir and --prefix get all of it)")
 
-    a = add(sub, "ssh", cmd_ssh, "interactive shell on a device (OpenSSH)")
+    a = add(sub, "ssh", cmd_ssh, "OpenSSH to a device: dpanel ssh [SSH-OPTIONS] DEVICE "
+            "[COMMAND...]")
     a.add_argument("device")
-    a.add_argument("ssh_args", nargs="*", help="more ssh arguments (after --)")
     add(sub, "proxy", cmd_proxy, "stdio bridge for OpenSSH ProxyCommand").add_argument("device")
-    add(sub, "ssh-config", cmd_ssh_config, "print a ~/.ssh/config block for all devices")
+    add(sub, "ssh-config", cmd_ssh_config, "print a ~/.ssh/config block: DEVICE.dpanel, and "
+        "the bare names of the devices enrolled now")
 
     tun = sub.add_parser("tunnel", help="open/close/list tunnels, or run the tunnel server"
                          ).add_subparsers(dest="sub", required=True)
@@ -429,44 +493,121 @@ def _parser() -> argparse.ArgumentParser:
     st = sub.add_parser("stack", help="all services on loopback").add_subparsers(
         dest="sub", required=True)
     a = add(st, "up", cmd_stack_up, "run broker + tunnel + manager in the foreground")
-    a.add_argument("--dir", required=True, help="state directory (created; reused)")
-    a.add_argument("--broker-port", type=int, default=18830)
-    a.add_argument("--tunnel-port", type=int, default=2220)
-    a.add_argument("--api-port", type=int, default=8780)
-    a.add_argument("--port-range", default="20000-29999")
-    a.add_argument("--public-host", help="also serve devices on this address")
-    a.add_argument("--tls", action="store_true",
+    # Defaults are None: for an existing --dir only the flags given change its server.toml.
+    a.add_argument("--dir", required=True, help="state directory (created; reused, and "
+                   "the flags given are applied to it)")
+    a.add_argument("--broker-port", type=int, help=f"default {STACK_BROKER_PORT}")
+    a.add_argument("--tunnel-port", type=int, help=f"default {TUNNEL_PORT}")
+    a.add_argument("--api-port", type=int, help=f"default {API_PORT}")
+    a.add_argument("--port-range", help="device ports (default 20000-29999)")
+    a.add_argument("--public-host", metavar="ADDR", help="also listen for devices on this "
+                   "address of this machine (0.0.0.0: all; then give --advertise)")
+    a.add_argument("--advertise", metavar="HOST", help="the name or address device tokens "
+                   "carry, if not where the stack listens (a public name, NAT, qemu's "
+                   "10.0.2.2)")
+    a.add_argument("--tls", action="store_true", default=None,
                    help="MQTT over TLS with a generated CA (pinned in device tokens)")
-    a.add_argument("--keepalive-interval", type=float, default=15.0,
-                   help="tunnel SSH keepalive; dead devices free their port after 3 misses")
+    a.add_argument("--keepalive-interval", type=float,
+                   help="tunnel SSH keepalive, default 15 s; dead devices free their port "
+                   "after 3 misses")
     a.add_argument("--log-level", default="info")
     return p
+
+
+#: exec options that take a value, to find where the command starts without a "--"
+_EXEC_VALUE_OPTS = {"--filter", "-j", "--parallel", "--timeout", "--out-dir",
+                    "--max-output", "--config"}
+
+
+def _subcommand_at(words: list[str]) -> int:
+    """Index of the subcommand word (after top-level options such as --config F)."""
+    i = 0
+    while i < len(words) and words[i].startswith("-"):
+        i += 2 if words[i] == "--config" else 1
+    return i
+
+
+def _exec_command_start(rest: list[str]) -> Optional[int]:
+    """Where the remote command starts in what follows ``exec`` when there is no "--":
+    the first word after DEVICE (the first word at all with --all/--filter), as ssh."""
+    positionals = 0
+    fan_out = False
+    i = 0
+    while i < len(rest):
+        w = rest[i]
+        if w.startswith("-") and w != "-":
+            name = w.split("=", 1)[0]
+            fan_out |= name in ("--all", "--filter")
+            if name in _EXEC_VALUE_OPTS and "=" not in w:
+                i += 1
+            elif not w.startswith("--") and len(w) > 2:
+                # clustered short options: -ij8 / -ij 8
+                cluster = w[1:]
+                if "j" in cluster and cluster.index("j") == len(cluster) - 1:
+                    i += 1
+            i += 1
+            continue
+        positionals += 1
+        if positionals > (0 if fan_out else 1):
+            return i
+        i += 1
+    return None
+
+
+class _Terminated(KeyboardInterrupt):
+    """SIGTERM, turned into the same clean unwinding as Ctrl-C: the exec stream is
+    closed, so the manager hangs the remote command up."""
+
+
+def _on_sigterm(_sig: int, _frame: object) -> None:
+    raise _Terminated
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     words = list(sys.argv[1:] if argv is None else argv)
     # Everything after the first "--" is the remote command, verbatim: options such as
-    # -i must be ours when they come before it and the command's when after.
+    # -i must be ours when they come before it and the command's when after. Without
+    # "--", the command starts after DEVICE, as with ssh.
     tail: Optional[list[str]] = None
     if "--" in words:
         cut = words.index("--")
         words, tail = words[:cut], words[cut + 1:]
+    at = _subcommand_at(words)
+    cmd = words[at] if at < len(words) else ""
+    ssh_opts: list[str] = []
+    if cmd == "ssh":
+        ours, ssh_opts, device, remote = _split_ssh(words[at + 1:])
+        words = [*words[:at + 1], *ours, *([device] if device is not None else [])]
+        tail = [*remote, *(tail or [])]
+    elif cmd == "exec" and tail is None:
+        start = _exec_command_start(words[at + 1:])
+        if start is not None:
+            words, tail = words[:at + 1 + start], words[at + 1 + start:]
     args = _parser().parse_args(words)
-    if tail is not None:
+    if cmd == "ssh":
+        args.ssh_opts, args.ssh_args = ssh_opts, tail
+    elif tail is not None:
         if hasattr(args, "command"):
             args.command = [*args.command, *tail]
-        elif hasattr(args, "ssh_args"):
-            args.ssh_args = [*args.ssh_args, *tail]
         else:
             _parser().error("'--' is only for exec and ssh")
+    if cmd == "exec":
+        import signal
+
+        signal.signal(signal.SIGTERM, _on_sigterm)
     try:
         return int(args.fn(args))
+    except UsageError as exc:
+        print(f"dpanel: {exc}", file=sys.stderr)
+        return 255 if args.cmd in ("exec", "proxy", "ssh") else 2
     except ApiError as exc:
         print(f"dpanel: {exc}", file=sys.stderr)
         return 255 if args.cmd in ("exec", "proxy", "ssh") else 1
     except DPanelError as exc:
         print(f"dpanel: {exc}", file=sys.stderr)
         return 2
+    except _Terminated:
+        return 143
     except KeyboardInterrupt:
         return 130
     except BrokenPipeError:

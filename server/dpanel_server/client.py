@@ -2,20 +2,28 @@
 
 from __future__ import annotations
 
+import base64
 import http.client
 import json
 import os
+import socket
+import threading
 from pathlib import Path
-from typing import Any, Iterator, Optional
+from typing import Any, BinaryIO, Iterator, Optional
 
 from dpanel_proto.codes import ErrorCode
 
 from .config import ServerConfig, _hostport, load_config
 from .errors import DPanelError
 
-__all__ = ["DEFAULT_CONFIG", "ApiClient", "ApiError", "find_config"]
+__all__ = ["DEFAULT_CONFIG", "ApiClient", "ApiError", "ExecStream", "find_config"]
 
 DEFAULT_CONFIG = "/etc/dpanel/server.toml"
+
+#: Seconds an exec stream may stay silent (no output, no heartbeat) before the manager is
+#: taken for dead. The server sends a heartbeat after 15 s of silence
+#: (DPANEL_EXEC_HEARTBEAT), so this never cuts off a live command, however quiet.
+DEFAULT_STREAM_TIMEOUT = 60.0
 
 
 class ApiError(DPanelError):
@@ -33,10 +41,17 @@ def find_config(path: Optional[str]) -> ServerConfig:
 
 
 class ApiClient:
-    def __init__(self, cfg: ServerConfig, timeout: float = 120) -> None:
+    """``timeout`` bounds each request up to its answer's headers; a streamed exec then
+    lives as long as its command, with ``stream_timeout`` (env DPANEL_STREAM_TIMEOUT) as
+    the longest silence accepted."""
+
+    def __init__(self, cfg: ServerConfig, timeout: float = 120,
+                 stream_timeout: Optional[float] = None) -> None:
         self.cfg = cfg
         self.host, self.port = _hostport(cfg.manager.api_listen, "manager.api_listen", 8780)
         self.timeout = timeout
+        self.stream_timeout = stream_timeout or float(
+            os.environ.get("DPANEL_STREAM_TIMEOUT") or DEFAULT_STREAM_TIMEOUT)
         token_file = Path(cfg.manager.admin_token_file)
         try:
             self._token = token_file.read_text().strip()
@@ -44,8 +59,13 @@ class ApiClient:
             raise ApiError(f"cannot read the admin token {token_file}: {exc.strerror} "
                            "(run as the dpanel user or root?)") from None
 
-    def _send(self, method: str, path: str, body: Any = None) -> http.client.HTTPResponse:
-        conn = http.client.HTTPConnection(self.host, self.port, timeout=self.timeout)
+    def _unreachable(self, exc: OSError) -> ApiError:
+        return ApiError(f"manager API at http://{self.host}:{self.port} is unreachable "
+                        f"({exc}); is the manager running?", code="api_unreachable")
+
+    def _send(self, method: str, path: str, body: Any = None,
+              conn: Optional[http.client.HTTPConnection] = None) -> http.client.HTTPResponse:
+        conn = conn or http.client.HTTPConnection(self.host, self.port, timeout=self.timeout)
         headers = {"Authorization": f"Bearer {self._token}", "Accept": "application/json"}
         data = None
         if body is not None:
@@ -55,8 +75,12 @@ class ApiClient:
             conn.request(method, path, body=data, headers=headers)
             resp = conn.getresponse()
         except OSError as exc:
-            raise ApiError(f"manager API at http://{self.host}:{self.port} is unreachable "
-                           f"({exc}); is the manager running?") from None
+            raise self._unreachable(exc) from None
+        self._check(resp)
+        return resp
+
+    @staticmethod
+    def _check(resp: http.client.HTTPResponse) -> None:
         if resp.status >= 400:
             raw = resp.read()
             try:
@@ -68,16 +92,132 @@ class ApiClient:
                 msg = "; ".join(f"{'.'.join(map(str, e.get('loc', [])))}: {e.get('msg')}"
                                 for e in msg)
             raise ApiError(str(msg), resp.status, str(detail.get("code", "")))
-        return resp
 
     def call(self, method: str, path: str, body: Any = None) -> Any:
         resp = self._send(method, path, body)
         return json.loads(resp.read() or b"null")
 
     def stream(self, method: str, path: str, body: Any = None) -> Iterator[dict[str, Any]]:
+        """NDJSON objects, heartbeats included."""
         resp = self._send(method, path, body)
         while True:
             line = resp.readline()
             if not line:
                 return
             yield json.loads(line)
+
+    def exec(self, device: str, body: dict[str, Any],
+             stdin: Optional[BinaryIO] = None) -> ExecStream:
+        """Start an exec; ``stdin`` (a file) is streamed to the remote, then EOF."""
+        return ExecStream(self, device, body, stdin)
+
+
+class ExecStream:
+    """One streamed exec: iterate for its events (``dpanel_proto.events`` objects as
+    dicts, heartbeats dropped); :meth:`close` hangs it up (the manager then hangs up the
+    remote command)."""
+
+    def __init__(self, api: ApiClient, device: str, body: dict[str, Any],
+                 stdin: Optional[BinaryIO]) -> None:
+        from urllib.parse import quote
+
+        self._api = api
+        self._conn = http.client.HTTPConnection(api.host, api.port, timeout=api.timeout)
+        self._closed = False
+        path = f"/v1/devices/{quote(device, safe='')}/exec"
+        if stdin is None:
+            self._resp = api._send("POST", path, body, self._conn)
+        else:
+            self._resp = self._send_streaming(path, body, stdin)
+        if self._conn.sock is not None:
+            self._conn.sock.settimeout(api.stream_timeout)
+
+    def _send_streaming(self, path: str, body: dict[str, Any],
+                        stdin: BinaryIO) -> http.client.HTTPResponse:
+        conn = self._conn
+        try:
+            conn.putrequest("POST", path)
+            conn.putheader("Authorization", f"Bearer {self._api._token}")
+            conn.putheader("Content-Type", "application/x-ndjson")
+            conn.putheader("Transfer-Encoding", "chunked")
+            conn.endheaders()
+            sock = conn.sock
+            assert sock is not None
+            # the first line (the request) goes now: the server answers once the command
+            # runs, and the stdin that follows may wait for it
+            _send_all(sock, _chunk(json.dumps(body).encode() + b"\n"), lambda: self._closed)
+        except OSError as exc:
+            raise self._api._unreachable(exc) from None
+        threading.Thread(target=self._feed, args=(sock, stdin), daemon=True).start()
+        try:
+            resp = conn.getresponse()
+        except OSError as exc:
+            raise self._api._unreachable(exc) from None
+        self._api._check(resp)
+        return resp
+
+    def _feed(self, sock: socket.socket, stdin: BinaryIO) -> None:
+        fd = stdin.fileno()
+        stop = lambda: self._closed  # noqa: E731
+        try:
+            while not self._closed:
+                data = os.read(fd, 3 * 16384)
+                if not data:
+                    break
+                line = b'{"stdin": "' + base64.b64encode(data) + b'"}\n'
+                _send_all(sock, _chunk(line), stop)
+            _send_all(sock, b"0\r\n\r\n", stop)
+        except OSError:
+            pass  # the answer (or the hang-up) tells what happened
+
+    def __iter__(self) -> Iterator[dict[str, Any]]:
+        try:
+            while True:
+                try:
+                    line = self._resp.readline()
+                except TimeoutError:
+                    raise ApiError(f"the manager API stopped answering: no output and no "
+                                   f"heartbeat for {self._api.stream_timeout:g} s",
+                                   code="api_unreachable") from None
+                except OSError as exc:
+                    raise self._api._unreachable(exc) from None
+                if not line:
+                    return
+                event = json.loads(line)
+                if event:  # {} is a heartbeat
+                    yield event
+        finally:
+            self.close()
+
+    def close(self) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        sock = self._conn.sock
+        if sock is not None:
+            try:
+                sock.shutdown(socket.SHUT_RDWR)  # wakes a thread blocked on it
+            except OSError:
+                pass
+        self._conn.close()
+
+    def __enter__(self) -> ExecStream:
+        return self
+
+    def __exit__(self, *_: object) -> None:
+        self.close()
+
+
+def _chunk(data: bytes) -> bytes:
+    return b"%x\r\n%s\r\n" % (len(data), data)
+
+
+def _send_all(sock: socket.socket, data: bytes, stopped: Any) -> None:
+    """sendall that outlasts the socket's (read) timeout: a command that does not read
+    its stdin for a while holds us back, which is not an error."""
+    view = memoryview(data)
+    while view and not stopped():
+        try:
+            view = view[sock.send(view):]
+        except TimeoutError:
+            continue

@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import ipaddress
 from dataclasses import dataclass, field, fields, is_dataclass
 from pathlib import Path
-from typing import Any, Literal, Optional, get_args, get_type_hints
+from typing import Any, Optional, get_args, get_type_hints
 
+import tomli_w
 import tomllib
 
+from dpanel_proto.ports import API_PORT, BROKER_PORT, STACK_BROKER_PORT, TUNNEL_PORT
 from dpanel_proto.util import parse_hostport
 from dpanel_proto.wire import DecodeError
 
@@ -18,15 +21,32 @@ __all__ = [
     "ManagerConfig",
     "ServerConfig",
     "TunnelConfig",
+    "check_advertised",
+    "dump_config",
     "load_config",
     "stack_config",
 ]
 
 
+def check_advertised(host: str, what: str) -> None:
+    """An address written into device tokens must be one a device can dial: the wildcard
+    (0.0.0.0, ::) only means "every local address" to a listener."""
+    try:
+        wildcard = ipaddress.ip_address(host.strip("[]")).is_unspecified
+    except ValueError:
+        wildcard = False
+    if wildcard:
+        raise ConfigError(
+            f"{what}: {host} is the wildcard address, which no device can dial; advertise "
+            "the name or address devices reach this server at (e.g. dpanel stack up "
+            "--advertise HOST, dpanel-configure --advertise HOST)")
+
+
 @dataclass
 class TunnelConfig:
-    listen: str = "0.0.0.0:2220"
-    public_address: str = "127.0.0.1:2220"
+    listen: str = f"0.0.0.0:{TUNNEL_PORT}"
+    #: what device tokens name (never bound: a public name, a NAT address, qemu's 10.0.2.2)
+    public_address: str = f"127.0.0.1:{TUNNEL_PORT}"
     host_key: str = "/etc/dpanel/keys/tunnel_host_key"
     port_range: str = "20000-29999"
     keepalive_interval: float = 15.0
@@ -37,8 +57,9 @@ class TunnelConfig:
         return int(lo), int(hi)
 
     def validate(self) -> None:
-        _hostport(self.listen, "tunnel.listen", 2220)
-        _hostport(self.public_address, "tunnel.public_address", 2220)
+        _hostport(self.listen, "tunnel.listen", TUNNEL_PORT)
+        host, _ = _hostport(self.public_address, "tunnel.public_address", TUNNEL_PORT)
+        check_advertised(host, "tunnel.public_address")
         try:
             lo, hi = self.ports
         except ValueError:
@@ -51,8 +72,14 @@ class TunnelConfig:
 
 @dataclass
 class BrokerConfig:
-    url: str = "mqtt://127.0.0.1:1883"
-    public_url: str = "mqtt://127.0.0.1:1883"
+    #: what the manager dials (loopback)
+    url: str = f"mqtt://127.0.0.1:{BROKER_PORT}"
+    #: what device tokens name; never bound (see ``listen``)
+    public_url: str = f"mqtt://127.0.0.1:{BROKER_PORT}"
+    #: ``dpanel stack up`` only: a further HOST:PORT its broker listens on for devices
+    #: (--public-host). The appliance's listeners are in the mosquitto.conf that
+    #: dpanel-configure writes.
+    listen: Optional[str] = None
     ca_file: Optional[str] = None
     username: str = "dpanel-manager"
     password_file: str = "/etc/dpanel/broker-manager.secret"
@@ -65,18 +92,22 @@ class BrokerConfig:
             value = getattr(self, name)
             if not value.startswith(("mqtt://", "mqtts://")):
                 raise ConfigError(f"broker.{name}: {value!r} is not mqtt://HOST:PORT or mqtts://")
-            _hostport(value.split("://", 1)[1], f"broker.{name}", 1883)
+            host, _ = _hostport(value.split("://", 1)[1], f"broker.{name}", BROKER_PORT)
+            if name == "public_url":
+                check_advertised(host, "broker.public_url")
+        if self.listen is not None:
+            _hostport(self.listen, "broker.listen", BROKER_PORT)
         if self.reload != "none" and not self.reload.startswith("pidfile:"):
             raise ConfigError(f"broker.reload: {self.reload!r} is not 'none' or 'pidfile:PATH'")
 
     @property
     def host_port(self) -> tuple[str, int]:
-        return parse_hostport(self.url.split("://", 1)[1], "broker.url", 1883)
+        return parse_hostport(self.url.split("://", 1)[1], "broker.url", BROKER_PORT)
 
 
 @dataclass
 class ManagerConfig:
-    api_listen: str = "127.0.0.1:8780"
+    api_listen: str = f"127.0.0.1:{API_PORT}"
     admin_token_file: str = "/etc/dpanel/admin.token"
     ssh_key: str = "/etc/dpanel/keys/manager_key"
     #: login name on devices: the built-in server ignores it, a device's own sshd
@@ -92,7 +123,7 @@ class ManagerConfig:
     allow_public_api: bool = False
 
     def validate(self) -> None:
-        host, _ = _hostport(self.api_listen, "manager.api_listen", 8780)
+        host, _ = _hostport(self.api_listen, "manager.api_listen", API_PORT)
         if host not in ("127.0.0.1", "::1", "localhost") and not self.allow_public_api:
             raise ConfigError(
                 f"manager.api_listen: {host} is not loopback; put a TLS proxy in front and set "
@@ -100,9 +131,6 @@ class ManagerConfig:
             )
         if not 1 <= self.request_lifetime <= 300:
             raise ConfigError("manager.request_lifetime: must be 1-300 s")
-
-
-Mode = Literal["appliance", "stack"]
 
 
 @dataclass
@@ -156,6 +184,21 @@ def _fill(obj: Any, data: dict[str, Any], prefix: str, source: str) -> None:
         setattr(obj, key, value)
 
 
+def _as_dict(obj: Any) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for f in fields(obj):
+        value = getattr(obj, f.name)
+        if f.name == "source" or value is None:
+            continue  # TOML has no null: an absent key is the default
+        out[f.name] = _as_dict(value) if is_dataclass(value) else value
+    return out
+
+
+def dump_config(cfg: ServerConfig) -> str:
+    """TOML text for ``cfg`` (tomli-w: strings are escaped, so any path or name is safe)."""
+    return "# dPanel configuration (generated; safe to edit)\n" + tomli_w.dumps(_as_dict(cfg))
+
+
 def load_config(path: Optional[str | Path]) -> ServerConfig:
     """Load and validate; ``None`` gives the defaults (appliance paths)."""
     cfg = ServerConfig()
@@ -176,7 +219,8 @@ def load_config(path: Optional[str | Path]) -> ServerConfig:
     return cfg
 
 
-def stack_config(state_dir: Path, *, broker_port: int, tunnel_port: int, api_port: int,
+def stack_config(state_dir: Path, *, broker_port: int = STACK_BROKER_PORT,
+                 tunnel_port: int = TUNNEL_PORT, api_port: int = API_PORT,
                  port_range: str = "20000-29999") -> ServerConfig:
     """A self-contained loopback configuration whose files all live in ``state_dir``."""
     d = state_dir.resolve()

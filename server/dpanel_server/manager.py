@@ -25,14 +25,16 @@ from .errors import (
     BrokerError,
     DeviceOffline,
     DeviceRevoked,
+    DPanelError,
     HostKeyMismatch,
+    RegistryError,
     TunnelRefused,
 )
 from .hostkeys import fingerprint
 from .presence import Presence, PresenceTracker
 from .registry import Device, Registry
 from .requests import Requests
-from .sshpool import ExecEvent, Pooled, SshPool
+from .sshpool import ExecEvent, Pooled, RemoteCommand, SshPool
 
 __all__ = ["ExecEvent", "Manager", "Presence", "fingerprint", "sync_broker_files"]
 
@@ -156,6 +158,21 @@ class Manager:
         log.warning("revoked device %s", name)
         return device
 
+    async def delete(self, name: str, force: bool = False) -> dict[str, object]:
+        """Free a revoked device's name; its record moves to ``deleted_devices``.
+        ``force`` revokes it first (cut off everywhere, as ``revoke``)."""
+        if not (await self.device(name)).revoked:
+            if not force:
+                raise RegistryError(f"device {name} is not revoked; revoke it first "
+                                    f"(dpanel device revoke {name}) or use --force")
+            await self.revoke(name)
+        record = await asyncio.to_thread(self.registry.delete, name)
+        log.warning("deleted device %s (its name is free again)", name)
+        return record
+
+    async def deleted_devices(self) -> list[dict[str, object]]:
+        return await asyncio.to_thread(self.registry.deleted)
+
     async def reset_host_key(self, device: str) -> None:
         """Forget the pinned key and pin the one the device presents now, if online (the
         operator re-imaged it on purpose)."""
@@ -224,9 +241,14 @@ class Manager:
 
     def tunnels(self) -> dict[str, int]:
         """Open tunnels, device -> loopback port: the tunnel's own allocations when it can
-        be asked, else what the devices last reported."""
+        be asked (a device may report another's port), else what the devices last
+        reported; empty if the tunnel cannot be asked."""
         if self._tunnel_sessions is not None:
-            return dict(self._tunnel_sessions())
+            try:
+                return dict(self._tunnel_sessions())
+            except DPanelError as exc:
+                log.warning("tunnel list: %s", exc)
+                return {}
         return {d: p.port for d, p in self.presence.items() if p.online and p.port}
 
     # ------------------------------------------------------------------ SSH
@@ -238,6 +260,13 @@ class Manager:
              timeout: Optional[float] = None) -> AsyncIterator[ExecEvent]:
         """Run ``command`` on the device; yields output chunks, then the exit code."""
         return self.pool.exec(device, command, stdin, timeout)
+
+    async def start_exec(self, device: str, command: str, stdin: Optional[bytes] = None, *,
+                         stream_stdin: bool = False,
+                         timeout: Optional[float] = None) -> RemoteCommand:
+        """Start ``command`` and return it running (the API streams it; see sshpool)."""
+        return await self.pool.start_command(device, command, stdin,
+                                             stream_stdin=stream_stdin, timeout=timeout)
 
     # ------------------------------------------------------------------ known_hosts
     async def known_hosts_text(self) -> str:

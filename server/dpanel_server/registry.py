@@ -42,6 +42,17 @@ _SCHEMA = [
         last_seen DOUBLE PRECISION
     )""",
     "CREATE TABLE IF NOT EXISTS meta (name VARCHAR(63) PRIMARY KEY, value TEXT NOT NULL)",
+    # Tombstones of deleted devices (a name may be deleted, re-enrolled and deleted again,
+    # so no key): what the device was and when, until the audit history exists.
+    """CREATE TABLE IF NOT EXISTS deleted_devices (
+        id VARCHAR(63) NOT NULL,
+        host_key TEXT,
+        labels TEXT NOT NULL DEFAULT '{}',
+        created_at DOUBLE PRECISION NOT NULL,
+        revoked_at DOUBLE PRECISION,
+        last_seen DOUBLE PRECISION,
+        deleted_at DOUBLE PRECISION NOT NULL
+    )""",
 ]
 
 
@@ -128,8 +139,13 @@ class Registry:
         now = time.time()
         with self._tx() as cur:
             if cur.execute("SELECT 1 FROM devices WHERE id = ?", (device,)).fetchone():
-                raise DeviceExists(f"device {device!r} already exists (revoke it, or pick "
-                                   "another name)")
+                revoked = cur.execute("SELECT revoked_at FROM devices WHERE id = ?",
+                                      (device,)).fetchone()[0] is not None
+                raise DeviceExists(
+                    f"device {device!r} was revoked; free its name with: dpanel device "
+                    f"delete {device}" if revoked else
+                    f"device {device!r} already exists; pick another name (or retire it: "
+                    f"dpanel device delete --force {device})")
             cur.execute(
                 "INSERT INTO devices (id, secret_hash, broker_hash, labels, created_at) "
                 "VALUES (?, ?, ?, ?, ?)",
@@ -160,6 +176,34 @@ class Registry:
                         (time.time(), device))
             self._bump(cur)
         return self.get(device)
+
+    def delete(self, device: str) -> dict[str, Any]:
+        """Remove a revoked device, keeping a tombstone in ``deleted_devices``; its name
+        can then be enrolled again (with a new secret and a new host key pin)."""
+        now = time.time()
+        with self._tx() as cur:
+            row = cur.execute(f"SELECT {self._COLS} FROM devices WHERE id = ?",  # noqa: S608
+                              (device,)).fetchone()
+            if row is None:
+                raise UnknownDevice(f"unknown device {device!r}")
+            if row[2] is None:
+                raise RegistryError(f"device {device} is not revoked; revoke it first")
+            cur.execute("INSERT INTO deleted_devices (id, host_key, labels, created_at, "
+                        "revoked_at, last_seen, deleted_at) VALUES (?, ?, ?, ?, ?, ?, ?)",
+                        (row[0], row[3], row[5], row[1], row[2], row[4], now))
+            cur.execute("DELETE FROM devices WHERE id = ?", (device,))
+            self._bump(cur)
+        return dict(self._row(row).as_dict(), deleted_at=now)
+
+    def deleted(self) -> list[dict[str, Any]]:
+        """Every tombstone, oldest deletion first."""
+        with self._tx() as cur:
+            rows = cur.execute("SELECT id, host_key, labels, created_at, revoked_at, "
+                               "last_seen, deleted_at FROM deleted_devices "
+                               "ORDER BY deleted_at").fetchall()
+        return [{"id": r[0], "host_key": r[1], "labels": json.loads(r[2] or "{}"),
+                 "created_at": r[3], "revoked_at": r[4], "last_seen": r[5],
+                 "deleted_at": r[6]} for r in rows]
 
     def verify(self, device: str, secret: str) -> bool:
         """True if ``secret`` is the current secret of a non-revoked device."""

@@ -7,36 +7,59 @@ import contextlib
 import logging
 import signal
 from pathlib import Path
-from typing import Iterator, Optional
+from typing import Callable, Iterator, Optional
 
 import uvicorn
 
 from ._files import ensure_secret
+from ._httpguard import guarded_h11
 from ._sdnotify import notify, watchdog_loop
 from .api import create_app
 from .config import ServerConfig, _hostport
+from .errors import UnknownDevice
 from .manager import Manager
 from .registry import Registry
 from .tunnel import TunnelServer, TunnelSettings
+from .tunnelctl import TunnelControl, control_path, serve_control
 
 __all__ = ["run_manager", "run_services", "run_tunnel", "watch_revocations"]
 
 log = logging.getLogger("dpanel.service")
 
+#: The API's limits (see :mod:`dpanel_server._httpguard`): each request must arrive
+#: within API_REQUEST_TIMEOUT s; at most API_MAX_WAITING connections may be waiting for
+#: theirs (the longest-waiting is closed beyond); API_LIMIT_CONCURRENCY requests in service.
+API_REQUEST_TIMEOUT = 30.0
+API_MAX_WAITING = 256
+API_LIMIT_CONCURRENCY = 2048
+
+
+def registry_allows(registry: Registry) -> Callable[[str], bool]:
+    """The tunnel's check at every forward request: enrolled, and not revoked."""
+    def allowed(device: str) -> bool:
+        try:
+            return not registry.get(device).revoked
+        except UnknownDevice:
+            return False
+    return allowed
+
 
 async def watch_revocations(registry: Registry, tunnel: TunnelServer,
                             interval: float = 1.0) -> None:
-    """Kick revoked devices off the tunnel. The manager and tunnel may be separate
-    processes sharing only the registry; one indexed row read per second is the cheapest
-    portable signal (works on SQLite and PostgreSQL alike)."""
+    """Kick revoked (or deleted) devices off the tunnel: the fallback behind the
+    manager's push (``kick``, over the control socket when the manager is another
+    process) and the registry check at every forward request. One indexed row read per
+    second is the cheapest portable signal (SQLite and PostgreSQL alike). Every
+    authenticated device is checked, not only those with a forward: one that logged in
+    before the revoke must not keep its session to ask for a forward later."""
     seen = -1
     while True:
         try:
             rev = await asyncio.to_thread(registry.revision)
             if rev != seen:
                 seen = rev
-                revoked = await asyncio.to_thread(registry.revoked_ids)
-                for device in set(tunnel.sessions()) & revoked:
+                active = {d.id for d in await asyncio.to_thread(registry.devices, False)}
+                for device in sorted(tunnel.devices() - active):
                     log.warning("kicking revoked device %s off the tunnel", device)
                     tunnel.kick(device)
         except Exception:  # a locked/busy DB must not kill the tunnel
@@ -59,9 +82,13 @@ def _wait_for_signal() -> asyncio.Event:
 
 
 async def run_tunnel(cfg: ServerConfig) -> None:
+    """The tunnel alone (the appliance's dpanel-tunnel.service), with its control socket
+    for the manager in the other process."""
     registry = Registry(cfg.registry_path)
-    tunnel = TunnelServer(_tunnel_settings(cfg), registry.verify)
+    tunnel = TunnelServer(_tunnel_settings(cfg), registry.verify,
+                          allowed=registry_allows(registry))
     await tunnel.start()
+    control = await serve_control(tunnel, control_path(cfg.state_dir))
     stop = _wait_for_signal()
     tasks = [asyncio.create_task(watch_revocations(registry, tunnel)),
              asyncio.create_task(watchdog_loop())]
@@ -71,6 +98,7 @@ async def run_tunnel(cfg: ServerConfig) -> None:
     notify("STOPPING=1")
     for t in tasks:
         t.cancel()
+    control.close()
     await tunnel.close()
     registry.close()
 
@@ -89,8 +117,18 @@ async def _serve_api(cfg: ServerConfig, manager: Manager,
                      tunnel: Optional[TunnelServer]) -> None:
     host, port = _hostport(cfg.manager.api_listen, "manager.api_listen", 8780)
     app = create_app(manager, ensure_secret(cfg.manager.admin_token_file))
-    server = _ApiServer(uvicorn.Config(app, host=host, port=port, log_level="warning",
-                                       lifespan="off", access_log=False))
+    server = _ApiServer(uvicorn.Config(
+        app, host=host, port=port, log_level="warning", lifespan="off", access_log=False,
+        # uvicorn has no request-read deadline: without this a slowloris client holds its
+        # connection forever and limit_concurrency then turns away /v1/health (503)
+        http=guarded_h11(request_timeout=API_REQUEST_TIMEOUT, max_waiting=API_MAX_WAITING),
+        # requests in service at once (exec streams included); far above max_waiting, so
+        # connections still sending their request can never fill it
+        limit_concurrency=API_LIMIT_CONCURRENCY,
+        timeout_keep_alive=5,                     # idle keep-alive connections, seconds
+        h11_max_incomplete_event_size=16 * 1024,  # request line + headers, bytes
+        backlog=1024,
+    ))
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, setattr, server, "should_exit", True)
@@ -116,7 +154,11 @@ async def _serve_api(cfg: ServerConfig, manager: Manager,
 
 
 async def run_manager(cfg: ServerConfig) -> None:
-    manager = Manager(cfg)
+    """The manager alone (dpanel-manager.service): it reaches the tunnel, another process,
+    over the control socket, so revocation is pushed and ports are the tunnel's own."""
+    ctl = TunnelControl(control_path(cfg.state_dir))
+    manager = Manager(cfg, kick=ctl.kick, tunnel_sessions=ctl.sessions,
+                      tunnel_stats=ctl.stats)
     await manager.start()
     try:
         await _serve_api(cfg, manager, None)
@@ -127,7 +169,8 @@ async def run_manager(cfg: ServerConfig) -> None:
 async def run_services(cfg: ServerConfig) -> None:
     """Tunnel + manager + API in one process (the stack; the broker runs beside it)."""
     registry = Registry(cfg.registry_path)
-    tunnel = TunnelServer(_tunnel_settings(cfg), registry.verify)
+    tunnel = TunnelServer(_tunnel_settings(cfg), registry.verify,
+                          allowed=registry_allows(registry))
     await tunnel.start()
     manager = Manager(cfg, kick=tunnel.kick, tunnel_sessions=tunnel.sessions,
                       tunnel_stats=tunnel.stats)

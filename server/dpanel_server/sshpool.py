@@ -13,7 +13,7 @@ from .config import ServerConfig
 from .errors import DeviceError, HostKeyMismatch, RequestTimeout
 from .hostkeys import fingerprint
 
-__all__ = ["ExecEvent", "Pooled", "SshPool"]
+__all__ = ["ExecEvent", "Pooled", "RemoteCommand", "SshPool"]
 
 #: (kind, data): ("stdout"|"stderr", bytes) while running, then ("exit", int).
 ExecEvent = tuple[str, Union[bytes, int]]
@@ -99,29 +99,88 @@ class SshPool:
             self._pool[device] = pooled
             return pooled
 
-    async def exec(self, device: str, command: str, stdin: Optional[bytes] = None,
-                   timeout: Optional[float] = None) -> AsyncIterator[ExecEvent]:
-        """Run ``command`` on the device; yields output chunks, then the exit code."""
-        pooled = await self.connection(device)
-        pooled.busy += 1
-        try:
-            async for event in self._run(device, pooled.conn, command, stdin, timeout):
-                yield event
-        finally:
-            pooled.busy -= 1
-            pooled.last_used = time.monotonic()
+    async def start_command(self, device: str, command: str, stdin: Optional[bytes] = None, *,
+                            stream_stdin: bool = False,
+                            timeout: Optional[float] = None) -> RemoteCommand:
+        """Start ``command`` on the device and return it running.
 
-    async def _run(self, device: str, conn: asyncssh.SSHClientConnection, command: str,
-                   stdin: Optional[bytes], timeout: Optional[float]) -> AsyncIterator[ExecEvent]:
+        The remote stdin gets ``stdin`` then EOF, or EOF at once when there is none (as
+        ``ssh -n``: a command that reads stdin must never wait for input nobody sends),
+        unless ``stream_stdin``: then the caller feeds it with :meth:`RemoteCommand.feed`.
+        Connection, tunnel and start-up failures raise here, before any output.
+        """
+        pooled = await self.connection(device)
         try:
-            proc = await conn.create_process(command, encoding=None,
-                                             stdin=asyncssh.PIPE if stdin is not None else None)
+            proc = await pooled.conn.create_process(command, encoding=None)
         except (OSError, asyncssh.Error) as exc:
             self.drop(device)
             raise DeviceError(f"device {device}: could not start the command: {exc}") from None
-        if stdin is not None:
-            proc.stdin.write(stdin)
+        cmd = RemoteCommand(self, device, pooled, proc, timeout)
+        if not stream_stdin:
+            if stdin:
+                proc.stdin.write(stdin)
             proc.stdin.write_eof()
+        return cmd
+
+    async def exec(self, device: str, command: str, stdin: Optional[bytes] = None,
+                   timeout: Optional[float] = None) -> AsyncIterator[ExecEvent]:
+        """Run ``command`` on the device; yields output chunks, then the exit code."""
+        cmd = await self.start_command(device, command, stdin, timeout=timeout)
+        try:
+            async for event in cmd.events():
+                yield event
+        finally:
+            cmd.close()
+
+    async def _reap_idle(self) -> None:
+        while True:
+            await asyncio.sleep(5)
+            limit = time.monotonic() - self._cfg.manager.connection_idle
+            for dev, pooled in list(self._pool.items()):
+                if pooled.conn.is_closed() or (pooled.busy == 0 and pooled.last_used < limit):
+                    self.drop(dev)
+
+
+class RemoteCommand:
+    """One command running on a device over the pooled connection.
+
+    :meth:`events` yields its output as it comes (64 KiB chunks through a bounded queue:
+    a slow reader holds the SSH window shut, so the device waits rather than the manager
+    buffering), then the exit status. :meth:`close` hangs the command up (the agent
+    then ends its process group, as sshd does); it is safe to call at any time, twice.
+    """
+
+    def __init__(self, pool: SshPool, device: str, pooled: Pooled,
+                 proc: asyncssh.SSHClientProcess[bytes], timeout: Optional[float]) -> None:
+        self._pool, self.device, self._pooled, self._proc = pool, device, pooled, proc
+        self.timeout = timeout
+        self._deadline = None if timeout is None else time.monotonic() + timeout
+        self._finished = False
+        self._closed = False
+        pooled.busy += 1
+
+    async def feed(self, chunks: AsyncIterator[bytes]) -> None:
+        """Copy ``chunks`` to the remote stdin with back-pressure, then send EOF."""
+        try:
+            async for chunk in chunks:
+                self._proc.stdin.write(chunk)
+                await self._proc.stdin.drain()
+            self._proc.stdin.write_eof()
+        except (OSError, asyncssh.Error, BrokenPipeError):
+            pass  # the command ended or the channel closed: its exit status tells why
+
+    def close(self) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        if not self._finished:
+            # the caller went away (Ctrl-C, HTTP client gone, timeout): hang up
+            self._proc.close()
+        self._pooled.busy -= 1
+        self._pooled.last_used = time.monotonic()
+
+    async def events(self) -> AsyncIterator[ExecEvent]:
+        device, proc, conn = self.device, self._proc, self._pooled.conn
         queue: asyncio.Queue[Union[ExecEvent, BaseException, None]] = asyncio.Queue(maxsize=64)
 
         async def pump(name: str, reader: asyncssh.SSHReader[bytes]) -> None:
@@ -139,18 +198,16 @@ class SshPool:
 
         pumps = [asyncio.create_task(pump("stdout", proc.stdout)),
                  asyncio.create_task(pump("stderr", proc.stderr))]
-        deadline = None if timeout is None else time.monotonic() + timeout
         done = 0
-        finished = False
         try:
             while done < 2:
-                left = None if deadline is None else max(0.0, deadline - time.monotonic())
+                left = (None if self._deadline is None
+                        else max(0.0, self._deadline - time.monotonic()))
                 try:
                     item = await asyncio.wait_for(queue.get(), left)
                 except asyncio.TimeoutError:
-                    proc.close()
                     raise RequestTimeout(f"device {device}: command timed out after "
-                                         f"{timeout:g} s") from None
+                                         f"{self.timeout:g} s") from None
                 if item is None:
                     done += 1
                 elif isinstance(item, BaseException):
@@ -158,19 +215,17 @@ class SshPool:
                 else:
                     yield item
             result = await proc.wait()
-            finished = True
+            self._finished = True
         except (OSError, asyncssh.Error, asyncssh.misc.ChannelOpenError) as exc:
-            self.drop(device)
+            self._pool.drop(device)
             raise DeviceError(f"device {device}: connection lost mid-command ({exc})") from None
         finally:
             for t in pumps:
                 t.cancel()
-            if not finished:
-                # the caller went away (Ctrl-C, HTTP client gone): the agent hangs up
-                # the command, as sshd does when its client disconnects
-                proc.close()
+            if not self._finished:
+                self.close()
         if conn.is_closed() and result.exit_status is None:
-            self.drop(device)
+            self._pool.drop(device)
             raise DeviceError(f"device {device}: connection lost mid-command")
         if result.exit_status is not None and result.exit_status >= 0:
             yield ("exit", result.exit_status)
@@ -178,13 +233,5 @@ class SshPool:
             yield ("stderr", f"killed by signal {result.exit_signal[0]}\n".encode())
             yield ("exit", 255)
         else:
-            self.drop(device)
+            self._pool.drop(device)
             raise DeviceError(f"device {device}: connection lost mid-command")
-
-    async def _reap_idle(self) -> None:
-        while True:
-            await asyncio.sleep(5)
-            limit = time.monotonic() - self._cfg.manager.connection_idle
-            for dev, pooled in list(self._pool.items()):
-                if pooled.conn.is_closed() or (pooled.busy == 0 and pooled.last_used < limit):
-                    self.drop(dev)

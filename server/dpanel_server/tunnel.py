@@ -13,7 +13,18 @@ Robustness rules, each learned from tunnel servers in the field:
   times out);
 * every disconnect path (client close, keepalive timeout, kick, eviction, server close,
   cancel-tcpip-forward, bind error) returns the port to the pool;
-* unauthenticated connections are counted and capped, because asyncssh has no MaxStartups.
+* the internet cannot lock devices out (asyncssh has no MaxStartups): unauthenticated
+  connections pass :class:`~dpanel_server._gate.PreAuthGate` at accept (per-source
+  penalties for failed or abandoned logins, per-source random early drop, and a global cap
+  that evicts the busiest address's oldest connection instead of refusing newcomers), and
+  must finish their key exchange within ``handshake_timeout`` (5 s) and log in within
+  ``login_timeout`` (10 s); a device on a slow cellular link needs 1-3 s for both;
+* revocation is re-checked in the registry at every forward request (``allowed``), on top
+  of the manager's push (``kick``) and the revision poll;
+* every per-connection and per-device log line is rate-limited per source address or
+  device (:mod:`dpanel_server._ratelog`), so no peer can flood the journal;
+* a device's port is written to the sticky map within ``sticky_save_delay`` of being
+  allocated (batched), so even a SIGKILLed tunnel gives devices their ports back.
 """
 
 from __future__ import annotations
@@ -27,6 +38,7 @@ import os
 import random
 import resource
 import stat
+import threading
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Awaitable, Callable, Literal, Optional, Union
@@ -36,7 +48,9 @@ import asyncssh
 from dpanel_proto.wire import DecodeError, validate_device_id
 
 from ._files import atomic_write, ensure_private_key
+from ._gate import Outcome, PreAuthGate, Startups, source_key
 from ._pool import PoolExhausted, PortPool
+from ._ratelog import RateLimitedLog
 from .errors import ConfigError
 
 __all__ = [
@@ -57,6 +71,9 @@ log = logging.getLogger("dpanel.tunnel")
 ALLOWED_LISTEN_HOSTS = frozenset({"", "localhost", "127.0.0.1"})
 
 Verify = Callable[[str, str], bool]
+#: ``allowed(device)``: is the device still enrolled and not revoked? Called in a thread at
+#: every forward request, so it may read the registry.
+Allowed = Callable[[str], bool]
 
 #: Wrong passwords allowed per connection before it is dropped (OpenSSH MaxAuthTries is 6;
 #: a device knows its secret, so a second wrong one is already an attack or a bad token).
@@ -79,13 +96,32 @@ class TunnelSettings:
     bind_host: str = "127.0.0.1"
     keepalive_interval: float = 15
     keepalive_count_max: int = 3
-    login_timeout: float = 20
-    max_unauthenticated: int = 200
+    #: From accept to logged in. OpenSSH's 120 s suits humans typing; a device sends its
+    #: secret at once and needs 1-3 s even over a poor cellular link.
+    login_timeout: float = 10
+    #: From accept to the first authentication request (banner + key exchange done):
+    #: a connection that sends a banner and then nothing is gone after this.
+    handshake_timeout: float = 5
+    #: Unauthenticated connections at once; at the cap a newcomer evicts the oldest
+    #: connection of the busiest address (see :mod:`dpanel_server._gate`). ~23 KB each.
+    max_unauthenticated: int = 1000
+    #: OpenSSH MaxStartups start:rate:full, applied to each source address's pending
+    #: connections (a device has one at a time; a NAT'd site reconnecting a few more).
+    per_source_startups: str = "5:30:20"
+    #: OpenSSH PerSourcePenalties: seconds added to a source's score per failed / abandoned
+    #: login; at ``penalty_min`` the source is refused for its score (<= ``penalty_max``).
+    penalty_authfail: float = 5.0
+    penalty_noauth: float = 1.0
+    penalty_min: float = 15.0
+    penalty_max: float = 60.0
     #: A device that comes back within this many seconds gets its previous port again.
     sticky_seconds: float = 86400
     #: Where the sticky port map is saved on close and read on start, so a restarted tunnel
     #: gives devices their ports back too (``None``: kept in memory only).
     sticky_path: Optional[Path] = None
+    #: Allocations are written to ``sticky_path`` at most this long after they happen,
+    #: batched (one write for a burst of reconnecting devices, never one per connection).
+    sticky_save_delay: float = 0.5
     #: How many pool ports to try when binding fails because another process holds one.
     bind_attempts: int = 16
 
@@ -109,13 +145,20 @@ class TunnelSettings:
              "keepalive_interval: must be > 0 (dead peers would hold their ports forever)"),
             (self.keepalive_count_max >= 1, "keepalive_count_max: must be >= 1"),
             (self.login_timeout > 0, "login_timeout: must be > 0"),
+            (self.handshake_timeout > 0, "handshake_timeout: must be > 0"),
             (self.max_unauthenticated >= 1, "max_unauthenticated: must be >= 1"),
+            (min(self.penalty_authfail, self.penalty_noauth) >= 0,
+             "penalty_authfail/penalty_noauth: must be >= 0"),
+            (0 < self.penalty_min <= self.penalty_max,
+             "penalty_min/penalty_max: need 0 < penalty_min <= penalty_max"),
+            (self.sticky_save_delay >= 0, "sticky_save_delay: must be >= 0"),
             (self.sticky_seconds >= 0, "sticky_seconds: must be >= 0"),
             (self.bind_attempts >= 1, "bind_attempts: must be >= 1"),
         ]
         for ok, message in checks:
             if not ok:
                 raise ConfigError(message)
+        Startups.parse(self.per_source_startups)
 
     @classmethod
     def from_config(cls, tunnel: object, **overrides: object) -> TunnelSettings:
@@ -185,48 +228,95 @@ class _Session(asyncssh.SSHServer):
         self._srv = server
         self._conn: Optional[asyncssh.SSHServerConnection] = None
         self.peer = "?"
+        self.source = "?"
         self.username = ""
         self.failures = 0
         self.authed = False
         self.gone = False
+        #: counted by the pre-auth gate (admitted, not yet authenticated or gone)
+        self.pending = False
+        self._handshake: Optional[asyncio.TimerHandle] = None
         self.forward: ForwardState = "none"
         self.port: Optional[int] = None
         self._listener: Optional[asyncssh.SSHListener] = None
+
+    @property
+    def log_key(self) -> str:
+        """Whose log budget a line spends: the device once known, else the address."""
+        return f"device {self.username}" if self.authed else self.source
 
     # ------------------------------------------------------------ connection lifecycle
 
     def connection_made(self, conn: asyncssh.SSHServerConnection) -> None:
         self._conn = conn
         peer = conn.get_extra_info("peername")
-        self.peer = f"{peer[0]}:{peer[1]}" if isinstance(peer, tuple) else "?"
+        if isinstance(peer, tuple):
+            self.peer = f"{peer[0]}:{peer[1]}"
+            self.source = source_key(str(peer[0]))
         srv = self._srv
         srv._sessions.add(self)
-        srv._unauth += 1
-        if srv._closing or srv._unauth > srv.settings.max_unauthenticated:
-            if not srv._closing:
-                log.warning("too many unauthenticated connections (%d); dropping %s",
-                            srv._unauth, self.peer)
+        loop = asyncio.get_running_loop()
+        if srv._closing:
+            self.gone = True
+            loop.call_soon(conn.abort)  # asyncssh is still inside connection_made
+            return
+        refusal, victim = srv._gate.admit(self, self.source)
+        if isinstance(victim, _Session):
+            victim.evict()
+        if refusal is not None:
+            srv._rlog.warning(self.source, "refused connection from %s: %s", self.peer,
+                              refusal)
             self.gone = True
             # Abort from a fresh callback: asyncssh is still inside connection_made.
+            loop.call_soon(conn.abort)
+            return
+        self.pending = True
+        self._handshake = loop.call_later(srv.settings.handshake_timeout,
+                                          self._handshake_expired)
+
+    def _handshake_expired(self) -> None:
+        self._handshake = None
+        if self.pending and self._conn is not None and not self.username:
+            self._srv._rlog.info(self.source, "connection from %s: no key exchange within "
+                                 "%g s; dropped", self.peer, self._srv.settings.handshake_timeout)
+            self.gone = True
+            self._conn.abort()
+
+    def evict(self) -> None:
+        """Make room for a newcomer (the gate already chose and forgot this one)."""
+        self._srv._rlog.warning(self.source, "too many unauthenticated connections; "
+                                "evicting %s, the oldest of the busiest address", self.peer)
+        self._end_pending("noauth")
+        self.gone = True
+        conn = self._conn
+        if conn is not None:
             asyncio.get_running_loop().call_soon(conn.abort)
+
+    def _end_pending(self, outcome: Outcome) -> None:
+        if self._handshake is not None:
+            self._handshake.cancel()
+            self._handshake = None
+        if self.pending:
+            self.pending = False
+            self._srv._gate.done(self, outcome, self.source)
 
     def connection_lost(self, exc: Optional[Exception]) -> None:
         self.gone = True
+        self._end_pending("authfail" if self.failures else "noauth")
         self.release_port("disconnected")
         srv = self._srv
         srv._sessions.discard(self)
-        if not self.authed:
-            srv._unauth -= 1
-        elif srv._by_device.get(self.username) is self:
+        if self.authed and srv._by_device.get(self.username) is self:
             del srv._by_device[self.username]
         if self.authed:
-            log.info("device %s disconnected from %s (%s)", self.username, self.peer,
-                     exc or "closed")
+            srv._rlog.info(self.log_key, "device %s disconnected from %s (%s)", self.username,
+                           self.peer, exc or "closed")
         self._conn = None
 
     def close(self, reason: str) -> None:
         """Drop this connection now (kick, eviction, server close); frees the port first."""
         self.gone = True
+        self._end_pending("ours")
         self.release_port(reason)
         if self._conn is not None:
             self._conn.disconnect(asyncssh.DISC_BY_APPLICATION, reason)
@@ -240,6 +330,10 @@ class _Session(asyncssh.SSHServer):
 
     def begin_auth(self, username: str) -> bool:
         self.username = username
+        if self._handshake is not None:
+            self._handshake.cancel()
+            self._handshake = None
+        self._srv._gate.authing(self)
         return True
 
     def password_auth_supported(self) -> bool:
@@ -250,22 +344,25 @@ class _Session(asyncssh.SSHServer):
 
     async def validate_password(self, username: str, password: str) -> bool:
         self.username = username
+        rlog = self._srv._rlog
         try:
             validate_device_id(username)
         except DecodeError:
-            log.warning("auth refused from %s: %r is not a device id", self.peer, username[:80])
+            rlog.warning(self.source, "auth refused from %s: %r is not a device id", self.peer,
+                         username[:80])
             self._count_failure()
             return False
         try:
             async with self._srv._verify_slots:
                 ok = await asyncio.to_thread(self._srv._verify, username, password)
         except Exception:
-            log.exception("auth for device %s from %s: verify failed", username, self.peer)
+            rlog.exception(self.source, "auth for device %s from %s: verify failed", username,
+                           self.peer)
             ok = False
         if ok:
             return not self.gone
         # Never log the secret; the device id and address are what an operator needs.
-        log.warning("auth failed for device %s from %s", username, self.peer)
+        rlog.warning(self.source, "auth failed for device %s from %s", username, self.peer)
         self._count_failure()
         return False
 
@@ -279,21 +376,22 @@ class _Session(asyncssh.SSHServer):
                 "too many authentication failures")
 
     def auth_completed(self) -> None:
+        self._end_pending("auth")
         self.authed = True
         srv = self._srv
-        srv._unauth -= 1
         old = srv._by_device.get(self.username)
         if old is not None and old is not self:
-            log.info("device %s reconnected from %s; evicting its stale session from %s",
-                     self.username, self.peer, old.peer)
+            srv._rlog.info(self.log_key, "device %s reconnected from %s; evicting its stale "
+                           "session from %s", self.username, self.peer, old.peer)
             old.close("replaced by a new session of the same device")
         srv._by_device[self.username] = self
-        log.info("device %s authenticated from %s", self.username, self.peer)
+        srv._rlog.info(self.log_key, "device %s authenticated from %s", self.username, self.peer)
 
     # ------------------------------------------------------------ what is refused
 
     def _refuse(self, what: str) -> Literal[False]:
-        log.warning("device %s from %s: refused %s", self.username or "?", self.peer, what)
+        self._srv._rlog.warning(self.log_key, "device %s from %s: refused %s",
+                                self.username or "?", self.peer, what)
         return False
 
     def session_requested(self) -> Literal[False]:
@@ -331,15 +429,38 @@ class _Session(asyncssh.SSHServer):
         self.forward = "pending"
         return self._open_forward(listen_host, listen_port)
 
+    async def _still_allowed(self) -> bool:
+        """Ask the registry again: a revoke may have happened since this device logged in,
+        and a push from the manager (kick) can be lost, e.g. while the tunnel restarted."""
+        allowed = self._srv._allowed
+        if allowed is None:
+            return True
+        try:
+            ok = await asyncio.to_thread(allowed, self.username)
+        except Exception:
+            # fail closed: the device retries, a revoked one must not get a port meanwhile
+            self._srv._rlog.exception(self.log_key, "device %s: registry check failed; "
+                                      "refusing its forward", self.username)
+            return False
+        if not ok:
+            self._srv._rlog.warning(self.log_key, "device %s is revoked or deleted; refusing "
+                                    "its forward and dropping it", self.username)
+            self.close("revoked")
+        return ok
+
     async def _open_forward(self, listen_host: str, listen_port: int
                             ) -> Union[bool, asyncssh.SSHListener]:
+        rlog = self._srv._rlog
         try:
-            listener = await self._bind(listen_host, listen_port)
+            if not await self._still_allowed() or self.gone:
+                listener = None
+            else:
+                listener = await self._bind(listen_host, listen_port)
         except PoolExhausted as exc:
-            log.warning("device %s: %s; refused its forward", self.username, exc)
+            rlog.warning(self.log_key, "device %s: %s; refused its forward", self.username, exc)
             listener = None
         except Exception:
-            log.exception("device %s: forward failed", self.username)
+            rlog.exception(self.log_key, "device %s: forward failed", self.username)
             listener = None
         if listener is None:
             self.release_port("forward failed")
@@ -348,6 +469,7 @@ class _Session(asyncssh.SSHServer):
 
     async def _bind(self, listen_host: str, listen_port: int) -> Optional[asyncssh.SSHListener]:
         srv, pool, device = self._srv, self._srv._pool, self.username
+        rlog = srv._rlog
         held_elsewhere: set[int] = set()
         for _ in range(srv.settings.bind_attempts):
             if listen_port:
@@ -372,10 +494,11 @@ class _Session(asyncssh.SSHServer):
                 self.port = None
                 pool.release(port, sticky=exc.errno != errno.EADDRINUSE)
                 if exc.errno != errno.EADDRINUSE or listen_port:
-                    log.error("device %s: cannot bind %s:%d: %s", device,
-                              srv.settings.bind_host, port, exc)
+                    rlog.error(self.log_key, "device %s: cannot bind %s:%d: %s", device,
+                               srv.settings.bind_host, port, exc)
                     return None
-                log.info("port %d is held by another process; trying another", port)
+                rlog.info(self.log_key, "port %d is held by another process; trying another",
+                          port)
                 held_elsewhere.add(port)
                 continue
             if self.gone or self.port != port:
@@ -384,10 +507,13 @@ class _Session(asyncssh.SSHServer):
                 return None
             self._listener = inner
             self.forward = "bound"
-            log.info("device %s: forwarding %s:%d", device, srv.settings.bind_host, port)
+            srv._allocated(device, port)
+            rlog.info(self.log_key, "device %s: forwarding %s:%d", device,
+                      srv.settings.bind_host, port)
             return _PoolListener(self, inner, port)
-        log.error("device %s: no bindable port after %d attempts (other processes hold "
-                  "ports of the pool %d-%d)", device, srv.settings.bind_attempts, pool.lo, pool.hi)
+        rlog.error(self.log_key, "device %s: no bindable port after %d attempts (other "
+                   "processes hold ports of the pool %d-%d)", device,
+                   srv.settings.bind_attempts, pool.lo, pool.hi)
         return None
 
     def release_port(self, reason: str) -> None:
@@ -398,7 +524,8 @@ class _Session(asyncssh.SSHServer):
         port, self.port = self.port, None
         if port is not None:
             self._srv._pool.release(port)
-            log.info("device %s: port %d released (%s)", self.username, port, reason)
+            self._srv._rlog.info(self.log_key, "device %s: port %d released (%s)",
+                                 self.username, port, reason)
         self.forward = "none"
 
 
@@ -418,18 +545,36 @@ class TunnelServer:
     """The public tunnel. One instance per process; thousands of devices per instance."""
 
     def __init__(self, settings: TunnelSettings, verify: Verify, *,
+                 allowed: Optional[Allowed] = None,
                  rng: Optional[random.Random] = None) -> None:
         self.settings = settings
         self._verify = verify
+        self._allowed = allowed
         self._key = load_host_key(settings.host_key_path)
         self._pool = PortPool(settings.port_min, settings.port_max,
                               sticky_seconds=settings.sticky_seconds, rng=rng)
         self._acceptor: Optional[asyncssh.SSHAcceptor] = None
         self._sessions: set[_Session] = set()
         self._by_device: dict[str, _Session] = {}
-        self._unauth = 0
+        self._gate = PreAuthGate(
+            max_unauthenticated=settings.max_unauthenticated,
+            per_source=Startups.parse(settings.per_source_startups),
+            penalty_authfail=settings.penalty_authfail,
+            penalty_noauth=settings.penalty_noauth,
+            penalty_min=settings.penalty_min, penalty_max=settings.penalty_max, rng=rng)
+        self._rlog = RateLimitedLog(log)
         self._closing = False
         self._verify_slots = asyncio.Semaphore(VERIFY_CONCURRENCY)
+        self._housekeeping: Optional[asyncio.Task[None]] = None
+        #: the sticky map as last written, and the pending batched write
+        self._sticky_saved: dict[str, int] = {}
+        #: snapshots are numbered on the loop; a write older than the last one written is
+        #: skipped (a batched write still in its thread when close() writes the final map)
+        self._sticky_seq = 0
+        self._sticky_written = 0
+        self._sticky_lock = threading.Lock()
+        self._sticky_dirty = False
+        self._sticky_writer: Optional[asyncio.Task[None]] = None
         self._load_sticky()
 
     def _load_sticky(self) -> None:
@@ -445,6 +590,7 @@ class TunnelServer:
             log.warning("ignoring sticky port map %s: %s", path, exc)
             return
         kept = self._pool.preload(ports)
+        self._sticky_saved = self._pool.export()
         log.info("sticky port map %s: %d of %d ports reserved for returning devices",
                  path, kept, len(ports))
 
@@ -452,10 +598,47 @@ class TunnelServer:
         path = self.settings.sticky_path
         if path is None:
             return
-        try:
-            atomic_write(path, json.dumps(self._pool.export(), indent=0) + "\n", 0o600)
-        except OSError as exc:
-            log.warning("cannot save sticky port map %s: %s", path, exc)
+        self._sticky_seq += 1
+        self._write_sticky(path, self._pool.export(), self._sticky_seq)
+
+    def _write_sticky(self, path: Path, ports: dict[str, int], seq: int) -> None:
+        with self._sticky_lock:
+            if seq <= self._sticky_written:
+                return
+            try:
+                atomic_write(path, json.dumps(ports, indent=0) + "\n", 0o600)
+            except OSError as exc:
+                log.warning("cannot save sticky port map %s: %s", path, exc)
+                return
+            self._sticky_written = seq
+            self._sticky_saved = ports
+
+    def _allocated(self, device: str, port: int) -> None:
+        """A forward was bound: persist the device's port soon if it is a new one, so a
+        SIGKILLed tunnel still gives it back. Reconnects to the same port cost nothing."""
+        if self.settings.sticky_path is None or self._sticky_saved.get(device) == port:
+            return
+        self._sticky_dirty = True
+        if self._sticky_writer is None or self._sticky_writer.done():
+            self._sticky_writer = asyncio.get_running_loop().create_task(self._flush_sticky())
+
+    async def _flush_sticky(self) -> None:
+        path = self.settings.sticky_path
+        assert path is not None
+        while self._sticky_dirty:
+            # one write for every allocation of the next sticky_save_delay seconds
+            await asyncio.sleep(self.settings.sticky_save_delay)
+            self._sticky_dirty = False
+            ports = self._pool.export()
+            if ports != self._sticky_saved:
+                # fsync + rename off the loop; the snapshot was taken on it
+                self._sticky_seq += 1
+                await asyncio.to_thread(self._write_sticky, path, ports, self._sticky_seq)
+
+    async def _housekeep(self) -> None:
+        while True:
+            await asyncio.sleep(5)
+            self._rlog.flush()  # "suppressed N" for floods that stopped
 
     # ------------------------------------------------------------ lifecycle
 
@@ -478,6 +661,7 @@ class TunnelServer:
             server_version="dpanel_tunnel",
             reuse_address=True, backlog=1024,
         )
+        self._housekeeping = asyncio.create_task(self._housekeep())
         log.info("tunnel listening on %s:%d; ports %d-%d on %s", s.listen_host, self.port,
                  s.port_min, s.port_max, s.bind_host)
 
@@ -487,10 +671,15 @@ class TunnelServer:
         acceptor, self._acceptor = self._acceptor, None
         if acceptor is not None:
             acceptor.close()
+        for task in (self._housekeeping, self._sticky_writer):
+            if task is not None:
+                task.cancel()
+        self._housekeeping = self._sticky_writer = None
         sessions = list(self._sessions)
         for session in sessions:
             session.close("tunnel server shutting down")
         self._save_sticky()
+        self._rlog.flush()
         if sessions:
             await asyncio.wait([asyncio.ensure_future(s.wait_closed()) for s in sessions],
                                timeout=5)
@@ -521,17 +710,25 @@ class TunnelServer:
         for session in victims:
             session.close("kicked by the manager")
         if victims:
-            log.info("device %s kicked (%d session(s))", device, len(victims))
+            self._rlog.info(f"device {device}", "device %s kicked (%d session(s))", device,
+                            len(victims))
         return bool(victims)
 
     def sessions(self) -> dict[str, int]:
+        """device -> port of every bound forward: the tunnel's own allocation, the only
+        port the manager may believe."""
         return {dev: s.port for dev, s in self._by_device.items()
                 if s.port is not None and s.forward == "bound"}
+
+    def devices(self) -> set[str]:
+        """Every authenticated device, with a forward or not (for the revocation check)."""
+        return set(self._by_device)
 
     def stats(self) -> dict[str, int]:
         return {
             "connections": len(self._sessions),
-            "unauthenticated": self._unauth,
+            "unauthenticated": self._gate.pending,
+            "penalised_sources": self._gate.penalised_sources,
             "devices": len(self._by_device),
             "ports_in_use": self._pool.in_use,
             "ports_reserved": self._pool.reserved,

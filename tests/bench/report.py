@@ -119,8 +119,15 @@ def _image(r: dict[str, Any]) -> list[Row]:
     return rows
 
 
+def _api_load(r: dict[str, Any]) -> list[Row]:
+    from .api_load import rows
+
+    return list(rows(r))
+
+
 _SECTIONS: dict[str, Callable[[dict[str, Any]], list[Row]]] = {
-    "throughput": _throughput, "exec": _exec, "memory": _memory, "agent_idle": _agent,
+    "throughput": _throughput, "exec": _exec, "api_load": _api_load, "memory": _memory,
+    "agent_idle": _agent,
     "scale": _scale, "image": _image,
 }
 

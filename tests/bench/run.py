@@ -24,7 +24,7 @@ from ._util import raise_nofile, section
 
 __all__ = ["SECTIONS", "main"]
 
-SECTIONS = ("throughput", "exec", "memory", "agent_idle", "scale", "image")
+SECTIONS = ("throughput", "exec", "api_load", "memory", "agent_idle", "scale", "image")
 
 
 def _version(argv: list[str]) -> str:
@@ -117,6 +117,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     work = Path(tempfile.mkdtemp(prefix="dpanel-bench-"))
 
     from .agent_idle import run_agent_idle
+    from .api_load import run_api_load
     from .latency import run_latency
     from .memory import run_memory
     from .scale import run_scale
@@ -127,6 +128,7 @@ def main(argv: Optional[list[str]] = None) -> int:
                                              ciphers=() if args.quick else
                                              ("aes128-gcm@openssh.com",)),
         "exec": lambda: run_latency(work, reps=s["exec_reps"]),
+        "api_load": lambda: run_api_load(work, nbytes=(8 << 20) if args.quick else 100 << 20),
         "memory": lambda: run_memory(work, counts=s["counts"], sshd_conns=s["sshd_conns"]),
         "agent_idle": lambda: run_agent_idle(work, window=s["idle_window"]),
         "scale": lambda: run_scale(work, agents=s["agents"], tunnels=s["tunnels"],

@@ -136,3 +136,23 @@ def test_exec_errors_are_clear(stack: Stack) -> None:
     out = stack.cli("exec", "ghost", "--", "true")
     assert out.returncode == 255 and b"unknown device 'ghost'" in out.stderr
 
+
+
+def test_ssh_config_answers_bare_names_too(stack: Stack, device: str, tmp_path: Path) -> None:
+    """B8: `ssh NAME` and `ssh NAME.dpanel` both work with the generated block (real
+    OpenSSH), and `dpanel ssh DEV CMD -FLAGS` passes the command on."""
+    stack.start_agent(stack.enrol("dev-2"), tmp_path / "dev-2")
+    stack.wait_online("dev-2")
+    conf = tmp_path / "ssh_config"
+    conf.write_text(stack.cli_ok("ssh-config"))
+    for host in (device, f"{device}.dpanel", "dev-2", "dev-2.dpanel"):
+        out = subprocess.run(["ssh", "-F", str(conf), "-o", "BatchMode=yes", host,
+                              "uname -s"], capture_output=True, timeout=120, env=stack.env,
+                             stdin=subprocess.DEVNULL)
+        assert out.returncode == 0 and out.stdout.strip() == b"Linux", (host, out)
+    assert "Host *.dpanel dev-1 dev-2\n" in conf.read_text()
+    out = stack.cli("ssh", device, "uname", "-s")
+    assert out.returncode == 0 and out.stdout.strip() == b"Linux", out
+    # ssh options before DEVICE are ssh's; everything after it is the remote command
+    out = stack.cli("ssh", "-o", "LogLevel=ERROR", "-T", device, "sh", "-c", "'exit 4'")
+    assert out.returncode == 4, out

@@ -43,6 +43,7 @@ __all__ = [
     "enrol",
     "fresh_guest",
     "repack",
+    "tls_port_squatter",
     "wait_online",
     "wait_until",
 ]
@@ -123,6 +124,7 @@ class Appliance:
         finally:
             target.close()
         self.deploys.append(result)
+        self.deb = deb or self.deb  # what is installed now (a later deploy compares to it)
         return result
 
 
@@ -176,6 +178,26 @@ def fresh_guest(request: pytest.FixtureRequest,
         yield guest
     finally:
         guest.stop()
+
+
+@pytest.fixture
+def tls_port_squatter(fresh_guest: Guest) -> Iterator[Guest]:
+    """The guest with something that is not Mosquitto listening on 0.0.0.0:8883, whether
+    or not it was deployed before (our own broker is stopped meanwhile and started again
+    afterwards), so that the refusal test does not depend on running first."""
+    ours = fresh_guest.ssh("systemctl is-active --quiet mosquitto", check=False).returncode == 0
+    if ours:
+        fresh_guest.ssh("systemctl stop mosquitto")
+    fresh_guest.ssh("systemd-run --unit=squatter -p Type=exec python3 -m http.server "
+                    "--bind 0.0.0.0 8883")
+    try:
+        wait_until("the squatter on 8883", lambda: ":8883 " in fresh_guest.ssh(
+            "ss -Hltn").stdout, timeout=60, interval=1)
+        yield fresh_guest
+    finally:
+        fresh_guest.ssh("systemctl stop squatter", check=False)
+        if ours:
+            fresh_guest.ssh("systemctl start mosquitto")
 
 
 @pytest.fixture(scope="module")  # the VM stops when its tests are done

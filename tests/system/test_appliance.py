@@ -5,8 +5,11 @@ By default this boots a throwaway Debian 12 guest, deploys onto it with the real
 
     .venv/bin/python -m pytest tests/system/test_appliance.py --hosts=ssh://root@SERVER
 
-(add DPANEL_APPLIANCE_DISRUPTIVE=1 to also kill services and reboot it). Tests run in
-file order: the refusals need the guest before anything is deployed on it.
+(add DPANEL_APPLIANCE_DISRUPTIVE=1 to also kill services and reboot it; those tests
+carry the ``destructive`` marker, so ``-m 'not destructive'`` leaves them out). No test
+depends on the order: a refused deploy must leave the host as it was, deployed or not,
+and the ``tls_port_squatter`` fixture takes port 8883 from whoever has it (our own broker
+included, restarted afterwards).
 """
 
 from __future__ import annotations
@@ -69,8 +72,6 @@ def test_deploy_refuses_an_unreachable_host() -> None:
 
 
 def test_deploy_refuses_a_host_that_is_not_debian_12(fresh_guest: Guest) -> None:
-    if fresh_guest.ssh("test -e /etc/dpanel", check=False).returncode == 0:
-        pytest.skip("the guest is already deployed (run this file in order)")
     before = _untouched(fresh_guest)
     fresh_guest.ssh("printf 'ID=alpine\\nVERSION_ID=3.19\\nPRETTY_NAME=\"Alpine Linux v3.19\"\\n'"
                     " > /run/fake-os-release && mount --bind /run/fake-os-release "
@@ -85,24 +86,16 @@ def test_deploy_refuses_a_host_that_is_not_debian_12(fresh_guest: Guest) -> None
     assert _untouched(fresh_guest) == before
 
 
-def test_deploy_refuses_a_taken_port(fresh_guest: Guest) -> None:
-    if fresh_guest.ssh("test -e /etc/dpanel", check=False).returncode == 0:
-        pytest.skip("the guest is already deployed (run this file in order)")
+def test_deploy_refuses_a_taken_port(tls_port_squatter: Guest) -> None:
+    fresh_guest = tls_port_squatter
     before = _untouched(fresh_guest)
-    fresh_guest.ssh("systemd-run --unit=squatter -p Type=exec python3 -m http.server "
-                    "--bind 0.0.0.0 8883")
+    target = SshTarget(fresh_guest.alias, ssh_config=str(fresh_guest.ssh_config))
     try:
-        wait_until("the squatter on 8883", lambda: ":8883 " in fresh_guest.ssh(
-            "ss -Hltn").stdout, timeout=60, interval=1)
-        target = SshTarget(fresh_guest.alias, ssh_config=str(fresh_guest.ssh_config))
-        try:
-            with pytest.raises(DeployError, match=r"(?s)nothing was changed.*port 8883 "
-                               r"\(MQTT over TLS\) is already in use on 0\.0\.0\.0"):
-                deploy(target, tunnel_public="127.0.0.1:2220")
-        finally:
-            target.close()
+        with pytest.raises(DeployError, match=r"(?s)nothing was changed.*port 8883 "
+                           r"\(MQTT over TLS\) is already in use on 0\.0\.0\.0"):
+            deploy(target, tunnel_public="127.0.0.1:2220")
     finally:
-        fresh_guest.ssh("systemctl stop squatter", check=False)
+        target.close()
     assert _untouched(fresh_guest) == before
 
 
@@ -112,8 +105,9 @@ def test_deploy_refuses_a_taken_port(fresh_guest: Guest) -> None:
 def test_second_deploy_changes_nothing(appliance: Appliance) -> None:
     if appliance.operator_mode:
         pytest.skip("deploys only onto the test guest")
-    first = appliance.deploys[0]
-    assert first.package_changed and first.changes, "the first deploy installed nothing?"
+    assert appliance.deploys[0].package_changed and appliance.deploys[0].changes, (
+        "the first deploy installed nothing?")
+    first = appliance.deploys[-1]  # the latest: a refusal test may have redeployed
     pids = {u: appliance.main_pid(u) for u in SERVICES}
     keys = appliance.key_digests()
     second = appliance.deploy()
@@ -326,6 +320,7 @@ def test_tunnel_ports_listen_on_loopback_only(appliance: Appliance, device: Devi
 # ---------------------------------------------------------------------------- faults
 
 
+@pytest.mark.destructive
 @pytest.mark.parametrize("unit", ["dpanel-tunnel.service", "dpanel-manager.service",
                                   "mosquitto.service"])
 def test_killed_service_is_restarted_and_device_returns(appliance: Appliance, device: Device,
@@ -363,6 +358,7 @@ def test_upgrade_keeps_registry_and_keys(appliance: Appliance, device: Device) -
     assert appliance.dpanel("exec", device.name, "--", "true").rc == 0
 
 
+@pytest.mark.destructive
 def test_reboot_brings_everything_back(appliance: Appliance, device: Device) -> None:
     disruptive_ok(appliance)
     keys = appliance.key_digests()

@@ -87,3 +87,10 @@ def test_overrides_are_validated_again() -> None:
     assert cfg.with_overrides(log_level="debug", state_dir=None).log_level == "debug"
     with pytest.raises(ConfigError, match="log_level"):
         cfg.with_overrides(log_level="loud")
+
+
+def test_pins_dir_default_and_key() -> None:
+    from dpanel_agent.config import DEFAULT_PINS_DIR
+
+    assert AgentConfig().pins_dir == DEFAULT_PINS_DIR == Path("/etc/dpanel/pins")
+    assert parse_config('pins_dir = "/opt/pins"\n').pins_dir == Path("/opt/pins")

@@ -28,8 +28,10 @@ class FakeLink:
         self.fail: Optional[TunnelError] = None
         self.crash = False
 
-    async def open(self, ttl: float, idle_timeout: float) -> int:
+    async def open(self, ttl: float, idle_timeout: float, *,
+                   not_after: Optional[float] = None) -> int:
         self.opens.append((ttl, idle_timeout))
+        self.not_after = not_after
         if self.crash:
             raise RuntimeError("boom")
         if self.fail:
@@ -132,3 +134,25 @@ async def test_concurrent_requests_are_all_answered(h: Harness) -> None:
     tasks = [h.d.handle(_req()) for _ in range(20)]
     await asyncio.gather(*[t for t in tasks if t is not None])
     assert len(h.sent) == 20 and {r.code for r in h.sent} == {wire.ErrorCode.OK}
+
+
+async def test_expiry_is_checked_again_when_acting(h: Harness) -> None:
+    now = time.time()
+    task = h.d.handle(_req(issued_at=now, expires_at=now + 0.05))
+    assert task is not None  # fresh when it arrived
+    time.sleep(0.1)  # noqa: ASYNC251 (on purpose: the loop was busy past the expiry)
+    await task
+    assert h.sent[-1].code == wire.ErrorCode.EXPIRED and h.link.opens == []
+    # a request acted on in time hands its deadline to the tunnel (checked before dialling)
+    await h.feed(_req())
+    assert h.link.opens and h.link.not_after is not None
+    assert 0 < h.link.not_after - time.monotonic() <= 30
+
+
+async def test_a_flood_of_refused_requests_gets_a_bounded_number_of_answers(h: Harness) -> None:
+    from dpanel_agent.dispatch import REFUSAL_ANSWERS
+
+    for _ in range(500):
+        await h.feed(_req(device="dev-2"))  # validly signed, wrong device: refused
+    assert len(h.sent) == REFUSAL_ANSWERS
+    assert (await h.feed(_req())).code == wire.ErrorCode.OK  # type: ignore[union-attr]

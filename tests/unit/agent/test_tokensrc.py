@@ -110,3 +110,35 @@ def test_shared_token_dir_keeps_its_mode_but_the_token_is_private(tmp_path: Path
                       import_token_from=(fat,))
     assert resolve_token(cfg).device == "dev-1"
     assert _mode(etc) == 0o755 and _mode(etc / "token") == 0o600
+
+
+# --------------------------------------------------------------------------- image pins (A9)
+
+_OTHER = asyncssh.generate_private_key("ssh-ed25519").export_public_key().decode().strip()
+
+
+@pytest.mark.parametrize(("files", "error"), [
+    ({}, None),  # no pins: nothing pinned
+    ({"tunnel_host_key.pub": _KEY + " root@server\n", "manager_key.pub": _KEY}, None),
+    ({"tunnel_host_key.pub": _OTHER + "\n"}, r"token tunnel_host_key does not match the key "
+                                             r"pinned in .*/pins/tunnel_host_key\.pub"),
+    ({"manager_key.pub": "# pin\n" + _OTHER}, r"token manager_key does not match .*manager_key"),
+    ({"manager_key.pub": ""}, r"pin file .*manager_key\.pub holds no OpenSSH public key"),
+    ({"manager_key.pub": "garbage"}, r"holds no OpenSSH public key"),
+])
+def test_pins(tmp_path: Path, files: dict[str, str], error: str) -> None:
+    from dpanel_agent.tokensrc import check_pins
+
+    pins = tmp_path / "pins"
+    pins.mkdir()
+    for name, text in files.items():
+        (pins / name).write_text(text)
+    if error is None:
+        check_pins(_token(), pins)
+        assert resolve_token(AgentConfig(state_dir=tmp_path, token=_token(),
+                                         pins_dir=pins)) == _token()
+    else:
+        with pytest.raises(TokenError, match=error):
+            check_pins(_token(), pins)
+        with pytest.raises(TokenError, match=error):
+            resolve_token(AgentConfig(state_dir=tmp_path, token=_token(), pins_dir=pins))

@@ -86,3 +86,29 @@ def test_handover_files(tmp_path: Path) -> None:
     assert sorted(p.name for p in files) == ["broker-ca.crt", "manager_key.pub", "server.json",
                                              "tunnel_host_key.pub"]
     assert (tmp_path / "out" / "tunnel_host_key.pub").read_text() == "ssh-ed25519 AAAA h\n"
+
+
+@pytest.mark.parametrize(("opts", "flag"), [
+    (Options(public_host="0.0.0.0"), "--advertise"),
+    (Options(tunnel_public="[::]:2220", broker_public="h:8883"), "--tunnel-public"),
+])
+def test_wildcard_is_never_advertised(tmp_path: Path, opts: Options, flag: str) -> None:
+    with pytest.raises(SystemExit, match=rf"{flag}: .* no device can dial"):
+        _desired_config(_layout(tmp_path), opts)
+
+
+def test_advertise_is_the_public_host_option(tmp_path: Path) -> None:
+    from dpanel_deploy.configure import _parser
+
+    assert _parser().parse_args(["--advertise", "dp.example"]).public_host == "dp.example"
+    assert _parser().parse_args(["--public-host", "dp.example"]).public_host == "dp.example"
+
+
+def test_appliance_broker_has_the_public_limits(tmp_path: Path) -> None:
+    text = render_mosquitto_conf(_layout(tmp_path))
+    public = text[text.index("listener 8883"):]
+    loopback = text[text.index("listener 1883"):text.index("listener 8883")]
+    assert "max_connections 60000" in public and "max_qos 1" in public
+    assert "max_connections" not in loopback  # the manager's listener is never capped
+    assert "max_packet_size 65536" in text and "max_queued_bytes" in text
+    assert "\nuser " not in text  # the unit starts it as mosquitto

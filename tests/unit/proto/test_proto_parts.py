@@ -32,6 +32,7 @@ def test_exit_status_of_unknown_code_is_generic() -> None:
     events.Exit(0),
     events.Exit(255),
     events.Error("device x is offline", "offline"),
+    events.Heartbeat(),
 ])
 def test_event_round_trip(ev: events.StreamEvent) -> None:
     line = events.encode_event(ev)

@@ -43,6 +43,11 @@ def test_loopback_bind_hosts_are_accepted(tmp_path: Path, bind: str) -> None:
     ("max_unauthenticated", 0, "max_unauthenticated"),
     ("sticky_seconds", -1, "sticky_seconds"),
     ("listen_port", 70000, "listen_port"),
+    ("handshake_timeout", 0, "handshake_timeout"),
+    ("per_source_startups", "10:30", "per_source_startups"),
+    ("penalty_min", 0, "penalty_min"),
+    ("penalty_authfail", -1, "penalty_authfail"),
+    ("sticky_save_delay", -1, "sticky_save_delay"),
 ])
 def test_bad_values_name_the_field(tmp_path: Path, field: str, value: object, match: str) -> None:
     with pytest.raises(ConfigError, match=match):

@@ -1,4 +1,8 @@
-"""invoke tasks for the server appliance: ``deploy`` (deploy-server) and ``build-deb``."""
+"""invoke tasks for the server appliance: ``deploy`` (deploy-server) and ``build-deb``.
+
+A top-level module beside the product packages, not inside ``dpanel_deploy``: the .deb
+ships that package, and invoke is a dev-only dependency the server never needs.
+"""
 
 from __future__ import annotations
 
@@ -10,13 +14,15 @@ from invoke.collection import Collection
 from invoke.context import Context
 from invoke.tasks import task
 
+from dpanel_proto.ports import BROKER_TLS_PORT, TUNNEL_PORT
+
 __all__ = ["server_ns"]
 
 
 @task(name="build-deb", help={"out": "directory for the .deb (default dist/)"})
 def build_deb_task(c: Context, out: str = "dist") -> None:
     """Build the dpanel-server Debian package (venv in /opt/dpanel + systemd units)."""
-    from .debpkg import build_deb
+    from dpanel_deploy.debpkg import build_deb
 
     try:
         print(build_deb(Path(out)).path)
@@ -29,8 +35,8 @@ def build_deb_task(c: Context, out: str = "dist") -> None:
     "local": "deploy onto this machine instead (run as root)",
     "public_host": "name or address devices dial (default: the host of --host; kept "
                    "from the last deploy if omitted)",
-    "tunnel_public": "HOST:PORT devices dial for the tunnel, if not PUBLIC_HOST:2220",
-    "broker_public": "HOST:PORT devices dial for MQTT/TLS, if not PUBLIC_HOST:8883",
+    "tunnel_public": f"HOST:PORT devices dial for the tunnel, if not PUBLIC_HOST:{TUNNEL_PORT}",
+    "broker_public": f"HOST:PORT devices dial for MQTT/TLS, if not PUBLIC_HOST:{BROKER_TLS_PORT}",
     "ssh_config": "ssh_config file to use (ssh -F)",
     "identity": "ssh private key to use (ssh -i)",
     "deb": "install this dpanel-server .deb instead of building one",
@@ -40,10 +46,10 @@ def deploy(c: Context, host: str = "", local: bool = False, public_host: str = "
            tunnel_public: str = "", broker_public: str = "", ssh_config: str = "",
            identity: str = "", deb: str = "", out: str = "") -> None:
     """Turn a fresh Debian 12 host into a dPanel server (idempotent; upgrades keep state)."""
-    from .debpkg import read_deb
-    from .deploy import deploy as run_deploy
-    from .deploy import public_host_of, target_for, write_handover
-    from .target import DeployError
+    from dpanel_deploy.debpkg import read_deb
+    from dpanel_deploy.deploy import deploy as run_deploy
+    from dpanel_deploy.deploy import public_host_of, target_for, write_handover
+    from dpanel_deploy.target import DeployError
 
     try:
         target = target_for(host, local, ssh_config, identity)

@@ -66,11 +66,12 @@ if __name__ == "__main__":
 
 from invoke import Collection, Context, task  # noqa: E402
 
-# The deploy tasks live outside the product package (the .deb ships dpanel_deploy, and
-# invoke is a dev-only dependency): server/deploy_tasks.py, a top-level module.
+# The task modules live outside the product packages (the .deb ships dpanel_deploy and
+# dpanel_image, and invoke is a dev-only dependency): top-level modules beside them.
 sys.path.insert(0, str(ROOT / "server"))
+sys.path.insert(0, str(ROOT / "image"))
 from deploy_tasks import server_ns  # noqa: E402
-from dpanel_image.tasks import agent_ns, image_ns  # noqa: E402
+from image_tasks import agent_ns, image_ns  # noqa: E402
 
 PY = str(VENV / "bin" / "python")
 

@@ -9,10 +9,18 @@ from pathlib import Path
 import pytest
 
 from dpanel_image.arches import Arch
-from dpanel_image.boards import load_board
+from dpanel_image.board import load_board
 from dpanel_image.disk import Ext4, Fat, Part, ext4_magic_ok, fat_magic_ok, read_table
 from dpanel_image.synthetic import fake_elf, synthetic_base
 from dpanel_proto.token import DeviceToken
+
+#: Partition sizes (MiB) of the small synthetic bases the tests build with each board's
+#: layout: test data, so kept here rather than in the product's board files.
+SYNTHETIC_SIZES: dict[str, dict[str, int]] = {
+    "rpi": {"boot_mib": 64, "root_mib": 160},
+    "orangepi": {"root_mib": 192},
+    "qemu-arm64": {"boot_mib": 64, "root_mib": 160},
+}
 
 ED_KEY = "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIDpanelDpanelDpanelDpanelDpanelDpanelDpanel0"
 
@@ -31,7 +39,7 @@ def fake_agent(path: Path, arch: Arch, size: int = 200_000) -> Path:
 
 
 def base_image(board: str, arch: Arch = "arm64", xz: bool = False) -> Path:
-    return synthetic_base(load_board(board), arch, compressed=xz)
+    return synthetic_base(load_board(board), arch, compressed=xz, **SYNTHETIC_SIZES[board])
 
 
 def root_fs(img: Path) -> Ext4:

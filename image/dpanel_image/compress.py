@@ -4,12 +4,16 @@ from __future__ import annotations
 
 import subprocess
 from pathlib import Path
-from typing import Literal
+from typing import IO, Callable, Literal, Optional
 
 from .errors import ImageError
-from .util import need_tool, run
+from .util import need_tool
 
-__all__ = ["DECOMPRESSORS", "Compression", "compress", "decompress_sparse"]
+__all__ = ["DECOMPRESSORS", "Compression", "Tap", "compress", "decompress_sparse"]
+
+#: Sees every chunk of the unpacked stream as it passes: (offset, data). It may raise
+#: ImageError to stop the unpacking at once (a wrong image refused in its first MiB).
+Tap = Callable[[int, bytes], None]
 
 Compression = Literal["zst", "xz", "none"]
 
@@ -26,8 +30,8 @@ COMPRESSORS: dict[str, tuple[list[str], str]] = {
 BLOCK = 64 << 10  # hole granularity when unpacking (ext4 allocates in 4 KiB)
 
 
-def decompress_sparse(src: Path, dst: Path) -> None:
-    """Write ``src`` (maybe compressed) to ``dst``, leaving zero blocks as holes.
+def decompress_sparse(src: Path, dst: Path, tap: Optional[Tap] = None) -> int:
+    """Write ``src`` (maybe compressed) to ``dst``, leaving zero blocks as holes; its size.
 
     A 4 GB vendor image is mostly zeros; holes make the copy, the per-device copies and
     bmaptool fast. A truncated or corrupt archive raises ImageError naming ``src``.
@@ -42,14 +46,18 @@ def decompress_sparse(src: Path, dst: Path) -> None:
     with open(dst, "wb") as out:
         if dec is None:
             with open(src, "rb") as f:
-                size = _copy_sparse(f, out, zero)
+                size = _copy_sparse(f, out, zero, tap)
         else:
             argv, pkg = dec
             need_tool(argv[0], pkg)
             with subprocess.Popen([*argv, str(src)], stdout=subprocess.PIPE,
                                   stderr=subprocess.PIPE, stdin=subprocess.DEVNULL) as p:
                 assert p.stdout is not None and p.stderr is not None
-                size = _copy_sparse(p.stdout, out, zero)
+                try:
+                    size = _copy_sparse(p.stdout, out, zero, tap)
+                except BaseException:
+                    p.kill()  # refused (or interrupted) mid-stream: stop decompressing
+                    raise
                 err = p.stderr.read().decode(errors="replace").strip()
             if p.returncode != 0:
                 raise ImageError(f"--base: {src} is corrupt or truncated "
@@ -57,16 +65,18 @@ def decompress_sparse(src: Path, dst: Path) -> None:
         out.truncate(size)
     if size == 0:
         raise ImageError(f"--base: {src} is empty")
+    return size
 
 
-def _copy_sparse(f: object, out: object, zero: bytes) -> int:
-    read = f.read  # type: ignore[attr-defined]
-    seek, write = out.seek, out.write  # type: ignore[attr-defined]
+def _copy_sparse(f: IO[bytes], out: IO[bytes], zero: bytes, tap: Optional[Tap]) -> int:
+    read, seek, write = f.read, out.seek, out.write
     size = 0
     while True:
         chunk = read(BLOCK)
         if not chunk:
             return size
+        if tap is not None:
+            tap(size, chunk)
         if chunk == zero[:len(chunk)]:
             seek(len(chunk), 1)
         else:
@@ -85,9 +95,3 @@ def compress(src: Path, kind: Compression, dst: Path) -> None:
         raise ImageError(f"compressing {src.name} with {argv[0]} failed: "
                          f"{proc.stderr.decode(errors='replace').strip()}")
 
-
-def test_archive(path: Path) -> None:
-    """Integrity check of a compressed output (a partial write would fail here)."""
-    dec = DECOMPRESSORS.get(path.suffix)
-    if dec:
-        run([dec[0][0], "-t", "-q", path], f"checking {path.name}")

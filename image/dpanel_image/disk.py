@@ -17,16 +17,31 @@ from typing import Literal, Optional
 from .errors import ImageError
 from .util import need_tool, run
 
-__all__ = ["Ext4", "Fat", "Op", "Part", "ext4_magic_ok", "fat_magic_ok", "make_disk",
-           "read_table", "write_sparse_at"]
+__all__ = [
+    "FS_PROBE_BYTES",
+    "TABLE_BYTES",
+    "Ext4",
+    "Fat",
+    "Op",
+    "Part",
+    "ext4_magic",
+    "ext4_magic_ok",
+    "fat_magic",
+    "fat_magic_ok",
+    "make_disk",
+    "read_at",
+    "read_table",
+    "read_table_head",
+    "write_sparse_at",
+]
 
 SECTOR = 512
 MTOOLS_ENV = {"MTOOLS_SKIP_CHECK": "1", "MTOOLS_NO_VFAT": "0"}
-#: MBR type ids that hold a FAT file system, and the GPT type GUIDs that may.
-FAT_TYPES = {"1", "4", "6", "b", "c", "e", "ef",
-             "C12A7328-F81F-11D2-BA4B-00A0C93EC93B", "EBD0A0A2-B9E5-4433-87C0-68B6B72699C7"}
-LINUX_TYPES = {"83", "0FC63DAF-8483-4772-8E79-3D69D8477DE4",
-               "B921B045-1DF0-41C3-AF44-4C6F280D3FAE", "4F68BCE3-E8CD-4DB1-96E7-FBCAF984B709"}
+#: An MBR, or a GPT header with its 128 entries, fits in the first 34 sectors; 1 MiB
+#: (where the first partition usually starts) is plenty.
+TABLE_BYTES = 1 << 20
+#: How much of a partition's start tells its file system (ext4's superblock ends at 2 KiB).
+FS_PROBE_BYTES = 4096
 
 
 @dataclass(frozen=True)
@@ -41,39 +56,64 @@ class Part:
         return self.start + self.size
 
 
-def read_table(img: Path) -> list[Part]:
-    """Partitions of a whole-disk image, sorted by start; clear error if there is no table."""
+def read_table(img: Path, what: str = "") -> list[Part]:
+    """Partitions of a whole-disk image, sorted by start; clear error if there is no table.
+
+    Errors name ``what`` (e.g. "--base raspios.img.xz") instead of ``img``, which may be
+    an internal staging file.
+    """
+    parts = _sfdisk(img, what or str(img))
+    size = img.stat().st_size
+    for part in parts:
+        if part.end > size:
+            raise ImageError(f"{what or img}: partition {part.number} ends at {part.end} bytes, "
+                             f"past the end of the image ({size} bytes): truncated image?")
+    return parts
+
+
+def read_table_head(head: bytes, what: str) -> list[Part]:
+    """The partition table from the first :data:`TABLE_BYTES` of an image (a stream)."""
+    with tempfile.NamedTemporaryFile(prefix="dpanel-head-") as f:
+        f.write(head)
+        f.flush()
+        return _sfdisk(Path(f.name), what)
+
+
+def _sfdisk(img: Path, what: str) -> list[Part]:
     need_tool("sfdisk", "fdisk")
-    proc = run(["sfdisk", "--json", img], f"reading the partition table of {img}", check=False)
+    proc = run(["sfdisk", "--json", img], f"reading the partition table of {what}", check=False)
     if proc.returncode != 0 or not proc.stdout.strip():
-        raise ImageError(f"{img}: no partition table found (is this a whole-disk image?)")
+        raise ImageError(f"{what}: no partition table found (is this a whole-disk image?)")
     table = json.loads(proc.stdout)["partitiontable"]
     sector = int(table.get("sectorsize", SECTOR))
-    size = img.stat().st_size
-    parts = []
-    for i, p in enumerate(table.get("partitions", []), 1):
-        part = Part(i, int(p["start"]) * sector, int(p["size"]) * sector, str(p["type"]))
-        if part.end > size:
-            raise ImageError(f"{img}: partition {i} ends at {part.end} bytes, past the end of "
-                             f"the image ({size} bytes): truncated image?")
-        parts.append(part)
+    parts = [Part(i, int(p["start"]) * sector, int(p["size"]) * sector, str(p["type"]))
+             for i, p in enumerate(table.get("partitions", []), 1)]
     return sorted(parts, key=lambda p: p.start)
 
 
-def _read_at(img: Path, offset: int, n: int) -> bytes:
+def read_at(img: Path, offset: int, n: int) -> bytes:
     with open(img, "rb") as f:
         f.seek(offset)
         return f.read(n)
 
 
+def ext4_magic(start: bytes) -> bool:
+    """Given a partition's first bytes: is it ext2/3/4 (superblock magic at 1080)?"""
+    return start[1080:1082] == b"\x53\xef"
+
+
+def fat_magic(start: bytes) -> bool:
+    """Given a partition's first bytes: is it FAT12/16/32 (boot sector signature + name)?"""
+    return len(start) >= 512 and start[510:512] == b"\x55\xaa" and (
+        start[54:57] == b"FAT" or start[82:87] == b"FAT32")
+
+
 def ext4_magic_ok(img: Path, part: Part) -> bool:
-    return _read_at(img, part.start + 1024 + 56, 2) == b"\x53\xef"
+    return ext4_magic(read_at(img, part.start, FS_PROBE_BYTES))
 
 
 def fat_magic_ok(img: Path, part: Part) -> bool:
-    boot = _read_at(img, part.start, 512)
-    return len(boot) == 512 and boot[510:512] == b"\x55\xaa" and (
-        boot[54:57] == b"FAT" or boot[82:87] == b"FAT32")
+    return fat_magic(read_at(img, part.start, FS_PROBE_BYTES))
 
 
 def _stderr_errors(stderr: bytes, tolerate: Sequence[str] = ()) -> list[str]:

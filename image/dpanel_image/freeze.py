@@ -19,16 +19,15 @@ from .binfmt import ensure_binfmt
 from .debroot import RootSpec, chroot_run, debian_root, locked
 from .elf import elf_arch_of_file
 from .errors import ImageError
-from .util import PROJECT_ROOT, cache_root, hash_paths, hash_text, log, need_tool, run
+from .util import cache_root, hash_paths, hash_text, log, need_tool, run
 
 __all__ = ["FreezeMode", "FreezeResult", "build_agent", "build_root_spec", "run_frozen"]
 
 FreezeMode = Literal["onefile", "onedir"]
 SUITE = "bullseye"
 LOCK = Path(__file__).with_name("freeze-lock.txt")
-AGENT_SRC = PROJECT_ROOT / "agent" / "dpanel_agent"
-#: The protocol package the agent stands on; frozen with it.
-PROTO_SRC = PROJECT_ROOT / "agent" / "dpanel_proto"
+#: What is frozen: the agent and the protocol package it stands on.
+SOURCES = ("dpanel_agent", "dpanel_proto")
 #: Bump when the freeze recipe below changes, so cached binaries are rebuilt.
 RECIPE = "3"
 BASE_PACKAGES = ("python3", "python3-venv", "libpython3.9", "binutils", "file",
@@ -77,18 +76,40 @@ def _output_path(dist: Path, arch: Arch, mode: FreezeMode) -> Path:
     return dist / arch / "dpanel-tunnel.d" / "dpanel-tunnel"
 
 
+def source_dirs() -> list[Path]:
+    """Where the agent's packages are on this machine: the checkout's agent/ or, from an
+    installed dpanel_image (the server .deb), the installed copies beside it."""
+    import importlib.util
+
+    dirs = []
+    for name in SOURCES:
+        spec = importlib.util.find_spec(name)
+        locs = list(spec.submodule_search_locations or []) if spec else []
+        if not locs or not (Path(locs[0]) / "__init__.py").is_file():
+            raise ImageError(f"build-agent: the {name} package (its .py sources) is not "
+                             "installed here; run it from a checkout (python3 tasks.py "
+                             "build-agent) or install dpanel-edge")
+        dirs.append(Path(locs[0]))
+    return dirs
+
+
 def agent_key(arch: Arch, mode: FreezeMode) -> str:
+    srcs = source_dirs()
     return hash_text(build_root_spec(arch).key(), mode, RECIPE, *HIDDEN_IMPORTS,
-                     hash_paths([AGENT_SRC, PROTO_SRC], PROJECT_ROOT))
+                     hash_paths(srcs, srcs[0].parent))
 
 
 def build_agent(arch: Arch, mode: FreezeMode = "onefile", dist: Optional[Path] = None,
                 verify: bool = True) -> FreezeResult:
-    """Freeze ``agent/dpanel_agent`` for ``arch``; cached by sources + lock + recipe."""
+    """Freeze ``dpanel_agent`` for ``arch``; cached by sources + lock + recipe.
+
+    ``dist`` defaults to ./dist (the tasks run from the checkout's top).
+    """
     t0 = time.monotonic()
-    if not (AGENT_SRC / "__main__.py").exists():
-        raise ImageError(f"agent entry point {AGENT_SRC / '__main__.py'} is missing")
-    dist = dist or PROJECT_ROOT / "dist"
+    agent_src = source_dirs()[0]
+    if not (agent_src / "__main__.py").exists():
+        raise ImageError(f"agent entry point {agent_src / '__main__.py'} is missing")
+    dist = dist or Path.cwd() / "dist"
     if verify:
         ensure_binfmt(arch)  # a cached binary is still run under qemu-user to check it
     spec = build_root_spec(arch)
@@ -111,7 +132,7 @@ def _freeze(root: Path, arch: Arch, mode: FreezeMode, cache: Path) -> None:
     build = root / "build"
     shutil.rmtree(build, ignore_errors=True)
     (build / "src").mkdir(parents=True)
-    for src in (AGENT_SRC, PROTO_SRC):
+    for src in source_dirs():
         shutil.copytree(src, build / "src" / src.name,
                         ignore=shutil.ignore_patterns("__pycache__", "*.pyc"))
     argv = ["/opt/freeze/bin/pyinstaller", "--noconfirm", "--clean", "--log-level=WARN",

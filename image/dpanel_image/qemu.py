@@ -1,4 +1,4 @@
-"""boot-qemu: boot a qemu-arm64 dPanel image under qemu-system-aarch64 -M virt.
+"""boot-qemu: boot a dPanel image under qemu, as its board's ``[qemu]`` section says.
 
 User-mode networking only, with no port forwarded into the guest: the guest reaches the
 host's loopback services at 10.0.2.2, like a device behind NAT reaches the internet.
@@ -18,7 +18,7 @@ from pathlib import Path
 from types import TracebackType
 from typing import Optional
 
-from .boards import Board, load_board
+from .board import Board, load_board
 from .disk import Fat, fat_magic_ok, read_table
 from .errors import ImageError
 from .util import need_tool
@@ -31,12 +31,12 @@ def qemu_argv(board: Board, image: Path, kernel: Path, initrd: Path, serial: str
     q = board.qemu
     if q is None:
         raise ImageError(f"board {board.name} cannot boot under qemu (no [qemu] section)")
-    argv = ["qemu-system-aarch64", "-M", q.machine, "-cpu", q.cpu, "-smp", str(q.smp),
+    argv = [q.binary, "-M", q.machine, "-cpu", q.cpu, "-smp", str(q.smp),
             "-m", str(q.memory_mib), "-kernel", str(kernel), "-initrd", str(initrd),
             "-append", q.append,
             "-drive", f"file={image},if=none,id=disk,format=raw",
-            "-device", "virtio-blk-device,drive=disk",
-            "-netdev", "user,id=net0", "-device", "virtio-net-device,netdev=net0",
+            "-device", f"{q.disk_device},drive=disk",
+            "-netdev", "user,id=net0", "-device", f"{q.net_device},netdev=net0",
             "-no-reboot"]
     if snapshot:
         # Keeps the image unchanged; killing qemu then cannot leave a dirty journal.
@@ -53,11 +53,14 @@ class QemuVM:
 
     def __init__(self, image: Path, console_log: Path, board: str = "qemu-arm64",
                  snapshot: bool = True) -> None:
-        need_tool("qemu-system-aarch64", "qemu-system-arm")
+        self.board = load_board(board)
+        if self.board.qemu is None:
+            raise ImageError(f"board {self.board.name} cannot boot under qemu "
+                             "(no [qemu] section)")
+        need_tool(self.board.qemu.binary, self.board.qemu.package)
         if not image.is_file():
             raise ImageError(f"--image: {image} does not exist")
         self.image, self.log, self.snapshot = image, console_log, snapshot
-        self.board = load_board(board)
         self.proc: Optional[subprocess.Popen[bytes]] = None
         self._tmp = Path(tempfile.mkdtemp(prefix="dpanel-qemu-"))
 

@@ -1,7 +1,9 @@
-"""The qemu-arm64 base image, built from scratch with mmdebstrap (the Buildroot-style path).
+"""A base image built from scratch with mmdebstrap, for boards with a ``[scratch]`` recipe.
 
-The result (FAT with kernel + initrd, ext4 root) is cached under ~/.cache/dpanel by a
-hash of the board file, so build-image then treats it like any vendor image.
+The result (FAT with kernel + initrd, ext4 root) is a plain Debian with the board's
+partition layout, cached under ~/.cache/dpanel by a hash of the recipe. build-image
+then treats it like any vendor image: the board's own files (hostname, fstab, network)
+come from its overlay and post-build, as they do for a vendor base.
 """
 
 from __future__ import annotations
@@ -12,24 +14,18 @@ import tempfile
 from pathlib import Path
 
 from .arches import Arch
-from .boards import Board
-from .debroot import RootSpec, chroot_run, debian_root, locked, prune_siblings
+from .board import Board
+from .debroot import RootSpec, debian_root, locked, prune_siblings
 from .disk import make_disk
 from .errors import ImageError
 from .util import cache_root, hash_text, log, run
 
 __all__ = ["scratch_base", "scratch_spec"]
 
-#: Bump ROOT_RECIPE when the mmdebstrap call changes, CONFIG_RECIPE when _configure does
-#: (configuration is re-applied to the cached root, which is much cheaper).
-ROOT_RECIPE = "2"
-CONFIG_RECIPE = "4"
-NETWORK = """[Match]
-Name=en* eth*
-
-[Network]
-DHCP=ipv4
-"""
+#: Bump ROOT_RECIPE when the mmdebstrap call changes, CONFIG_RECIPE when _clean does
+#: (it is re-applied to the cached root, which is much cheaper).
+ROOT_RECIPE = "3"
+CONFIG_RECIPE = "5"
 
 
 def scratch_spec(board: Board, arch: Arch) -> RootSpec:
@@ -43,27 +39,13 @@ def scratch_spec(board: Board, arch: Arch) -> RootSpec:
             ' && echo MODULES=list > "$1/etc/initramfs-tools/conf.d/dpanel.conf"'
             f' && printf "{mods}\\n" > "$1/usr/share/initramfs-tools/modules.d/dpanel.conf"')
     return RootSpec(name=f"boot-{board.name}", suite=s.suite, arch=arch, packages=s.packages,
-                    essential_hooks=(hook,), extra_key=hash_text(ROOT_RECIPE, NETWORK))
+                    essential_hooks=(hook,), extra_key=hash_text(ROOT_RECIPE))
 
 
-def _configure(board: Board, root: Path) -> None:
-    """Offline configuration of the guest: fstab, DHCP, hostname, hygiene."""
-    boot = next((p for p in board.partitions if p.role == "boot"), None)
-    # mkfs.vfat stores FAT labels upper-case (see disk.make_disk).
-    fstab = [f"LABEL={p.label.upper() if p.fs == 'vfat' else p.label}\t{p.mountpoint}\t{p.fs}\t"
-             f"{'defaults' if p.role == 'root' else 'defaults,nofail'}\t0\t"
-             f"{1 if p.role == 'root' else 2}" for p in board.partitions]
-    (root / "etc" / "fstab").write_text("\n".join(fstab) + "\n")
-    if boot is not None:
-        (root / boot.mountpoint.lstrip("/")).mkdir(parents=True, exist_ok=True)
-    (root / "etc" / "hostname").write_text("dpanel-qemu\n")
-    (root / "etc" / "hosts").write_text("127.0.0.1\tlocalhost\n127.0.1.1\tdpanel-qemu\n")
-    net = root / "etc" / "systemd" / "network"
-    net.mkdir(parents=True, exist_ok=True)
-    (net / "10-wired.network").write_text(NETWORK)
-    # The guest's own systemctl (under qemu-user): the build host may have no systemd.
-    chroot_run(root, ["systemctl", "enable", "systemd-networkd"],
-               "enabling systemd-networkd in the guest root")
+def _clean(board: Board, root: Path) -> None:
+    """Board-neutral hygiene of the fresh root: mount points, no build leftovers."""
+    for spec in board.partitions:
+        (root / spec.mountpoint.lstrip("/")).mkdir(parents=True, exist_ok=True)
     for leftover in ("etc/resolv.conf", "etc/dpanel-host-ca.crt"):
         p = root / leftover
         if p.exists() and p.stat().st_size == 0:
@@ -87,8 +69,7 @@ def _du_mib(path: Path) -> int:
 def scratch_base(board: Board, arch: Arch) -> Path:
     """Cached whole-disk base image for a [scratch] board; built on first use."""
     spec = scratch_spec(board, arch)
-    key = hash_text(spec.key(), CONFIG_RECIPE, NETWORK, repr(board.partitions),
-                    repr(board.scratch))
+    key = hash_text(spec.key(), CONFIG_RECIPE, repr(board.partitions), repr(board.scratch))
     dest = cache_root() / f"base-{board.name}-{arch}-{key}.img"
     if dest.exists():
         return dest
@@ -97,7 +78,7 @@ def scratch_base(board: Board, arch: Arch) -> Path:
     with locked(dest):
         if dest.exists():
             return dest
-        _configure(board, root)  # idempotent; re-applied when CONFIG_RECIPE changes
+        _clean(board, root)  # idempotent; re-applied when CONFIG_RECIPE changes
         log(f"assembling the {board.name} base image from {root.name}")
         with tempfile.TemporaryDirectory(prefix="dpanel-scratch-", dir=dest.parent) as td:
             fat = Path(td) / "fat"

@@ -16,14 +16,39 @@ from typing import Optional, Union
 from .errors import ImageError
 
 __all__ = [
-    "PROJECT_ROOT", "AtomicDir", "cache_root", "hash_paths", "hash_text", "log", "need_tool",
-    "run", "sha256_file",
+    "AtomicDir", "cache_root", "hash_paths", "hash_text", "log", "make_out_dir", "need_tool",
+    "package_dir", "run", "sha256_file",
 ]
 
-#: The checkout (image/dpanel_image/util.py -> three levels up).
-PROJECT_ROOT = Path(__file__).resolve().parents[2]
-
 StrPath = Union[str, Path]
+
+
+def package_dir(*parts: str) -> Path:
+    """A data folder shipped inside this package (boards, overlay), checkout or installed.
+
+    Read through importlib.resources so that it is found wherever the package is
+    installed; debugfs and mtools need real files, so a zipped install is refused.
+    """
+    from importlib.resources import files
+
+    here = files("dpanel_image")
+    if not isinstance(here, Path):
+        raise ImageError(f"dpanel_image is installed as {here!r}: it needs to be unpacked "
+                         "on disk (not zipped) to read its boards and overlay")
+    return here.joinpath(*parts)
+
+
+def make_out_dir(path: Path, what: str = "--out") -> Path:
+    """Create an output directory; a read-only or unwritable place is one clear line."""
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise ImageError(f"{what}: cannot create {path}: {e.strerror or e}") from None
+    if not path.is_dir():
+        raise ImageError(f"{what}: {path} is not a directory")
+    if not os.access(path, os.W_OK):
+        raise ImageError(f"{what}: {path} is not writable")
+    return path
 
 
 def log(msg: str) -> None:
@@ -108,15 +133,11 @@ class AtomicDir:
     """
 
     def __init__(self, dest: Path) -> None:
-        self.dest = dest
-        self.dest.mkdir(parents=True, exist_ok=True)
-        if not os.access(self.dest, os.W_OK):
-            raise ImageError(f"output directory {self.dest} is not writable")
+        self.dest = make_out_dir(dest, "--out")
         try:
             self.tmp = Path(tempfile.mkdtemp(prefix=".dpanel-staging-", dir=self.dest))
         except OSError as e:
-            raise ImageError(f"output directory {self.dest}: cannot write ({e.strerror})") \
-                from None
+            raise ImageError(f"--out: {self.dest}: cannot write ({e.strerror})") from None
 
     def path(self, name: str) -> Path:
         return self.tmp / name

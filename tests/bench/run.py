@@ -58,9 +58,9 @@ def _image(args: argparse.Namespace) -> dict[str, Any]:
     if not args.with_image:
         return {"skipped": "pass --with-image (slow)"}
     try:
-        from dpanel_image import bench as image_bench
+        from . import image as image_bench
     except ImportError as exc:
-        return {"skipped": f"dpanel_image.bench not available ({exc})"}
+        return {"skipped": f"tests.bench.image not available ({exc})"}
     return dict(image_bench.run_bench())
 
 
@@ -84,7 +84,7 @@ def _parser() -> argparse.ArgumentParser:
                    help="memory: comma-separated tunnel counts (100,1000)")
     p.add_argument("--sshd-conns", type=int, help="memory: ssh -R connections (30)")
     p.add_argument("--with-image", action="store_true",
-                   help="also run dpanel_image.bench.run_bench() (slow)")
+                   help="also run tests.bench.image.run_bench() (slow)")
     p.add_argument("--keep-work", action="store_true",
                    help="keep the scratch directory (logs, stack state) for debugging")
     return p

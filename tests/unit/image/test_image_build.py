@@ -247,3 +247,154 @@ def test_cli_reports_bad_input_in_one_line(tmp_path: Path) -> None:
     assert p.returncode == 1
     assert p.stderr.strip().startswith("error: --agent:"), p.stderr
     assert "Traceback" not in p.stderr
+
+
+# ------------------------------------------------------------------------------ the agent's view
+
+def test_image_agent_config_is_accepted_by_the_agent(tmp_path: Path, agent_arm64: Path) -> None:
+    from dpanel_agent.config import load_config, parse_config
+
+    r = build_image("rpi", tmp_path / "o", base=base_image("rpi"), agent=agent_arm64,
+                    compression="none")
+    raw = root_fs(r.image).cat("/etc/dpanel/agent.toml")
+    assert raw is not None
+    conf = parse_config(raw.decode(), "/etc/dpanel/agent.toml")
+    assert str(conf.token_file) == "/etc/dpanel/token"
+    assert [str(p) for p in conf.import_token_from] == ["/boot/firmware/dpanel-token.txt",
+                                                        "/boot/dpanel-token.txt"]
+    assert str(conf.state_dir) == "/var/lib/dpanel-tunnel"
+    (tmp_path / "agent.toml").write_bytes(raw)
+    assert load_config(tmp_path / "agent.toml").token_file == conf.token_file
+
+
+# ---------------------------------------------------------------- layout on the stream
+
+def test_wrong_layout_refused_from_the_head_of_the_stream(tmp_path: Path,
+                                                          agent_arm64: Path) -> None:
+    """An Armbian-layout image given for rpi is refused from its first MiB: here the
+    rest of the archive is garbage, and the error is still the layout, naming --base."""
+    good = base_image("orangepi", xz=False)
+    bad = tmp_path / "armbian.img.xz"
+    with open(good, "rb") as f:
+        head = f.read(8 << 20)
+    bad.write_bytes(subprocess.run(["xz", "-1", "-c"], input=head, capture_output=True,
+                                   check=True).stdout + os.urandom(1 << 20))
+    _fails(rf"^--base {bad}: has 1 partition\(s\), board rpi expects 2", tmp_path / "o",
+           board_name="rpi", base=bad, agent=agent_arm64)
+
+
+def test_wrong_file_system_refused_when_its_first_sectors_pass(tmp_path: Path,
+                                                                agent_arm64: Path) -> None:
+    from dpanel_image.disk import make_disk
+    swapped = tmp_path / "swapped.img"
+    make_disk(swapped, [("ext4", 16, "boot", None), ("ext4", 32, "root", None)])
+    with open(swapped, "rb") as f:
+        head = f.read(4 << 20)  # the table and the first partition's start, nothing more
+    bad = tmp_path / "swapped.img.xz"
+    bad.write_bytes(subprocess.run(["xz", "-1", "-c"], input=head + os.urandom(1 << 20),
+                                   capture_output=True, check=True).stdout)
+    _fails(rf"^--base {bad}: partition 1 should be vfat .* found ext4", tmp_path / "o",
+           board_name="rpi", base=bad, agent=agent_arm64)
+
+
+def test_layout_errors_name_the_base_not_the_staging_file(tmp_path: Path,
+                                                          agent_arm64: Path) -> None:
+    bad = tmp_path / "raspios.img"
+    with open(base_image("rpi"), "rb") as f:
+        bad.write_bytes(f.read(40 << 20))
+    with pytest.raises(ImageError) as e:
+        build_image("rpi", tmp_path / "o", base=bad, agent=agent_arm64)
+    assert str(e.value).startswith(f"--base {bad}: partition 1 ends at"), e.value
+    assert ".dpanel-staging" not in str(e.value)
+
+
+# ------------------------------------------------------------------------------ board folders
+
+def _custom_board(tmp_path: Path, post_build: str) -> Path:
+    import shutil
+
+    from dpanel_image.board import boards_dir
+
+    d = tmp_path / "myboard"
+    shutil.copytree(boards_dir() / "rpi", d)
+    units = d / "overlay" / "usr" / "lib" / "systemd" / "system"
+    units.mkdir(parents=True)
+    (units / "demo.service").write_text(
+        "[Unit]\nDescription=demo\n[Service]\nExecStart=/bin/true\n"
+        "[Install]\nWantedBy=multi-user.target\nAlias=demo-alias.service\nAlso=demo.socket\n")
+    (units / "demo.socket").write_text("[Socket]\nListenStream=1\n[Install]\n"
+                                       "WantedBy=sockets.target\n")
+    (d / "overlay" / "etc").mkdir()
+    (d / "overlay" / "etc" / "motd").write_text("a dPanel device\n")
+    (d / "post-build").write_text(post_build)
+    return d
+
+
+def test_board_folder_overlay_and_post_build(tmp_path: Path, agent_arm64: Path) -> None:
+    board = _custom_board(tmp_path, "# edits after the overlay\n"
+                                    "enable demo.service\nmask getty@tty1.service\n"
+                                    "rm /etc/os-release\nrm /etc/not-there\n"
+                                    "symlink /etc/demo.conf /etc/motd\n")
+    r = build_image(str(board), tmp_path / "o", base=base_image("rpi"), agent=agent_arm64,
+                    compression="none")
+    root = root_fs(r.image)
+    assert r.image.name == "dpanel-rpi.img"  # the name in board.toml
+    assert root.cat("/etc/motd") == b"a dPanel device\n"
+    assert stat_of(root, "/etc/motd") == ("regular", 0o644, 0, 0)
+
+    def link(path: str) -> str:
+        out = subprocess.run(["debugfs", "-R", f"stat {path}", root.spec], capture_output=True,
+                             text=True).stdout
+        assert "Type: symlink" in out, (path, out)
+        return out.split('Fast link dest: "', 1)[1].split('"', 1)[0]
+    unit = "/usr/lib/systemd/system/demo.service"
+    assert link("/etc/systemd/system/multi-user.target.wants/demo.service") == unit
+    assert link("/etc/systemd/system/demo-alias.service") == unit
+    assert link("/etc/systemd/system/sockets.target.wants/demo.socket") == \
+        "/usr/lib/systemd/system/demo.socket"
+    assert link("/etc/systemd/system/getty@tty1.service") == "/dev/null"
+    assert link("/etc/demo.conf") == "/etc/motd"
+    assert not root.exists("/etc/os-release")
+    # The common overlay is still there, and vendor directories kept their owner/mode.
+    assert root.exists("/etc/systemd/system/multi-user.target.wants/dpanel-agent.service")
+    subprocess.run(["e2fsck", "-fn", root.spec], check=True, capture_output=True)
+
+
+@pytest.mark.parametrize("text, msg", [
+    ("frobnicate x\n", r"post-build:1: unknown edit 'frobnicate'"),
+    ("\nenable\n", r"post-build:2: enable takes 1 argument"),
+    ("rm etc/x\n", r"post-build:1: rm: path 'etc/x' must be absolute"),
+    ("enable nosuch.service\n", r"post-build:1: enable nosuch.service: no such unit"),
+    ("enable foo@.service\n", r"post-build:1: template unit"),
+])
+def test_bad_post_build_names_file_and_line(tmp_path: Path, agent_arm64: Path, text: str,
+                                            msg: str) -> None:
+    board = _custom_board(tmp_path, text)
+    _fails(msg, tmp_path / "o", board_name=str(board), base=base_image("rpi"),
+           agent=agent_arm64)
+
+
+def test_board_folder_without_board_toml(tmp_path: Path, agent_arm64: Path) -> None:
+    _fails("is not a board folder", tmp_path / "o", board_name=str(tmp_path),
+           base=base_image("rpi"), agent=agent_arm64)
+
+
+# ---------------------------------------------------------------- --out on a read-only fs
+
+@pytest.mark.root
+def test_missing_out_subdirectory_on_read_only_fs(tmpfs, agent_arm64: Path) -> None:  # type: ignore[no-untyped-def]
+    ro = tmpfs("8m", ro=True)
+    with pytest.raises(ImageError, match=rf"^--out: cannot create {ro}/a/b: Read-only"):
+        build_image("rpi", ro / "a" / "b", base=base_image("rpi"), agent=agent_arm64)
+
+
+@pytest.mark.root
+def test_cli_missing_out_subdirectory_on_read_only_fs(tmpfs, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    ro = tmpfs("8m", ro=True)
+    agent = fake_agent(tmp_path / "agent", "arm64")
+    p = subprocess.run([str(ROOT / ".venv" / "bin" / "invoke"), "build-image", "--board",
+                        "rpi", "--base", str(base_image("rpi")), "--out", str(ro / "sub"),
+                        "--agent", str(agent)],
+                       cwd=ROOT, capture_output=True, text=True, stdin=subprocess.DEVNULL)
+    assert p.returncode == 1
+    assert p.stderr.strip() == f"error: --out: cannot create {ro}/sub: Read-only file system"

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from dpanel_image import bmap
-from dpanel_image.boards import board_names, load_board, parse_board
+from dpanel_image.board import board_names, load_board, parse_board
 from dpanel_image.compress import decompress_sparse
 from dpanel_image.elf import elf_arch
 from dpanel_image.errors import ImageError
@@ -102,3 +102,48 @@ def test_decompress_sparse_keeps_holes(tmp_path: Path) -> None:
     bad.write_bytes((tmp_path / "d.img.zst").read_bytes()[:50])
     with pytest.raises(ImageError, match="corrupt or truncated"):
         decompress_sparse(bad, tmp_path / "b2")
+
+
+def test_board_folders_hold_board_behaviour_and_no_test_data() -> None:
+    from dpanel_image.board import boards_dir
+    from dpanel_image.postbuild import parse_post_build
+
+    for name in board_names():
+        text = (boards_dir() / name / "board.toml").read_text()
+        assert "[synthetic]" not in text, name  # test sizes live in tests/imagefix.py
+    q = load_board("qemu-arm64")
+    assert q.overlay is not None and (q.overlay / "etc" / "hostname").read_text() == \
+        "dpanel-qemu\n"
+    assert (q.overlay / "etc/systemd/network/10-wired.network").is_file()
+    assert q.post_build is not None
+    assert [(s.kind, s.args) for s in parse_post_build(q.post_build)] == \
+        [("enable", ("systemd-networkd.service",))]
+    assert load_board("rpi").post_build is None and load_board("rpi").overlay is None
+
+
+def test_qemu_argv_comes_from_the_board(tmp_path: Path) -> None:
+    from dataclasses import replace
+
+    from dpanel_image.qemu import qemu_argv
+
+    b = load_board("qemu-arm64")
+    argv = qemu_argv(b, tmp_path / "i.img", tmp_path / "k", tmp_path / "r", "stdio")
+    assert argv[0] == "qemu-system-aarch64" and "virtio-blk-device,drive=disk" in argv
+    assert b.qemu is not None
+    other = replace(b, qemu=replace(b.qemu, binary="qemu-system-x86_64",
+                                    disk_device="virtio-blk-pci"))
+    argv = qemu_argv(other, tmp_path / "i.img", tmp_path / "k", tmp_path / "r", "stdio")
+    assert argv[0] == "qemu-system-x86_64" and "virtio-blk-pci,drive=disk" in argv
+    with pytest.raises(ImageError, match="no \\[qemu\\] section"):
+        qemu_argv(load_board("rpi"), tmp_path / "i.img", tmp_path / "k", tmp_path / "r", "x")
+
+
+def test_fingerprint_matches_ssh_keygen(tmp_path: Path) -> None:
+    from dpanel_image.provision import fingerprint
+
+    subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", str(tmp_path / "k")],
+                   check=True)
+    line = (tmp_path / "k.pub").read_text().strip()
+    shown = subprocess.run(["ssh-keygen", "-l", "-f", str(tmp_path / "k.pub")],
+                           capture_output=True, text=True, check=True).stdout.split()[1]
+    assert fingerprint(line) == f"ssh-ed25519 {shown}"

@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 from imagefix import (
+    ED_KEY,
     agent_arm64,
     base_image,
     boot_fs,
@@ -22,7 +23,7 @@ from imagefix import (
 from dpanel_image.build import build_image
 from dpanel_image.cardwrite import check_target, confirm
 from dpanel_image.errors import ImageError
-from dpanel_image.provision import bulk_names, provision
+from dpanel_image.provision import bulk_names, fingerprint, provision
 from dpanel_proto.token import parse_token
 
 __all__ = ["agent_arm64"]
@@ -230,3 +231,94 @@ def test_to_flashes_master_then_writes_token_on_the_card(rpi_image: Path, tmp_pa
     assert boot_fs(card).read("/dpanel-token.txt") == (tok + "\n").encode()
     assert root_fs(card).cat("/usr/local/bin/dpanel-tunnel") == \
         root_fs(rpi_image).cat("/usr/local/bin/dpanel-tunnel")
+
+
+# ------------------------------------------------------------------------------ secrets on disk
+
+def test_images_holding_a_token_are_0600(rpi_image: Path, tmp_path: Path) -> None:
+    out = tmp_path / "devices"
+    tokens = {n: make_token(n) for n in bulk_names("s-", 2)}
+    res = provision(rpi_image, out=out, count=2, prefix="s-", enrol=tokens.__getitem__)
+    for r in res:
+        assert stat.S_IMODE(r.image.stat().st_mode) == 0o600, r.image
+        # The block map holds checksums, not the secret.
+        assert stat.S_IMODE(r.image.with_suffix(".bmap").stat().st_mode) == 0o644
+    assert stat.S_IMODE(rpi_image.stat().st_mode) == 0o644  # the master has no token
+    provision(rpi_image, token=make_token("in-place"))
+    assert stat.S_IMODE(rpi_image.stat().st_mode) == 0o600
+
+
+# ------------------------------------------------------------------------------ baked pins
+
+def _pinned_image(tmp_path: Path, agent: Path, tunnel: str, manager: str) -> Path:
+    tmp_path.mkdir(exist_ok=True)
+    th, mk = tmp_path / "tunnel.pub", tmp_path / "manager.pub"
+    th.write_text(tunnel + "\n")
+    mk.write_text(manager + "\n")
+    return build_image("rpi", tmp_path / "pinned", base=base_image("rpi"), agent=agent,
+                       compression="none", tunnel_host_key=th, manager_key=mk).image
+
+
+def test_token_pinning_other_keys_than_the_image_is_refused(tmp_path: Path,
+                                                           agent_arm64: Path) -> None:
+    tok = make_token("pin-1")
+    t = parse_token(tok)
+    other = ED_KEY.replace("Dpanel0", "Other00")
+    img = _pinned_image(tmp_path, agent_arm64, other + " tunnel", t.manager_key)
+    before = _sha(img)
+    with pytest.raises(ImageError) as e:
+        provision(img, token=tok, out=tmp_path / "d")
+    msg = str(e.value)
+    assert msg.startswith(f"--token pins tunnel host key {fingerprint(t.tunnel_host_key)}, "
+                          f"but {img} was built with --tunnel-host-key {fingerprint(other)} "
+                          "(/etc/dpanel/pins/tunnel_host_key.pub)"), msg
+    assert fingerprint(t.tunnel_host_key) != fingerprint(other)
+    assert listing(tmp_path / "d") == [] and _sha(img) == before
+    # The same through enrolment: the manager handed out a token of another server.
+    with pytest.raises(ImageError, match=r"the token enrolled for pin-2 .* pins tunnel host"):
+        provision(img, device="pin-2", out=tmp_path / "d", enrol=make_token)
+    # Manager key mismatch is named as such.
+    img2 = _pinned_image(tmp_path / "m", agent_arm64, t.tunnel_host_key, other + " mgr")
+    with pytest.raises(ImageError, match=r"pins manager key .* built with --manager-key"):
+        provision(img2, token=tok, out=tmp_path / "d2")
+
+
+def test_token_with_the_image_pins_is_accepted(tmp_path: Path, agent_arm64: Path) -> None:
+    tok = make_token("pin-3")
+    t = parse_token(tok)
+    # Comments differ ("tunnel" vs "host"): the key is what is pinned, not its comment.
+    img = _pinned_image(tmp_path, agent_arm64, ED_KEY + " host", t.manager_key)
+    [res] = provision(img, token=tok, out=tmp_path / "d")
+    assert boot_fs(res.image).read("/dpanel-token.txt") == (tok + "\n").encode()
+
+
+# ---------------------------------------------------------------- --out on a read-only fs
+
+@pytest.fixture
+def ro_dir(tmp_path: Path):  # type: ignore[no-untyped-def]
+    if os.geteuid() != 0:
+        pytest.skip("needs root to mount a read-only tmpfs")
+    d = tmp_path / "ro"
+    d.mkdir()
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m,ro", "tmpfs", str(d)], check=True)
+    yield d
+    subprocess.run(["umount", str(d)], check=False)
+
+
+@pytest.mark.root
+def test_missing_out_subdirectory_on_read_only_fs(rpi_image: Path, ro_dir: Path) -> None:
+    calls: list[str] = []
+    with pytest.raises(ImageError, match=rf"^--out: cannot create {ro_dir}/x: Read-only"):
+        provision(rpi_image, device="pi-9", out=ro_dir / "x",
+                  enrol=lambda n: calls.append(n) or make_token(n))  # type: ignore[func-returns-value]
+    assert calls == []  # refused before enrolling anyone
+
+
+@pytest.mark.root
+def test_cli_missing_out_subdirectory_on_read_only_fs(rpi_image: Path, ro_dir: Path) -> None:
+    root = Path(__file__).resolve().parents[3]
+    p = subprocess.run([str(root / ".venv/bin/invoke"), "provision", "--image", str(rpi_image),
+                        "--token", make_token("cli-2"), "--out", str(ro_dir / "sub")],
+                       cwd=root, capture_output=True, text=True, stdin=subprocess.DEVNULL)
+    assert p.returncode == 1
+    assert p.stderr.strip() == f"error: --out: cannot create {ro_dir}/sub: Read-only file system"

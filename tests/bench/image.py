@@ -1,4 +1,8 @@
-"""Image pipeline benchmarks for ``invoke bench``: freeze, build, provision, size, start-up."""
+"""Image pipeline benchmarks: freeze, build, provision, size, start-up.
+
+``python -m tests.bench.run --with-image`` runs them as its "image" section;
+``invoke image.bench`` (``python -m tests.bench.image``) alone prints the JSON.
+"""
 
 from __future__ import annotations
 
@@ -12,17 +16,16 @@ import time
 from pathlib import Path
 from typing import Any
 
+from dpanel_image.arches import Arch, host_arch
+from dpanel_image.board import load_board
+from dpanel_image.build import build_image
+from dpanel_image.debroot import locked
+from dpanel_image.disk import make_disk
+from dpanel_image.freeze import FreezeMode, agent_key, build_agent, run_frozen
+from dpanel_image.provision import provision
+from dpanel_image.synthetic import root_tree, synthetic_base
+from dpanel_image.util import cache_root, log
 from dpanel_proto.token import DeviceToken
-
-from .arches import Arch, host_arch
-from .boards import load_board
-from .build import build_image
-from .debroot import locked
-from .disk import make_disk
-from .freeze import FreezeMode, agent_key, build_agent, run_frozen
-from .provision import provision
-from .synthetic import _root_tree
-from .util import cache_root, log
 
 __all__ = ["run_bench"]
 
@@ -53,7 +56,7 @@ def _big_base(arch: Arch, size_gib: int = 4, data_gib: float = 1.0) -> Path:
                 root, boot = Path(td) / "root", Path(td) / "boot"
                 boot.mkdir()
                 (boot / "config.txt").write_text("arm_64bit=1\n")
-                _root_tree(root, arch, load_board("rpi"))
+                root_tree(root, arch, load_board("rpi"))
                 with open(root / "usr" / "filler", "wb") as f:
                     for _ in range(int(data_gib * 1024)):
                         f.write(os.urandom(1 << 20))
@@ -139,8 +142,6 @@ def run_bench(arch: Arch = "arm64", cold: bool = True,
         res["idle_rss_kb"] = _idle_rss_kb(onefile.path)
     with tempfile.TemporaryDirectory(prefix="dpanel-bench-") as td:
         out = Path(td)
-        from .synthetic import synthetic_base
-
         small = synthetic_base(load_board("rpi"), arch)
         _, res["build_image_small_s"] = _timed(build_image, "rpi", out / "small", base=small,
                                                agent=onefile.path, arch=arch)
@@ -158,3 +159,9 @@ def run_bench(arch: Arch = "arm64", cold: bool = True,
         if isinstance(v, float):
             res[k] = round(v, 2)
     return res
+
+
+if __name__ == "__main__":
+    import json
+
+    print(json.dumps(run_bench(), indent=2))

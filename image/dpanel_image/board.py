@@ -1,24 +1,32 @@
-"""Boards are data: one TOML file per board in image/boards/ (like Buildroot defconfigs)."""
+"""Boards are data: one folder per board, ``boards/<name>/{board.toml, overlay/, post-build}``.
+
+Like a Buildroot board directory: ``board.toml`` holds the partition layout, where the
+token goes, and the optional from-scratch recipe and qemu boot settings; ``overlay/`` is
+copied into the root file system; ``post-build`` lists edits applied after it (see
+:mod:`dpanel_image.postbuild`). The folders ship inside the package, so an installed
+``dpanel_image`` (the server .deb) builds images as a checkout does.
+"""
 
 from __future__ import annotations
 
 import sys
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Literal, Optional, cast, get_args
 
 from .arches import Arch, parse_arch
 from .errors import ImageError
+from .util import package_dir
 
 if sys.version_info >= (3, 11):
     import tomllib
 else:  # pragma: no cover
     import tomli as tomllib
 
-__all__ = ["BOARDS_DIR", "Board", "PartSpec", "QemuSpec", "ScratchSpec", "board_names",
-           "load_board"]
+__all__ = ["Board", "PartSpec", "QemuSpec", "ScratchSpec", "board_names", "boards_dir",
+           "load_board", "parse_board"]
 
-BOARDS_DIR = Path(__file__).resolve().parents[1] / "boards"
+BOARD_FILE = "board.toml"
 Role = Literal["boot", "root"]
 Fs = Literal["vfat", "ext4"]
 
@@ -42,6 +50,8 @@ class ScratchSpec:
 
 @dataclass(frozen=True)
 class QemuSpec:
+    binary: str  # qemu-system-aarch64
+    package: str  # the Debian package that has it
     machine: str
     cpu: str
     smp: int
@@ -49,6 +59,8 @@ class QemuSpec:
     append: str
     kernel: str
     initrd: str
+    disk_device: str  # the -device that carries the image (virtio-blk-device on -M virt)
+    net_device: str
 
 
 @dataclass(frozen=True)
@@ -60,9 +72,12 @@ class Board:
     partitions: tuple[PartSpec, ...]
     token_role: Role
     token_path: str
-    synthetic: dict[str, int] = field(default_factory=dict)
     scratch: Optional[ScratchSpec] = None
     qemu: Optional[QemuSpec] = None
+    #: The board's folder; ``overlay`` and ``post_build`` are None when it has none.
+    folder: Optional[Path] = field(default=None, compare=False)
+    overlay: Optional[Path] = field(default=None, compare=False)
+    post_build: Optional[Path] = field(default=None, compare=False)
 
     @property
     def default_arch(self) -> Arch:
@@ -80,8 +95,13 @@ class Board:
         return f"dpanel-{self.name}{tail}{suffix}.img"
 
 
+def boards_dir() -> Path:
+    """The shipped board folders (package data, read through importlib.resources)."""
+    return package_dir("boards")
+
+
 def board_names() -> list[str]:
-    return sorted(p.stem for p in BOARDS_DIR.glob("*.toml"))
+    return sorted(p.name for p in boards_dir().iterdir() if (p / BOARD_FILE).is_file())
 
 
 def _get(d: dict[str, Any], key: str, typ: type, where: str) -> Any:
@@ -134,28 +154,38 @@ def parse_board(data: dict[str, Any], where: str) -> Board:
     if "qemu" in data:
         q, w = _get(data, "qemu", dict, where), f"{where}: qemu"
         qemu = QemuSpec(**{k: _get(q, k, t, w) for k, t in (
-            ("machine", str), ("cpu", str), ("smp", int), ("memory_mib", int),
-            ("append", str), ("kernel", str), ("initrd", str))})
-    synthetic = {k: v for k, v in data.get("synthetic", {}).items() if isinstance(v, int)}
+            ("binary", str), ("package", str), ("machine", str), ("cpu", str), ("smp", int),
+            ("memory_mib", int), ("append", str), ("kernel", str), ("initrd", str),
+            ("disk_device", str), ("net_device", str))})
     return Board(
         name=_get(data, "name", str, where), description=data.get("description", ""),
         arches=arches,
         table=cast(Literal["dos", "gpt"], _choice(_get(data, "table", str, where),
                                                    ("dos", "gpt"), f"{where}: table")),
         partitions=tuple(parts), token_role=token_role, token_path=token_path,
-        synthetic=synthetic, scratch=scratch, qemu=qemu)
+        scratch=scratch, qemu=qemu)
 
 
 def load_board(name_or_path: str) -> Board:
-    """``rpi`` -> image/boards/rpi.toml; a path to a .toml file also works."""
-    path = Path(name_or_path)
-    if not path.suffix:
-        path = BOARDS_DIR / f"{name_or_path}.toml"
-    if not path.exists():
-        raise ImageError(f"--board: unknown board {name_or_path!r} "
-                         f"(known: {', '.join(board_names())})")
+    """``rpi`` -> the shipped ``boards/rpi/``; a board folder or its board.toml also works."""
+    if "/" not in name_or_path and not name_or_path.endswith(".toml"):
+        folder = boards_dir() / name_or_path
+        if not (folder / BOARD_FILE).is_file():
+            raise ImageError(f"--board: unknown board {name_or_path!r} "
+                             f"(known: {', '.join(board_names())})")
+    else:
+        given = Path(name_or_path)
+        folder = given.parent if given.name == BOARD_FILE else given
+        if not (folder / BOARD_FILE).is_file():
+            raise ImageError(f"--board: {given} is not a board folder (no {BOARD_FILE})")
+    path = folder / BOARD_FILE
     try:
         data = tomllib.loads(path.read_text())
     except tomllib.TOMLDecodeError as e:
         raise ImageError(f"{path}: invalid TOML ({e})") from None
-    return parse_board(data, str(path))
+    except (OSError, UnicodeDecodeError) as e:
+        raise ImageError(f"{path}: cannot read ({e})") from None
+    board = parse_board(data, str(path))
+    overlay, post = folder / "overlay", folder / "post-build"
+    return replace(board, folder=folder, overlay=overlay if overlay.is_dir() else None,
+                   post_build=post if post.is_file() else None)

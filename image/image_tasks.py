@@ -1,13 +1,17 @@
-"""invoke tasks for freezing the agent and building/provisioning images."""
+"""invoke tasks for freezing the agent and building/provisioning images.
+
+Outside the dpanel_image package on purpose: invoke is a dev-only dependency, and the
+package is shipped (the server .deb); tasks.py puts image/ on sys.path to import this.
+"""
 
 from __future__ import annotations
 
 import functools
-import json
 import os
 import shlex
 import shutil
 import subprocess
+import sys
 from pathlib import Path
 from typing import Any, Callable, Optional, TypeVar, cast
 
@@ -16,7 +20,7 @@ from invoke.context import Context
 from invoke.exceptions import Exit
 from invoke.tasks import task
 
-from .errors import ImageError
+from dpanel_image.errors import ImageError
 
 __all__ = ["agent_ns", "image_ns"]
 
@@ -47,8 +51,8 @@ def _mode(mode: str) -> Any:
 def build(c: Context, arch: Optional[list[str]] = None, mode: str = "onefile",
           dist: str = "") -> None:
     """Freeze dpanel-tunnel with PyInstaller for ARM (under qemu-user), cached."""
-    from .arches import parse_arch
-    from .freeze import build_agent
+    from dpanel_image.arches import parse_arch
+    from dpanel_image.freeze import build_agent
 
     for a in arch or ["arm64"]:
         r = build_agent(parse_arch(a), _mode(mode), Path(dist) if dist else None)
@@ -58,7 +62,7 @@ def build(c: Context, arch: Optional[list[str]] = None, mode: str = "onefile",
 
 
 @task(name="build", help={
-    "board": "rpi, orangepi or qemu-arm64 (image/boards/*.toml), or a .toml path",
+    "board": "rpi, orangepi or qemu-arm64 (dpanel_image/boards/<name>/), or a board folder",
     "base": "vendor image (.img, .img.xz, .img.zst, .img.gz); qemu-arm64 builds its own",
     "out": "output directory (default out/)",
     "arch": "target architecture (default: the board's first)",
@@ -73,7 +77,7 @@ def build_image_task(c: Context, board: str = "rpi", base: str = "", out: str = 
                      compress: str = "zst", tunnel_host_key: str = "",
                      manager_key: str = "") -> None:
     """Bake the agent into an SD image, rootless: outputs .img, .zst/.xz, .sha256, .bmap."""
-    from .build import build_image
+    from dpanel_image.build import build_image
 
     if compress not in ("zst", "xz", "none"):
         raise ImageError(f"--compress: {compress!r} is not zst, xz or none")
@@ -99,7 +103,7 @@ def build_image_task(c: Context, board: str = "rpi", base: str = "", out: str = 
 def provision(c: Context, image: str, device: str = "", token: str = "", out: str = "",
               to: str = "", count: int = 0, prefix: str = "", yes: bool = False) -> None:
     """Give an image its device token (enrolled via the manager, or --token)."""
-    from .provision import provision as do
+    from dpanel_image.provision import provision as do
 
     res = do(Path(image), device=device or None, token=token or None,
              out=Path(out) if out else None, to=to or None, count=count, prefix=prefix,
@@ -114,8 +118,8 @@ def provision(c: Context, image: str, device: str = "", token: str = "", out: st
 @_clear_errors
 def boot_qemu(c: Context, image: str = "out/dpanel-qemu-arm64.img", log: str = "",
               persist: bool = False) -> None:
-    """Boot an image under qemu-system-aarch64 -M virt (user networking, host = 10.0.2.2)."""
-    from .qemu import QemuVM
+    """Boot an image under qemu as its board says (user networking, host = 10.0.2.2)."""
+    from dpanel_image.qemu import QemuVM
 
     vm = QemuVM(Path(image), Path(log or os.devnull), snapshot=not persist)
     try:
@@ -127,30 +131,32 @@ def boot_qemu(c: Context, image: str = "out/dpanel-qemu-arm64.img", log: str = "
 
 
 @task(help={"board": "board whose layout to copy", "arch": "architecture of the fake root",
-            "out": "where to put the image", "xz": "also write .img.xz"})
+            "out": "where to put the image", "xz": "also write .img.xz",
+            "boot_mib": "size of the boot partition (default 64)",
+            "root_mib": "size of the root partition (default 192)"})
 @_clear_errors
 def synthetic(c: Context, board: str = "rpi", arch: str = "", out: str = "out",
-              xz: bool = False) -> None:
+              xz: bool = False, boot_mib: int = 64, root_mib: int = 192) -> None:
     """Make a small synthetic base image with a board's partition layout (for trying out)."""
-    from .arches import parse_arch
-    from .boards import load_board
-    from .synthetic import synthetic_base
+    from dpanel_image.arches import parse_arch
+    from dpanel_image.board import load_board
+    from dpanel_image.synthetic import synthetic_base
+    from dpanel_image.util import make_out_dir
 
     b = load_board(board)
-    src = synthetic_base(b, parse_arch(arch) if arch else b.default_arch, compressed=xz)
-    Path(out).mkdir(parents=True, exist_ok=True)
+    src = synthetic_base(b, parse_arch(arch) if arch else b.default_arch, compressed=xz,
+                         boot_mib=boot_mib, root_mib=root_mib)
+    make_out_dir(Path(out), "--out")
     dest = Path(out) / f"synthetic-{b.name}{'.img.xz' if xz else '.img'}"
     shutil.copyfile(src, dest)
     print(dest)
 
 
 @task(name="bench")
-@_clear_errors
 def bench_task(c: Context) -> None:
     """Time build-agent (cold/cached), build-image, provision; binary size, start-up."""
-    from .bench import run_bench
-
-    print(json.dumps(run_bench(), indent=2))
+    # The benchmark lives with the others in tests/bench (it is not product code).
+    c.run(f"{shlex.quote(sys.executable)} -m tests.bench.image", pty=False)
 
 
 agent_ns = Collection("agent")

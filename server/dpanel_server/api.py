@@ -203,6 +203,8 @@ def create_app(manager: Manager, admin_token: str) -> FastAPI:
         d = (device or await manager.device(device_id)).as_dict()
         p = manager.presence.get(device_id)
         d["online"] = bool(p and p.online)
+        d["state"] = "revoked" if d["revoked"] else p.state if p else "offline"
+        d["not_answering_since"] = p.not_answering_since if p else None
         # the tunnel's allocation, not what the device reported
         d["port"] = (manager.tunnels() if ports is None else ports).get(device_id)
         d["agent_version"] = p.agent_version if p else ""

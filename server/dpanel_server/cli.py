@@ -98,13 +98,14 @@ def cmd_device_list(args: argparse.Namespace) -> int:
     if args.json:
         _print_json(devices)
         return 0
-    print(f"{'DEVICE':<24} {'STATE':<9} {'TUNNEL':<7} {'AGENT':<9} HOST KEY")
+    print(f"{'DEVICE':<24} {'STATE':<13} {'TUNNEL':<7} {'AGENT':<9} HOST KEY")
     for d in devices:
-        state = "revoked" if d["revoked"] else "online" if d["online"] else "offline"
+        state = d.get("state") or ("revoked" if d["revoked"] else
+                                   "online" if d["online"] else "offline")
         key = "pinned" if d["host_key"] else "-"
         if not d["host_key_ok"]:
             key = "CHANGED (refused)"
-        print(f"{d['id']:<24} {state:<9} {d['port'] or '-'!s:<7} {d['agent_version'] or '-':<9}"
+        print(f"{d['id']:<24} {state:<13} {d['port'] or '-'!s:<7} {d['agent_version'] or '-':<9}"
               f" {key}")
     return 0
 

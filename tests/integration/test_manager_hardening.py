@@ -194,6 +194,12 @@ def test_frozen_agent_is_not_answering_and_exec_fails_fast(stack: Stack,
         assert out.returncode == 255, out
         assert b"dev-z is connected but not answering (since " in out.stderr, out
         assert took < 15, f"exec to a not-answering device took {took:.1f} s"
+        # the API and `device list` say so too
+        shown = json.loads(stack.cli_ok("device", "show", "dev-z"))
+        assert shown["state"] == "not_answering" and shown["not_answering_since"], shown
+        listed = stack.cli("device", "list")
+        assert any(line.split()[:2] == [b"dev-z", b"not_answering"]
+                   for line in listed.stdout.splitlines()), listed
     finally:
         os.killpg(agent.pid, signal.SIGCONT)
     # the manager's ping notices that it is back; no status needed

@@ -6,7 +6,6 @@ import os
 import secrets
 import shutil
 import signal
-import socket
 import subprocess
 import time
 from dataclasses import dataclass, field
@@ -17,24 +16,12 @@ import pytest
 
 from dpanel_server.broker import mosquitto_hash, render_acl, render_mosquitto_conf, render_passwd
 from stackfix import Stack
+from support import free_port, wait_port
 
-
-def free_port() -> int:
-    """A currently free TCP port on 127.0.0.1 (the kernel picks; tiny race accepted)."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-def wait_port(port: int, host: str = "127.0.0.1", timeout: float = 15) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        try:
-            with socket.create_connection((host, port), timeout=0.5):
-                return
-        except OSError:
-            time.sleep(0.05)
-    raise TimeoutError(f"nothing listening on {host}:{port} after {timeout} s")
+#: fixture modules shared by several directories, loaded once under the name their users
+#: import (``agent_arm64`` from imagefix; ``world``, ``manager_key``, ``echo_server``,
+#: ``procs`` from agentfix), instead of re-exporting fixtures through test modules
+pytest_plugins = ["imagefix", "agentfix"]
 
 
 @dataclass

@@ -12,8 +12,6 @@ import contextlib
 import json
 import os
 import shutil
-import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -21,15 +19,11 @@ import time
 from pathlib import Path
 from typing import Iterator, Optional, Sequence
 
+from support import free_port, stop_proc, wait_for
+
 __all__ = ["main"]
 
 NS_HOST_IP, NS_DEV_IP = "10.231.0.1", "10.231.0.2"
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def _bin(name: str) -> str:
@@ -88,25 +82,6 @@ def _namespace() -> Iterator[Optional[str]]:
         subprocess.run(["ip", "netns", "del", ns], capture_output=True)
 
 
-def _stop(proc: subprocess.Popen[bytes]) -> None:
-    if proc.poll() is None:
-        proc.send_signal(signal.SIGTERM)
-        try:
-            proc.wait(10)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
-
-
-def _wait(cond: object, what: str, timeout: float) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if callable(cond) and cond():
-            return
-        time.sleep(0.1)
-    raise SystemExit(f"demo: {what} did not happen within {timeout:.0f} s")
-
-
 def demo(state: Path) -> int:
     steps = Steps()
     dpanel = _bin("dpanel")
@@ -122,12 +97,12 @@ def demo(state: Path) -> int:
         try:
             with steps.step("start Mosquitto, public tunnel and manager"):
                 argv = [dpanel, "stack", "up", "--dir", str(state), "--log-level", "warning",
-                        "--broker-port", str(_free_port()), "--tunnel-port", str(_free_port()),
-                        "--api-port", str(_free_port())]
+                        "--broker-port", str(free_port()), "--tunnel-port", str(free_port()),
+                        "--api-port", str(free_port())]
                 if public:
                     argv += ["--public-host", public]
                 procs.append(subprocess.Popen(argv, stdin=subprocess.DEVNULL))
-                _wait(lambda: (state / "server.toml").exists() and cli(
+                wait_for(lambda: (state / "server.toml").exists() and cli(
                     "device", "list", check=False).returncode == 0, "stack start", 30)
             with steps.step("enrol device 'demo'"):
                 token = cli("device", "add", "demo", "--print-token").stdout.strip()
@@ -141,7 +116,7 @@ def demo(state: Path) -> int:
                     out = cli("device", "show", "demo", check=False)
                     return out.returncode == 0 and bool(json.loads(out.stdout)["online"])
 
-                _wait(online, "device online", 60)
+                wait_for(online, "device online", 60)
             for label in ("dpanel exec demo -- uname -a   (cold: opens the tunnel)",
                           "dpanel exec demo -- uname -a   (warm: tunnel open)"):
                 with steps.step(label):
@@ -152,7 +127,7 @@ def demo(state: Path) -> int:
                     return 1
         finally:
             for p in reversed(procs):
-                _stop(p)
+                stop_proc(p)
     print(steps.table())
     return 0
 
@@ -161,10 +136,13 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     p = argparse.ArgumentParser(prog="dpanel-demo", description=__doc__)
     p.add_argument("--dir", help="state directory (default: a fresh temp dir, removed after)")
     args = p.parse_args(argv)
-    if args.dir:
-        return demo(Path(args.dir))
-    with tempfile.TemporaryDirectory(prefix="dpanel-demo-") as d:
-        return demo(Path(d))
+    try:
+        if args.dir:
+            return demo(Path(args.dir))
+        with tempfile.TemporaryDirectory(prefix="dpanel-demo-") as d:
+            return demo(Path(d))
+    except TimeoutError as exc:  # a step that never happened: one line, not a traceback
+        raise SystemExit(f"demo: {exc}") from None
 
 
 if __name__ == "__main__":

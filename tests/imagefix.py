@@ -76,14 +76,6 @@ def agent_arm64(tmp_path: Path) -> Path:
     return fake_agent(tmp_path / "dpanel-tunnel", "arm64")
 
 
-def free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 def as_seen_from_qemu(token: str) -> str:
     """The same token, addressed the way a qemu user-net guest reaches the host (10.0.2.2).
 

@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import os
 import resource
-import socket
 import statistics
 import subprocess
 import sys
@@ -23,38 +22,17 @@ __all__ = [
     "cpu_seconds",
     "descendants",
     "fd_count",
-    "free_port",
     "median",
     "pss_kb",
     "raise_nofile",
     "rss_kb",
     "section",
-    "wait_port",
 ]
 
 ROOT = Path(__file__).resolve().parents[2]
 PY = sys.executable
 BIN = Path(sys.executable).parent
 _TICK = os.sysconf("SC_CLK_TCK")
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-def wait_port(port: int, timeout: float = 20.0) -> None:
-    deadline = time.monotonic() + timeout
-    while True:
-        try:
-            with socket.create_connection(("127.0.0.1", port), timeout=0.5):
-                return
-        except OSError:
-            if time.monotonic() > deadline:
-                raise TimeoutError(
-                    f"nothing listens on 127.0.0.1:{port} after {timeout} s") from None
-            time.sleep(0.05)
 
 
 def raise_nofile(want: int) -> int:

@@ -12,9 +12,10 @@ import time
 from pathlib import Path
 from typing import Iterator, Optional
 
-from tests.stackfix import Stack
+from stackfix import Stack
+from support import free_port
 
-from ._util import BIN, children_of, descendants, free_port
+from ._util import BIN, children_of, descendants
 
 __all__ = ["AGENT_EXE", "agent_ssh_argv", "close_stack", "running_stack", "start_agent"]
 

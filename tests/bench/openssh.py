@@ -11,7 +11,9 @@ import time
 from pathlib import Path
 from typing import Optional
 
-from ._util import descendants, free_port, pss_kb, rss_kb, wait_port
+from support import free_port, wait_port
+
+from ._util import descendants, pss_kb, rss_kb
 
 __all__ = ["ReverseForward", "Sshd"]
 
@@ -70,7 +72,7 @@ LogLevel ERROR
                                       "-p", str(self.port)], stdout=log, stderr=log,
                                      stdin=subprocess.DEVNULL)
         try:
-            wait_port(self.port)
+            wait_port(self.port, timeout=20.0)
         except TimeoutError:
             self.close()
             raise RuntimeError(

@@ -20,9 +20,10 @@ from dpanel_server.client import ApiClient
 from dpanel_server.config import load_config
 from dpanel_server.registry import Registry
 from dpanel_server.stack import prepare_stack
-from tests.stackfix import Stack
+from stackfix import Stack
+from support import free_port
 
-from ._util import PY, Child, children_of, cpu_seconds, free_port, median, rss_kb
+from ._util import PY, Child, children_of, cpu_seconds, median, rss_kb
 from .devstack import close_stack
 
 __all__ = ["run_scale"]

@@ -12,12 +12,11 @@ from pathlib import Path
 
 import asyncssh
 import pytest
-from test_agent_harness import World, echo_server, free_port, manager_key, world
 
+from agentfix import World
 from dpanel_proto import wire
 from dpanel_proto.signing import sign_request
-
-__all__ = ["echo_server", "manager_key", "world"]  # fixtures re-exported for pytest
+from support import free_port
 
 OK = wire.ErrorCode.OK
 

@@ -4,23 +4,15 @@ from __future__ import annotations
 
 import asyncio
 import os
-import re
 import signal
 import subprocess
-import sys
 from pathlib import Path
-from typing import AsyncIterator, Optional
+from typing import Optional
 
 import pytest
-from test_agent_harness import World, manager_key, world
 
+from agentfix import AGENT, Proc, World
 from dpanel_proto import __version__, wire
-
-__all__ = ["manager_key", "world"]  # fixtures re-exported for pytest
-
-#: ``python -m dpanel_agent`` (what the PyInstaller freeze runs) with this interpreter, so
-#: the same tests also run under the Python 3.9 the device build uses.
-AGENT = [sys.executable, "-m", "dpanel_agent"]
 
 
 def _run(*args: str, input: Optional[str] = None,
@@ -28,45 +20,6 @@ def _run(*args: str, input: Optional[str] = None,
     return subprocess.run([*AGENT, *args], capture_output=True, text=True, timeout=60,
                           input=input, stdin=None if input is not None else subprocess.DEVNULL,
                           env=env if env is not None else {**os.environ, "DPANEL_TOKEN": ""})
-
-
-class Proc:
-    """A running agent process; killed at teardown whatever happens."""
-
-    def __init__(self, argv: list[str], log: Path, *, stdin: Optional[str] = None,
-                 env: Optional[dict[str, str]] = None) -> None:
-        self.log = log
-        self.p = subprocess.Popen(argv, stdout=log.open("ab"), stderr=subprocess.STDOUT,
-                                  stdin=subprocess.PIPE if stdin is not None else
-                                  subprocess.DEVNULL, env=env)
-        if stdin is not None:
-            assert self.p.stdin is not None
-            self.p.stdin.write(stdin.encode())
-            self.p.stdin.close()
-
-    def cmdline(self) -> str:
-        return Path(f"/proc/{self.p.pid}/cmdline").read_text()
-
-    def rss_kb(self) -> int:
-        m = re.search(r"VmRSS:\s+(\d+) kB", Path(f"/proc/{self.p.pid}/status").read_text())
-        assert m
-        return int(m.group(1))
-
-    async def wait(self, timeout: float = 30) -> int:
-        return await asyncio.get_running_loop().run_in_executor(None, self.p.wait, timeout)
-
-    def kill(self) -> None:
-        if self.p.poll() is None:
-            self.p.kill()
-            self.p.wait()
-
-
-@pytest.fixture
-async def procs() -> AsyncIterator[list[Proc]]:
-    started: list[Proc] = []
-    yield started
-    for p in started:
-        p.kill()
 
 
 def test_version() -> None:

@@ -16,14 +16,11 @@ from typing import Optional
 
 import asyncssh
 import pytest
-from test_agent_cli import AGENT, Proc, procs
-from test_agent_harness import Device, World, manager_key, world
 
+from agentfix import AGENT, Device, Proc, World
 from dpanel_agent.guard import REPLAY_CACHE_NAME
 from dpanel_proto import wire
 from dpanel_proto.signing import sign_request
-
-__all__ = ["manager_key", "procs", "world"]  # fixtures re-exported for pytest
 
 OK = wire.ErrorCode.OK
 

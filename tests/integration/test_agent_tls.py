@@ -19,11 +19,11 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 
-from conftest import free_port, wait_port
 from dpanel_agent.agent import Agent
 from dpanel_agent.config import AgentConfig
 from dpanel_proto.token import DeviceToken
 from dpanel_server.broker import mosquitto_hash, render_acl, render_passwd
+from support import free_port, wait_port
 
 
 def _ca(name: str) -> tuple[ec.EllipticCurvePrivateKey, x509.Certificate]:

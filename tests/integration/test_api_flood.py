@@ -17,7 +17,7 @@ from typing import Iterator
 import pytest
 from test_tunnel_layouts import Appliance
 
-from conftest import free_port
+from support import free_port
 
 NOFILE = 400
 SLOW_CONNECTIONS = 600

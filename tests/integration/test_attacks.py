@@ -17,7 +17,8 @@ from paho.mqtt.enums import CallbackAPIVersion
 from dpanel_proto import wire
 from dpanel_proto.signing import sign_request
 from dpanel_proto.token import parse_token
-from stackfix import BIN, Stack, stop_proc, wait_for
+from stackfix import BIN, Stack
+from support import stop_proc, wait_for
 
 
 class Mqtt:

@@ -21,7 +21,6 @@ from typing import Iterator
 import paho.mqtt.client as mqtt
 import pytest
 
-from conftest import free_port, wait_port
 from dpanel_proto import wire
 from dpanel_server.broker import (
     APPLIANCE_MAX_CONNECTIONS,
@@ -32,6 +31,7 @@ from dpanel_server.broker import (
     render_mosquitto_conf,
     render_passwd,
 )
+from support import free_port, wait_port
 
 MANAGER = "dpanel-manager"
 #: Flood sources: several loopback addresses, as many hosts on the internet would be.

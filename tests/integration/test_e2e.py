@@ -9,7 +9,8 @@ from pathlib import Path
 
 import pytest
 
-from stackfix import Stack, wait_for
+from stackfix import Stack
+from support import wait_for
 
 
 def _ssh_base(stack: Stack) -> list[str]:

@@ -17,8 +17,8 @@ from typing import Iterator
 
 import pytest
 
-from conftest import free_port
-from stackfix import BIN, Stack, wait_for
+from stackfix import BIN, Stack
+from support import free_port, wait_for
 
 CLEAR_ERRORS = (b"offline", b"not connected to the broker", b"timed out after",
                 b"connection lost", b"unreachable", b"tunnel refused")

@@ -24,7 +24,8 @@ from paho.mqtt.enums import CallbackAPIVersion
 
 from dpanel_proto import wire
 from dpanel_proto.token import parse_token
-from stackfix import Stack, wait_for
+from stackfix import Stack
+from support import wait_for
 
 
 class Hostile:

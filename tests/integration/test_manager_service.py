@@ -8,10 +8,11 @@ import socket
 import subprocess
 from pathlib import Path
 
-from conftest import Mosquitto, free_port
+from conftest import Mosquitto
 from dpanel_server.config import stack_config
 from dpanel_server.stack import dump_config
-from stackfix import BIN, stop_proc, wait_for
+from stackfix import BIN
+from support import free_port, stop_proc, wait_for
 
 
 def _recv_all(sock: socket.socket) -> list[str]:

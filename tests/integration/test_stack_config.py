@@ -13,9 +13,9 @@ from pathlib import Path
 import pytest
 import tomllib
 
-from conftest import free_port
 from dpanel_proto.token import parse_token
-from stackfix import BIN, Stack, wait_for
+from stackfix import BIN, Stack
+from support import free_port, wait_for
 
 
 def _stack(tmp_path: Path, name: str = "stack", **kw: object) -> Stack:

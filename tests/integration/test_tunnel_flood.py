@@ -19,10 +19,11 @@ from typing import Any, Callable, Iterator, Optional
 
 import asyncssh
 import pytest
-from test_tunnel_server import SECRETS, EchoServer, pool_range, wait_for
+from test_tunnel_server import SECRETS, EchoServer, pool_range
 
 import tunnelfix
 from dpanel_server.tunnel import MAX_AUTH_FAILURES, TunnelSettings
+from support import wait_for
 
 FLOOD = Path(__file__).resolve().parents[1] / "flood.py"
 LOGGER = "dpanel.tunnel"

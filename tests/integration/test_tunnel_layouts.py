@@ -22,13 +22,13 @@ import asyncssh
 import pytest
 from test_attacks import Mqtt
 
-from conftest import free_port
 from dpanel_proto import wire
 from dpanel_proto.token import parse_token
 from dpanel_server.registry import Registry
 from dpanel_server.stack import prepare_stack, start_mosquitto
 from dpanel_server.tunnelctl import TunnelControl, control_path
-from stackfix import BIN, Stack, stop_proc, wait_for
+from stackfix import BIN, Stack
+from support import free_port, stop_proc, wait_for
 
 
 @dataclass

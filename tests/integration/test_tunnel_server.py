@@ -17,7 +17,6 @@ import signal
 import socket
 import subprocess
 import threading
-import time
 from pathlib import Path
 from typing import Any, Callable, Iterator, Optional, TypeVar
 
@@ -26,6 +25,7 @@ import pytest
 
 import tunnelfix
 from dpanel_server.tunnel import MAX_AUTH_FAILURES, TunnelSettings
+from support import wait_for
 
 T = TypeVar("T")
 
@@ -34,16 +34,6 @@ LOGGER = "dpanel.tunnel"
 
 
 # --------------------------------------------------------------------------- harness
-
-
-def wait_for(check: Callable[[], bool], what: str, timeout: float = 30) -> None:
-    """Poll until ``check()``; the timeout only bounds a hang, it is not asserted on."""
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if check():
-            return
-        time.sleep(0.05)
-    raise AssertionError(f"timed out waiting for: {what}")
 
 
 def pool_range(width: int) -> tuple[int, int]:

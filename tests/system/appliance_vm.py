@@ -13,13 +13,14 @@ import hashlib
 import json
 import os
 import shutil
-import socket
 import subprocess
 import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional
+
+from support import free_port
 
 __all__ = ["BaseImage", "Guest", "build_base_image", "kvm_works"]
 
@@ -44,12 +45,6 @@ printf '%s\\n' {modules} > "$1/usr/share/initramfs-tools/modules.d/dpanel.conf"
 
 def cache_root() -> Path:
     return Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "dpanel"
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 @dataclass(frozen=True)

@@ -33,11 +33,12 @@ from appliance_fixtures import (
     wait_online,
     wait_until,
 )
-from appliance_vm import Guest, free_port
+from appliance_vm import Guest
 from paho.mqtt.enums import CallbackAPIVersion
 
 from dpanel_deploy.deploy import deploy
 from dpanel_deploy.target import DeployError, SshTarget
+from support import free_port
 
 pytestmark = [pytest.mark.system, pytest.mark.slow, pytest.mark.root, pytest.mark.timeout(1200)]
 

@@ -6,15 +6,14 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from imagefix import agent_arm64, base_image, boot_fs, free_port
+from imagefix import base_image, boot_fs
 
 from dpanel_image.build import build_image
 from dpanel_image.errors import ImageError
 from dpanel_image.provision import provision
 from dpanel_proto.token import parse_token
 from stackfix import Stack
-
-__all__ = ["agent_arm64"]
+from support import free_port
 
 
 @pytest.fixture

@@ -14,7 +14,6 @@ from pathlib import Path
 
 import pytest
 import testinfra
-from imagefix import free_port
 
 from dpanel_image.build import build_image
 from dpanel_image.disk import Ext4, read_table
@@ -22,7 +21,8 @@ from dpanel_image.elf import elf_arch_of_file
 from dpanel_image.freeze import build_agent
 from dpanel_image.provision import provision
 from dpanel_image.qemu import QemuVM
-from stackfix import Stack, wait_for
+from stackfix import Stack
+from support import free_port, wait_for
 
 pytestmark = [pytest.mark.slow, pytest.mark.system, pytest.mark.root, pytest.mark.timeout(1500)]
 

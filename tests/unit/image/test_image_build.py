@@ -8,12 +8,10 @@ import subprocess
 from pathlib import Path
 
 import pytest
-from imagefix import agent_arm64, base_image, boot_fs, fake_agent, listing, root_fs, stat_of
+from imagefix import base_image, boot_fs, fake_agent, listing, root_fs, stat_of
 
 from dpanel_image.build import agent_config, build_image
 from dpanel_image.errors import ImageError
-
-__all__ = ["agent_arm64"]
 
 ROOT = Path(__file__).resolve().parents[3]
 

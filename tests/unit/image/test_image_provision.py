@@ -11,7 +11,6 @@ from pathlib import Path
 import pytest
 from imagefix import (
     ED_KEY,
-    agent_arm64,
     base_image,
     boot_fs,
     listing,
@@ -25,8 +24,6 @@ from dpanel_image.cardwrite import check_target, confirm
 from dpanel_image.errors import ImageError
 from dpanel_image.provision import bulk_names, fingerprint, provision
 from dpanel_proto.token import parse_token
-
-__all__ = ["agent_arm64"]
 
 
 def _sha(p: Path) -> str:

@@ -1,14 +1,17 @@
 """Harness for the agent's integration tests: a real Mosquitto (tests/conftest.py), the
-real public tunnel server in its own thread and loop, and a manager-side MQTT client that
-signs requests with a real manager key. No test functions here; the fixtures are
-re-exported by test_agent*.py."""
+real public tunnel server in its own thread and loop, a manager-side MQTT client that
+signs requests with a real manager key, and agent processes. A pytest plugin (loaded by
+tests/conftest.py's ``pytest_plugins``), so its fixtures reach every test that asks."""
 
 from __future__ import annotations
 
 import asyncio
 import random
+import re
 import secrets
 import socket
+import subprocess
+import sys
 import threading
 import time
 from dataclasses import dataclass, field, replace
@@ -26,9 +29,14 @@ from dpanel_proto import wire
 from dpanel_proto.signing import sign_request
 from dpanel_proto.token import DeviceToken
 from dpanel_server.tunnel import TunnelSettings
+from support import free_port
 from tunnelfix import ServerThread
 
 T = TypeVar("T")
+
+#: ``python -m dpanel_agent`` (what the PyInstaller freeze runs) with this interpreter, so
+#: the same tests also run under the Python 3.9 the device build uses.
+AGENT = [sys.executable, "-m", "dpanel_agent"]
 
 
 # --------------------------------------------------------------------------- tunnel server
@@ -225,12 +233,6 @@ class World:
         )
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 @pytest.fixture
 def manager_key() -> asyncssh.SSHKey:
     return asyncssh.generate_private_key("ssh-ed25519")
@@ -276,3 +278,42 @@ def echo_server() -> Iterator[int]:
     threading.Thread(target=serve, daemon=True).start()
     yield sock.getsockname()[1]
     sock.close()
+
+
+class Proc:
+    """A running agent process; killed at teardown whatever happens."""
+
+    def __init__(self, argv: list[str], log: Path, *, stdin: Optional[str] = None,
+                 env: Optional[dict[str, str]] = None) -> None:
+        self.log = log
+        self.p = subprocess.Popen(argv, stdout=log.open("ab"), stderr=subprocess.STDOUT,
+                                  stdin=subprocess.PIPE if stdin is not None else
+                                  subprocess.DEVNULL, env=env)
+        if stdin is not None:
+            assert self.p.stdin is not None
+            self.p.stdin.write(stdin.encode())
+            self.p.stdin.close()
+
+    def cmdline(self) -> str:
+        return Path(f"/proc/{self.p.pid}/cmdline").read_text()
+
+    def rss_kb(self) -> int:
+        m = re.search(r"VmRSS:\s+(\d+) kB", Path(f"/proc/{self.p.pid}/status").read_text())
+        assert m
+        return int(m.group(1))
+
+    async def wait(self, timeout: float = 30) -> int:
+        return await asyncio.get_running_loop().run_in_executor(None, self.p.wait, timeout)
+
+    def kill(self) -> None:
+        if self.p.poll() is None:
+            self.p.kill()
+            self.p.wait()
+
+
+@pytest.fixture
+async def procs() -> AsyncIterator[list[Proc]]:
+    started: list[Proc] = []
+    yield started
+    for p in started:
+        p.kill()

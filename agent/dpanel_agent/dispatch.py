@@ -20,6 +20,7 @@ import logging
 import time
 from typing import Awaitable, Callable, Dict, Optional, Protocol, Set
 
+from dpanel_proto.ratelog import Budget, RateLimitedLog
 from dpanel_proto.wire import (
     CloseRequest,
     DecodeError,
@@ -34,7 +35,6 @@ from dpanel_proto.wire import (
 
 from .errors import TunnelError
 from .guard import RequestGuard
-from .ratelog import Budget, RateLimitedLog
 
 __all__ = ["REFUSAL_ANSWERS", "Dispatcher", "Link"]
 

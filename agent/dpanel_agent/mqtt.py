@@ -14,11 +14,10 @@ import logging
 from typing import Callable
 
 from dpanel_proto.mqtt import MqttSession, SessionSpec
+from dpanel_proto.ratelog import RateLimitedLog
 from dpanel_proto.token import DeviceToken
 from dpanel_proto.util import Backoff, parse_hostport
 from dpanel_proto.wire import req_topic, status_topic
-
-from .ratelog import RateLimitedLog
 
 __all__ = ["AgentMqtt"]
 

@@ -60,7 +60,7 @@ from typing import Callable, Dict, List, Optional, Sequence, Set, Tuple
 
 import asyncssh
 
-from .ratelog import RateLimitedLog
+from dpanel_proto.ratelog import RateLimitedLog
 
 __all__ = ["HANGUP_GRACE", "ROOT_PATH", "SESSION_UMASK", "USER_PATH", "BuiltinSSHServer"]
 

@@ -22,7 +22,7 @@ Robustness rules, each learned from tunnel servers in the field:
 * revocation is re-checked in the registry at every forward request (``allowed``), on top
   of the manager's push (``kick``) and the revision poll;
 * every per-connection and per-device log line is rate-limited per source address or
-  device (:mod:`dpanel_server._ratelog`), so no peer can flood the journal;
+  device (:mod:`dpanel_proto.ratelog`), so no peer can flood the journal;
 * a device's port is written to the sticky map within ``sticky_save_delay`` of being
   allocated (batched), so even a SIGKILLed tunnel gives devices their ports back.
 """
@@ -45,12 +45,12 @@ from typing import Awaitable, Callable, Literal, Optional, Union
 
 import asyncssh
 
+from dpanel_proto.ratelog import REPORT_SOURCE, RateLimitedLog
 from dpanel_proto.wire import DecodeError, validate_device_id
 
 from ._files import atomic_write, ensure_private_key
 from ._gate import Outcome, PreAuthGate, Startups, source_key
 from ._pool import PoolExhausted, PortPool
-from ._ratelog import RateLimitedLog
 from .errors import ConfigError
 
 __all__ = [
@@ -562,7 +562,10 @@ class TunnelServer:
             penalty_authfail=settings.penalty_authfail,
             penalty_noauth=settings.penalty_noauth,
             penalty_min=settings.penalty_min, penalty_max=settings.penalty_max, rng=rng)
-        self._rlog = RateLimitedLog(log)
+        # per source address / device: 10 lines, then one per 2 s; all sources: 200, then
+        # 50 a second; "suppressed N ... from KEY" (flushed by the housekeeping loop)
+        self._rlog = RateLimitedLog(log, rate=0.5, burst=10, global_rate=50.0,
+                                    global_burst=200, max_keys=4096, report=REPORT_SOURCE)
         self._closing = False
         self._verify_slots = asyncio.Semaphore(VERIFY_CONCURRENCY)
         self._housekeeping: Optional[asyncio.Task[None]] = None

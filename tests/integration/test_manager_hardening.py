@@ -179,7 +179,10 @@ def _agent_config(tmp_path: Path, keepalive: int) -> tuple[str, ...]:
 def test_frozen_agent_is_not_answering_and_exec_fails_fast(stack: Stack,
                                                            tmp_path: Path) -> None:
     agent = stack.start_agent(stack.enrol("dev-z"), tmp_path / "dev-z",
-                              extra=_agent_config(tmp_path, 10))
+                              # the broker drops a frozen agent after 1.5 x 30 s: well
+                              # after the first request's 15 s timeout, even on a loaded
+                              # machine (with 10 s, the will could win the race)
+                              extra=_agent_config(tmp_path, 30))
     stack.wait_online("dev-z")
     assert stack.cli("exec", "dev-z", "--", "true").returncode == 0
     stack.cli_ok("tunnel", "close", "dev-z")
@@ -212,8 +215,8 @@ def test_frozen_agent_is_not_answering_and_exec_fails_fast(stack: Stack,
     try:
         out = stack.cli("exec", "dev-z", "--", "true")
         assert out.returncode == 255 and b"not answering" in out.stderr, out
-        # and it shows offline once the broker's keepalive (1.5 x 10 s) runs out
-        stack.wait_offline("dev-z", timeout=40)
+        # and it shows offline once the broker's keepalive (1.5 x 30 s) runs out
+        stack.wait_offline("dev-z", timeout=80)
         out = stack.cli("exec", "dev-z", "--", "true")
         assert out.returncode == 255 and b"offline" in out.stderr, out
     finally:

@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from support import stop_proc, wait_for
+from support import read_pid, stop_proc, wait_for
 
 BIN = Path(sys.executable).parent
 
@@ -133,6 +133,12 @@ class Stack:
                 return dict(json.loads(r.read()))
         except OSError:
             return {}
+
+    def broker_pid(self) -> int:
+        """The running Mosquitto's pid, waiting out a restart's empty pid file."""
+        pid: int = wait_for(lambda: read_pid(self.dir / "mosquitto" / "mosquitto.pid"),
+                            "mosquitto's pid file", 30)
+        return pid
 
     def ports_in_use(self) -> int:
         return int(self.health().get("tunnel", {}).get("ports_in_use", -1))

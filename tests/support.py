@@ -6,9 +6,10 @@ import signal
 import socket
 import subprocess
 import time
+from pathlib import Path
 from typing import Any, Callable
 
-__all__ = ["free_port", "stop_proc", "wait_for", "wait_port"]
+__all__ = ["free_port", "read_pid", "stop_proc", "wait_for", "wait_port"]
 
 
 def free_port() -> int:
@@ -16,6 +17,15 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return int(s.getsockname()[1])
+
+
+def read_pid(path: Path) -> int | None:
+    """The pid in a daemon's pid file, or None while it is missing or half-written
+    (Mosquitto truncates, then writes: a poll can see the file empty)."""
+    try:
+        return int(path.read_text().strip())
+    except (FileNotFoundError, ValueError):
+        return None
 
 
 def wait_port(port: int, host: str = "127.0.0.1", timeout: float = 15) -> None:

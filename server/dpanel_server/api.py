@@ -31,6 +31,7 @@ from dpanel_proto.codes import ErrorCode
 from dpanel_proto.events import Error, Exit, Heartbeat, Output, encode_event
 
 from . import __version__
+from .authz import Principal
 from .errors import DPanelError
 from .manager import Manager
 from .registry import Device
@@ -172,16 +173,23 @@ def _invalid(errors: list[Any]) -> JSONResponse:
                          "code": ErrorCode.INVALID.value}, status_code=422)
 
 
+#: The built-in admin token's principal (the first admin).
+ADMIN = Principal("admin", "admin")
+
+
 def create_app(manager: Manager, admin_token: str) -> FastAPI:
     app = FastAPI(title="dPanel Edge manager", version=__version__,
                   responses=_ERROR_RESPONSES)
     heartbeat = float(os.environ.get("DPANEL_EXEC_HEARTBEAT") or 15)
 
-    def auth(cred: _Credentials) -> None:
+    def auth(cred: _Credentials) -> Principal:
+        """The caller (``Depends(auth)`` in a route's signature gives it to the route,
+        which then checks it with ``authz.require``)."""
         supplied = cred.credentials if cred is not None else ""
         if cred is None or not hmac.compare_digest(supplied.encode(), admin_token.encode()):
             raise HTTPException(401, "missing or wrong admin token",
                                 headers={"WWW-Authenticate": "Bearer"})
+        return ADMIN
 
     @app.exception_handler(DPanelError)
     async def _dpanel_error(_r: Request, exc: DPanelError) -> JSONResponse:

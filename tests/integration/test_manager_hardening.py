@@ -87,10 +87,6 @@ def _ssh(stack: Stack, device: str) -> subprocess.CompletedProcess[bytes]:
         capture_output=True, timeout=120, stdin=subprocess.DEVNULL)
 
 
-def _broker_pid(stack: Stack) -> int:
-    return int((stack.dir / "mosquitto" / "mosquitto.pid").read_text())
-
-
 @pytest.fixture
 def victim(stack: Stack, tmp_path: Path) -> Iterator[str]:
     stack.start_agent(stack.enrol("dev-v"), tmp_path / "dev-v")
@@ -234,7 +230,7 @@ def test_stalled_broker_is_noticed_and_late_opens_are_closed(stack: Stack,
     assert stack.cli("exec", "dev-s", "--", "true").returncode == 0
     stack.cli_ok("tunnel", "close", "dev-s")
     wait_for(lambda: stack.ports_in_use() == 0, "tunnel closed", 15)
-    broker = _broker_pid(stack)
+    broker = stack.broker_pid()
 
     # 1. a request queued in a stalled broker, answered after its caller gave up
     agent_log = state / "agent.log"

@@ -15,7 +15,7 @@ import tomllib
 
 from dpanel_proto.token import parse_token
 from stackfix import BIN, Stack
-from support import free_port, wait_for
+from support import free_port, read_pid, wait_for
 
 
 def _stack(tmp_path: Path, name: str = "stack", **kw: object) -> Stack:
@@ -33,10 +33,6 @@ def _listening(port: int) -> set[str]:
     out = subprocess.run(["ss", "-Hltn", f"sport = :{port}"], capture_output=True,
                          text=True, check=True).stdout
     return {line.split()[3].rsplit(":", 1)[0] for line in out.splitlines()}
-
-
-def _mosquitto_pid(stack: Stack) -> int:
-    return int((stack.dir / "mosquitto" / "mosquitto.pid").read_text())
 
 
 def test_advertise_names_the_tokens_and_binds_nothing_new(tmp_path: Path) -> None:
@@ -90,9 +86,9 @@ def test_listen_everywhere_advertise_one_name(tmp_path: Path) -> None:
         stack.start_agent(token, tmp_path / "wild-dev")
         stack.wait_online("wild-dev")
         assert stack.cli_ok("exec", "wild-dev", "--", "echo", "ok").strip() == "ok"
-        pid = _mosquitto_pid(stack)
+        pid = stack.broker_pid()
         time.sleep(2)
-        assert _mosquitto_pid(stack) == pid, "the broker restarted"
+        assert stack.broker_pid() == pid, "the broker restarted"
         assert "mosquitto exited" not in stack.log()
     finally:
         stack.close()
@@ -111,9 +107,9 @@ def test_edited_public_url_changes_tokens_not_the_broker(tmp_path: Path) -> None
     try:
         assert parse_token(stack.enrol("edit-dev")).broker.startswith("mqtt://192.0.2.7:")
         assert _listening(stack.broker_port) == {"127.0.0.1"}
-        pid = _mosquitto_pid(stack)
+        pid = stack.broker_pid()
         time.sleep(2)
-        assert _mosquitto_pid(stack) == pid and "mosquitto exited" not in stack.log()
+        assert stack.broker_pid() == pid and "mosquitto exited" not in stack.log()
     finally:
         stack.close()
 
@@ -137,7 +133,7 @@ def test_broker_that_cannot_come_back_stops_the_stack(tmp_path: Path) -> None:
     stack.start()
     try:
         assert stack.proc is not None
-        os.kill(_mosquitto_pid(stack), signal.SIGKILL)
+        os.kill(stack.broker_pid(), signal.SIGKILL)
         # take its port before the supervisor restarts it (it waits >= 0.5 s)
         with socket.socket() as squatter:
             squatter.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
@@ -198,11 +194,11 @@ def test_broker_restarts_do_not_leak_the_log_file(tmp_path: Path) -> None:
     try:
         assert stack.proc is not None
         for _ in range(3):
-            pid = _mosquitto_pid(stack)
+            pid = stack.broker_pid()
             os.kill(pid, signal.SIGKILL)
-            wait_for(lambda p=pid: (stack.dir / "mosquitto" / "mosquitto.pid").exists()
-                     and _mosquitto_pid(stack) != p and stack.cli("device", "list")
-                     .returncode == 0, "broker restarted", 30)
+            wait_for(lambda p=pid: read_pid(stack.dir / "mosquitto" / "mosquitto.pid")
+                     not in (None, p) and stack.cli("device", "list").returncode == 0,
+                     "broker restarted", 30)
         fd_dir = Path(f"/proc/{stack.proc.pid}/fd")
         logs = [fd for fd in fd_dir.iterdir()
                 if os.readlink(fd).endswith("mosquitto.log")]

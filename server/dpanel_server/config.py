@@ -86,8 +86,23 @@ class BrokerConfig:
     passwd_path: str = "/var/lib/dpanel/mosquitto/passwd"
     acl_path: str = "/var/lib/dpanel/mosquitto/acl"
     reload: str = "none"
+    #: how device credentials reach the broker: "files" (password + ACL files, SIGHUP),
+    #: "dynsec" (Mosquitto's dynamic-security plugin, O(1) per change; its JSON at
+    #: ``dynsec_path``) or "http" (the broker asks the manager: RabbitMQ's HTTP backend)
+    auth: str = "files"
+    dynsec_path: str = "/var/lib/dpanel/mosquitto/dynamic-security.json"
+    #: auth = "http": HOST:PORT of the manager's broker-auth listener (loopback)
+    auth_listen: str = "127.0.0.1:8884"
+    #: auth = "http": how a revoke closes the device's live connection:
+    #: "rabbitmqctl[:NODE]" or "none"
+    kick: str = "none"
 
     def validate(self) -> None:
+        if self.auth not in ("files", "dynsec", "http"):
+            raise ConfigError(f"broker.auth: {self.auth!r} is not 'files', 'dynsec' or 'http'")
+        if self.kick != "none" and not self.kick.startswith("rabbitmqctl"):
+            raise ConfigError(f"broker.kick: {self.kick!r} is not 'none' or 'rabbitmqctl[:NODE]'")
+        _hostport(self.auth_listen, "broker.auth_listen", 8884)
         for name in ("url", "public_url"):
             value = getattr(self, name)
             if not value.startswith(("mqtt://", "mqtts://")):
@@ -263,6 +278,7 @@ def stack_config(state_dir: Path, *, broker_port: int = STACK_BROKER_PORT,
             password_file=str(d / "keys" / "broker-manager.secret"),
             passwd_path=str(d / "mosquitto" / "passwd"), acl_path=str(d / "mosquitto" / "acl"),
             reload=f"pidfile:{d / 'mosquitto' / 'mosquitto.pid'}",
+            dynsec_path=str(d / "mosquitto" / "dynamic-security.json"),
         ),
         manager=ManagerConfig(
             api_listen=f"127.0.0.1:{api_port}", admin_token_file=str(d / "keys" / "admin.token"),

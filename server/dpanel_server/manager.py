@@ -20,7 +20,9 @@ from dpanel_proto.token import DeviceToken
 
 from ._files import atomic_write, ensure_private_key, ensure_secret
 from .broker import mosquitto_hash, write_broker_files
+from .brokerauth import kick_broker_user
 from .config import ServerConfig
+from .dynsec import RESPONSE_TOPIC, Dynsec
 from .errors import (
     BrokerError,
     DeviceError,
@@ -94,6 +96,11 @@ class Manager:
                                   on_status=self._on_status, on_broker=self._on_broker,
                                   on_alive=self._presence.alive,
                                   on_late_open=self._late_open)
+        #: broker.auth = "dynsec": per-device credentials over the broker's control API
+        self.dynsec: Optional[Dynsec] = None
+        if cfg.broker.auth == "dynsec":
+            self.dynsec = Dynsec(self._requests.publish)
+            self._requests.extra[RESPONSE_TOPIC] = self.dynsec.on_response
 
     # ------------------------------------------------------------------ lifecycle
     async def start(self) -> None:
@@ -104,6 +111,21 @@ class Manager:
     def _on_broker(self, up: bool) -> None:
         if up:
             self._presence.clear()  # retained statuses arrive right after we subscribe
+            if self.dynsec is not None:
+                self._spawn(self._reconcile())
+
+    async def _reconcile(self) -> None:
+        """On every (re)connect: only what differs from the registry is changed."""
+        assert self.dynsec is not None
+        active = {d.id for d in await self.devices(False)}
+        try:
+            done = await self.dynsec.reconcile(active, self.cfg.broker.username)
+        except BrokerError as exc:
+            log.error("broker reconcile failed: %s", exc)
+            return
+        if done["disabled"] or done["enabled"]:
+            log.info("broker reconciled: disabled %s, enabled %s", done["disabled"],
+                     done["enabled"])
 
     async def close(self) -> None:
         for task in list(self._tasks):
@@ -123,7 +145,8 @@ class Manager:
 
     # ------------------------------------------------------------------ registry
     def sync_broker_files(self) -> None:
-        sync_broker_files(self.cfg, self.registry, self._broker_password)
+        if self.cfg.broker.auth == "files":
+            sync_broker_files(self.cfg, self.registry, self._broker_password)
 
     def tunnel_host_key_line(self) -> str:
         pub = Path(self.cfg.tunnel.host_key + ".pub")
@@ -140,10 +163,22 @@ class Manager:
     async def enrol(self, name: str,
                     labels: Optional[dict[str, str]] = None) -> tuple[Device, str]:
         """Add a device; returns it and its token (the only time the secret exists)."""
-        return await asyncio.to_thread(self._enrol, name, labels)
+        if self.dynsec is None:
+            return await asyncio.to_thread(self._enrol, name, labels)
+        device, secret = await asyncio.to_thread(self.registry.add, name, labels)
+        try:
+            await self.dynsec.create_device(name, secret)
+        except BrokerError as exc:
+            def undo() -> None:  # the secret is gone: an enrolment without it is useless
+                self.registry.revoke(name)
+                self.registry.delete(name)
+            await asyncio.to_thread(undo)
+            raise BrokerError(f"enrolment of {name} undone: {exc}") from None
+        return await asyncio.to_thread(self._enrol, name, labels, (device, secret))
 
-    def _enrol(self, name: str, labels: Optional[dict[str, str]]) -> tuple[Device, str]:
-        device, secret = self.registry.add(name, labels)
+    def _enrol(self, name: str, labels: Optional[dict[str, str]],
+               added: Optional[tuple[Device, str]] = None) -> tuple[Device, str]:
+        device, secret = added or self.registry.add(name, labels)
         ca = Path(self.cfg.broker.ca_file).read_text() if self.cfg.broker.ca_file else None
         token = DeviceToken(
             device=name, secret=secret, broker=self.cfg.broker.public_url,
@@ -162,6 +197,7 @@ class Manager:
             return device
 
         device = await asyncio.to_thread(revoke)
+        await self._broker_cut(name, delete=False)
         if self._kick:
             self._kick(name)  # the tunnel drops it too
         self.pool.drop(name)
@@ -178,8 +214,22 @@ class Manager:
                                     f"(dpanel device revoke {name}) or use --force")
             await self.revoke(name)
         record = await asyncio.to_thread(self.registry.delete, name)
+        await self._broker_cut(name, delete=True)
         log.warning("deleted device %s (its name is free again)", name)
         return record
+
+    async def _broker_cut(self, name: str, delete: bool) -> None:
+        """Per-device broker change of a revoke/delete (files mode did it by the rewrite).
+        A broker that cannot be told now is told by the reconcile on reconnect."""
+        try:
+            if self.dynsec is not None:
+                await (self.dynsec.delete_device(name) if delete
+                       else self.dynsec.disable_device(name))
+            elif self.cfg.broker.auth == "http" and not delete:
+                await asyncio.to_thread(kick_broker_user, self.cfg.broker.kick, name)
+        except BrokerError as exc:
+            log.error("revoke of %s: broker not told (%s); it will be on reconnect",
+                      name, exc)
 
     async def deleted_devices(self) -> list[dict[str, object]]:
         return await asyncio.to_thread(self.registry.deleted)

@@ -15,6 +15,7 @@ from ._files import ensure_secret
 from ._httpguard import guarded_h11
 from ._sdnotify import notify, watchdog_loop
 from .api import create_app
+from .brokerauth import broker_auth_secret_path, create_auth_app
 from .config import ServerConfig, _hostport
 from .errors import BrokerError, UnknownDevice
 from .manager import Manager
@@ -137,14 +138,31 @@ async def _serve_api(cfg: ServerConfig, manager: Manager,
         tasks.append(asyncio.create_task(watch_revocations(manager.registry, tunnel)))
 
     tasks.append(asyncio.create_task(_ready(manager, server, f"http://{host}:{port}")))
+    auth_server = _broker_auth_server(cfg) if cfg.broker.auth == "http" else None
+    if auth_server is not None:
+        tasks.append(asyncio.create_task(auth_server.serve()))
     for t in tasks:
         t.add_done_callback(_log_crash)
     try:
         await server.serve()  # returns once a signal set should_exit
     finally:
         notify("STOPPING=1")
+        if auth_server is not None:
+            auth_server.should_exit = True
         for t in tasks:
             t.cancel()
+
+
+def _broker_auth_server(cfg: ServerConfig) -> uvicorn.Server:
+    """broker.auth = "http": the broker's own listener (see :mod:`.brokerauth`), with its
+    own registry connection (the broker asks on every login)."""
+    host, port = _hostport(cfg.broker.auth_listen, "broker.auth_listen", 8884)
+    registry = Registry(cfg.registry_path)
+    app = create_auth_app(ensure_secret(broker_auth_secret_path(cfg)), cfg.broker.username,
+                          ensure_secret(cfg.broker.password_file), registry.verify)
+    return _ApiServer(uvicorn.Config(app, host=host, port=port, log_level="warning",
+                                     lifespan="off", access_log=False,
+                                     timeout_keep_alive=30))
 
 
 def _log_crash(task: asyncio.Task[None]) -> None:

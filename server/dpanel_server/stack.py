@@ -31,6 +31,7 @@ from dpanel_proto.util import parse_hostport
 from ._files import atomic_write, ensure_secret
 from .broker import Listener, render_mosquitto_conf
 from .config import ServerConfig, check_advertised, dump_config, load_config, stack_config
+from .dynsec import find_plugin, merge_missing
 from .errors import BrokerError, ConfigError
 from .manager import sync_broker_files
 from .pki import ensure_broker_tls
@@ -96,7 +97,8 @@ def _current(cfg: ServerConfig) -> dict[str, object]:
     return {"broker_port": broker_port, "tunnel_port": tunnel_port, "api_port": api_port,
             "port_range": cfg.tunnel.port_range,
             "keepalive_interval": cfg.tunnel.keepalive_interval, "tls": scheme == "mqtts",
-            "public_host": None if tunnel_host == LOOPBACK else tunnel_host, "advertise": adv}
+            "public_host": None if tunnel_host == LOOPBACK else tunnel_host, "advertise": adv,
+            "broker_auth": cfg.broker.auth}
 
 
 def prepare_stack(state_dir: Path, *, broker_port: Optional[int] = None,
@@ -104,7 +106,8 @@ def prepare_stack(state_dir: Path, *, broker_port: Optional[int] = None,
                   port_range: Optional[str] = None, public_host: Optional[str] = None,
                   advertise: Optional[str] = None,
                   keepalive_interval: Optional[float] = None,
-                  tls: Optional[bool] = None) -> ServerConfig:
+                  tls: Optional[bool] = None,
+                  broker_auth: Optional[str] = None) -> ServerConfig:
     """Create (first time) or load DIR/server.toml, so a restarted stack keeps its ports,
     keys and registry. Every argument that is not None is applied, to an existing DIR
     too (each change is printed); None keeps what DIR has, or the default."""
@@ -116,12 +119,13 @@ def prepare_stack(state_dir: Path, *, broker_port: Optional[int] = None,
     old = _current(cfg)
     given = {"broker_port": broker_port, "tunnel_port": tunnel_port, "api_port": api_port,
              "port_range": port_range, "keepalive_interval": keepalive_interval, "tls": tls,
-             "public_host": public_host, "advertise": advertise}
+             "public_host": public_host, "advertise": advertise, "broker_auth": broker_auth}
     want = dict(old)
     want.update({k: v for k, v in given.items() if v is not None})
     if not existing:
         want.update(broker_port=broker_port or STACK_BROKER_PORT,
-                    tunnel_port=tunnel_port or TUNNEL_PORT, api_port=api_port or API_PORT)
+                    tunnel_port=tunnel_port or TUNNEL_PORT, api_port=api_port or API_PORT,
+                    broker_auth=broker_auth or default_broker_auth())
     bind = want["public_host"]
     assert bind is None or isinstance(bind, str)
     if bind in ("", LOOPBACK):
@@ -157,6 +161,16 @@ def prepare_stack(state_dir: Path, *, broker_port: Optional[int] = None,
     return load_config(conf)
 
 
+def default_broker_auth() -> str:
+    """A new stack's broker.auth: dynsec where Debian's plugin is installed (O(1) per
+    enrolment/revocation, no reload), else the password/ACL files."""
+    try:
+        find_plugin()
+    except BrokerError:
+        return "files"
+    return "dynsec"
+
+
 def _apply(cfg: ServerConfig, want: dict[str, object], state_dir: Path) -> None:
     broker_port, tunnel_port, api_port = (int(str(want[k])) for k in (
         "broker_port", "tunnel_port", "api_port"))
@@ -167,6 +181,7 @@ def _apply(cfg: ServerConfig, want: dict[str, object], state_dir: Path) -> None:
     cfg.tunnel.public_address = _fmt(adv, tunnel_port)
     cfg.tunnel.port_range = str(want["port_range"])
     cfg.tunnel.keepalive_interval = float(str(want["keepalive_interval"]))
+    cfg.broker.auth = str(want["broker_auth"])
     # The manager always dials the broker on loopback; devices dial the advertised name.
     cfg.broker.url = f"{scheme}://{_fmt(LOOPBACK, broker_port)}"
     cfg.broker.public_url = f"{scheme}://{_fmt(adv, broker_port)}"
@@ -267,13 +282,22 @@ def start_mosquitto(cfg: ServerConfig) -> subprocess.Popen[bytes]:
     # Credentials first, so the manager's first CONNECT is accepted.
     registry = Registry(cfg.registry_path)
     try:
-        sync_broker_files(cfg, registry, ensure_secret(cfg.broker.password_file), "none")
+        if cfg.broker.auth == "dynsec":
+            dynsec = (find_plugin(), Path(cfg.broker.dynsec_path))
+            repaired = merge_missing(dynsec[1], cfg.broker.username,
+                                     ensure_secret(cfg.broker.password_file),
+                                     registry.broker_entries(), registry.revoked_ids())
+            if repaired:
+                log.info("broker dynamic-security file: %s", ", ".join(repaired[:20]))
+        else:
+            dynsec = None
+            sync_broker_files(cfg, registry, ensure_secret(cfg.broker.password_file), "none")
     finally:
         registry.close()
     conf = render_mosquitto_conf(passwd=Path(cfg.broker.passwd_path),
                                  acl=Path(cfg.broker.acl_path),
                                  pid_file=mdir / "mosquitto.pid",
-                                 listeners=broker_listeners(cfg))
+                                 listeners=broker_listeners(cfg), dynsec=dynsec)
     atomic_write(mdir / "mosquitto.conf", conf, 0o600)
     log_path = mdir / "mosquitto.log"
     offset = log_path.stat().st_size if log_path.exists() else 0

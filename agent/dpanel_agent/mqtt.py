@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import zlib
 from typing import Callable
 
 from dpanel_proto.mqtt import MqttSession, SessionSpec
@@ -32,9 +33,14 @@ class AgentMqtt(MqttSession):
                  offline_payload: bytes, keepalive: int, protocol: str,
                  backoff: Backoff, on_request: Callable[[bytes], object],
                  on_connected: Callable[[bool], None]) -> None:
-        scheme, rest = token.broker.split("://", 1)
-        self.tls = scheme == "mqtts"
-        host, port = parse_hostport(rest, "token broker", 8883 if self.tls else 1883)
+        urls = token.broker_urls
+        self.tls = urls[0].startswith("mqtts://")
+        brokers = [parse_hostport(u.split("://", 1)[1], "token broker",
+                                  8883 if self.tls else 1883) for u in urls]
+        # a cluster: each device starts on "its" node (stable per device id, so a fleet
+        # spreads evenly and a restarted agent goes back where it was), then fails over
+        first = zlib.crc32(token.device.encode()) % len(brokers)
+        (host, port), *alternates = brokers[first:] + brokers[:first]
         self._token = token
         self._req_topic = req_topic(token.device)
         self._on_request = on_request
@@ -45,7 +51,7 @@ class AgentMqtt(MqttSession):
             tls=self.tls, ca_data=token.broker_ca, protocol=protocol,
             subscriptions=(self._req_topic,),
             will=(status_topic(token.device), offline_payload),
-            retained_topic=status_topic(token.device),
+            retained_topic=status_topic(token.device), alternates=tuple(alternates),
         ), on_message=self._on_topic, on_connected=on_connected)
 
     @property

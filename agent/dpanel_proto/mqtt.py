@@ -60,6 +60,9 @@ class SessionSpec:
     #: topic of the retained presence payload (see :meth:`MqttSession.publish_retained`)
     retained_topic: Optional[str] = None
     max_queued: int = 100
+    #: further (host, port) brokers of the same cluster: a failed attempt moves on to the
+    #: next one (round robin), each after the usual jittered backoff
+    alternates: Sequence[tuple[str, int]] = ()
 
 
 class MqttSession:
@@ -73,6 +76,8 @@ class MqttSession:
         self._loop = loop
         self.spec = spec
         self.host, self.port = spec.host, spec.port
+        self._brokers = [(spec.host, spec.port), *spec.alternates]
+        self._broker_idx = 0
         self._on_message_cb = on_message
         self._on_connected_cb = on_connected
         self._backoff = spec.backoff
@@ -177,10 +182,17 @@ class MqttSession:
         if self._on_connected_cb is not None:
             self._call(self._on_connected_cb, True)
 
-    def _retry_later(self, client: mqtt.Client) -> float:
+    def _retry_later(self, client: mqtt.Client, failed: bool = False) -> float:
         if self._connected_at and time.monotonic() - self._connected_at > STABLE_AFTER:
             self._backoff.reset()
         self._connected_at = 0.0
+        if failed and len(self._brokers) > 1:
+            # This broker refused or could not be reached: the next one of the cluster.
+            # paho's public host setter refuses while a lost connection is being retried;
+            # its reconnect() reads these two fields.
+            self._broker_idx = (self._broker_idx + 1) % len(self._brokers)
+            self.host, self.port = self._brokers[self._broker_idx]
+            client._host, client._port = self.host, self.port
         delay = self._backoff.next()
         # reconnect_delay_set resets paho's own doubling, so its next wait is exactly ours
         client.reconnect_delay_set(_secs(delay), _secs(delay))
@@ -192,7 +204,9 @@ class MqttSession:
         self.connected.clear()
         if self._stopping:
             return  # our own disconnect at shutdown: nothing to report or retry
-        delay = self._retry_later(client)
+        # a live connection that dropped is retried on the same broker first (a blip);
+        # one that never came up (refused CONNACK) moves on
+        delay = self._retry_later(client, failed=not was)
         if was:
             log.warning("%s lost the broker connection (%s); reconnecting in %.1f s",
                         self.spec.who, rc, delay)
@@ -202,9 +216,11 @@ class MqttSession:
             log.debug("broker connection closed (%s); retrying in %.1f s", rc, delay)
 
     def _on_connect_fail(self, client: mqtt.Client, _u: object) -> None:
-        delay = self._retry_later(client)
-        log.warning("%s cannot reach broker %s:%s; retrying in %.1f s", self.spec.who,
-                    self.host, self.port, delay)
+        host, port = self.host, self.port
+        delay = self._retry_later(client, failed=True)
+        log.warning("%s cannot reach broker %s:%s; retrying%s in %.1f s", self.spec.who,
+                    host, port, f" on {self.host}:{self.port}" if host != self.host
+                    or port != self.port else "", delay)
 
     def _on_message(self, _c: mqtt.Client, _u: object, msg: mqtt.MQTTMessage) -> None:
         self._call(self._on_message_cb, msg.topic, bytes(msg.payload))

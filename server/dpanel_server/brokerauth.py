@@ -25,6 +25,7 @@ import shutil
 import subprocess
 from pathlib import Path
 from typing import Callable, Literal, Optional
+from urllib.parse import parse_qsl
 
 from fastapi import FastAPI, Request
 from fastapi.responses import PlainTextResponse
@@ -41,6 +42,8 @@ log = logging.getLogger("dpanel.brokerauth")
 
 #: What one rabbitmqctl call may take (it boots an Erlang VM: a second or two).
 _CTL_TIMEOUT = 30.0
+#: the broker's questions are a few hundred bytes
+_MAX_BODY = 16 * 1024
 
 
 def broker_auth_secret_path(cfg: ServerConfig) -> Path:
@@ -78,8 +81,9 @@ def create_auth_app(secret: str, manager_user: str, manager_password: str,
         if not hmac.compare_digest(key.encode(), secret.encode()):
             return None
         data = dict(request.query_params)
-        if request.method == "POST":
-            data.update({k: str(v) for k, v in (await request.form()).items()})
+        if request.method == "POST":  # urlencoded, parsed here (no python-multipart)
+            body = await request.body()
+            data.update(parse_qsl(body[:_MAX_BODY].decode(errors="replace")))
         return data
 
     def is_device(name: str) -> bool:
@@ -149,23 +153,33 @@ def create_auth_app(secret: str, manager_user: str, manager_password: str,
 
 
 def kick_broker_user(how: str, user: str) -> None:
-    """Close every live connection of ``user`` (a revoked device) on the broker:
-    ``rabbitmqctl[:NODE]`` runs ``rabbitmqctl close_all_user_connections``; a cluster
-    needs it once, any node closes connections on every node. ``none``: do nothing."""
+    """Close every live connection of ``user`` (a revoked device) on the broker, on every
+    node of the cluster: ``rabbitmqctl[:NODE]`` asks NODE (any node of it). Needs the
+    cluster's Erlang cookie in the manager's $HOME. ``none``: do nothing."""
     if how == "none":
         return
-    exe = shutil.which("rabbitmqctl") or shutil.which("rabbitmqctl", path="/usr/sbin")
+    # the real script, not Debian's /usr/sbin wrapper (which refuses anyone but root and
+    # rabbitmq, and switches to the rabbitmq user, whose Erlang cookie we may not share)
+    direct = Path("/usr/lib/rabbitmq/bin/rabbitmqctl")
+    exe = str(direct) if direct.exists() else shutil.which("rabbitmqctl")
     if exe is None:
         raise BrokerError("broker.kick: rabbitmqctl is not installed")
     cmd = [exe]
     if ":" in how:
         cmd += ["-n", how.split(":", 1)[1]]
-    cmd += ["close_all_user_connections", user, "device revoked"]
-    try:
-        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=_CTL_TIMEOUT,
-                              check=False)
-    except subprocess.TimeoutExpired:
-        raise BrokerError(f"rabbitmqctl did not answer within {_CTL_TIMEOUT:g} s") from None
-    if proc.returncode != 0:
-        raise BrokerError(f"rabbitmqctl close_all_user_connections {user}: "
-                          f"{(proc.stderr or proc.stdout).strip()[:300]}")
+    validate_device_id(user)  # it goes into an Erlang expression below
+    # RabbitMQ 3.10's MQTT connections are not in list_connections (so not reached by
+    # close_all_user_connections): the plugin's cluster-wide client-id registry names
+    # their processes (ids held as strings in 3.10). Client id == username (the user
+    # path enforces it).
+    expr = (f'[rabbit_mqtt_reader:close_connection(P, "device revoked") || {{C, P}} <- '
+            f'rabbit_mqtt_collector:list(), lists:member(C, ["{user}", <<"{user}">>])], ok.')
+    for args in (["close_all_user_connections", user, "device revoked"], ["eval", expr]):
+        try:
+            proc = subprocess.run(cmd + args, capture_output=True, text=True,
+                                  timeout=_CTL_TIMEOUT, check=False)
+        except subprocess.TimeoutExpired:
+            raise BrokerError(f"rabbitmqctl did not answer within {_CTL_TIMEOUT:g} s") from None
+        if proc.returncode != 0:
+            raise BrokerError(f"rabbitmqctl {args[0]} {user}: "
+                              f"{(proc.stderr or proc.stdout).strip()[:300]}")

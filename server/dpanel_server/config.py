@@ -104,12 +104,14 @@ class BrokerConfig:
             raise ConfigError(f"broker.kick: {self.kick!r} is not 'none' or 'rabbitmqctl[:NODE]'")
         _hostport(self.auth_listen, "broker.auth_listen", 8884)
         for name in ("url", "public_url"):
-            value = getattr(self, name)
-            if not value.startswith(("mqtt://", "mqtts://")):
-                raise ConfigError(f"broker.{name}: {value!r} is not mqtt://HOST:PORT or mqtts://")
-            host, _ = _hostport(value.split("://", 1)[1], f"broker.{name}", BROKER_PORT)
-            if name == "public_url":
-                check_advertised(host, "broker.public_url")
+            # a broker cluster: several URLs, comma-separated, tried in turn
+            for value in getattr(self, name).split(","):
+                if not value.startswith(("mqtt://", "mqtts://")):
+                    raise ConfigError(f"broker.{name}: {value!r} is not mqtt://HOST:PORT or "
+                                      "mqtts://")
+                host, _ = _hostport(value.split("://", 1)[1], f"broker.{name}", BROKER_PORT)
+                if name == "public_url":
+                    check_advertised(host, "broker.public_url")
         if self.listen is not None:
             _hostport(self.listen, "broker.listen", BROKER_PORT)
         if self.reload != "none" and not self.reload.startswith("pidfile:"):
@@ -117,7 +119,12 @@ class BrokerConfig:
 
     @property
     def host_port(self) -> tuple[str, int]:
-        return parse_hostport(self.url.split("://", 1)[1], "broker.url", BROKER_PORT)
+        return self.host_ports[0]
+
+    @property
+    def host_ports(self) -> list[tuple[str, int]]:
+        return [parse_hostport(u.split("://", 1)[1], "broker.url", BROKER_PORT)
+                for u in self.url.split(",")]
 
 
 #: default request lifetime = request_timeout + this; the most allowed = + _LIFETIME_SLACK

@@ -80,6 +80,7 @@ class Requests:
             on_connected=self._on_broker,
             tls=self._cfg.broker.url.startswith("mqtts://"), tls_ca=self._cfg.broker.ca_file,
             keepalive=self._cfg.manager.mqtt_keepalive,
+            alternates=self._cfg.broker.host_ports[1:],
         )
         self._mqtt.start()
 

@@ -52,6 +52,7 @@ class AgentMqtt(MqttSession):
             subscriptions=(self._req_topic,),
             will=(status_topic(token.device), offline_payload),
             retained_topic=status_topic(token.device), alternates=tuple(alternates),
+            subscribe_qos=0 if alternates else 1,  # a cluster: see SessionSpec
         ), on_message=self._on_topic, on_connected=on_connected)
 
     @property

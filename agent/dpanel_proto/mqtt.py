@@ -63,6 +63,12 @@ class SessionSpec:
     #: further (host, port) brokers of the same cluster: a failed attempt moves on to the
     #: next one (round robin), each after the usual jittered backoff
     alternates: Sequence[tuple[str, int]] = ()
+    #: QoS of our subscriptions. 1 by default; 0 on a cluster: RabbitMQ 3.10 backs a QoS 1
+    #: subscription with a *durable* queue homed on the node we were on, which makes the
+    #: client id unusable on every other node once that node dies ("home node ... is
+    #: down"). Sessions are clean, so QoS 1 bought nothing across a reconnect anyway, and
+    #: within one TCP connection QoS 0 delivery is just as ordered and complete.
+    subscribe_qos: int = 1
 
 
 class MqttSession:
@@ -172,7 +178,7 @@ class MqttSession:
             return
         self._connected_at = time.monotonic()
         for topic in self.spec.subscriptions:
-            client.subscribe(topic, qos=1)
+            client.subscribe(topic, qos=self.spec.subscribe_qos)
         with self._retained_lock:
             self.connected.set()
             if self.retained and self.spec.retained_topic:

@@ -33,4 +33,5 @@ class ManagerMqtt(MqttSession):
             keepalive=keepalive, backoff=Backoff(2.0, 30.0), who="the manager",
             tls=tls, ca_file=tls_ca, subscriptions=tuple(subscriptions),
             max_queued=10000, alternates=tuple(alternates),
+            subscribe_qos=0 if alternates else 1,  # a cluster: see SessionSpec
         ), on_message=on_message, on_connected=on_connected)

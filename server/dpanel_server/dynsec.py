@@ -46,6 +46,7 @@ PLUGIN_PATHS = ("/usr/lib/x86_64-linux-gnu/mosquitto_dynamic_security.so",
 #: A control command the broker has not answered in this long failed (broker down).
 COMMAND_TIMEOUT = 10.0
 _ITERATIONS = 101
+_PAGE = 500
 
 
 def find_plugin() -> str:
@@ -261,12 +262,16 @@ class Dynsec:
 
     async def clients(self) -> dict[str, bool]:
         """username -> disabled, for every client the broker has."""
-        (resp,) = await self.run([{"command": "listClients", "verbose": True, "count": -1,
-                                   "offset": 0}])
-        if resp.get("error"):
-            raise BrokerError(f"dynamic-security listClients: {resp['error']}")
-        return {str(c.get("username")): bool(c.get("disabled"))
-                for c in resp.get("data", {}).get("clients", [])}
+        out: dict[str, bool] = {}
+        while True:  # in pages: one answer for a whole fleet would be megabytes
+            (resp,) = await self.run([{"command": "listClients", "verbose": True,
+                                       "count": _PAGE, "offset": len(out)}])
+            if resp.get("error"):
+                raise BrokerError(f"dynamic-security listClients: {resp['error']}")
+            page = resp.get("data", {}).get("clients", [])
+            out.update({str(c.get("username")): bool(c.get("disabled")) for c in page})
+            if len(page) < _PAGE:
+                return out
 
     async def reconcile(self, active: set[str], manager_user: str) -> dict[str, list[str]]:
         """Bring the broker in line with the registry, touching only what differs:

@@ -135,3 +135,57 @@ def test_delete_frees_the_broker_client(dstack: Stack) -> None:
     tok2 = dstack.enrol("dyn-e")
     assert _login(dstack, "dyn-e", parse_token(tok2).secret) == "Success"
     assert _login(dstack, "dyn-e", parse_token(tok).secret) == "Not authorized"
+
+
+def test_manager_reconcile_on_a_running_broker(tmp_path: Path) -> None:
+    """The manager's own reconcile (what runs on every reconnect), against a live broker
+    that drifted: an unknown client and a revoked one enabled get disabled, a missing
+    one is reported, and nothing else is touched."""
+    import asyncio
+    import subprocess
+
+    from dpanel_server._mqtt import ManagerMqtt
+    from dpanel_server.broker import Listener, mosquitto_hash, render_mosquitto_conf
+    from dpanel_server.dynsec import RESPONSE_TOPIC, Dynsec, bootstrap, find_plugin
+    from support import stop_proc, wait_port
+
+    port = free_port()
+    ds = tmp_path / "ds.json"
+    bootstrap(ds, "mgr", "mpw", [("keep", mosquitto_hash("k" * 40)),
+                                 ("stale", mosquitto_hash("s" * 40))])
+    conf = tmp_path / "m.conf"
+    conf.write_text(render_mosquitto_conf(passwd=tmp_path / "p", acl=tmp_path / "a",
+                                          pid_file=tmp_path / "pid",
+                                          listeners=[Listener(port, public=True)],
+                                          dynsec=(find_plugin(), ds)))
+    proc = subprocess.Popen(["mosquitto", "-c", str(conf)], stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)
+    try:
+        wait_port(port)
+
+        async def main() -> dict[str, list[str]]:
+            loop = asyncio.get_running_loop()
+            holder: list[Dynsec] = []
+            mq = ManagerMqtt(loop, "127.0.0.1", port, "mgr", "mpw", [RESPONSE_TOPIC],
+                             lambda t, p: holder[0].on_response(t, p))
+            holder.append(Dynsec(mq.publish))
+            mq.start()
+            try:
+                await asyncio.to_thread(mq.connected.wait, 15)
+                await asyncio.sleep(0.5)  # the SUBACK of the response topic
+                # registry: keep + new (never reached the broker); stale is revoked
+                return await holder[0].reconcile({"keep", "new"}, "mgr")
+            finally:
+                await asyncio.to_thread(mq.stop)
+
+        done = asyncio.run(main())
+        assert done == {"disabled": ["stale"], "missing": ["new"], "enabled": []}
+        assert _login_port(port, "stale", "s" * 40) == "Not authorized"
+        assert _login_port(port, "keep", "k" * 40) == "Success"
+    finally:
+        stop_proc(proc)
+
+
+def _login_port(port: int, user: str, password: str) -> str:
+    s = Stack(dir=Path("/nonexistent"), broker_port=port, tunnel_port=0, api_port=0)
+    return _login(s, user, password)

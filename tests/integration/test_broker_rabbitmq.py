@@ -197,11 +197,14 @@ def test_revoke_closes_the_connection_at_once(rmq: Env) -> None:
 def test_node_death_moves_devices_to_the_other(rmq: Env) -> None:
     survivor = ON_B[0]
     assert survivor in _node_users(rmq.b)
+    log = rmq.stack.agents[[*ON_A, *ON_B].index(survivor)].args
+    agent_log = Path(str(log[log.index("--state-dir") + 1])) / "agent.log"
+    seen = len(agent_log.read_text())
     rmq.b.kill()
-    # ask node a from now on: b is gone
-    # the device of the dead node comes back on node a by itself: presence and requests
-    wait_for(lambda: survivor in _node_users(rmq.a), f"{survivor} on node a", 120, interval=1)
-    assert rmq.cluster.running() == [rmq.a.name]
+    # The device of the dead node comes back on node a by itself. (rabbitmqctl cannot
+    # list MQTT connections while a node of the cluster is down: the agent's log says.)
+    wait_for(lambda: f"connected to broker 127.0.0.1:{rmq.a.mqtt_port} as device {survivor}"
+             in agent_log.read_text()[seen:], f"{survivor} on node a", 120, interval=0.5)
     for name in (ON_A[0], survivor):
         rmq.stack.wait_online(name, timeout=60)
         out = rmq.stack.cli("exec", name, "--", "echo", "after")

@@ -50,6 +50,9 @@ log = logging.getLogger("dpanel.manager")
 _KNOWN_HOSTS_DEBOUNCE = 0.5
 #: A device marked not answering is pinged this often until it answers again.
 _PROBE_INTERVAL = 5.0
+#: Broker cluster presence sweep (see Manager._presence_sweep).
+_SWEEP_SETTLE = 3.0
+_SWEEP_PARALLEL = 200
 
 
 def sync_broker_files(cfg: ServerConfig, registry: Registry, manager_password: str,
@@ -113,6 +116,30 @@ class Manager:
             self._presence.clear()  # retained statuses arrive right after we subscribe
             if self.dynsec is not None:
                 self._spawn(self._reconcile())
+            if len(self.cfg.broker.host_ports) > 1:
+                self._spawn(self._presence_sweep())
+
+    async def _presence_sweep(self) -> None:
+        """A broker cluster may keep retained messages per node (RabbitMQ 3.10 does): after
+        a (re)connect, the statuses retained on the other nodes never arrive. Devices not
+        heard of are pinged once; an agent answers a ping by publishing its status again,
+        which is routed to us live. Bounded: _SWEEP_PARALLEL pings in flight."""
+        await asyncio.sleep(_SWEEP_SETTLE)  # the retained statuses of our own node first
+        sem = asyncio.Semaphore(_SWEEP_PARALLEL)
+
+        async def ping(device: str) -> None:
+            async with sem:
+                issued, expires = self._times()
+                try:
+                    await self._requests.request(wire.PingRequest(
+                        device=device, id=secrets.token_hex(16), issued_at=issued,
+                        expires_at=expires), timeout=_PROBE_INTERVAL)
+                except (RequestTimeout, BrokerError):
+                    pass  # offline indeed (or the broker went again: a new sweep comes)
+
+        unknown = [d.id for d in await self.devices(False)
+                   if not (p := self.presence.get(d.id)) or not p.online]
+        await asyncio.gather(*(ping(d) for d in unknown))
 
     async def _reconcile(self) -> None:
         """On every (re)connect: only what differs from the registry is changed."""

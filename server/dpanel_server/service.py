@@ -7,7 +7,7 @@ import contextlib
 import logging
 import signal
 from pathlib import Path
-from typing import Callable, Iterator, Optional
+from typing import AsyncIterator, Callable, Iterator, Optional
 
 import uvicorn
 
@@ -138,19 +138,34 @@ async def _serve_api(cfg: ServerConfig, manager: Manager,
         tasks.append(asyncio.create_task(watch_revocations(manager.registry, tunnel)))
 
     tasks.append(asyncio.create_task(_ready(manager, server, f"http://{host}:{port}")))
-    auth_server = _broker_auth_server(cfg) if cfg.broker.auth == "http" else None
-    if auth_server is not None:
-        tasks.append(asyncio.create_task(auth_server.serve()))
     for t in tasks:
         t.add_done_callback(_log_crash)
     try:
         await server.serve()  # returns once a signal set should_exit
     finally:
         notify("STOPPING=1")
-        if auth_server is not None:
-            auth_server.should_exit = True
         for t in tasks:
             t.cancel()
+
+
+@contextlib.asynccontextmanager
+async def _broker_auth(cfg: ServerConfig) -> AsyncIterator[None]:
+    """broker.auth = "http": answer the broker *before* the manager dials it (its own
+    login is asked of us too), until the manager is closed."""
+    if cfg.broker.auth != "http":
+        yield
+        return
+    server = _broker_auth_server(cfg)
+    task = asyncio.create_task(server.serve())
+    task.add_done_callback(_log_crash)
+    while not server.started and not task.done():  # noqa: ASYNC110 (uvicorn's flag)
+        await asyncio.sleep(0.05)
+    try:
+        yield
+    finally:
+        server.should_exit = True
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
 
 
 def _broker_auth_server(cfg: ServerConfig) -> uvicorn.Server:
@@ -202,11 +217,12 @@ async def run_manager(cfg: ServerConfig) -> None:
     ctl = TunnelControl(control_path(cfg.state_dir))
     manager = Manager(cfg, kick=ctl.kick, tunnel_sessions=ctl.sessions,
                       tunnel_stats=ctl.stats)
-    await manager.start()
-    try:
-        await _serve_api(cfg, manager, None)
-    finally:
-        await manager.close()
+    async with _broker_auth(cfg):
+        await manager.start()
+        try:
+            await _serve_api(cfg, manager, None)
+        finally:
+            await manager.close()
 
 
 async def run_services(cfg: ServerConfig) -> None:
@@ -217,10 +233,11 @@ async def run_services(cfg: ServerConfig) -> None:
     await tunnel.start()
     manager = Manager(cfg, kick=tunnel.kick, tunnel_sessions=tunnel.sessions,
                       tunnel_stats=tunnel.stats)
-    await manager.start()
-    try:
-        await _serve_api(cfg, manager, tunnel)
-    finally:
-        await manager.close()
-        await tunnel.close()
-        registry.close()
+    async with _broker_auth(cfg):
+        await manager.start()
+        try:
+            await _serve_api(cfg, manager, tunnel)
+        finally:
+            await manager.close()
+            await tunnel.close()
+            registry.close()

@@ -46,6 +46,8 @@ class Env:
     manager_password: str
     auth_url: str
     dir: Path
+    procs: list[subprocess.Popen[bytes]]
+    manager_env: dict[str, str]
 
 
 @pytest.fixture(scope="module")
@@ -79,7 +81,7 @@ def rmq(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Env]:
                 stdin=subprocess.DEVNULL))
         wait_for(lambda: stack.health().get("broker"), "manager on the broker", 60)
         yield Env(stack, cluster, a, b, ensure_secret(cfg.broker.password_file),
-                  f"http://127.0.0.1:{auth_port}/brokerauth", d)
+                  f"http://127.0.0.1:{auth_port}/brokerauth", d, procs, env)
     finally:
         stack.close()
         for p in procs:
@@ -184,6 +186,20 @@ def test_retained_presence_and_wills_across_nodes(rmq: Env) -> None:
     rmq.stack.wait_offline(ON_B[1], timeout=90)
 
 
+def test_manager_restart_sees_devices_on_every_node(rmq: Env) -> None:
+    # the restarted manager lands on node a; the statuses retained on node b never reach
+    # it (per-node retained store), so it pings the devices it has not heard of
+    manager = rmq.procs[1]
+    stop_proc(manager)
+    rmq.procs[1] = subprocess.Popen(manager.args, env=rmq.manager_env,
+                                    stdout=(rmq.dir / "manager.log").open("ab"),
+                                    stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
+    wait_for(lambda: rmq.stack.health().get("broker"), "manager back on the broker", 60)
+    for name in (ON_A[0], ON_A[1], ON_B[0]):
+        rmq.stack.wait_online(name, timeout=60)
+    assert rmq.stack.cli("exec", ON_B[0], "--", "true").returncode == 0
+
+
 def test_revoke_closes_the_connection_at_once(rmq: Env) -> None:
     victim = ON_A[1]
     rmq.stack.cli_ok("device", "revoke", victim)
@@ -205,6 +221,9 @@ def test_node_death_moves_devices_to_the_other(rmq: Env) -> None:
     # list MQTT connections while a node of the cluster is down: the agent's log says.)
     wait_for(lambda: f"connected to broker 127.0.0.1:{rmq.a.mqtt_port} as device {survivor}"
              in agent_log.read_text()[seen:], f"{survivor} on node a", 120, interval=0.5)
+    # the manager was on node a (its first URL) and stays there; if it had been on b it
+    # moves too: either way it is on the broker before anyone asks
+    wait_for(lambda: rmq.stack.health().get("broker"), "manager on the broker", 60)
     for name in (ON_A[0], survivor):
         rmq.stack.wait_online(name, timeout=60)
         out = rmq.stack.cli("exec", name, "--", "echo", "after")

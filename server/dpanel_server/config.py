@@ -14,11 +14,13 @@ from dpanel_proto.ports import API_PORT, BROKER_PORT, STACK_BROKER_PORT, TUNNEL_
 from dpanel_proto.util import parse_hostport
 from dpanel_proto.wire import MAX_REQUEST_LIFETIME, DecodeError
 
+from .db import parse_url
 from .errors import ConfigError
 
 __all__ = [
     "BrokerConfig",
     "ManagerConfig",
+    "RegistryConfig",
     "ServerConfig",
     "TunnelConfig",
     "check_advertised",
@@ -162,8 +164,23 @@ class ManagerConfig:
 
 
 @dataclass
+class RegistryConfig:
+    #: sqlite:///ABSOLUTE/PATH or postgresql://USER@HOST/DB (libpq URL; keep a password
+    #: out of it with ?passfile=PATH); unset = sqlite under state_dir (registry.db)
+    url: Optional[str] = None
+
+    def validate(self) -> None:
+        if self.url is not None:
+            parse_url(self.url, "registry.url")
+            if not self.url.startswith(("sqlite:///", "postgresql://", "postgres://")):
+                raise ConfigError(f"registry.url: {self.url!r} is not sqlite:///PATH or "
+                                  "postgresql://...")
+
+
+@dataclass
 class ServerConfig:
     state_dir: str = "/var/lib/dpanel"
+    registry: RegistryConfig = field(default_factory=RegistryConfig)
     tunnel: TunnelConfig = field(default_factory=TunnelConfig)
     broker: BrokerConfig = field(default_factory=BrokerConfig)
     manager: ManagerConfig = field(default_factory=ManagerConfig)
@@ -173,10 +190,16 @@ class ServerConfig:
         self.tunnel.validate()
         self.broker.validate()
         self.manager.validate()
+        self.registry.validate()
 
     @property
     def registry_path(self) -> Path:
         return Path(self.state_dir) / "registry.db"
+
+    @property
+    def registry_url(self) -> str:
+        """What every process opens the registry by (:mod:`.db`)."""
+        return self.registry.url or f"sqlite://{Path(self.registry_path).resolve()}"
 
     @property
     def known_hosts_path(self) -> Path:

@@ -73,7 +73,7 @@ class Manager:
                  tunnel_sessions: Optional[Callable[[], dict[str, int]]] = None,
                  tunnel_stats: Optional[Callable[[], dict[str, int]]] = None) -> None:
         self.cfg = cfg
-        self.registry = Registry(cfg.registry_path)
+        self.registry = Registry(cfg.registry_url)
         self.key = ensure_private_key(cfg.manager.ssh_key)
         self.manager_key_line = self.key.export_public_key().decode().strip()
         self._broker_password = ensure_secret(cfg.broker.password_file)

@@ -84,7 +84,7 @@ def _wait_for_signal() -> asyncio.Event:
 async def run_tunnel(cfg: ServerConfig) -> None:
     """The tunnel alone (the appliance's dpanel-tunnel.service), with its control socket
     for the manager in the other process."""
-    registry = Registry(cfg.registry_path)
+    registry = Registry(cfg.registry_url)
     tunnel = TunnelServer(_tunnel_settings(cfg), registry.verify,
                           allowed=registry_allows(registry))
     await tunnel.start()
@@ -193,7 +193,7 @@ async def run_manager(cfg: ServerConfig) -> None:
 
 async def run_services(cfg: ServerConfig) -> None:
     """Tunnel + manager + API in one process (the stack; the broker runs beside it)."""
-    registry = Registry(cfg.registry_path)
+    registry = Registry(cfg.registry_url)
     tunnel = TunnelServer(_tunnel_settings(cfg), registry.verify,
                           allowed=registry_allows(registry))
     await tunnel.start()

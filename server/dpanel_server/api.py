@@ -34,6 +34,7 @@ from . import __version__
 from .authz import Principal
 from .errors import DPanelError
 from .manager import Manager
+from .metrics import AUTH_FAILURES, install_observability
 from .registry import Device
 from .sshpool import ExecEvent, RemoteCommand
 
@@ -187,6 +188,7 @@ def create_app(manager: Manager, admin_token: str) -> FastAPI:
         which then checks it with ``authz.require``)."""
         supplied = cred.credentials if cred is not None else ""
         if cred is None or not hmac.compare_digest(supplied.encode(), admin_token.encode()):
+            AUTH_FAILURES.labels("api").inc()
             raise HTTPException(401, "missing or wrong admin token",
                                 headers={"WWW-Authenticate": "Bearer"})
         return ADMIN
@@ -218,6 +220,8 @@ def create_app(manager: Manager, admin_token: str) -> FastAPI:
         d["agent_version"] = p.agent_version if p else ""
         d["host_key_ok"] = p.host_key_ok if p else True
         return d
+
+    install_observability(app, manager)
 
     @app.get("/v1/health")
     async def health() -> dict[str, Any]:

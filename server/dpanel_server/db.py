@@ -115,7 +115,7 @@ class Cursor:
         self._db._run(self._raw, sql, rows, many=True)
         return self
 
-    def fetchone(self) -> Optional[tuple[Any, ...]]:
+    def fetchone(self) -> Any:  # a tuple or None; Any as sqlite3's, for callers' ease
         row = self._raw.fetchone()
         return None if row is None else tuple(row)
 
@@ -197,14 +197,16 @@ class Database:
     def _run(self, raw: Any, sql: str, params: Any, many: bool = False) -> None:
         if self.engine == "postgresql":
             sql = pg_sql(sql)
+        integrity: tuple[type[BaseException], ...] = (sqlite3.IntegrityError, *self._pg_errors("IntegrityError"))
+        failed: tuple[type[BaseException], ...] = (sqlite3.Error, *self._pg_errors("Error"))
         try:
             if many:
                 raw.executemany(sql, params)
             else:
                 raw.execute(sql, tuple(params))
-        except (sqlite3.IntegrityError, *self._pg_errors("IntegrityError")) as exc:
+        except integrity as exc:
             raise IntegrityError(f"database: {_one_line(exc)}") from None
-        except (sqlite3.Error, *self._pg_errors("Error")) as exc:
+        except failed as exc:
             raise DatabaseError(f"database {self.display}: {_one_line(exc)}") from None
 
     def _pg_errors(self, name: str) -> tuple[type[BaseException], ...]:
@@ -220,9 +222,10 @@ class Database:
         """One statement in its own transaction; its rows (if any)."""
         with self.tx() as cur:
             cur.execute(sql, params)
+            no_rows: tuple[type[BaseException], ...] = (sqlite3.Error, *self._pg_errors("ProgrammingError"))
             try:
                 return cur.fetchall()
-            except (sqlite3.Error, *self._pg_errors("ProgrammingError")):
+            except no_rows:
                 return []  # a statement with no result set (psycopg says so)
 
     def ping(self) -> None:

@@ -34,6 +34,7 @@ from .errors import (
     TunnelRefused,
 )
 from .hostkeys import InvalidHostKey, fingerprint, normalize_host_key
+from .metrics import BROKER_RECONNECTS, exec_timer, register_manager_metrics
 from .presence import Presence, PresenceTracker
 from .registry import Device, Registry
 from .requests import Requests
@@ -81,6 +82,7 @@ class Manager:
         self._tunnel_sessions = tunnel_sessions
         self.tunnel_stats = tunnel_stats
         self._known_hosts_due: Optional[asyncio.TimerHandle] = None
+        self._broker_was_up = False
         self._tasks: set[asyncio.Task[None]] = set()
         self._probing: set[str] = set()
         self.pool = SshPool(cfg, self.key, open_tunnel=self.open_tunnel,
@@ -97,11 +99,15 @@ class Manager:
 
     # ------------------------------------------------------------------ lifecycle
     async def start(self) -> None:
+        register_manager_metrics(self)
         await asyncio.to_thread(self.sync_broker_files)
         self._requests.start()
         self.pool.start()
 
     def _on_broker(self, up: bool) -> None:
+        if up and self._broker_was_up:
+            BROKER_RECONNECTS.inc()
+        self._broker_was_up = self._broker_was_up or up
         if up:
             self._presence.clear()  # retained statuses arrive right after we subscribe
 
@@ -357,8 +363,9 @@ class Manager:
                          stream_stdin: bool = False,
                          timeout: Optional[float] = None) -> RemoteCommand:
         """Start ``command`` and return it running (the API streams it; see sshpool)."""
-        return await self.pool.start_command(device, command, stdin,
-                                             stream_stdin=stream_stdin, timeout=timeout)
+        with exec_timer():
+            return await self.pool.start_command(device, command, stdin,
+                                                 stream_stdin=stream_stdin, timeout=timeout)
 
     # ------------------------------------------------------------------ known_hosts
     async def known_hosts_text(self) -> str:

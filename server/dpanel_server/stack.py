@@ -31,10 +31,10 @@ from dpanel_proto.util import parse_hostport
 from ._files import atomic_write, ensure_secret
 from .broker import Listener, render_mosquitto_conf
 from .config import ServerConfig, check_advertised, dump_config, load_config, stack_config
+from .db import parse_url, redact
 from .errors import BrokerError, ConfigError
 from .manager import sync_broker_files
 from .pki import ensure_broker_tls
-from .db import parse_url, redact
 from .registry import Registry
 from .service import run_services
 

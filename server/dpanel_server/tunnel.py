@@ -52,6 +52,7 @@ from ._files import atomic_write, ensure_private_key
 from ._gate import Outcome, PreAuthGate, Startups, source_key
 from ._pool import PoolExhausted, PortPool
 from .errors import ConfigError
+from .metrics import AUTH_FAILURES
 
 __all__ = [
     "ALLOWED_LISTEN_HOSTS",
@@ -367,6 +368,7 @@ class _Session(asyncssh.SSHServer):
         return False
 
     def _count_failure(self) -> None:
+        AUTH_FAILURES.labels("tunnel").inc()
         self.failures += 1
         conn = self._conn
         if self.failures >= MAX_AUTH_FAILURES and conn is not None:

@@ -36,7 +36,7 @@ def test_placeholders_map_outside_literals_only() -> None:
 def test_url_parsing_and_redaction() -> None:
     assert parse_url("sqlite:///var/lib/x.db") == ("sqlite", "/var/lib/x.db")
     assert parse_url("postgresql://u@h/db")[0] == "postgresql"
-    with pytest.raises(ConfigError, match="registry.url"):
+    with pytest.raises(ConfigError, match=r"registry\.url"):
         parse_url("mysql://u@h/db")
     with pytest.raises(ConfigError, match="names no file"):
         parse_url("sqlite:///")

@@ -30,6 +30,10 @@ __all__ = [
 ]
 
 
+#: the tunnel process's metrics/readiness listener (the manager's are on its API)
+TUNNEL_METRICS_PORT = 9781
+
+
 def check_advertised(host: str, what: str) -> None:
     """An address written into device tokens must be one a device can dial: the wildcard
     (0.0.0.0, ::) only means "every local address" to a listener."""
@@ -52,6 +56,9 @@ class TunnelConfig:
     host_key: str = "/etc/dpanel/keys/tunnel_host_key"
     port_range: str = "20000-29999"
     keepalive_interval: float = 15.0
+    #: ``dpanel tunnel run`` only: where GET /metrics and /ready answer (HOST:PORT; ""
+    #: = off). No token: aggregates only, so keep it on loopback or a private network.
+    metrics_listen: str = f"127.0.0.1:{TUNNEL_METRICS_PORT}"
 
     @property
     def ports(self) -> tuple[int, int]:
@@ -68,6 +75,8 @@ class TunnelConfig:
             raise ConfigError(f"tunnel.port_range: {self.port_range!r} is not LOW-HIGH") from None
         if not 1024 <= lo <= hi <= 65535:
             raise ConfigError(f"tunnel.port_range: {self.port_range!r} must be within 1024-65535")
+        if self.metrics_listen:
+            _hostport(self.metrics_listen, "tunnel.metrics_listen", TUNNEL_METRICS_PORT)
         if self.keepalive_interval <= 0:
             raise ConfigError("tunnel.keepalive_interval: must be > 0 (dead peers hold ports)")
 
@@ -280,6 +289,8 @@ def stack_config(state_dir: Path, *, broker_port: int = STACK_BROKER_PORT,
         tunnel=TunnelConfig(
             listen=f"127.0.0.1:{tunnel_port}", public_address=f"127.0.0.1:{tunnel_port}",
             host_key=str(d / "keys" / "tunnel_host_key"), port_range=port_range,
+            # the stack runs the tunnel inside the manager: its metrics are on the API
+            metrics_listen="",
         ),
         broker=BrokerConfig(
             url=f"mqtt://127.0.0.1:{broker_port}", public_url=f"mqtt://127.0.0.1:{broker_port}",

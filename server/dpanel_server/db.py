@@ -36,6 +36,7 @@ __all__ = ["Cursor", "Database", "DatabaseError", "IntegrityError", "connect", "
            "sqlite_url"]
 
 Params = Sequence[Any]
+_Errors = tuple[type[BaseException], ...]
 
 #: How long a PostgreSQL connect may take before readiness (and the caller) hear of it.
 CONNECT_TIMEOUT = 5
@@ -197,8 +198,8 @@ class Database:
     def _run(self, raw: Any, sql: str, params: Any, many: bool = False) -> None:
         if self.engine == "postgresql":
             sql = pg_sql(sql)
-        integrity: tuple[type[BaseException], ...] = (sqlite3.IntegrityError, *self._pg_errors("IntegrityError"))
-        failed: tuple[type[BaseException], ...] = (sqlite3.Error, *self._pg_errors("Error"))
+        integrity: _Errors = (sqlite3.IntegrityError, *self._pg_errors("IntegrityError"))
+        failed: _Errors = (sqlite3.Error, *self._pg_errors("Error"))
         try:
             if many:
                 raw.executemany(sql, params)
@@ -209,7 +210,7 @@ class Database:
         except failed as exc:
             raise DatabaseError(f"database {self.display}: {_one_line(exc)}") from None
 
-    def _pg_errors(self, name: str) -> tuple[type[BaseException], ...]:
+    def _pg_errors(self, name: str) -> _Errors:
         return (getattr(self._pg, name),) if self._pg is not None else ()
 
     def tx(self) -> _Tx:
@@ -222,7 +223,7 @@ class Database:
         """One statement in its own transaction; its rows (if any)."""
         with self.tx() as cur:
             cur.execute(sql, params)
-            no_rows: tuple[type[BaseException], ...] = (sqlite3.Error, *self._pg_errors("ProgrammingError"))
+            no_rows: _Errors = (sqlite3.Error, *self._pg_errors("ProgrammingError"))
             try:
                 return cur.fetchall()
             except no_rows:

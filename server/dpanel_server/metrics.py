@@ -90,7 +90,7 @@ def exec_timer() -> Iterator[None]:
     try:
         yield
     except BaseException as exc:
-        EXEC_RESULTS.labels(str(getattr(exc, "code", "cancelled" if isinstance(
+        EXEC_RESULTS.labels(label(getattr(exc, "code", "cancelled" if isinstance(
             exc, asyncio.CancelledError) else "internal"))).inc()
         raise
     EXEC_START.observe(time.monotonic() - t0)

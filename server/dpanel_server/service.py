@@ -15,9 +15,10 @@ from ._files import ensure_secret
 from ._httpguard import guarded_h11
 from ._sdnotify import notify, watchdog_loop
 from .api import create_app
-from .config import ServerConfig, _hostport
+from .config import TUNNEL_METRICS_PORT, ServerConfig, _hostport
 from .errors import BrokerError, UnknownDevice
 from .manager import Manager
+from .metrics import register_tunnel_metrics, serve_metrics
 from .registry import Registry
 from .tunnel import TunnelServer, TunnelSettings
 from .tunnelctl import TunnelControl, control_path, serve_control
@@ -88,6 +89,14 @@ async def run_tunnel(cfg: ServerConfig) -> None:
     tunnel = TunnelServer(_tunnel_settings(cfg), registry.verify,
                           allowed=registry_allows(registry))
     await tunnel.start()
+    register_tunnel_metrics(tunnel)
+    metrics_srv = None
+    if cfg.tunnel.metrics_listen:
+        host, port = _hostport(cfg.tunnel.metrics_listen, "tunnel.metrics_listen",
+                               TUNNEL_METRICS_PORT)
+        metrics_srv = await serve_metrics(host, port, registry.db)
+        log.info("tunnel metrics on http://%s/metrics (readiness: /ready)",
+                 cfg.tunnel.metrics_listen)
     control = await serve_control(tunnel, control_path(cfg.state_dir))
     stop = _wait_for_signal()
     tasks = [asyncio.create_task(watch_revocations(registry, tunnel)),
@@ -99,6 +108,8 @@ async def run_tunnel(cfg: ServerConfig) -> None:
     for t in tasks:
         t.cancel()
     control.close()
+    if metrics_srv is not None:
+        metrics_srv.close()
     await tunnel.close()
     registry.close()
 
@@ -197,6 +208,7 @@ async def run_services(cfg: ServerConfig) -> None:
     tunnel = TunnelServer(_tunnel_settings(cfg), registry.verify,
                           allowed=registry_allows(registry))
     await tunnel.start()
+    register_tunnel_metrics(tunnel)
     manager = Manager(cfg, kick=tunnel.kick, tunnel_sessions=tunnel.sessions,
                       tunnel_stats=tunnel.stats)
     await manager.start()

@@ -14,13 +14,13 @@ from typing import Iterator
 
 import asyncssh
 import pytest
+from pgfix import running_postgres
 from prometheus_client.parser import text_string_to_metric_families
 from test_tunnel_layouts import Appliance, login
 
 from dpanel_server._files import atomic_write
 from dpanel_server.config import dump_config, load_config
 from dpanel_server.stack import start_mosquitto
-from pgfix import running_postgres
 from stackfix import Stack
 from support import free_port, stop_proc, wait_for
 

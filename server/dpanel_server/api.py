@@ -1,7 +1,8 @@
 """HTTP API for the dPanel panel and the CLI (FastAPI; OpenAPI at /openapi.json).
 
-Every route but /v1/health wants ``Authorization: Bearer <admin token>`` (declared as an
-HTTP bearer security scheme). Errors are ``{"error": message, "code": ErrorCode}``
+Every route but /v1/health, /v1/ready and /metrics (:mod:`.metrics`) wants
+``Authorization: Bearer <admin token>`` (declared as an HTTP bearer security scheme).
+Errors are ``{"error": message, "code": ErrorCode}``
 (:class:`ErrorOut`). Exec streams the NDJSON events of :mod:`dpanel_proto.events`, with a
 ``{}`` heartbeat after every ``DPANEL_EXEC_HEARTBEAT`` seconds (default 15) of silence;
 ``stream: false`` answers once, with at most ``max_output`` bytes of each stream kept.

@@ -30,6 +30,8 @@ from pathlib import Path
 from types import TracebackType
 from typing import Any, Iterator, Optional, Sequence, Union
 
+from dpanel_proto.codes import ErrorCode
+
 from .errors import ConfigError, RegistryError
 
 __all__ = ["Cursor", "Database", "DatabaseError", "IntegrityError", "connect", "redact",
@@ -46,11 +48,16 @@ STATEMENT_TIMEOUT_MS = 30_000
 
 
 class DatabaseError(RegistryError):
-    """The database failed (unreachable, locked too long, broken schema)."""
+    """The database failed (unreachable, locked too long, broken schema): a 500, not the
+    registry's 400 "refused the change"."""
+
+    code = ErrorCode.INTERNAL
 
 
 class IntegrityError(DatabaseError):
     """A constraint refused the write (a duplicate key, most often)."""
+
+    code = ErrorCode.REGISTRY
 
 
 def sqlite_url(path: Union[str, Path]) -> str:
@@ -245,17 +252,33 @@ class Database:
         self.execute("SELECT 1")
 
     # ------------------------------------------------------------------ migrations
+    def _schema_lock(self, cur: Cursor) -> None:
+        if self.engine == "postgresql":
+            # processes starting at once (manager, tunnel, replicas) must not race on
+            # DDL: concurrent CREATE TABLE IF NOT EXISTS can fail on PostgreSQL
+            cur.execute("SELECT pg_advisory_xact_lock(?)", (0x64_70_61_6E,))
+
+    def ensure(self, component: str, schema: Sequence[str],
+               steps: Sequence[Sequence[str]] = ()) -> int:
+        """What a registry module calls at open: ``schema`` (CREATE ... IF NOT EXISTS,
+        run every time, so tables added later appear in old databases too), then its
+        numbered ``steps`` (:meth:`migrate`). Returns the schema version."""
+        with self.tx() as cur:
+            self._schema_lock(cur)
+            for stmt in schema:
+                cur.execute(stmt)
+        return self.migrate(component, steps)
+
     def migrate(self, component: str, steps: Sequence[Sequence[str]]) -> int:
         """Bring ``component``'s schema to version ``len(steps)``: step N (1-based) runs
         once, with its version bump, in one transaction; data stays. Returns the version.
         A database newer than this code is refused (an old binary must not write to it)."""
         with self.tx() as cur:
+            self._schema_lock(cur)
             cur.execute("CREATE TABLE IF NOT EXISTS schema_version ("
                         "component VARCHAR(63) PRIMARY KEY, version INTEGER NOT NULL)")
         with self.tx() as cur:
-            if self.engine == "postgresql":
-                # two processes starting at once must not both run a step
-                cur.execute("SELECT pg_advisory_xact_lock(?)", (0x64_70_61_6E,))
+            self._schema_lock(cur)  # two processes must not both run a step
             row = cur.execute("SELECT version FROM schema_version WHERE component = ?",
                               (component,)).fetchone()
             have = 0 if row is None else int(row[0])

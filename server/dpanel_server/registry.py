@@ -109,12 +109,10 @@ class Registry:
         # _SCHEMA (CREATE ... IF NOT EXISTS) runs at every open, so tables others add
         # there appear in existing databases too; MIGRATIONS are the numbered steps that
         # change what exists, each applied once (schema_version), keeping the data.
+        self.db.ensure("registry", _SCHEMA, MIGRATIONS)
         with self._tx() as cur:
-            for stmt in _SCHEMA:
-                cur.execute(stmt)
             cur.execute("INSERT INTO meta (name, value) VALUES ('revision', '0') "
                         "ON CONFLICT DO NOTHING")
-        self.db.migrate("registry", MIGRATIONS)
 
     def close(self) -> None:
         self.db.close()

@@ -139,3 +139,17 @@ def test_sqlite_ping_notices_a_file_moved_away(tmp_path: Path) -> None:
         db.ping()
     (tmp_path / "moved.db").rename(tmp_path / "r.db")
     db.ping()
+
+
+def test_processes_opening_one_database_at_once_do_not_race(registry_url: str) -> None:
+    """Manager, tunnel and replicas start together: concurrent CREATE TABLE IF NOT
+    EXISTS fails on PostgreSQL without the schema lock."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    with ThreadPoolExecutor(4) as pool:
+        regs = list(pool.map(lambda _: Registry(registry_url), range(4)))
+    regs[0].add("dev-1")
+    assert all(r.db.version("registry") == len(MIGRATIONS) for r in regs)
+    assert [d.id for d in regs[3].devices()] == ["dev-1"]
+    for r in regs:
+        r.close()

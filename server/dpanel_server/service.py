@@ -54,6 +54,7 @@ async def watch_revocations(registry: Registry, tunnel: TunnelServer,
     authenticated device is checked, not only those with a forward: one that logged in
     before the revoke must not keep its session to ask for a forward later."""
     seen = -1
+    failing = False
     while True:
         try:
             rev = await asyncio.to_thread(registry.revision)
@@ -63,8 +64,13 @@ async def watch_revocations(registry: Registry, tunnel: TunnelServer,
                 for device in sorted(tunnel.devices() - active):
                     log.warning("kicking revoked device %s off the tunnel", device)
                     tunnel.kick(device)
-        except Exception:  # a locked/busy DB must not kill the tunnel
-            log.exception("revocation watch failed; retrying")
+            if failing:
+                failing = False
+                log.warning("revocation watch: the registry answers again")
+        except Exception:  # a locked/busy/stopped DB must not kill the tunnel
+            if not failing:  # once per outage, not once a second
+                log.exception("revocation watch failed; retrying every %g s", interval)
+            failing = True
         await asyncio.sleep(interval)
 
 

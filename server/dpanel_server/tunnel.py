@@ -357,9 +357,11 @@ class _Session(asyncssh.SSHServer):
             async with self._srv._verify_slots:
                 ok = await asyncio.to_thread(self._srv._verify, username, password)
         except Exception:
+            # the registry failed (a database outage), not the device: refused, but not
+            # counted against it, or every device would be penalised once it is back
             rlog.exception(self.source, "auth for device %s from %s: verify failed", username,
                            self.peer)
-            ok = False
+            return False
         if ok:
             return not self.gone
         # Never log the secret; the device id and address are what an operator needs.

@@ -1,6 +1,6 @@
 """The key end-to-end promises on both registry engines (SQLite and a real PostgreSQL 15):
-enrol, exec, revoke cuts off at once, in the one-process stack and in the appliance
-layout, where the tunnel is its own process reading the same database."""
+enrol, exec, revoke cuts off at once, delete and re-enrol, in the one-process stack and
+in the appliance layout, where the tunnel is its own process reading the same database."""
 
 from __future__ import annotations
 
@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Iterator
 
 import pytest
+import test_api_cli
 import test_attacks
 import test_e2e
 import test_tunnel_layouts
@@ -56,6 +57,7 @@ def test_enrol_exec_and_revoke_cuts_off(engine_stack: Stack, tmp_path: Path,
     engine_stack.wait_online("dev-1")
     test_e2e.test_exec_streams_and_keeps_exit_code(engine_stack, "dev-1")
     test_attacks.test_revoked_device_is_cut_off_at_once(engine_stack, tmp_path)
+    test_api_cli.test_delete_frees_a_revoked_name_and_keeps_a_record(engine_stack)
 
 
 def test_separate_tunnel_learns_a_revoke_from_the_database(

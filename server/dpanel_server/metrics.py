@@ -136,7 +136,8 @@ def install_observability(app: FastAPI, manager: Manager) -> None:
         # in a thread: the appliance's tunnel gauges ask the tunnel over its socket
         return Response(await asyncio.to_thread(render), media_type=CONTENT_TYPE_LATEST)
 
-    @app.get("/v1/ready")
+    # out of the OpenAPI document, as /metrics: it lists the token-protected API
+    @app.get("/v1/ready", include_in_schema=False)
     async def ready() -> JSONResponse:
         """200 when the database answers and the broker session is up; 503 names which
         is not (for a load balancer or systemd's watchdog script)."""

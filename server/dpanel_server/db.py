@@ -220,11 +220,12 @@ class Database:
     def _pg_errors(self, name: str) -> _Errors:
         return (getattr(self._pg, name),) if self._pg is not None else ()
 
-    def tx(self) -> _Tx:
+    def tx(self, readonly: bool = False) -> _Tx:
         """``with db.tx() as cur:`` one transaction (committed on success, rolled back on
         an exception); on SQLite it takes the write lock at once (BEGIN IMMEDIATE), so
-        read-then-write steps cannot deadlock against another process."""
-        return _Tx(self)
+        read-then-write steps cannot deadlock against another process. ``readonly``
+        transactions take no write lock (a probe must not queue behind writers)."""
+        return _Tx(self, readonly)
 
     def execute(self, sql: str, params: Params = ()) -> list[tuple[Any, ...]]:
         """One statement in its own transaction; its rows (if any)."""
@@ -249,7 +250,8 @@ class Database:
                 raise DatabaseError(f"database {self._target}: {exc.strerror}") from None
             if (st.st_dev, st.st_ino) != self._ino or (head and head != b"SQLite format 3\0"):
                 raise DatabaseError(f"database {self._target}: the file was replaced")
-        self.execute("SELECT 1")
+        with self.tx(readonly=True) as cur:
+            cur.execute("SELECT 1").fetchall()
 
     # ------------------------------------------------------------------ migrations
     def _schema_lock(self, cur: Cursor) -> None:
@@ -304,8 +306,9 @@ class Database:
 
 
 class _Tx:
-    def __init__(self, db: Database) -> None:
+    def __init__(self, db: Database, readonly: bool = False) -> None:
         self._db = db
+        self._begin = "BEGIN" if readonly or db.engine != "sqlite" else "BEGIN IMMEDIATE"
 
     def __enter__(self) -> Cursor:
         db = self._db
@@ -316,7 +319,7 @@ class _Tx:
                     db._connect()
                 raw = db._conn.cursor()
                 try:
-                    db._run(raw, "BEGIN IMMEDIATE" if db.engine == "sqlite" else "BEGIN", ())
+                    db._run(raw, self._begin, ())
                     break
                 except DatabaseError:
                     # a connection that died while idle (PostgreSQL restarted) fails its

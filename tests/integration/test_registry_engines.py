@@ -85,3 +85,17 @@ def test_separate_tunnel_learns_a_revoke_from_the_database(
         asyncio.run(scenario())
     finally:
         registry.close()
+
+
+def test_stack_up_names_a_bad_registry_url(tmp_path: Path) -> None:
+    import subprocess
+
+    from stackfix import BIN
+
+    out = subprocess.run([str(BIN / "dpanel"), "stack", "up", "--dir", str(tmp_path / "s"),
+                          "--registry", "mysql://u:pw@h/db"], capture_output=True, timeout=60,
+                         stdin=subprocess.DEVNULL)
+    assert out.returncode != 0
+    assert b"--registry" in out.stderr and b"Traceback" not in out.stderr, out.stderr
+    assert out.stderr.strip().count(b"\n") == 0, out.stderr  # one line
+    assert b"pw" not in out.stderr  # the password is never echoed

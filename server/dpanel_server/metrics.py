@@ -24,6 +24,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, Counter, Histogram, generate_
 from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.registry import REGISTRY, Collector
 from starlette.responses import JSONResponse, Response
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from .db import Database
 
@@ -51,6 +52,7 @@ log = logging.getLogger("dpanel.metrics")
 
 DEVICE_REQUESTS = Counter("dpanel_device_requests", "Signed requests to devices (open/close)"
                           " by type and result code", ["type", "result"])
+API_REQUESTS = Counter("dpanel_api_requests", "API answers by HTTP status", ["status"])
 EXEC_START = Histogram("dpanel_exec_start_seconds", "From an exec call to the command "
                        "running on the device (tunnel open + SSH channel included)",
                        buckets=(0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30))
@@ -131,6 +133,8 @@ def install_observability(app: FastAPI, manager: Manager) -> None:
     device, and neither answer names a device (aggregates and booleans only). The API
     listens on loopback unless allow_public_api; a proxy in front decides who scrapes."""
 
+    app.add_middleware(_CountStatus)
+
     @app.get("/metrics", include_in_schema=False)
     async def metrics() -> Response:
         # in a thread: the appliance's tunnel gauges ask the tunnel over its socket
@@ -143,6 +147,26 @@ def install_observability(app: FastAPI, manager: Manager) -> None:
         is not (for a load balancer or systemd's watchdog script)."""
         status, doc = await readiness(manager.registry.db, manager.broker_connected)
         return JSONResponse(doc, status_code=status)
+
+
+class _CountStatus:
+    """ASGI middleware: count each answer's status (the status line only; bodies and
+    streams pass through untouched)."""
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+
+        async def counted(message: Message) -> None:
+            if message["type"] == "http.response.start":
+                API_REQUESTS.labels(str(message["status"])).inc()
+            await send(message)
+
+        await self.app(scope, receive, counted)
 
 
 def render() -> bytes:

@@ -87,6 +87,10 @@ def test_manager_metrics_move_after_enrol_exec_and_auth_failures(
     assert value(after, "dpanel_exec_start_seconds_count") == value(
         before, "dpanel_exec_start_seconds_count") + 1
     assert value(after, "dpanel_device_requests_total", type="open", result="ok") >= 1
+    assert value(after, "dpanel_api_requests_total", status="401") == value(
+        before, "dpanel_api_requests_total", status="401") + 1
+    assert value(after, "dpanel_api_requests_total", status="200") > value(
+        before, "dpanel_api_requests_total", status="200")
     for where in ("api", "tunnel"):
         assert value(after, "dpanel_auth_failures_total", where=where) == value(
             before, "dpanel_auth_failures_total", where=where) + 1

@@ -15,6 +15,7 @@ that reason, never re-run.
 from __future__ import annotations
 
 import asyncio
+import functools
 import json
 import logging
 import re
@@ -58,6 +59,8 @@ MAX_EXPIRES = 90 * 86400
 MAX_COMMAND = 64 << 10
 #: the scheduler looks at the registry at least this often (expiry), and on every event
 _TICK = 1.0
+#: a device online whose tunnel or SSH login failed is tried again after this
+_RETRY = 15.0
 
 _SCHEMA = [
     """CREATE TABLE IF NOT EXISTS jobs (
@@ -257,9 +260,11 @@ class JobStore:
     def claim(self, job_id: str, device: str) -> bool:
         """pending -> running, once: the compare-and-set that makes a part at-most-once."""
         with self._tx() as cur:
+            # the job's own state is part of the check: a cancel that committed first wins
             cur.execute("UPDATE job_parts SET state = 'running', started = ? "
-                        "WHERE job = ? AND device = ? AND state = 'pending'",
-                        (time.time(), job_id, device))
+                        "WHERE job = ? AND device = ? AND state = 'pending' AND EXISTS "
+                        "(SELECT 1 FROM jobs WHERE id = ? AND state = 'running')",
+                        (time.time(), job_id, device, job_id))
             return bool(cur.rowcount == 1)
 
     def unclaim(self, job_id: str, device: str) -> None:
@@ -315,6 +320,9 @@ class Jobs:
         #: (job, device) -> the task running that part
         self._running: dict[tuple[str, str], asyncio.Task[None]] = {}
         self._cancelling: set[tuple[str, str]] = set()
+        #: device -> monotonic time before which it is not tried again: its tunnel or SSH
+        #: login failed (nothing was sent); coming online again clears it
+        self._retry_after: dict[str, float] = {}
 
     # ------------------------------------------------------------------ lifecycle
     async def start(self) -> None:
@@ -333,8 +341,10 @@ class Jobs:
         if self._running:
             await asyncio.gather(*self._running.values(), return_exceptions=True)
 
-    def kick(self, _device: str = "") -> None:
+    def kick(self, device: str = "") -> None:
         """Something changed (a device came online, a part ended): look again now."""
+        if device:
+            self._retry_after.pop(device, None)
         self._wake.set()
 
     # ------------------------------------------------------------------ API side
@@ -447,6 +457,8 @@ class Jobs:
 
     def _ready(self, device: str) -> bool:
         p = self._m.presence.get(device)
+        if self._retry_after.get(device, 0.0) > time.monotonic():
+            return False
         return bool(p and p.online and p.not_answering_since is None and p.host_key_ok
                     and self._m.broker_connected())
 
@@ -488,9 +500,9 @@ class Jobs:
                 room -= 1
                 task = asyncio.create_task(self._run(job, device))
                 self._running[(job_id, device)] = task
-                task.add_done_callback(lambda _t, k=(job_id, device): self._done(k))
+                task.add_done_callback(functools.partial(self._done, (job_id, device)))
 
-    def _done(self, key: tuple[str, str]) -> None:
+    def _done(self, key: tuple[str, str], _task: object = None) -> None:
         self._running.pop(key, None)
         self._cancelling.discard(key)
         self.kick()
@@ -505,6 +517,7 @@ class Jobs:
                 await self._m.connection(device)
             except DPanelError as exc:
                 log.info("job %s: %s not reachable yet (%s); waiting", job_id, device, exc)
+                self._retry_after[device] = time.monotonic() + _RETRY
                 await asyncio.to_thread(self.store.unclaim, job_id, device)
                 return
             state, exit_code, reason = "failed", None, None

@@ -188,3 +188,18 @@ def test_bad_input_names_the_flag(fleet: Fleet) -> None:
         assert out.returncode != 0 and flag in err and len(err.splitlines()) == 1, err
     out = fleet.stack.cli("job", "show", "0123456789abcdef")
     assert out.returncode == 1 and "unknown job" in out.stderr.decode()
+
+
+def test_output_is_capped_and_escaped(fleet: Fleet) -> None:
+    """A huge output keeps 64 KiB of each stream (truncated: true); a device's escape
+    sequences never reach the operator's terminal through `job logs`."""
+    dev = NAMES[1]
+    fleet.stack.wait_online(dev)
+    job = fleet.run(dev, "--", "head -c 300000 /dev/zero | tr '\\0' x; "
+                    "printf 'evil\\033]0;pwned\\007\\n' >&2")
+    fleet.wait_parts(job, {dev: "succeeded"})
+    part = fleet.parts(job)[dev]
+    assert part["truncated"] is True
+    logs = fleet.stack.cli_ok("job", "logs", job, "--device", dev)
+    assert "x" * 65536 in logs and "x" * 65537 not in logs
+    assert "evil" in logs and "\x1b" not in logs and "\x07" not in logs

@@ -11,7 +11,7 @@ import pytest
 
 from dpanel_server.authz import Forbidden, Principal
 from dpanel_server.errors import DPanelError, UnknownDevice
-from dpanel_server.jobs import JobSpec, Jobs, error_limit, parse_duration, parse_max_errors
+from dpanel_server.jobs import Jobs, JobSpec, error_limit, parse_duration, parse_max_errors
 from dpanel_server.registry import Device, Registry
 
 

@@ -27,7 +27,7 @@ from typing import TYPE_CHECKING, Any, Optional
 from dpanel_proto import wire
 from dpanel_proto.codes import ErrorCode
 
-from .authz import Principal, in_scope, require
+from .authz import Forbidden, Principal, in_scope, require
 from .errors import DPanelError, RequestTimeout, UnknownDevice
 
 if TYPE_CHECKING:
@@ -368,6 +368,10 @@ class Jobs:
         if spec.devices:
             for name in spec.devices:
                 d = known.get(name)
+                if d is None and principal.scope:
+                    # a scoped caller learns nothing of devices outside its scope
+                    raise Forbidden(f"device {name} is outside {principal.name}'s scope "
+                                    f"({', '.join(principal.scope)})")
                 if d is None:
                     raise UnknownDevice(f"device: unknown or revoked device {name!r}")
                 require(principal, "exec", name, d.labels)
@@ -554,7 +558,9 @@ class Jobs:
                 state, exit_code = "cancelled", None
             else:
                 raise  # manager shutdown: the next start marks the part failed
-        # AUDIT HOOK (issue 9, branch `audit`): write one audit record per run here:
-        # actor=job["created_by"], action "job.exec", device, job id, command, state, exit.
+        # AUDIT HOOK (issue 9, branch `audit`): write one audit record per run here, under
+        # the job's creator: actor=job["created_by"], kind "job", device, job id, command,
+        # outcome state/exit (audit_api.record_call wants an HTTP request; a run has none,
+        # so the record's origin is the job id). Until then the log line below is all.
         log.info("job %s: %s on %s (exit %s) for %s", job_id, state, device, exit_code,
                  job["created_by"])

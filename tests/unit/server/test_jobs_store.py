@@ -55,6 +55,8 @@ def test_a_scoped_operator_reaches_only_its_devices(jobs: Jobs) -> None:
             await jobs.create(VIEWER, JobSpec(command="true", all=True))
         with pytest.raises(UnknownDevice):
             await jobs.create(ADMIN, JobSpec(command="true", devices=("nope",)))
+        with pytest.raises(Forbidden):  # not "unknown": a scope hides what is outside it
+            await jobs.create(ALICE, JobSpec(command="true", devices=("nope",)))
     asyncio.run(go())
 
 

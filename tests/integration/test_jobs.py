@@ -203,3 +203,13 @@ def test_output_is_capped_and_escaped(fleet: Fleet) -> None:
     logs = fleet.stack.cli_ok("job", "logs", job, "--device", dev)
     assert "x" * 65536 in logs and "x" * 65537 not in logs
     assert "evil" in logs and "\x1b" not in logs and "\x07" not in logs
+
+
+def test_timeout_marks_the_part_timed_out(fleet: Fleet) -> None:
+    dev = NAMES[2]
+    fleet.stack.wait_online(dev)
+    job = fleet.run(dev, "--timeout", "2s", "--", _count_cmd("t", "sleep 60"))
+    fleet.wait_parts(job, {dev: "timed_out"})
+    part = fleet.parts(job)[dev]
+    assert part["exit"] is None and "timed out" in part["reason"], part
+    assert fleet.runs(dev, "t") == 1

@@ -9,6 +9,8 @@ import json
 import os
 import signal
 import subprocess
+import urllib.error
+import urllib.request
 from pathlib import Path
 from typing import Any, Iterator
 
@@ -188,6 +190,11 @@ def test_bad_input_names_the_flag(fleet: Fleet) -> None:
         assert out.returncode != 0 and flag in err and len(err.splitlines()) == 1, err
     out = fleet.stack.cli("job", "show", "0123456789abcdef")
     assert out.returncode == 1 and "unknown job" in out.stderr.decode()
+    for path in ("/v1/jobs", "/v1/jobs/0123456789abcdef"):  # no token: nothing
+        with pytest.raises(urllib.error.HTTPError) as err:
+            urllib.request.urlopen(f"http://127.0.0.1:{fleet.stack.api_port}{path}",
+                                   timeout=30)
+        assert err.value.code == 401
 
 
 def test_output_is_capped_and_escaped(fleet: Fleet) -> None:

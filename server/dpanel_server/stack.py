@@ -31,6 +31,7 @@ from dpanel_proto.util import parse_hostport
 from ._files import atomic_write, ensure_secret
 from .broker import Listener, render_mosquitto_conf
 from .config import ServerConfig, check_advertised, dump_config, load_config, stack_config
+from .db import parse_url, redact
 from .dynsec import find_plugin, merge_missing
 from .errors import BrokerError, ConfigError
 from .manager import sync_broker_files
@@ -107,6 +108,7 @@ def prepare_stack(state_dir: Path, *, broker_port: Optional[int] = None,
                   advertise: Optional[str] = None,
                   keepalive_interval: Optional[float] = None,
                   tls: Optional[bool] = None,
+                  registry: Optional[str] = None,
                   broker_auth: Optional[str] = None) -> ServerConfig:
     """Create (first time) or load DIR/server.toml, so a restarted stack keeps its ports,
     keys and registry. Every argument that is not None is applied, to an existing DIR
@@ -147,13 +149,22 @@ def prepare_stack(state_dir: Path, *, broker_port: Optional[int] = None,
     check_advertised(adv, "--advertise")
     want["advertise"] = adv
     _apply(cfg, want, state_dir)
+    if registry is not None:
+        parse_url(registry, "--registry")
+    if registry is not None and registry != cfg.registry.url:
+        if existing:
+            print(f"dpanel stack: applying to {conf}: registry {redact(cfg.registry_url)} -> "
+                  f"{redact(registry)} (devices are not copied over)", flush=True)
+        cfg.registry.url = registry
+        cfg.validate()
     text = dump_config(cfg)
     if existing:
         changed = [k for k in want if want[k] != old[k]]
         if changed:
             print(f"dpanel stack: applying to {conf}: "
                   + "; ".join(f"{k} {old[k]} -> {want[k]}" for k in changed)
-                  + ("" if set(changed) <= {"keepalive_interval", "port_range", "api_port"}
+                  + ("" if set(changed) <= {"keepalive_interval", "port_range", "api_port",
+                                             "broker_auth"}
                      else " (tokens issued before carry the old addresses: re-issue them)"),
                   flush=True)
     if not existing or conf.read_text() != text:
@@ -280,7 +291,7 @@ def start_mosquitto(cfg: ServerConfig) -> subprocess.Popen[bytes]:
         raise ConfigError("mosquitto is not installed (apt-get install mosquitto)")
     mdir = Path(cfg.broker.passwd_path).parent
     # Credentials first, so the manager's first CONNECT is accepted.
-    registry = Registry(cfg.registry_path)
+    registry = Registry(cfg.registry_url)
     try:
         if cfg.broker.auth == "dynsec":
             dynsec = (find_plugin(), Path(cfg.broker.dynsec_path))

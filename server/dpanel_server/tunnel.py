@@ -46,12 +46,13 @@ from typing import Awaitable, Callable, Literal, Optional, Union
 import asyncssh
 
 from dpanel_proto.ratelog import REPORT_SOURCE, RateLimitedLog
-from dpanel_proto.wire import DecodeError, validate_device_id
+from dpanel_proto.wire import DecodeError, printable, validate_device_id
 
 from ._files import atomic_write, ensure_private_key
 from ._gate import Outcome, PreAuthGate, Startups, source_key
 from ._pool import PoolExhausted, PortPool
 from .errors import ConfigError
+from .metrics import AUTH_FAILURES
 
 __all__ = [
     "ALLOWED_LISTEN_HOSTS",
@@ -329,7 +330,8 @@ class _Session(asyncssh.SSHServer):
     # ------------------------------------------------------------ authentication
 
     def begin_auth(self, username: str) -> bool:
-        self.username = username
+        # shown in logs before it is checked: escaped and capped until it proves valid
+        self.username = printable(username[:80])
         if self._handshake is not None:
             self._handshake.cancel()
             self._handshake = None
@@ -343,10 +345,9 @@ class _Session(asyncssh.SSHServer):
         return False  # else asyncssh emulates it on top of password auth
 
     async def validate_password(self, username: str, password: str) -> bool:
-        self.username = username
         rlog = self._srv._rlog
         try:
-            validate_device_id(username)
+            self.username = validate_device_id(username)
         except DecodeError:
             rlog.warning(self.source, "auth refused from %s: %r is not a device id", self.peer,
                          username[:80])
@@ -356,9 +357,11 @@ class _Session(asyncssh.SSHServer):
             async with self._srv._verify_slots:
                 ok = await asyncio.to_thread(self._srv._verify, username, password)
         except Exception:
+            # the registry failed (a database outage), not the device: refused, but not
+            # counted against it, or every device would be penalised once it is back
             rlog.exception(self.source, "auth for device %s from %s: verify failed", username,
                            self.peer)
-            ok = False
+            return False
         if ok:
             return not self.gone
         # Never log the secret; the device id and address are what an operator needs.
@@ -367,6 +370,7 @@ class _Session(asyncssh.SSHServer):
         return False
 
     def _count_failure(self) -> None:
+        AUTH_FAILURES.labels("tunnel").inc()
         self.failures += 1
         conn = self._conn
         if self.failures >= MAX_AUTH_FAILURES and conn is not None:

@@ -142,7 +142,7 @@ class Operators:
             cur.execute("INSERT INTO operators (name, role, scope, token_hash, created_at) "
                         "VALUES (?, ?, ?, ?, ?)",
                         (name, role, json.dumps(list(sels)), _hash(secret), now))
-        op = Operator(name, cast(Role, role), sels, now)
+        op = Operator(name, role, sels, now)
         return op, f"{TOKEN_PREFIX}{name}.{secret}"
 
     def get(self, name: str) -> Operator:

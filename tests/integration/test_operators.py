@@ -23,8 +23,6 @@ import pytest
 from stackfix import BIN, Stack
 from support import free_port
 
-
-
 #: every operator token made here, for the last test's look at the log
 OPERATOR_TOKENS: list[str] = []
 

@@ -124,6 +124,11 @@ def prepare_stack(state_dir: Path, *, broker_port: Optional[int] = None,
     want.update({k: v for k, v in given.items() if v is not None})
     if want["https_listen"] == "":
         want["https_listen"] = None  # --https-listen "": off again
+    elif https_listen:
+        try:
+            parse_hostport(https_listen, "--https-listen", 443)
+        except ValueError as exc:
+            raise ConfigError(str(exc)) from None
     if not existing:
         want.update(broker_port=broker_port or STACK_BROKER_PORT,
                     tunnel_port=tunnel_port or TUNNEL_PORT, api_port=api_port or API_PORT)

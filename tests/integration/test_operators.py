@@ -282,6 +282,59 @@ def test_on_the_manager_host_server_toml_still_wins(world: Stack, tmp_path: Path
     assert out.returncode == 1 and b"unreachable" in out.stderr
 
 
+def _login_on_a_terminal(home: Path, url: str, token: str, answer: bytes) -> tuple[int, str]:
+    """`dpanel login` without a pin, on a real pseudo-terminal: answers the question."""
+    import pty
+    import select
+
+    master, slave = pty.openpty()
+    proc = subprocess.Popen([str(BIN / "dpanel"), "login", url, "--token", token],
+                            env=_remote_env(home), stdin=slave, stdout=slave, stderr=slave,
+                            cwd=home, start_new_session=True)
+    os.close(slave)
+    seen = b""
+    answered = False
+    try:
+        while True:
+            ready, _, _ = select.select([master], [], [], 60)
+            if not ready:
+                raise AssertionError(f"no prompt: {seen!r}")
+            try:
+                chunk = os.read(master, 4096)
+            except OSError:  # EIO: the child closed the terminal
+                break
+            if not chunk:
+                break
+            seen += chunk
+            if not answered and b"[y/N]" in seen:
+                os.write(master, answer)
+                answered = True
+        return proc.wait(60), seen.decode(errors="replace")
+    finally:
+        os.close(master)
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+
+
+def test_trust_on_first_use_shows_the_fingerprint_and_asks(world: Stack,
+                                                          tmp_path: Path) -> None:
+    token = _user(world, "tofu", "viewer")
+    home = tmp_path / "tofu"
+    home.mkdir()
+    conf = home / ".config" / "dpanel" / "config.toml"
+    fp = _server_fingerprint(world)
+    shown = "SHA256:" + ":".join(fp[i:i + 2] for i in range(0, 64, 2)).upper()
+    code, text = _login_on_a_terminal(home, _url(world), token, b"n\n")
+    assert code == 1 and shown in text and "nothing was written" in text, text
+    assert not conf.exists()
+    code, text = _login_on_a_terminal(home, _url(world), token, b"y\n")
+    assert code == 0 and "logged in" in text, text
+    assert f'fingerprint = "{fp}"' in conf.read_text()
+    out = _remote(home, "whoami")
+    assert out.returncode == 0 and out.stdout.startswith(b"tofu (viewer"), out
+
+
 def test_no_operator_token_in_the_stack_log(world: Stack) -> None:
     """Runs last in this module: every token made above was used, some refused."""
     log = world.log()

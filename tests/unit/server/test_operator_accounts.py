@@ -166,3 +166,45 @@ def test_bash_completion_covers_commands_flags_and_devices(tmp_path: Path) -> No
     zsh = subprocess.run([_bin(), "completion", "zsh"], capture_output=True, check=True,
                          timeout=60).stdout.decode()
     assert zsh.startswith("#compdef dpanel") and "bashcompinit" in zsh
+
+
+@pytest.mark.parametrize("text,needle", [
+    ("[manager]\nhttps_listen = 'x:99999'\n", "manager.https_listen: port"),
+    ("[manager]\nhttps_listen = ':443'\n", "manager.https_listen: no host"),
+    ("[manager]\nhttps_listen = '0.0.0.0:443'\nhttps_cert = '/c.pem'\n",
+     "manager.https_cert, manager.https_key: give both or neither"),
+    ("[manager]\nhttps_cert = '/c.pem'\nhttps_key = '/k.pem'\n",
+     "manager.https_cert: set manager.https_listen too"),
+    ("[manager]\nhttps_listen = 443\n", "manager.https_listen: expected str"),
+])
+def test_https_settings_are_checked_by_name(tmp_path: Path, text: str, needle: str) -> None:
+    from dpanel_server.config import load_config
+
+    (tmp_path / "server.toml").write_text(text)
+    with pytest.raises(DPanelError, match=needle):
+        load_config(tmp_path / "server.toml")
+
+
+def test_https_certificate_covers_the_listen_host(tmp_path: Path) -> None:
+    from cryptography import x509
+
+    from dpanel_server.config import load_config
+    from dpanel_server.https_listener import https_ca_path, https_files
+
+    (tmp_path / "server.toml").write_text(
+        f"state_dir = '{tmp_path}'\n[manager]\nhttps_listen = '192.0.2.7:8443'\n")
+    cfg = load_config(tmp_path / "server.toml")
+    cert, key = https_files(cfg)
+    crt = x509.load_pem_x509_certificate(Path(cert).read_bytes())
+    san = crt.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+    assert {str(v) for v in san.get_values_for_type(x509.IPAddress)} == {"192.0.2.7",
+                                                                         "127.0.0.1"}
+    assert Path(key).stat().st_mode & 0o777 == 0o600
+    ca = https_ca_path(cfg).read_bytes()
+    assert https_files(cfg) == (cert, key) and https_ca_path(cfg).read_bytes() == ca  # kept
+    # an operator-supplied pair that is not there is named
+    (tmp_path / "server.toml").write_text(
+        f"state_dir = '{tmp_path}'\n[manager]\nhttps_listen = '0.0.0.0:443'\n"
+        f"https_cert = '{tmp_path}/no.crt'\nhttps_key = '{tmp_path}/no.key'\n")
+    with pytest.raises(DPanelError, match=r"manager\.https_cert: .*no\.crt is missing"):
+        https_files(load_config(tmp_path / "server.toml"))

@@ -337,9 +337,14 @@ def test_trust_on_first_use_shows_the_fingerprint_and_asks(world: Stack,
 
 def test_no_operator_token_in_the_stack_log(world: Stack) -> None:
     """Runs last in this module: every token made above was used, some refused."""
+    token = _user(world, "last", "operator")
+    assert _call(world, "GET", "/v1/whoami", token)[0] == 200
+    assert _call(world, "GET", "/v1/whoami", token + "x")[0] == 401
+    world.cli_ok("user", "revoke", "last")
+    assert _call(world, "GET", "/v1/whoami", token)[0] == 401
     log = world.log()
     assert "manager API over HTTPS on https://127.0.0.1" in log
-    assert len(OPERATOR_TOKENS) >= 4
+    assert "revoked operator last" in log  # the log is the one the stack writes
     assert "dpo1." not in log
     for token in [*OPERATOR_TOKENS, *world.tokens.values(), _admin(world)]:
         assert token.rsplit(".", 1)[-1] not in log

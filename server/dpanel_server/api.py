@@ -158,7 +158,7 @@ class ExecOut(BaseModel):
 #: The admin token, declared in OpenAPI as an HTTP bearer scheme; checked in ``auth``
 #: (auto_error off, so that a missing header gets our 401 ErrorOut, not a bare 403).
 _BEARER = HTTPBearer(auto_error=False, description="the admin token "
-                     "(manager.admin_token_file)")
+                     "(manager.admin_token_file) or an operator's dpo1. token")
 _Credentials = Annotated[Optional[HTTPAuthorizationCredentials], Security(_BEARER)]
 
 

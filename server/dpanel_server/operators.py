@@ -46,6 +46,8 @@ SCHEMA = [
 _NAME_RE = re.compile(r"^[a-z0-9][a-z0-9_-]{0,62}$")
 #: the built-in admin token's principal is called this; no account may take the name
 RESERVED = frozenset({"admin"})
+#: selectors one account may have (each widens the scope)
+MAX_SELECTORS = 64
 _SECRET_RE = re.compile(r"^[A-Za-z0-9_-]{43}$")  # token_urlsafe(32)
 
 
@@ -129,8 +131,13 @@ class Operators:
             raise DPanelError(f"role: {role!r} is not one of {', '.join(ROLES)}",
                               ErrorCode.INVALID)
         sels = tuple(dict.fromkeys(scope))
+        if len(sels) > MAX_SELECTORS:
+            raise DPanelError(f"scope: at most {MAX_SELECTORS} selectors", ErrorCode.INVALID)
         for sel in sels:
             parse_selector(sel)
+            if len(sel) > 320 or not sel.isprintable():  # it is shown on terminals
+                raise DPanelError(f"scope: {sel[:40]!r} must be at most 320 printable "
+                                  "characters", ErrorCode.INVALID)
         secret = secrets.token_urlsafe(32)
         now = time.time()
         with self._registry._tx() as cur:

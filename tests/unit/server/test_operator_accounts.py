@@ -57,6 +57,8 @@ def test_malformed_tokens_are_refused(ops: Operators, token: str) -> None:
     ("ok", "root", [], "role: 'root' is not one of viewer, operator, admin"),
     ("ok", "viewer", ["site"], "not a label selector"),
     ("ok", "viewer", ["a=b\nc=d"], "not a label selector"),
+    ("ok", "viewer", ["site=\x1b[31mred"], "printable"),
+    ("ok", "viewer", [f"s=v{i}" for i in range(65)], "at most 64 selectors"),
 ])
 def test_bad_accounts_name_the_field(ops: Operators, name: str, role: str,
                                      scope: list[str], needle: str) -> None:

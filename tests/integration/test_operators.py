@@ -30,10 +30,8 @@ OPERATOR_TOKENS: list[str] = []
 @pytest.fixture(scope="module")
 def world(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
     base = tmp_path_factory.mktemp(f"ops{os.getpid()}")
-    https_port = free_port()
     s = Stack(dir=base / "stack", broker_port=free_port(), tunnel_port=free_port(),
-              api_port=free_port(), extra=("--https-listen", f"127.0.0.1:{https_port}"))
-    s.https_port = https_port  # type: ignore[attr-defined]
+              api_port=free_port(), https_port=free_port())
     s.start()
     try:
         for name, site in (("dev-a", "a"), ("dev-b", "b")):
@@ -86,7 +84,7 @@ def _remote(home: Path, *args: str, stdin: Any = subprocess.DEVNULL
 
 
 def _url(stack: Stack) -> str:
-    return f"https://127.0.0.1:{stack.https_port}"  # type: ignore[attr-defined]
+    return f"https://127.0.0.1:{stack.https_port}"
 
 
 def _server_fingerprint(stack: Stack) -> str:

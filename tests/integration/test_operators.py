@@ -237,6 +237,8 @@ def test_login_over_https_then_no_server_file_is_needed(world: Stack, tmp_path: 
     assert out.returncode == 0 and out.stdout.strip() == b"100000", out
     out = _remote(home, "exec", "dev-b", "--", "true")
     assert out.returncode == 255 and b"outside lena's scope" in out.stderr
+    out = _remote(home, "exec", "--all", "--json", "--", "true")  # the fan-out: her scope
+    assert out.returncode == 0 and set(json.loads(out.stdout)) == {"dev-a"}, out
     out = _remote(home, "whoami")
     assert out.returncode == 0 and out.stdout.startswith(b"lena (operator; scope: site=a)")
 

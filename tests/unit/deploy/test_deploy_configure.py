@@ -112,3 +112,22 @@ def test_appliance_broker_has_the_public_limits(tmp_path: Path) -> None:
     assert "max_connections" not in loopback  # the manager's listener is never capped
     assert "max_packet_size 65536" in text and "max_queued_bytes" in text
     assert "\nuser " not in text  # the unit starts it as mosquitto
+
+
+def test_operator_listener_is_off_until_asked_and_kept_on_reruns(tmp_path: Path) -> None:
+    lay = _layout(tmp_path)
+    first = _desired_config(lay, Options(public_host="dp.example.com"))
+    assert "https_listen =" not in first  # default: off
+    lay.config.write_text(first)
+    lay.config.write_text(_desired_config(lay, Options(https_listen="0.0.0.0:443")))
+    assert 'https_listen = "0.0.0.0:443"' in lay.config.read_text()
+    # a hand-set certificate survives a re-run (package upgrade) without options
+    lay.config.write_text(lay.config.read_text().replace(
+        'https_listen = "0.0.0.0:443"',
+        'https_listen = "0.0.0.0:443"\nhttps_cert = "/etc/c.pem"\nhttps_key = "/etc/k.pem"'))
+    again = _desired_config(lay, Options())
+    assert 'https_cert = "/etc/c.pem"' in again and 'https_listen = "0.0.0.0:443"' in again
+    off = _desired_config(lay, Options(https_listen=""))
+    assert "https_listen =" not in off and "https_cert =" not in off
+    with pytest.raises(SystemExit, match="--https-listen: port"):
+        _desired_config(lay, Options(https_listen="0.0.0.0:99999"))

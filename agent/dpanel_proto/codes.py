@@ -50,6 +50,7 @@ class ErrorCode(str, Enum):
     # operator accounts (server/dpanel_server/operators.py)
     UNKNOWN_USER = "unknown_user"
     USER_EXISTS = "user_exists"
+    UNKNOWN_JOB = "unknown_job"
 
 
 @dataclass(frozen=True)
@@ -95,6 +96,7 @@ CODES: dict[ErrorCode, CodeInfo] = {
     ErrorCode.API_UNREACHABLE: CodeInfo(503, 1, "the manager API is unreachable"),
     ErrorCode.UNKNOWN_USER: CodeInfo(404, 1, "no such operator"),
     ErrorCode.USER_EXISTS: CodeInfo(409, 1, "the operator name is taken"),
+    ErrorCode.UNKNOWN_JOB: CodeInfo(404, 1, "no such job (or not yours)"),
 }
 
 

@@ -35,6 +35,8 @@ class Stack:
     #: also serve the API over HTTPS on 127.0.0.1:https_port (``--https-listen``)
     https_port: int | None = None
     extra: tuple[str, ...] = ()
+    #: ``stack up --registry URL`` (None: the SQLite file in dir)
+    registry: str | None = None
     proc: subprocess.Popen[bytes] | None = None
     agents: list[subprocess.Popen[bytes]] = field(default_factory=list)
     tokens: dict[str, str] = field(default_factory=dict)
@@ -62,6 +64,8 @@ class Stack:
             argv += ["--advertise", self.advertise]
         if self.https_port:
             argv += ["--https-listen", f"127.0.0.1:{self.https_port}"]
+        if self.registry:
+            argv += ["--registry", self.registry]
         argv += self.extra
         self.dir.mkdir(parents=True, exist_ok=True)
         with (self.dir.parent / f"{self.dir.name}-stack.log").open("ab") as log:

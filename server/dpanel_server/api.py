@@ -1,9 +1,10 @@
 """HTTP API for the dPanel panel and the CLI (FastAPI; OpenAPI at /openapi.json).
 
-Every route but /v1/health wants ``Authorization: Bearer <token>`` (declared as an
-HTTP bearer security scheme): the admin token, or an operator's ``dpo1.`` token
-(:mod:`.operators`); each route then checks the caller's role and, for a device, its scope
-(:func:`.authz.require`). Errors are ``{"error": message, "code": ErrorCode}``
+Every route but /v1/health, /v1/ready and /metrics (:mod:`.metrics`) wants
+``Authorization: Bearer <token>`` (declared as an HTTP bearer security scheme): the admin
+token, or an operator's ``dpo1.`` token (:mod:`.operators`); each route then checks the
+caller's role and, for a device, its scope (:func:`.authz.require`).
+Errors are ``{"error": message, "code": ErrorCode}``
 (:class:`ErrorOut`). Exec streams the NDJSON events of :mod:`dpanel_proto.events`, with a
 ``{}`` heartbeat after every ``DPANEL_EXEC_HEARTBEAT`` seconds (default 15) of silence;
 ``stream: false`` answers once, with at most ``max_output`` bytes of each stream kept.
@@ -36,6 +37,7 @@ from . import __version__
 from .authz import Action, Forbidden, Principal, in_scope, require
 from .errors import DPanelError, UnknownDevice
 from .manager import Manager
+from .metrics import AUTH_FAILURES, install_observability
 from .operators import TOKEN_PREFIX, Operators
 from .registry import Device
 from .sshpool import ExecEvent, RemoteCommand
@@ -217,10 +219,12 @@ def create_app(manager: Manager, admin_token: str) -> FastAPI:
         if token.startswith(TOKEN_PREFIX):
             principal = operators.authenticate(token)
             if principal is None:
+                AUTH_FAILURES.labels("api").inc()
                 raise HTTPException(401, "unknown or revoked operator token",
                                     headers={"WWW-Authenticate": "Bearer"})
             return principal
         if not token or not hmac.compare_digest(token.encode(), admin_token.encode()):
+            AUTH_FAILURES.labels("api").inc()
             raise HTTPException(401, "missing or wrong admin token",
                                 headers={"WWW-Authenticate": "Bearer"})
         return ADMIN
@@ -270,6 +274,8 @@ def create_app(manager: Manager, admin_token: str) -> FastAPI:
         d["agent_version"] = p.agent_version if p else ""
         d["host_key_ok"] = p.host_key_ok if p else True
         return d
+
+    install_observability(app, manager)
 
     @app.get("/v1/health")
     async def health() -> dict[str, Any]:

@@ -390,7 +390,8 @@ def cmd_stack_up(args: argparse.Namespace) -> int:
                         tunnel_port=args.tunnel_port, api_port=args.api_port,
                         port_range=args.port_range, public_host=args.public_host,
                         advertise=args.advertise, keepalive_interval=args.keepalive_interval,
-                        tls=args.tls, https_listen=args.https_listen)
+                        tls=args.tls, registry=args.registry,
+                        https_listen=args.https_listen)
     return stack_up(cfg)
 
 
@@ -528,6 +529,8 @@ def _parser() -> argparse.ArgumentParser:
     a.add_argument("--https-listen", metavar="HOST:PORT", help="also serve the API over "
                    "HTTPS here, with a CA generated in DIR (its certificate: DIR/ca.pem), for "
                    "`dpanel login`; \"\": off again")
+    a.add_argument("--registry", metavar="URL", help="the registry database: "
+                   "sqlite:///PATH (default: DIR/registry.db) or postgresql://...")
     a.add_argument("--keepalive-interval", type=float,
                    help="tunnel SSH keepalive, default 15 s; dead devices free their port "
                    "after 3 misses")

@@ -6,7 +6,7 @@ against a secret with that much entropy, and the check runs on every request. Se
 never stored or logged; a revoked account keeps its row (its name is never reused, so that
 audit records keep meaning one person) and its token fails at the next request.
 
-The table lives in the registry's database, in plain SQL that also runs on PostgreSQL.
+The table lives in the registry's database (db.py), in plain SQL for SQLite and PostgreSQL.
 """
 
 from __future__ import annotations
@@ -114,9 +114,8 @@ class Operators:
 
     def __init__(self, registry: Registry) -> None:
         self._registry = registry
-        with registry._tx() as cur:
-            for stmt in SCHEMA:
-                cur.execute(stmt)
+        # under the schema lock: manager replicas may open one PostgreSQL at once
+        registry.db.ensure("operators", SCHEMA)
 
     @staticmethod
     def _row(row: Sequence[Any]) -> Operator:

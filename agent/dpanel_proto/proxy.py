@@ -148,8 +148,9 @@ def _fmt(host: str, port: int) -> str:
 
 
 def _reason(status: int, text: str) -> str:
-    if status == 407:
-        return f"407 {text or 'Proxy Authentication Required'} (wrong or missing proxy credentials)"
+    if status in (401, 407):  # 407 is the standard; tinyproxy answers CONNECT with 401
+        text = text or "Proxy Authentication Required"
+        return f"{status} {text} (wrong or missing proxy credentials)"
     if status == 403:
         return f"403 {text or 'Forbidden'} (the proxy does not allow this destination or port)"
     return f"{status} {text}".strip()

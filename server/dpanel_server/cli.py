@@ -382,7 +382,7 @@ def cmd_stack_up(args: argparse.Namespace) -> int:
                         tunnel_port=args.tunnel_port, api_port=args.api_port,
                         port_range=args.port_range, public_host=args.public_host,
                         advertise=args.advertise, keepalive_interval=args.keepalive_interval,
-                        tls=args.tls)
+                        tls=args.tls, edge_listen=args.edge_listen)
     return stack_up(cfg)
 
 
@@ -508,6 +508,10 @@ def _parser() -> argparse.ArgumentParser:
                    "10.0.2.2)")
     a.add_argument("--tls", action="store_true", default=None,
                    help="MQTT over TLS with a generated CA (pinned in device tokens)")
+    a.add_argument("--edge-listen", metavar="HOST:PORT",
+                   help="also serve devices MQTT and SSH on this one TLS port (ALPN "
+                   "dpanel-mqtt/dpanel-ssh; e.g. 0.0.0.0:443 with --advertise); tokens "
+                   "then name it; 'off' stops it")
     a.add_argument("--keepalive-interval", type=float,
                    help="tunnel SSH keepalive, default 15 s; dead devices free their port "
                    "after 3 misses")

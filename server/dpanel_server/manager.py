@@ -149,7 +149,7 @@ class Manager:
             device=name, secret=secret, broker=self.cfg.broker.public_url,
             tunnel=self.cfg.tunnel.public_address,
             tunnel_host_key=self.tunnel_host_key_line(), manager_key=self.manager_key_line,
-            broker_ca=ca,
+            broker_ca=ca, edge=self.cfg.edge.public_address if self.cfg.edge.listen else None,
         ).encode()
         self.sync_broker_files()
         log.info("enrolled device %s", name)

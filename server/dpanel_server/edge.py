@@ -132,7 +132,9 @@ class EdgeServer:
             try:
                 await writer.start_tls(self._ctx, ssl_handshake_timeout=self._handshake_timeout)
             except (OSError, asyncio.TimeoutError, ConnectionError) as exc:
-                why = "handshake timed out" if isinstance(exc, asyncio.TimeoutError) else (
+                # asyncio reports its ssl_handshake_timeout as ConnectionAbortedError
+                late = isinstance(exc, (asyncio.TimeoutError, ConnectionAbortedError))
+                why = f"TLS handshake timed out ({self._handshake_timeout:g} s)" if late else (
                     f"TLS handshake failed ({getattr(exc, 'reason', None) or exc})")
                 self._rl.info(f"tls {source}", "edge: %s: %s", source, why)
                 writer.transport.abort()

@@ -75,7 +75,6 @@ class TlsTunnel:
             self._ctx = ssl.create_default_context(cadata=ca_pem)
             if ep.alpn:
                 self._ctx.set_alpn_protocols([ep.alpn])
-        self._session: Optional[ssl.SSLSession] = None
 
     def __str__(self) -> str:
         return self.ep.describe()

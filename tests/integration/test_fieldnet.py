@@ -300,6 +300,8 @@ def test_only_direct_443_edge_outage_and_address_swap(net: Net, tmp_path: Path) 
         _run("ip", "link", "set", veth, "up")
         wait_for(lambda: _exec(stack, "dev-edge", "true").returncode == 0,
                  "exec after the outage", 150, interval=2)
+        # the broker session came back on a resumed TLS session, not a full handshake
+        assert "(TLS, resumed)" in (tmp_path / "dev-edge" / "agent.log").read_text()
         # the device's address changes under its live connections
         _run("ip", "netns", "exec", dev, "sysctl", "-qw",
              "net.ipv4.conf.eth0.promote_secondaries=1")

@@ -10,6 +10,8 @@ Example (``/etc/dpanel/agent.toml`` in images)::
     sshd_port = 22
     allow_forward_hosts = ["127.0.0.1", "::1", "localhost"]
     request_clock_skew = 120
+    profile = "default"           # or "metered" (LTE: ~1 MB/month idle), "lan"
+    proxy = "http://user:pass@proxy:3128"   # else the token's, else $https_proxy
 
 The token itself never goes into this file (it is a secret, and config files get copied
 around): it lives in ``token_file`` (mode 0600), or comes from the command line.

@@ -42,6 +42,7 @@ from dpanel_proto.util import parse_hostport
 
 from ._gate import PreAuthGate, Startups, source_key
 from .config import ServerConfig
+from .errors import ConfigError
 
 __all__ = ["ALPN_HTTP", "ALPN_MQTT", "ALPN_SSH", "EdgeServer", "Upstream", "edge_from_config",
            "loopback_source"]
@@ -92,8 +93,12 @@ class EdgeServer:
         self.spliced = 0
 
     async def start(self) -> None:
-        self._server = await asyncio.start_server(self._accept, self.host, self.port,
-                                                  backlog=1024)
+        try:
+            self._server = await asyncio.start_server(self._accept, self.host, self.port,
+                                                      backlog=1024)
+        except OSError as exc:
+            raise ConfigError(f"edge.listen {self.host}:{self.port}: cannot listen there "
+                              f"({exc.strerror or exc})") from None
         sock = self._server.sockets[0]
         self.port = sock.getsockname()[1]
         log.info("edge listening on %s:%d (ALPN %s)", self.host, self.port,

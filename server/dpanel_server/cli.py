@@ -73,7 +73,10 @@ def _labels(items: list[str]) -> dict[str, str]:
 
 def cmd_device_add(args: argparse.Namespace) -> int:
     labels = _labels(args.label)
-    out = _client(args).call("POST", "/v1/devices", {"name": args.name, "labels": labels})
+    body: dict[str, object] = {"name": args.name, "labels": labels}
+    if args.proxy:
+        body["proxy"] = args.proxy
+    out = _client(args).call("POST", "/v1/devices", body)
     if args.print_token:
         print(out["token"])
     else:
@@ -430,6 +433,8 @@ def _parser() -> argparse.ArgumentParser:
     a.add_argument("name")
     a.add_argument("--label", action="append", default=[], metavar="KEY=VALUE")
     a.add_argument("--print-token", action="store_true", help="print only the token")
+    a.add_argument("--proxy", metavar="URL", help="HTTP CONNECT proxy the device must use "
+                   "(http://[user:pass@]host:port; carried in the token)")
     a = add(dev, "list", cmd_device_list, "list devices with presence")
     a.add_argument("--json", action="store_true")
     a.add_argument("--deleted", action="store_true", help="list deleted devices instead")

@@ -214,12 +214,12 @@ def _proxy_topology(net: Net, auth: Optional[str]) -> tuple[str, str, str]:
 
 
 def _start(stack: Stack, name: str, tmp_path: Path, ns: str, conf: Optional[Path] = None,
-           env: Optional[dict[str, str]] = None) -> Path:
+           env: Optional[dict[str, str]] = None, token: Optional[str] = None) -> Path:
     state = tmp_path / name
     old = dict(os.environ)
     try:
         os.environ.update(env or {})
-        stack.start_agent(stack.enrol(name), state, netns=ns,
+        stack.start_agent(token or stack.enrol(name), state, netns=ns,
                           extra=("--config", str(conf)) if conf else ())
     finally:
         os.environ.clear()
@@ -243,17 +243,19 @@ def test_only_443_through_a_proxy(net: Net, tmp_path: Path) -> None:
 
 
 def test_proxy_with_basic_auth_and_wrong_credentials(net: Net, tmp_path: Path) -> None:
-    """The proxy from the agent config; the broker itself on TLS (the edge then speaks
-    TLS to it too)."""
+    """The good proxy from the token (`dpanel device add --proxy`), the wrong one from the
+    agent config (which wins); the broker itself on TLS (the edge speaks TLS to it too)."""
     dev, proxy, host = _proxy_topology(net, "fielduser s3cret-pw")
     stack = _stack(tmp_path, host, "--tls")
     try:
-        good = _agent_conf(tmp_path / "good.toml",
-                           proxy=f"http://fielduser:s3cret-pw@{proxy}:443", mqtt_keepalive=20)
-        _start(stack, "dev-auth", tmp_path, dev, good)
+        token = stack.cli_ok("device", "add", "dev-auth", "--print-token", "--proxy",
+                             f"http://fielduser:s3cret-pw@{proxy}:443").strip()
+        _start(stack, "dev-auth", tmp_path, dev, token=token)
         bad = _agent_conf(tmp_path / "bad.toml",
                           proxy=f"http://fielduser:wrong-pw@{proxy}:443")
-        bad_state = _start(stack, "dev-badauth", tmp_path, dev, bad)
+        bad_token = stack.cli_ok("device", "add", "dev-badauth", "--print-token", "--proxy",
+                                 f"http://fielduser:s3cret-pw@{proxy}:443").strip()
+        bad_state = _start(stack, "dev-badauth", tmp_path, dev, bad, token=bad_token)
         stack.wait_online("dev-auth", 60)
         _works_end_to_end(stack, "dev-auth", tmp_path)
 
@@ -264,7 +266,7 @@ def test_proxy_with_basic_auth_and_wrong_credentials(net: Net, tmp_path: Path) -
         text = wait_for(refused, "the wrong credentials' error in the agent log", 60)
         line = next(ln for ln in text.splitlines() if "proxy credentials" in ln)
         assert f"http://fielduser@{proxy}:443" in line and "credentials" in line, line
-        assert "wrong-pw" not in text
+        assert "wrong-pw" not in text and "s3cret-pw" not in text
         # it keeps retrying, with backoff, and stays up
         wait_for(lambda: (bad_state / "agent.log").read_text().count("proxy credentials") >= 2,
                  "a retry after the refusal", 60)

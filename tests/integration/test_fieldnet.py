@@ -238,6 +238,10 @@ def test_only_443_through_a_proxy(net: Net, tmp_path: Path) -> None:
         _works_end_to_end(stack, "dev-px", tmp_path)
         log = (tmp_path / "dev-px" / "agent.log").read_text()
         assert f"via http://{proxy}:443" in log
+        # a proxy the device could not use is refused at enrolment, in one line
+        out = stack.cli("device", "add", "dev-socks", "--proxy", "socks5://u:pw0rd@x:1080")
+        assert out.returncode != 0 and b"only http://" in out.stderr, out
+        assert b"pw0rd" not in out.stderr and len(out.stderr.strip().splitlines()) == 1
     finally:
         stack.close()
 

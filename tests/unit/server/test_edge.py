@@ -101,3 +101,17 @@ def test_loopback_source_spreads_and_is_stable() -> None:
     a, b = loopback_source("203.0.113.7"), loopback_source("203.0.113.8")
     assert a != b and a == loopback_source("203.0.113.7")
     assert a.startswith("127.") and a != "127.0.0.1"
+
+
+def test_stack_edge_listen_config(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    from dpanel_server.stack import prepare_stack
+
+    cfg = prepare_stack(tmp_path / "s", edge_listen="127.0.0.1:8443")
+    assert cfg.edge.listen == "127.0.0.1:8443" and cfg.edge.public_address == "127.0.0.1:8443"
+    assert cfg.edge.cert_file and Path(cfg.edge.cert_file).exists()
+    assert cfg.broker.ca_file and cfg.broker.url.startswith("mqtt://")  # broker stays plain
+    cfg = prepare_stack(tmp_path / "s", advertise="edge.example")
+    assert cfg.edge.public_address == "edge.example:8443"  # tokens name the advertised host
+    cfg = prepare_stack(tmp_path / "s", edge_listen="off")
+    assert cfg.edge.listen is None and cfg.broker.ca_file is None
+    assert "edge_listen" in capsys.readouterr().out

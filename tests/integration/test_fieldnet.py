@@ -329,6 +329,7 @@ def test_only_direct_443_edge_outage_and_address_swap(net: Net, tmp_path: Path) 
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(1500)
 @pytest.mark.skipif(os.environ.get("DPANEL_PARTITION_TEST") != "1",
                     reason="12 minutes: run with DPANEL_PARTITION_TEST=1 (CI runs slow tests "
                     "too, and this one alone would take a tenth of its budget)")

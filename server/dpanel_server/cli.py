@@ -480,6 +480,10 @@ def _parser() -> argparse.ArgumentParser:
     add(sub, "ssh-config", cmd_ssh_config, "print a ~/.ssh/config block: DEVICE.dpanel, and "
         "the bare names of the devices enrolled now")
 
+    from ._jobcli import add_job_parser
+
+    add_job_parser(sub, add)  # dpanel job ...
+
     tun = sub.add_parser("tunnel", help="open/close/list tunnels, or run the tunnel server"
                          ).add_subparsers(dest="sub", required=True)
     a = add(tun, "open", cmd_tunnel_open, "open a device's tunnel")

@@ -29,6 +29,7 @@ APT_PACKAGES = [
     "qemu-utils", "e2fsprogs", "mtools", "dosfstools", "fdisk", "bmap-tools",
     "systemd-container", "arch-test", "ca-certificates", "debian-archive-keyring",
     "tinyproxy", "nftables",  # field-network tests (only-443 netns, HTTP CONNECT proxy)
+    "postgresql-15",
 ]
 
 

@@ -385,7 +385,8 @@ def cmd_stack_up(args: argparse.Namespace) -> int:
                         tunnel_port=args.tunnel_port, api_port=args.api_port,
                         port_range=args.port_range, public_host=args.public_host,
                         advertise=args.advertise, keepalive_interval=args.keepalive_interval,
-                        tls=args.tls, edge_listen=args.edge_listen)
+                        tls=args.tls, edge_listen=args.edge_listen,
+                        registry=args.registry)
     return stack_up(cfg)
 
 
@@ -521,6 +522,8 @@ def _parser() -> argparse.ArgumentParser:
                    help="also serve devices MQTT and SSH on this one TLS port (ALPN "
                    "dpanel-mqtt/dpanel-ssh; e.g. 0.0.0.0:443 with --advertise); tokens "
                    "then name it; 'off' stops it")
+    a.add_argument("--registry", metavar="URL", help="the registry database: "
+                   "sqlite:///PATH (default: DIR/registry.db) or postgresql://...")
     a.add_argument("--keepalive-interval", type=float,
                    help="tunnel SSH keepalive, default 15 s; dead devices free their port "
                    "after 3 misses")

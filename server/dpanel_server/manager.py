@@ -199,11 +199,12 @@ class Manager:
     async def devices(self, include_revoked: bool = True) -> list[Device]:
         return await asyncio.to_thread(self.registry.devices, include_revoked)
 
-    async def enrol(self, name: str,
-                    labels: Optional[dict[str, str]] = None) -> tuple[Device, str]:
-        """Add a device; returns it and its token (the only time the secret exists)."""
+    async def enrol(self, name: str, labels: Optional[dict[str, str]] = None, *,
+                    proxy: Optional[str] = None) -> tuple[Device, str]:
+        """Add a device; returns it and its token (the only time the secret exists).
+        ``proxy``: an HTTP CONNECT proxy the token tells the device to use."""
         if self.dynsec is None:
-            return await asyncio.to_thread(self._enrol, name, labels)
+            return await asyncio.to_thread(self._enrol, name, labels, proxy)
         device, secret = await asyncio.to_thread(self.registry.add, name, labels)
         try:
             await self.dynsec.create_device(name, secret)
@@ -213,9 +214,10 @@ class Manager:
                 self.registry.delete(name)
             await asyncio.to_thread(undo)
             raise BrokerError(f"enrolment of {name} undone: {exc}") from None
-        return await asyncio.to_thread(self._enrol, name, labels, (device, secret))
+        return await asyncio.to_thread(self._enrol, name, labels, proxy, (device, secret))
 
     def _enrol(self, name: str, labels: Optional[dict[str, str]],
+               proxy: Optional[str] = None,
                added: Optional[tuple[Device, str]] = None) -> tuple[Device, str]:
         device, secret = added or self.registry.add(name, labels)
         ca = Path(self.cfg.broker.ca_file).read_text() if self.cfg.broker.ca_file else None
@@ -223,7 +225,8 @@ class Manager:
             device=name, secret=secret, broker=self.cfg.broker.public_url,
             tunnel=self.cfg.tunnel.public_address,
             tunnel_host_key=self.tunnel_host_key_line(), manager_key=self.manager_key_line,
-            broker_ca=ca,
+            broker_ca=ca, edge=self.cfg.edge.public_address if self.cfg.edge.listen else None,
+            proxy=proxy,
         ).encode()
         self.sync_broker_files()
         log.info("enrolled device %s", name)

@@ -99,7 +99,8 @@ def _current(cfg: ServerConfig) -> dict[str, object]:
             "port_range": cfg.tunnel.port_range,
             "keepalive_interval": cfg.tunnel.keepalive_interval, "tls": scheme == "mqtts",
             "public_host": None if tunnel_host == LOOPBACK else tunnel_host, "advertise": adv,
-            "broker_auth": cfg.broker.auth}
+            "https_listen": cfg.manager.https_listen,
+            "edge_listen": cfg.edge.listen, "broker_auth": cfg.broker.auth}
 
 
 def prepare_stack(state_dir: Path, *, broker_port: Optional[int] = None,
@@ -108,6 +109,8 @@ def prepare_stack(state_dir: Path, *, broker_port: Optional[int] = None,
                   advertise: Optional[str] = None,
                   keepalive_interval: Optional[float] = None,
                   tls: Optional[bool] = None,
+                  https_listen: Optional[str] = None,
+                  edge_listen: Optional[str] = None,
                   registry: Optional[str] = None,
                   broker_auth: Optional[str] = None) -> ServerConfig:
     """Create (first time) or load DIR/server.toml, so a restarted stack keeps its ports,
@@ -121,9 +124,19 @@ def prepare_stack(state_dir: Path, *, broker_port: Optional[int] = None,
     old = _current(cfg)
     given = {"broker_port": broker_port, "tunnel_port": tunnel_port, "api_port": api_port,
              "port_range": port_range, "keepalive_interval": keepalive_interval, "tls": tls,
-             "public_host": public_host, "advertise": advertise, "broker_auth": broker_auth}
+             "public_host": public_host, "advertise": advertise,
+             "https_listen": https_listen,
+             # "" or "off": no edge any more (None keeps what DIR has)
+             "edge_listen": edge_listen, "broker_auth": broker_auth}
     want = dict(old)
     want.update({k: v for k, v in given.items() if v is not None})
+    if want["https_listen"] == "":
+        want["https_listen"] = None  # --https-listen "": off again
+    elif https_listen:
+        try:
+            parse_hostport(https_listen, "--https-listen", 443)
+        except ValueError as exc:
+            raise ConfigError(str(exc)) from None
     if not existing:
         want.update(broker_port=broker_port or STACK_BROKER_PORT,
                     tunnel_port=tunnel_port or TUNNEL_PORT, api_port=api_port or API_PORT,
@@ -164,12 +177,24 @@ def prepare_stack(state_dir: Path, *, broker_port: Optional[int] = None,
             print(f"dpanel stack: applying to {conf}: "
                   + "; ".join(f"{k} {old[k]} -> {want[k]}" for k in changed)
                   + ("" if set(changed) <= {"keepalive_interval", "port_range", "api_port",
-                                             "broker_auth"}
+                                            "https_listen", "broker_auth"}
                      else " (tokens issued before carry the old addresses: re-issue them)"),
                   flush=True)
     if not existing or conf.read_text() != text:
         atomic_write(conf, text, 0o600)
-    return load_config(conf)
+    cfg = load_config(conf)
+    if cfg.manager.https_listen is not None:
+        _stack_https(cfg, state_dir)
+    return cfg
+
+
+def _stack_https(cfg: ServerConfig, state_dir: Path) -> None:
+    """The HTTPS listener's CA and certificate (made now, not at the first request), and
+    the CA at DIR/ca.pem (0644) for ``dpanel login --ca-file``."""
+    from .https_listener import https_ca_path, https_files
+
+    https_files(cfg)
+    atomic_write(state_dir / "ca.pem", https_ca_path(cfg).read_bytes(), 0o644)
 
 
 def default_broker_auth() -> str:
@@ -199,14 +224,35 @@ def _apply(cfg: ServerConfig, want: dict[str, object], state_dir: Path) -> None:
     cfg.broker.listen = _fmt(str(bind), broker_port) if bind else None
     host, _ = parse_hostport(cfg.manager.api_listen, "manager.api_listen", API_PORT)
     cfg.manager.api_listen = _fmt(host, api_port)
+    https = want.get("https_listen")
+    cfg.manager.https_listen = str(https) if https else None
     cfg.broker.ca_file = None
-    if want["tls"]:
+    edge = str(want.get("edge_listen") or "")
+    edge = "" if edge.lower() == "off" else edge
+    want["edge_listen"] = edge or None
+    edge_host = ""
+    if edge:
+        edge_host, edge_port = parse_hostport(edge, "--edge-listen", 443)
+        cfg.edge.listen = _fmt(edge_host, edge_port)
+        # an edge on one address of this machine is what devices dial, unless advertised
+        edge_adv = edge_host if adv == LOOPBACK and edge_host and not _wildcard(
+            edge_host) else adv
+        cfg.edge.public_address = _fmt(edge_adv, edge_port)
+    else:
+        cfg.edge.listen = cfg.edge.public_address = None
+        cfg.edge.cert_file = cfg.edge.key_file = None
+    if want["tls"] or edge:
+        # the edge's certificate comes from the broker's CA: the one devices pin
         tls_dir = state_dir.resolve() / "tls"
         names = [adv, "localhost", LOOPBACK, *([str(bind)] if bind and not _wildcard(
-            str(bind)) else [])]
+            str(bind)) else []), *([edge_host] if edge_host and not _wildcard(edge_host)
+                                   else [])]
         for change in ensure_broker_tls(tls_dir, names):
             log.info("broker TLS: %s %s %s", change.what, change.path, change.reason)
         cfg.broker.ca_file = str(tls_dir / "ca.crt")
+        if edge:
+            cfg.edge.cert_file = str(tls_dir / "server.crt")
+            cfg.edge.key_file = str(tls_dir / "server.key")
     cfg.validate()
 
 
@@ -383,8 +429,13 @@ def stack_up(cfg: ServerConfig) -> int:
     holder = [start_mosquitto(cfg)]
     try:
         print(f"dpanel stack: broker {cfg.broker.url}, tunnel {cfg.tunnel.listen}, "
-              f"API http://{cfg.manager.api_listen}; devices dial {cfg.tunnel.public_address}"
-              f" and {cfg.broker.public_url}\n"
+              f"API http://{cfg.manager.api_listen}"
+              + (f" and https://{cfg.manager.https_listen} (CA {Path(cfg.state_dir) / 'ca.pem'})"
+                 if cfg.manager.https_listen else "")
+              + f"; devices dial {cfg.tunnel.public_address}"
+              f" and {cfg.broker.public_url}"
+              + (f", or TLS edge {cfg.edge.public_address} (listening on {cfg.edge.listen})"
+                 if cfg.edge.listen else "") + "\n"
               f"  use it with: export DPANEL_CONFIG={cfg.source}", flush=True)
         asyncio.run(_stack_main(cfg, holder))
     finally:

@@ -10,6 +10,7 @@ Example (``/etc/dpanel/agent.toml`` in images)::
     sshd_port = 22
     allow_forward_hosts = ["127.0.0.1", "::1", "localhost"]
     request_clock_skew = 120
+    record_failure = "refuse"     # or "allow": a shell whose recording fails goes on
 
 The token itself never goes into this file (it is a secret, and config files get copied
 around): it lives in ``token_file`` (mode 0600), or comes from the command line.
@@ -107,6 +108,9 @@ class AgentConfig:
     #: from ``tunnel_host_key.pub`` / ``manager_key.pub`` here is refused.
     pins_dir: Path = DEFAULT_PINS_DIR
     token: Optional[DeviceToken] = field(default=None, repr=False)
+    #: When a PTY shell's recording cannot be written: "refuse" the shell (the default:
+    #: fail closed) or "allow" it unrecorded (its audit record says so).
+    record_failure: str = "refuse"
     #: Where this config came from, for messages.
     source: str = "<defaults>"
 
@@ -115,6 +119,8 @@ class AgentConfig:
             (self.log_level in _LOG_LEVELS, "log_level", f"must be one of {_LOG_LEVELS}"),
             (self.ssh_target in _TARGETS, "ssh_target", f"must be one of {_TARGETS}"),
             (1 <= self.sshd_port <= 65535, "sshd_port", "must be 1-65535"),
+            (self.record_failure in ("refuse", "allow"), "record_failure",
+             "must be one of ('refuse', 'allow')"),
             (self.mqtt_protocol in _PROTOCOLS, "mqtt_protocol",
              f"must be one of {_PROTOCOLS}"),
             (0 <= self.request_clock_skew <= 86400, "request_clock_skew",
@@ -225,6 +231,7 @@ _KEYS: Dict[str, Callable[[object], Any]] = {
     "ssh_window": _int,
     "shell": _str,
     "pins_dir": _path,
+    "record_failure": _choice("refuse", "allow"),
 }
 assert set(_KEYS) <= {f.name for f in fields(AgentConfig)}
 

@@ -59,8 +59,8 @@ def cap_command(command: str, limit: int = wire.MAX_AUDIT_COMMAND) -> str:
     """A command line cut to ``limit`` characters, saying how much was cut."""
     if len(command) <= limit:
         return command
-    tail = f"... [{len(command) - limit + 40} more characters]"
-    return command[:limit - 40] + tail[:40]
+    keep = limit - 40
+    return command[:keep] + f"... [{len(command) - keep} more characters]"
 
 
 class RecordingFailed(OSError):

@@ -16,6 +16,7 @@ import hmac
 import json
 import logging
 import os
+import secrets
 import shlex
 from typing import Annotated, Any, AsyncIterator, Literal, Optional, Union
 
@@ -31,6 +32,7 @@ from dpanel_proto.codes import ErrorCode
 from dpanel_proto.events import Error, Exit, Heartbeat, Output, encode_event
 
 from . import __version__
+from .audit_api import add_audit_routes, record_call
 from .authz import Principal
 from .errors import DPanelError
 from .manager import Manager
@@ -232,9 +234,16 @@ def create_app(manager: Manager, admin_token: str) -> FastAPI:
         ports = manager.tunnels()
         return [await _device_view(d.id, d, ports) for d in await manager.devices()]
 
-    @app.post("/v1/devices", dependencies=[Depends(auth)], status_code=201)
-    async def add_device(body: EnrolIn) -> EnrolOut:
-        device, token = await manager.enrol(body.name, body.labels)
+    @app.post("/v1/devices", status_code=201)
+    async def add_device(body: EnrolIn, request: Request,
+                         principal: Principal = Depends(auth)) -> EnrolOut:  # noqa: B008
+        try:
+            device, token = await manager.enrol(body.name, body.labels)
+        except DPanelError as exc:
+            await record_call(manager, principal, body.name[:63], "enrol", "enrol",
+                              exc.code.value, request)
+            raise
+        await record_call(manager, principal, body.name, "enrol", "enrol", "ok", request)
         return EnrolOut(device=device.as_dict(), token=token)
 
     @app.get("/v1/deleted-devices", dependencies=[Depends(auth)])
@@ -246,14 +255,23 @@ def create_app(manager: Manager, admin_token: str) -> FastAPI:
     async def show_device(device: str) -> dict[str, Any]:
         return await _device_view(device)
 
-    @app.delete("/v1/devices/{device}", dependencies=[Depends(auth)])
-    async def revoke_device(device: str, purge: bool = False,
-                            force: bool = False) -> dict[str, Any]:
+    @app.delete("/v1/devices/{device}")
+    async def revoke_device(device: str, request: Request, purge: bool = False,
+                            force: bool = False,
+                            principal: Principal = Depends(auth)  # noqa: B008
+                            ) -> dict[str, Any]:
         """Revoke the device; ``purge=true`` deletes a revoked one and frees its name
         (``force=true`` revokes it first), keeping a tombstone (/v1/deleted-devices)."""
-        if purge:
-            return {"deleted": await manager.delete(device, force)}
-        return (await manager.revoke(device)).as_dict()
+        kind = "delete" if purge else "revoke"
+        try:
+            out = ({"deleted": await manager.delete(device, force)} if purge
+                   else (await manager.revoke(device)).as_dict())
+        except DPanelError as exc:
+            await record_call(manager, principal, device[:63], kind, kind, exc.code.value,
+                              request)
+            raise
+        await record_call(manager, principal, device, kind, kind, "ok", request)
+        return out
 
     @app.post("/v1/devices/{device}/reset-hostkey", dependencies=[Depends(auth)])
     async def reset_hostkey(device: str) -> dict[str, Any]:
@@ -264,15 +282,34 @@ def create_app(manager: Manager, admin_token: str) -> FastAPI:
     async def list_tunnels() -> dict[str, int]:
         return manager.tunnels()
 
-    @app.post("/v1/devices/{device}/tunnel", dependencies=[Depends(auth)])
-    async def open_tunnel(device: str, body: TunnelIn) -> TunnelOut:
-        port = await manager.open_tunnel(device, body.ttl, body.idle_timeout)
+    @app.post("/v1/devices/{device}/tunnel")
+    async def open_tunnel(device: str, body: TunnelIn, request: Request,
+                          principal: Principal = Depends(auth)  # noqa: B008
+                          ) -> TunnelOut:
+        try:
+            port = await manager.open_tunnel(device, body.ttl, body.idle_timeout)
+        except DPanelError as exc:
+            await record_call(manager, principal, device[:63], "tunnel-open", "tunnel open",
+                              exc.code.value, request)
+            raise
+        await record_call(manager, principal, device, "tunnel-open", "tunnel open",
+                          f"ok port {port}", request)
         return TunnelOut(device=device, port=port,
                          host_key=(await manager.device(device)).host_key)
 
-    @app.delete("/v1/devices/{device}/tunnel", dependencies=[Depends(auth)])
-    async def close_tunnel(device: str) -> dict[str, Any]:
-        return {"device": device, "closed": await manager.close_tunnel(device)}
+    @app.delete("/v1/devices/{device}/tunnel")
+    async def close_tunnel(device: str, request: Request,
+                           principal: Principal = Depends(auth)  # noqa: B008
+                           ) -> dict[str, Any]:
+        try:
+            closed = await manager.close_tunnel(device)
+        except DPanelError as exc:
+            await record_call(manager, principal, device[:63], "tunnel-close",
+                              "tunnel close", exc.code.value, request)
+            raise
+        await record_call(manager, principal, device, "tunnel-close", "tunnel close",
+                          "ok", request)
+        return {"device": device, "closed": closed}
 
     @app.get("/v1/known_hosts", dependencies=[Depends(auth)])
     async def known_hosts() -> dict[str, str]:
@@ -294,9 +331,9 @@ def create_app(manager: Manager, admin_token: str) -> FastAPI:
                                       ref_template="#/components/schemas/{model}")}}}},
     }
 
-    @app.post("/v1/devices/{device}/exec", dependencies=[Depends(auth)], response_model=None,
-              openapi_extra=exec_doc)
-    async def exec_(device: str, request: Request) -> Response:
+    @app.post("/v1/devices/{device}/exec", response_model=None, openapi_extra=exec_doc)
+    async def exec_(device: str, request: Request,
+                    principal: Principal = Depends(auth)) -> Response:  # noqa: B008
         """Run a command. Output streams as NDJSON with heartbeats; when the client hangs
         up the command is hung up too (the agent ends its process group)."""
         body_in = _Body(request.receive)
@@ -312,8 +349,20 @@ def create_app(manager: Manager, admin_token: str) -> FastAPI:
         stdin = base64.b64decode(body.stdin) if body.stdin is not None else None
         # Start before answering, so that "offline", "refused" and "timed out" come back
         # as HTTP errors; output and the exit status then stream.
-        cmd = await manager.start_exec(device, command, stdin, stream_stdin=ndjson,
-                                       timeout=body.timeout)
+        # the device records who this is for and links its record to ours (audit.py)
+        correlation = secrets.token_hex(16)
+        source = request.client.host if request.client else ""
+        env = {"DPANEL_OPERATOR": principal.name, "DPANEL_SOURCE": source,
+               "DPANEL_AUDIT_ID": correlation}
+        try:
+            cmd = await manager.start_exec(device, command, stdin, stream_stdin=ndjson,
+                                           timeout=body.timeout, env=env)
+        except DPanelError as exc:
+            await record_call(manager, principal, device[:63], "exec", command,
+                              exc.code.value, request, correlation)
+            raise
+        await record_call(manager, principal, device, "exec", command, "started", request,
+                          correlation)
         session = _Session(cmd, body_in, ndjson)
         if not body.stream:
             try:
@@ -322,6 +371,7 @@ def create_app(manager: Manager, admin_token: str) -> FastAPI:
                 cmd.close()
         return _ExecStream(session, heartbeat)
 
+    add_audit_routes(app, manager, auth)
     return app
 
 

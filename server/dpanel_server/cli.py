@@ -512,6 +512,9 @@ def _parser() -> argparse.ArgumentParser:
                    help="tunnel SSH keepalive, default 15 s; dead devices free their port "
                    "after 3 misses")
     a.add_argument("--log-level", default="info")
+    from .audit_cli import add_audit_parser
+
+    add_audit_parser(sub, add, _client)
     return p
 
 

@@ -676,9 +676,10 @@ def _count_channel(chan: asyncssh.SSHServerChannel[bytes], audit: SessionAudit,
                    on_output: Optional[Callable[[bytes], bool]] = None) -> None:
     """Count the bytes a channel carries each way, on this channel instance only:
     everything sent goes through ``write`` (redirected pipes, the pty, SFTP), everything
-    received through ``_accept_data``. ``on_output`` may veto a write (returns False)."""
+    received through ``_deliver_data`` (also what was buffered before the session
+    started reading). ``on_output`` may veto a write (returns False)."""
     write = chan.write
-    accept = chan._accept_data  # the one place all received data passes
+    accept = chan._deliver_data  # the one place all received data passes
 
     def counted_write(data: bytes, datatype: Optional[int] = None) -> None:
         if on_output is not None and datatype is None and not on_output(data):
@@ -691,7 +692,12 @@ def _count_channel(chan: asyncssh.SSHServerChannel[bytes], audit: SessionAudit,
         accept(data, datatype)
 
     chan.write = counted_write  # type: ignore[method-assign]
-    chan._accept_data = counted_accept  # type: ignore[method-assign]
+    chan._deliver_data = counted_accept  # type: ignore[method-assign]
+    # what the client sent before we got here (its input right after the shell request)
+    # is already in the session's buffer
+    buffered = getattr(getattr(chan, "_session", None), "_recv_buf_len", 0)
+    if isinstance(buffered, int):
+        audit.bytes_in += buffered
 
 
 def _count_bytes(process: asyncssh.SSHServerProcess[bytes], audit: SessionAudit,

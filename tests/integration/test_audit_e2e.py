@@ -184,3 +184,41 @@ def test_forged_records_and_refused_recording(stack: Stack, device: str,
     # exec without a PTY is not recorded, so it still works there
     assert stack.cli("exec", "dev-2", "--", "true").returncode == 0
     assert stack.cli_ok("audit", "verify").startswith("audit chain ok")
+
+
+def test_broker_outage_loses_no_record(stack: Stack, tmp_path: Path) -> None:
+    import os
+    import signal
+
+    state = tmp_path / "dev-o"
+    stack.start_agent(stack.enrol("dev-o"), state)
+    stack.wait_online("dev-o")
+    assert stack.cli("exec", "dev-o", "--", "true").returncode == 0  # pooled connection up
+    pid = stack.broker_pid()
+    os.kill(pid, signal.SIGSTOP)  # the broker stalls: nothing it holds gets acknowledged
+    try:
+        # the tunnel does not need the broker: the session runs, its record waits on disk
+        out = stack.cli("exec", "dev-o", "--", "sh", "-c", "echo during-outage; exit 4",
+                        timeout=60)
+        assert out.returncode == 4, out
+        spooled = wait_for(lambda: _spooled(state, b"during-outage"), "record in the spool",
+                           30)
+        assert all(p.stat().st_mode & 0o777 == 0o600 for p in spooled)
+    finally:
+        os.kill(pid, signal.SIGCONT)
+    row = _wait_row(stack, "record after the outage",
+                    lambda r: "during-outage" in r["command"], "--device", "dev-o")
+    assert row["exit"] == 4
+    wait_for(lambda: not _spooled(state, b"during-outage"), "spool drained", 60)
+
+
+def _spooled(state: Path, needle: bytes) -> list[Path]:
+    """Spool files holding ``needle`` (the shipper removes files as we look)."""
+    found = []
+    for p in (state / "audit").iterdir():
+        try:
+            if needle in p.read_bytes():
+                found.append(p)
+        except FileNotFoundError:
+            pass
+    return found

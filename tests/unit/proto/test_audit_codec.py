@@ -56,13 +56,13 @@ def test_bad_fields_name_themselves(change: dict[str, object], field: str) -> No
 
 
 def test_size_caps() -> None:
-    with pytest.raises(wire.DecodeError, match="^payload:"):
+    with pytest.raises(wire.DecodeError, match=r"^payload:"):
         wire.decode_audit(b" " * (wire.MAX_AUDIT_PAYLOAD + 1))
-    with pytest.raises(wire.DecodeError, match="^payload:"):
+    with pytest.raises(wire.DecodeError, match=r"^payload:"):
         wire.decode_audit(b"[" * 20000)
     big = base64.b64encode(b"x" * (wire.MAX_RECORDING_CHUNK + 1)).decode()
     d = {"v": 1, "type": "rec", "device": "dev-1", "id": "ab" * 16, "seq": 0, "data": big}
-    with pytest.raises(wire.DecodeError, match="^(data|payload):"):
+    with pytest.raises(wire.DecodeError, match=r"^(data|payload):"):
         wire.decode_audit(json.dumps(d).encode())
 
 

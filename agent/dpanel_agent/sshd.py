@@ -480,7 +480,8 @@ class BuiltinSSHServer:
                 # The client went away (or the tunnel dropped): hang up like sshd does.
                 log.info("session closed by the client; hanging up process group %d",
                          child.pid)
-                audit.signal, audit.note = "HUP", "closed by the client"
+                audit.signal = "HUP"
+                audit.note = audit.note or "closed by the client"
                 return
             rc = exited.result()
             if rc >= 0:

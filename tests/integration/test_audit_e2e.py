@@ -222,3 +222,18 @@ def _spooled(state: Path, needle: bytes) -> list[Path]:
         except FileNotFoundError:
             pass
     return found
+
+
+def test_recording_failing_mid_session_ends_the_shell(stack: Stack, device: str,
+                                                      tmp_path: Path) -> None:
+    rec = tmp_path / "dev-1" / "recordings"
+    # the shell breaks its own recording (the device is this machine), then writes more
+    script = (f"rm -rf {rec}; echo x > {rec}; head -c 200000 /dev/zero | tr '\\0' a; "
+              "sleep 3; echo END-$((1+1))\n").encode()
+    out = subprocess.run([*_ssh_base(stack), "-tt", device], input=script,
+                         capture_output=True, timeout=120)
+    assert out.returncode == 255, out
+    assert b"session ended (record_failure" in out.stdout + out.stderr
+    assert b"END-2" not in out.stdout
+    row = _wait_row(stack, "ended row", lambda r: r["kind"] == "shell")
+    assert row["recording"] == "refused" and "mid-session" in row["note"]

@@ -186,13 +186,18 @@ class AuditLog:
             "bytes_in": 0, "bytes_out": 0, "correlation": rid, "recording": "", "note": "",
         })
 
+    def admit(self, device: str) -> bool:
+        """Whether one more message from ``device`` fits its budget (call it on the event
+        loop, before queueing any work: a flooding device costs nothing but this)."""
+        budget = self._budgets.setdefault(device, Budget(_DEVICE_BURST, _DEVICE_WINDOW))
+        if budget.take():
+            return True
+        _rl.warning(f"audit flood {device}", "device %s sends audit messages faster than "
+                    "%d per %g s; dropped", device, _DEVICE_BURST, _DEVICE_WINDOW)
+        return False
+
     def ingest(self, device: str, payload: bytes) -> None:
         """One message from ``device``'s audit topic. Raises DecodeError when malformed."""
-        budget = self._budgets.setdefault(device, Budget(_DEVICE_BURST, _DEVICE_WINDOW))
-        if not budget.take():
-            _rl.warning(f"audit flood {device}", "device %s sends audit messages faster "
-                        "than %d per %g s; dropped", device, _DEVICE_BURST, _DEVICE_WINDOW)
-            return
         msg = wire.decode_audit(payload)
         if isinstance(msg, wire.RecordingChunk):
             self._chunk(device, msg)

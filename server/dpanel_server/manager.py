@@ -234,7 +234,10 @@ class Manager:
             raise
 
     def _on_audit(self, device: str, payload: bytes) -> None:
-        self._spawn(self._ingest_audit(device, payload))
+        if len(payload) <= wire.MAX_AUDIT_PAYLOAD and self.audit.admit(device):
+            self._spawn(self._ingest_audit(device, payload))
+        else:
+            log.debug("audit message from %s dropped (size or rate)", device)
 
     async def _ingest_audit(self, device: str, payload: bytes) -> None:
         try:

@@ -128,3 +128,9 @@ def test_parse_since() -> None:
     assert parse_since("2026-12-01T00:00:00Z") == 1796083200.0
     with pytest.raises(ValueError, match="since"):
         parse_since("yesterday")
+
+
+def test_a_flooding_device_is_cut_off(log: AuditLog) -> None:
+    admitted = sum(log.admit("dev-1") for _ in range(1000))
+    assert 0 < admitted < 1000
+    assert log.admit("dev-2")  # the others are not affected

@@ -18,7 +18,7 @@ import pytest
 from dpanel_proto import wire
 from dpanel_proto.token import parse_token
 from stackfix import Stack
-from support import wait_for
+from support import free_port, stop_proc, wait_for, wait_port
 
 
 def _ssh_base(stack: Stack) -> list[str]:
@@ -46,10 +46,14 @@ def _forward_server() -> tuple[socket.socket, int]:
     srv.bind(("127.0.0.1", 0))
     srv.listen(1)
 
-    def serve() -> None:
-        conn, _ = srv.accept()
-        with conn:
-            conn.sendall(conn.recv(100).upper())
+    def serve() -> None:  # every connection (wait_port's probe too): one line back
+        while True:
+            try:
+                conn, _ = srv.accept()
+            except OSError:
+                return  # closed
+            with conn:
+                conn.sendall(conn.recv(100).upper())
 
     threading.Thread(target=serve, daemon=True).start()
     return srv, srv.getsockname()[1]
@@ -102,6 +106,23 @@ def test_sessions_are_audited_and_chained(stack: Stack, device: str, tmp_path: P
     fwd = _wait_row(stack, "forward row", lambda r: r["kind"] == "forward")
     assert fwd["command"] == f"forward 127.0.0.1:{port}"
     assert fwd["bytes_in"] == 11 and fwd["bytes_out"] == 11
+    # and ssh -L: one record per forwarded connection
+    srv, port = _forward_server()
+    local = free_port()
+    fwd_ssh = subprocess.Popen([*base, "-N", "-o", "ExitOnForwardFailure=yes",
+                                "-L", f"127.0.0.1:{local}:127.0.0.1:{port}", device],
+                               stdin=subprocess.DEVNULL)
+    try:
+        wait_port(local, timeout=60)
+        with socket.create_connection(("127.0.0.1", local), timeout=30) as conn:
+            conn.sendall(b"via -L\n")
+            assert conn.makefile("rb").readline() == b"VIA -L\n"
+    finally:
+        stop_proc(fwd_ssh)
+        srv.close()
+    fwd = _wait_row(stack, "-L forward row", lambda r: r["kind"] == "forward"
+                    and r["command"] == f"forward 127.0.0.1:{port}" and r["bytes_in"])
+    assert fwd["bytes_in"] == 7 and fwd["bytes_out"] == 7
     # 5. hostile command lines: control characters and a huge one
     out = stack.cli("exec", device, "--", "sh", "-c", ": '\x1b[2J\nFAKE 1 dev-9 root'")
     assert out.returncode == 0, out

@@ -134,3 +134,10 @@ def test_a_flooding_device_is_cut_off(log: AuditLog) -> None:
     admitted = sum(log.admit("dev-1") for _ in range(1000))
     assert 0 < admitted < 1000
     assert log.admit("dev-2")  # the others are not affected
+
+
+def test_a_scope_sees_only_its_devices(log: AuditLog) -> None:
+    log.api_record("alice", "dev-1", "exec", "id", "started")
+    log.api_record("bob", "dev-2", "exec", "id", "started")
+    assert {r["device"] for r in log.query(devices={"dev-1"})} == {"dev-1"}
+    assert {r["device"] for r in log.query()} == {"dev-1", "dev-2"}

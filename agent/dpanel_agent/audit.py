@@ -25,6 +25,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import codecs
+import hashlib
 import json
 import logging
 import os
@@ -232,7 +233,13 @@ class Recorder:
         self._seq = 0
         self._last_flush = self._t0
         self._decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
+        self._hash = hashlib.sha256()
         self.failed = False
+
+    @property
+    def sha256(self) -> str:
+        """Of everything written so far (all of it, after :meth:`close`)."""
+        return self._hash.hexdigest()
 
     def start(self) -> None:
         header = {"version": 2, "width": self._width, "height": self._height,
@@ -264,6 +271,7 @@ class Recorder:
             return
         data = "".join(self._buf).encode()
         self._buf, self._size = [], 0
+        self._hash.update(data)
         self._last_flush = time.monotonic()
         limit = wire.MAX_RECORDING_CHUNK
         parts = [data[i:i + limit] for i in range(0, len(data), limit)] or [b""]
@@ -298,6 +306,7 @@ class SessionAudit:
         self.exit: Optional[int] = None
         self.signal = ""
         self.recording = ""
+        self.recording_sha256 = ""
         self.note = ""
         self._done = False
 
@@ -310,7 +319,8 @@ class SessionAudit:
             via=self.via, source=self.source[:256], command=self.command, exit=self.exit,
             signal=self.signal[:32], started=self.started, ended=time.time(),
             bytes_in=self.bytes_in, bytes_out=self.bytes_out,
-            correlation=self.correlation, recording=self.recording, note=self.note[:256])
+            correlation=self.correlation, recording=self.recording, note=self.note[:256],
+            recording_sha256=self.recording_sha256 if self.recording == "ok" else "")
         log.info("audit: %s %s by %s (%s) exit=%s sig=%s in=%d out=%d", rec.kind,
                  wire.printable(rec.command[:200]), wire.printable(rec.operator), rec.via,
                  rec.exit, rec.signal or "-", rec.bytes_in, rec.bytes_out)

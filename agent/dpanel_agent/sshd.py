@@ -396,6 +396,7 @@ class BuiltinSSHServer:
             if recorder is not None:
                 try:
                     recorder.close()
+                    audit.recording_sha256 = recorder.sha256
                 except RecordingFailed as exc:
                     audit.recording = "failed"
                     log.error("the end of a recording was lost: %s", exc)

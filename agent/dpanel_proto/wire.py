@@ -462,6 +462,8 @@ class AuditRecord:
     correlation: str = ""
     recording: str = ""  # "", "ok", "failed" (record_failure = "allow"), "refused"
     note: str = ""
+    #: SHA-256 of the whole asciicast recording: the chained record vouches for it
+    recording_sha256: str = ""
     type: str = field(default="audit", init=False)
 
 
@@ -527,8 +529,15 @@ def _decode_audit_record(d: Mapping[str, Any]) -> AuditRecord:
         ended=_get(d, "ended", float, optional=True) or 0.0,
         bytes_in=_count(d, "bytes_in"), bytes_out=_count(d, "bytes_out"),
         correlation=_audit_id(d, "correlation", optional=True), recording=recording,
-        note=_clean(d, "note", 256),
+        note=_clean(d, "note", 256), recording_sha256=_sha256(d),
     )
+
+
+def _sha256(d: Mapping[str, Any]) -> str:
+    value = _get(d, "recording_sha256", str, optional=True) or ""
+    if value and not re.match(r"^[0-9a-f]{64}$", value):
+        raise DecodeError("recording_sha256: expected 64 lowercase hex characters")
+    return cast(str, value)
 
 
 def _decode_recording(d: Mapping[str, Any]) -> RecordingChunk:

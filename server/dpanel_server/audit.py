@@ -215,6 +215,7 @@ class AuditLog:
             "started": msg.started, "ended": msg.ended, "bytes_in": msg.bytes_in,
             "bytes_out": msg.bytes_out, "correlation": msg.correlation,
             "recording": msg.recording, "note": note,
+            "recording_sha256": msg.recording_sha256,
         })
 
     def _chunk(self, device: str, chunk: wire.RecordingChunk) -> None:
@@ -291,9 +292,25 @@ class AuditLog:
 
     def recording(self, seq: int) -> Optional[bytes]:
         """The asciicast text of the shell session of row ``seq``, as far as received."""
+        found = self.checked_recording(seq)
+        return found[0] if found else None
+
+    def checked_recording(self, seq: int) -> Optional[tuple[bytes, str]]:
+        """(asciicast, state): ``verified`` when it matches the SHA-256 in the chained
+        record, ``mismatch`` when it does not, ``unverified`` when the record has none
+        (not in yet, or the recording failed)."""
         row = self.get(seq)
         if row is None or row.get("origin") != "device":
             return None
+        data = self._joined(row)
+        if data is None:
+            return None
+        want = row.get("recording_sha256") or ""
+        if not want:
+            return data, "unverified"
+        return data, "verified" if hashlib.sha256(data).hexdigest() == want else "mismatch"
+
+    def _joined(self, row: dict[str, Any]) -> Optional[bytes]:
         with self._reg._tx() as cur:
             parts = cur.execute("SELECT data FROM audit_recordings WHERE device = ? AND "
                                 "rid = ? ORDER BY seq", (row["device"], row["rid"])).fetchall()

@@ -86,7 +86,11 @@ def add_audit_routes(app: FastAPI, manager: Manager,
         devices = await _scope(principal)
         if row is None or (devices is not None and row.get("device") not in devices):
             raise _NotFound(f"no audit record {seq}")
-        data = await asyncio.to_thread(manager.audit.recording, seq)
-        if data is None:
+        found = await asyncio.to_thread(manager.audit.checked_recording, seq)
+        if found is None:
             raise _NotFound(f"audit record {seq} has no recording")
-        return Response(data, media_type="application/x-asciicast")
+        data, state = found
+        # X-Dpanel-Recording: verified (matches the SHA-256 in the chained record),
+        # mismatch, or unverified
+        return Response(data, media_type="application/x-asciicast",
+                        headers={"X-Dpanel-Recording": state})

@@ -87,7 +87,12 @@ def _play(api: ApiClient, args: argparse.Namespace,
         print(f"dpanel: audit play: {args.id!r} is not an audit record id (the ID column "
               "of dpanel audit)", file=sys.stderr)
         return 2
-    data = api._send("GET", f"/v1/audit/{int(args.id)}/recording").read()
+    resp = api._send("GET", f"/v1/audit/{int(args.id)}/recording")
+    data = resp.read()
+    state = resp.getheader("X-Dpanel-Recording") or "unverified"
+    if state != "verified":
+        print(f"dpanel: warning: recording {int(args.id)} is {state} (it does not match, "
+              "or there is no, SHA-256 in its chained audit record)", file=sys.stderr)
     lines = data.decode(errors="replace").splitlines()
     if not lines:
         print("dpanel: the recording is empty", file=sys.stderr)

@@ -85,8 +85,22 @@ def test_sessions_are_audited_and_chained(stack: Stack, device: str, tmp_path: P
     assert shell["bytes_in"] > 0 and shell["bytes_out"] > 0 and shell["recording"] == "ok"
     assert shell["user"] == "manager"  # the pinned manager key, no operator named
     # the recording replays what was typed and echoed
-    raw = stack.cli_ok("audit", "play", str(shell["id"]), "--raw")
-    assert "audit-42" in raw and "echo audit-$((6*7))" in raw
+    play = stack.cli("audit", "play", str(shell["id"]), "--raw")
+    assert play.returncode == 0 and b"warning" not in play.stderr, play  # hash matches
+    assert b"audit-42" in play.stdout and b"echo audit-$((6*7))" in play.stdout
+    # a recording edited in the database no longer matches its chained record
+    db = sqlite3.connect(str(stack.dir / "registry.db"), isolation_level=None)
+    try:
+        import base64
+        for rid, seq, part in db.execute("SELECT rid, seq, data FROM audit_recordings"
+                                         ).fetchall():
+            forged = base64.b64decode(part).replace(b"audit-42", b"nothing!")
+            db.execute("UPDATE audit_recordings SET data = ? WHERE rid = ? AND seq = ?",
+                       (base64.b64encode(forged).decode(), rid, seq))
+    finally:
+        db.close()
+    play = stack.cli("audit", "play", str(shell["id"]), "--raw")
+    assert b"is mismatch" in play.stderr and b"audit-42" not in play.stdout, play
     # 3. scp (SFTP)
     src = tmp_path / "payload.bin"
     src.write_bytes(b"z" * 300000)

@@ -158,3 +158,17 @@ def test_certificate_identity_wins_over_what_the_client_says() -> None:
     a = server.audit(_Chan(env), "exec", "id")
     assert (a.operator, a.via, a.correlation) == ("alice", "cert", "")
     assert "10.0.0.9" not in a.source
+
+
+def test_recorder_hash_covers_every_part(tmp_path: Path) -> None:
+    import base64
+    import hashlib
+
+    shipper = _shipper(tmp_path, _Broker())
+    rec = Recorder(shipper, "ab" * 16, 80, 24, "xterm")
+    rec.start()
+    rec.output(b"x" * 40000)  # several parts
+    rec.close()
+    parts = [wire.decode_audit(p.read_bytes()) for p in shipper.recordings.pending()]
+    data = b"".join(base64.b64decode(p.data) for p in parts)  # type: ignore[union-attr]
+    assert len(parts) > 2 and hashlib.sha256(data).hexdigest() == rec.sha256

@@ -44,6 +44,7 @@ from typing import Any, Optional
 from dpanel_proto import wire
 from dpanel_proto.ratelog import Budget, RateLimitedLog
 
+from .db import IntegrityError
 from .registry import Registry
 
 __all__ = ["GENESIS", "AuditLog", "ChainError", "parse_since"]
@@ -141,15 +142,23 @@ class AuditLog:
     def __init__(self, registry: Registry) -> None:
         self._reg = registry
         self._budgets: dict[str, Budget] = {}
-        with registry._tx() as cur:
-            for stmt in _SCHEMA:
-                cur.execute(stmt)
+        registry.db.ensure("audit", _SCHEMA)
 
     # ------------------------------------------------------------------ writing
     def append(self, body: dict[str, Any]) -> Optional[int]:
         """Append one record (``origin``, ``rid``, ``device`` required); returns its seq,
-        or None if that record is already there (a device's resend)."""
-        with self._reg._tx() as cur:
+        or None if that record is already there (a device's resend). Two writers that
+        raced for the same seq (PostgreSQL, several managers): the loser tries again."""
+        for attempt in range(5):
+            try:
+                return self._append(body)
+            except IntegrityError:
+                if attempt == 4:
+                    raise
+        return None  # pragma: no cover
+
+    def _append(self, body: dict[str, Any]) -> Optional[int]:
+        with self._reg.db.tx() as cur:
             if cur.execute("SELECT seq FROM audit_log WHERE origin = ? AND device = ? AND "
                            "rid = ?", (body["origin"], body["device"], body["rid"])
                            ).fetchone():
@@ -223,7 +232,7 @@ class AuditLog:
             _rl.warning(f"audit rec {device}", "device %s: recording %s is over %d parts; "
                         "the rest is dropped", device, chunk.id, MAX_RECORDING_PARTS)
             return
-        with self._reg._tx() as cur:
+        with self._reg.db.tx() as cur:
             if cur.execute("SELECT 1 FROM audit_recordings WHERE device = ? AND rid = ? AND "
                            "seq = ?", (device, chunk.id, chunk.seq)).fetchone():
                 return
@@ -237,7 +246,7 @@ class AuditLog:
         sql = f"SELECT seq, body FROM audit_log{where} ORDER BY seq DESC"  # noqa: S608
         if limit is not None:
             sql += f" LIMIT {int(limit)}"
-        with self._reg._tx() as cur:
+        with self._reg.db.tx() as cur:
             rows = cur.execute(sql, args).fetchall()
         return [Row(int(r[0]), json.loads(r[1])) for r in reversed(rows)]
 
@@ -311,7 +320,7 @@ class AuditLog:
         return data, "verified" if hashlib.sha256(data).hexdigest() == want else "mismatch"
 
     def _joined(self, row: dict[str, Any]) -> Optional[bytes]:
-        with self._reg._tx() as cur:
+        with self._reg.db.tx() as cur:
             parts = cur.execute("SELECT data FROM audit_recordings WHERE device = ? AND "
                                 "rid = ? ORDER BY seq", (row["device"], row["rid"])).fetchall()
         if not parts:
@@ -321,7 +330,7 @@ class AuditLog:
     # ------------------------------------------------------------------ verifying
     def verify_chain(self) -> dict[str, Any]:
         """Walk the whole chain; raises :class:`ChainError` naming the first bad row."""
-        with self._reg._tx() as cur:
+        with self._reg.db.tx() as cur:
             rows = cur.execute("SELECT seq, origin, rid, device, user_name, kind, started, "
                                "correlation, body, prev_hash, hash FROM audit_log "
                                "ORDER BY seq").fetchall()

@@ -382,7 +382,7 @@ def cmd_stack_up(args: argparse.Namespace) -> int:
                         tunnel_port=args.tunnel_port, api_port=args.api_port,
                         port_range=args.port_range, public_host=args.public_host,
                         advertise=args.advertise, keepalive_interval=args.keepalive_interval,
-                        tls=args.tls)
+                        tls=args.tls, registry=args.registry)
     return stack_up(cfg)
 
 
@@ -475,6 +475,10 @@ def _parser() -> argparse.ArgumentParser:
     add(sub, "ssh-config", cmd_ssh_config, "print a ~/.ssh/config block: DEVICE.dpanel, and "
         "the bare names of the devices enrolled now")
 
+    from ._jobcli import add_job_parser
+
+    add_job_parser(sub, add)  # dpanel job ...
+
     tun = sub.add_parser("tunnel", help="open/close/list tunnels, or run the tunnel server"
                          ).add_subparsers(dest="sub", required=True)
     a = add(tun, "open", cmd_tunnel_open, "open a device's tunnel")
@@ -508,6 +512,8 @@ def _parser() -> argparse.ArgumentParser:
                    "10.0.2.2)")
     a.add_argument("--tls", action="store_true", default=None,
                    help="MQTT over TLS with a generated CA (pinned in device tokens)")
+    a.add_argument("--registry", metavar="URL", help="the registry database: "
+                   "sqlite:///PATH (default: DIR/registry.db) or postgresql://...")
     a.add_argument("--keepalive-interval", type=float,
                    help="tunnel SSH keepalive, default 15 s; dead devices free their port "
                    "after 3 misses")

@@ -35,6 +35,8 @@ from .errors import (
     TunnelRefused,
 )
 from .hostkeys import InvalidHostKey, fingerprint, normalize_host_key
+from .jobs import Jobs
+from .metrics import BROKER_RECONNECTS, exec_timer, register_manager_metrics
 from .presence import Presence, PresenceTracker
 from .registry import Device, Registry
 from .requests import Requests
@@ -74,7 +76,7 @@ class Manager:
                  tunnel_sessions: Optional[Callable[[], dict[str, int]]] = None,
                  tunnel_stats: Optional[Callable[[], dict[str, int]]] = None) -> None:
         self.cfg = cfg
-        self.registry = Registry(cfg.registry_path)
+        self.registry = Registry(cfg.registry_url)
         self.key = ensure_private_key(cfg.manager.ssh_key)
         self.manager_key_line = self.key.export_public_key().decode().strip()
         self._broker_password = ensure_secret(cfg.broker.password_file)
@@ -82,12 +84,16 @@ class Manager:
         self._tunnel_sessions = tunnel_sessions
         self.tunnel_stats = tunnel_stats
         self._known_hosts_due: Optional[asyncio.TimerHandle] = None
+        self._broker_was_up = False
         self._tasks: set[asyncio.Task[None]] = set()
         self._probing: set[str] = set()
         self.pool = SshPool(cfg, self.key, open_tunnel=self.open_tunnel,
                             pinned_key=self._pinned_key, on_silent=self._not_answering)
+        # jobs: parts for offline devices run when presence says they came online
+        self.jobs = Jobs(self)
         self._presence = PresenceTracker(self.registry, on_offline=self.pool.drop,
-                                         on_pinned=self._known_hosts_changed)
+                                         on_pinned=self._known_hosts_changed,
+                                         on_online=self.jobs.kick)
         #: device id -> Presence (read-only for callers; ``Presence.state`` is
         #: online | offline | not_answering)
         self.presence: dict[str, Presence] = self._presence.devices
@@ -100,15 +106,21 @@ class Manager:
 
     # ------------------------------------------------------------------ lifecycle
     async def start(self) -> None:
+        register_manager_metrics(self)
         await asyncio.to_thread(self.sync_broker_files)
         self._requests.start()
         self.pool.start()
+        await self.jobs.start()
 
     def _on_broker(self, up: bool) -> None:
+        if up and self._broker_was_up:
+            BROKER_RECONNECTS.inc()
+        self._broker_was_up = self._broker_was_up or up
         if up:
             self._presence.clear()  # retained statuses arrive right after we subscribe
 
     async def close(self) -> None:
+        await self.jobs.close()
         for task in list(self._tasks):
             task.cancel()
         self.pool.close()
@@ -373,9 +385,10 @@ class Manager:
                          env: Optional[dict[str, str]] = None) -> RemoteCommand:
         """Start ``command`` and return it running (the API streams it; see sshpool).
         ``env`` goes to the device's SSH server (the audit's DPANEL_* names)."""
-        return await self.pool.start_command(device, command, stdin,
-                                             stream_stdin=stream_stdin, timeout=timeout,
-                                             env=env)
+        with exec_timer():
+            return await self.pool.start_command(device, command, stdin,
+                                                 stream_stdin=stream_stdin, timeout=timeout,
+                                                 env=env)
 
     # ------------------------------------------------------------------ known_hosts
     async def known_hosts_text(self) -> str:

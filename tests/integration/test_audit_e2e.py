@@ -272,3 +272,12 @@ def test_recording_failing_mid_session_ends_the_shell(stack: Stack, device: str,
     assert b"END-2" not in out.stdout
     row = _wait_row(stack, "ended row", lambda r: r["kind"] == "shell")
     assert row["recording"] == "refused" and "mid-session" in row["note"]
+
+
+def test_a_job_run_is_audited_under_its_creator(stack: Stack, device: str) -> None:
+    job = json.loads(stack.cli_ok("job", "run", "--json", device, "--", "sh", "-c",
+                                  "exit 5"))["id"]
+    row = _wait_row(stack, "job row", lambda r: r.get("api", {}).get("kind") == "job")
+    assert row["kind"] == "exec" and row["exit"] == 5 and row["user"] == "admin"
+    assert row["api"]["result"].startswith(f"job {job}: failed")
+    assert f"job {job}" in row["source"]

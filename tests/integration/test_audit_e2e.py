@@ -281,3 +281,52 @@ def test_a_job_run_is_audited_under_its_creator(stack: Stack, device: str) -> No
     assert row["kind"] == "exec" and row["exit"] == 5 and row["user"] == "admin"
     assert row["api"]["result"].startswith(f"job {job}: failed")
     assert f"job {job}" in row["source"]
+
+
+def _api(stack: Stack, method: str, path: str, token: str,
+         body: Any = None) -> tuple[int, Any]:
+    import urllib.error
+    import urllib.request
+
+    data = json.dumps(body).encode() if body is not None else None
+    req = urllib.request.Request(f"http://127.0.0.1:{stack.api_port}{path}", data=data,
+                                 method=method, headers={"Authorization": f"Bearer {token}"})
+    if data is not None:
+        req.add_header("Content-Type", "application/json")
+    try:
+        with urllib.request.urlopen(req, timeout=60) as r:
+            return r.status, json.loads(r.read() or b"null")
+    except urllib.error.HTTPError as e:
+        return e.code, json.loads(e.read() or b"null")
+
+
+def test_operators_are_audited_and_scoped(stack: Stack, tmp_path: Path) -> None:
+    for name, site in (("site-a1", "a"), ("site-b1", "b")):
+        tok = stack.cli_ok("device", "add", name, "--label", f"site={site}",
+                           "--print-token").strip()
+        stack.start_agent(tok, tmp_path / name)
+        stack.wait_online(name)
+    viewer = stack.cli_ok("user", "add", "vera", "--role", "viewer", "--print-token").strip()
+    alice = stack.cli_ok("user", "add", "alice", "--role", "operator", "--scope", "site=a",
+                         "--print-token").strip()
+    # alice runs a command: the device files it under her name, via the manager
+    status, _ = _api(stack, "POST", "/v1/devices/site-a1/exec", alice,
+                     {"command": ["sh", "-c", "exit 3"], "stream": False})
+    assert status == 200
+    row = _wait_row(stack, "alice's exec", lambda r: r["user"] == "alice"
+                    and r["kind"] == "exec" and r.get("exit") == 3)
+    assert row["device"] == "site-a1" and row["via"] == "manager"
+    # refusals are audited: a viewer's exec, alice outside her scope
+    assert _api(stack, "POST", "/v1/devices/site-a1/exec", viewer,
+                {"command": "true", "stream": False})[0] == 403
+    assert _api(stack, "POST", "/v1/devices/site-b1/exec", alice,
+                {"command": "true", "stream": False})[0] == 403
+    rows = _audit(stack)
+    refused = [(r["user"], r["device"]) for r in rows if r.get("result") == "forbidden"]
+    assert ("vera", "site-a1") in refused and ("alice", "site-b1") in refused
+    # a viewer reads the audit; a scoped operator sees only her devices' records
+    status, seen = _api(stack, "GET", "/v1/audit", viewer)
+    assert status == 200 and {r["device"] for r in seen} >= {"site-a1", "site-b1"}
+    status, seen = _api(stack, "GET", "/v1/audit", alice)
+    assert status == 200 and seen and {r["device"] for r in seen} == {"site-a1"}
+    assert _api(stack, "GET", "/v1/audit/verify", viewer)[1]["ok"] is True

@@ -83,6 +83,20 @@ def _label_text(value: str, what: str, limit: int) -> str:
 class EnrolIn(BaseModel):
     name: str = Field(description="device id: lowercase letters, digits, '-'")
     labels: dict[str, str] = Field(default_factory=dict)
+    proxy: Optional[str] = Field(default=None, max_length=1024,
+                                 description="HTTP CONNECT proxy the device must use")
+
+    @field_validator("proxy")
+    @classmethod
+    def _proxy(cls, v: Optional[str]) -> Optional[str]:
+        if v is not None:
+            from dpanel_proto.proxy import parse_proxy
+            from dpanel_proto.wire import DecodeError
+            try:
+                parse_proxy(v, "proxy")
+            except DecodeError as exc:
+                raise ValueError(str(exc)) from None
+        return v
 
     @field_validator("labels")
     @classmethod
@@ -321,7 +335,7 @@ def create_app(manager: Manager, admin_token: str) -> FastAPI:
     async def add_device(who: Who, body: EnrolIn, request: Request) -> EnrolOut:
         require(who, "enrol")
         try:
-            device, token = await manager.enrol(body.name, body.labels)
+            device, token = await manager.enrol(body.name, body.labels, proxy=body.proxy)
         except DPanelError as exc:
             await record_call(manager, who, body.name[:63], "enrol", "enrol",
                               exc.code.value, request)

@@ -78,15 +78,17 @@ def add_audit_routes(app: FastAPI, manager: Manager,
             return {"ok": False, "error": str(exc)}
 
     @app.get("/v1/audit/{seq}/recording", response_model=None)
-    async def audit_recording(seq: int, principal: Principal = Depends(auth)  # noqa: B008
+    async def audit_recording(seq: str, principal: Principal = Depends(auth)  # noqa: B008
                               ) -> Response:
         """The asciicast v2 recording of the shell session of audit row ``seq``."""
         require(principal, "read")
-        row = await asyncio.to_thread(manager.audit.get, seq)
+        if not seq.isdigit() or len(seq) > 18:  # the ID column of dpanel audit
+            raise _NotFound(f"no audit record {seq[:40]!r}")
+        row = await asyncio.to_thread(manager.audit.get, int(seq))
         devices = await _scope(principal)
         if row is None or (devices is not None and row.get("device") not in devices):
             raise _NotFound(f"no audit record {seq}")
-        found = await asyncio.to_thread(manager.audit.checked_recording, seq)
+        found = await asyncio.to_thread(manager.audit.checked_recording, int(seq))
         if found is None:
             raise _NotFound(f"audit record {seq} has no recording")
         data, state = found

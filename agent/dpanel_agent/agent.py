@@ -18,6 +18,7 @@ from dpanel_proto.util import Backoff
 from dpanel_proto.wire import Response, Status, encode, resp_topic
 
 from . import __version__
+from .audit import AuditShipper
 from .config import AgentConfig
 from .dispatch import Dispatcher
 from .errors import AgentError
@@ -72,6 +73,7 @@ class Agent:
         self._link = _LazyLink(self)
         self._sshd: Optional[BuiltinSSHServer] = None
         self.dispatcher: Optional[Dispatcher] = None
+        self.audit: Optional[AuditShipper] = None
 
     # ------------------------------------------------------------------ observable state
 
@@ -136,6 +138,10 @@ class Agent:
             proxy_setting=cfg.proxy,
         )
         self._mqtt.publish_status(encode(self._status("online")))
+        mqtt_session = self._mqtt
+        self.audit = AuditShipper(token.device, cfg.state_dir, mqtt_session.publish_tracked,
+                                  lambda: mqtt_session.connected.is_set())
+        self.audit.start()  # ships what a previous run left in the spool, too
         log.info("dpanel-tunnel %s starting for %s, ssh target %s, broker %s, profile %s",
                  __version__, token.redacted(), cfg.ssh_target,
                  self._mqtt.endpoint.describe(), cfg.profile)
@@ -159,6 +165,8 @@ class Agent:
                 None, self._mqtt.stop, encode(self._status("offline")))
         if self._sshd is not None:
             await self._sshd.close()
+        if self.audit is not None:
+            await self.audit.stop()
 
     # ------------------------------------------------------------------ internals
 
@@ -176,6 +184,8 @@ class Agent:
 
     def _on_connected(self, up: bool) -> None:
         log.debug("broker connection %s", "up" if up else "down")
+        if up and self.audit is not None:
+            self.audit.kick()
 
     def _respond(self, resp: Response) -> None:
         if self._mqtt is not None:
@@ -212,6 +222,8 @@ class Agent:
                 asyncssh.import_public_key(self.token.manager_key),
                 allow_forward_hosts=cfg.allow_forward_hosts, shell=cfg.shell,
                 window=cfg.ssh_window, keepalive=cfg.tunnel_keepalive,
+                audit=self.audit, device=self.token.device,
+                record_failure=cfg.record_failure,
             )
             await self._sshd.start()
         return "127.0.0.1", self._sshd.port

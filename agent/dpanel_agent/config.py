@@ -12,6 +12,7 @@ Example (``/etc/dpanel/agent.toml`` in images)::
     request_clock_skew = 120
     profile = "default"           # or "metered" (LTE: ~1 MB/month idle), "lan"
     proxy = "http://user:pass@proxy:3128"   # else the token's, else $https_proxy
+    record_failure = "refuse"     # or "allow": a shell whose recording fails goes on
 
 The token itself never goes into this file (it is a secret, and config files get copied
 around): it lives in ``token_file`` (mode 0600), or comes from the command line.
@@ -119,6 +120,9 @@ class AgentConfig:
     #: from ``tunnel_host_key.pub`` / ``manager_key.pub`` here is refused.
     pins_dir: Path = DEFAULT_PINS_DIR
     token: Optional[DeviceToken] = field(default=None, repr=False)
+    #: When a PTY shell's recording cannot be written: "refuse" the shell (the default:
+    #: fail closed) or "allow" it unrecorded (its audit record says so).
+    record_failure: str = "refuse"
     #: Where this config came from, for messages.
     source: str = "<defaults>"
 
@@ -127,6 +131,8 @@ class AgentConfig:
             (self.log_level in _LOG_LEVELS, "log_level", f"must be one of {_LOG_LEVELS}"),
             (self.ssh_target in _TARGETS, "ssh_target", f"must be one of {_TARGETS}"),
             (1 <= self.sshd_port <= 65535, "sshd_port", "must be 1-65535"),
+            (self.record_failure in ("refuse", "allow"), "record_failure",
+             "must be one of ('refuse', 'allow')"),
             (self.mqtt_protocol in _PROTOCOLS, "mqtt_protocol",
              f"must be one of {_PROTOCOLS}"),
             (0 <= self.request_clock_skew <= 86400, "request_clock_skew",
@@ -247,6 +253,7 @@ _KEYS: Dict[str, Callable[[object], Any]] = {
     "pins_dir": _path,
     "proxy": _str,
     "profile": _choice(*PROFILES),
+    "record_failure": _choice("refuse", "allow"),
 }
 assert set(_KEYS) <= {f.name for f in fields(AgentConfig)}
 

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import random
 import ssl
 import time
 from typing import Callable, List, Optional, Set, Tuple
@@ -43,6 +44,9 @@ log = logging.getLogger("dpanel.agent.tunnel")
 #: (a server that accepts and then evicts us, a second agent with the same token) waits
 #: its backoff before the next dial.
 _STABLE_AFTER = 30.0
+#: Dials per open request when the tunnel cannot be reached (see _dial_retrying).
+_OPEN_ATTEMPTS = 3
+
 #: Backoff after the tunnel refused us (auth, host key, forward): a revoked device must
 #: settle to a slow retry, not hammer the tunnel and fill both sides' logs.
 REFUSED_BACKOFF = (5.0, 300.0)
@@ -190,11 +194,11 @@ class TunnelLink:
                 self.wanted = True
                 self._wake.set()  # re-plan the supervisor's next check
                 return self.port
-            timeout = self._connect_timeout
+            until = now + self._connect_timeout
             if not_after is not None:
-                timeout = max(0.1, min(timeout, not_after - now))
+                until = min(until, not_after)
             try:
-                port = await self._dial(timeout)
+                port = await self._dial_retrying(until)
             except TunnelError:
                 if not was_wanted:
                     self.deadline = 0.0
@@ -267,6 +271,25 @@ class TunnelLink:
             log.warning("tunnel: cannot reach %s:%d on this device: %s", *self.target, exc)
             raise asyncssh.ChannelOpenError(asyncssh.OPEN_CONNECT_FAILED, str(exc)) from None
         return _CountingForwarder(peer, self)
+
+    async def _dial_retrying(self, until: float) -> int:
+        """Dial, and dial again after a short jittered pause when the tunnel could not be
+        reached (not when it refused): a dropped handshake is what a busy tunnel's
+        per-source start-up limit does to the 20 devices of one site behind one NAT
+        address, all asked to open at once. Stops at ``until`` (monotonic)."""
+        for attempt in range(_OPEN_ATTEMPTS):
+            left = until - time.monotonic()
+            try:
+                return await self._dial(max(0.1, left))
+            except TunnelError as exc:
+                pause = random.uniform(0.3, 1.0) * (attempt + 1)  # noqa: S311 (jitter)
+                if (exc.code is not ErrorCode.TUNNEL_UNREACHABLE
+                        or attempt + 1 == _OPEN_ATTEMPTS
+                        or until - time.monotonic() < pause + 2.0):
+                    raise
+                log.info("tunnel dial failed (%s); trying again in %.1f s", exc, pause)
+                await asyncio.sleep(pause)
+        raise AssertionError("unreachable")  # pragma: no cover
 
     async def _dial(self, timeout: Optional[float] = None) -> int:
         """Connect + request the forward. Caller holds the lock."""

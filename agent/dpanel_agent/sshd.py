@@ -12,6 +12,11 @@ agent's own user through that user's shell, like OpenSSH would:
 * SFTP and scp, in process (asyncssh's server, with the agent's file permissions);
 * direct-tcpip only to ``allow_forward_hosts`` (device services such as a web UI on :80).
 
+Every session is audited (:mod:`.audit`): who (a certificate's key id, or for the pinned
+manager key the operator the manager names in ``DPANEL_OPERATOR``), from where, what, the
+exit status and the bytes each way; a PTY shell's output is recorded as asciicast, and a
+shell whose recording cannot be written is refused unless ``record_failure = "allow"``.
+
 Sessions get the environment sshd would give them, not the agent's own (the image's unit
 runs the agent with ``UMask=0077``, and its PATH is whatever started it): the standard
 PATH, umask 022, HOME, USER, LOGNAME, SHELL, MAIL, SSH_CONNECTION, SSH_CLIENT, SSH_TTY
@@ -62,6 +67,7 @@ import asyncssh
 
 from dpanel_proto.ratelog import RateLimitedLog
 
+from .audit import AuditShipper, Recorder, RecordingFailed, SessionAudit
 from .pumps import copy_from_fd, feed_fd
 
 __all__ = ["HANGUP_GRACE", "ROOT_PATH", "SESSION_UMASK", "USER_PATH", "BuiltinSSHServer"]
@@ -111,6 +117,12 @@ _ACCEPT_ENV_PREFIXES = ("LC_",)
 _ACCEPT_ENV = frozenset({"LANG", "LANGUAGE"})
 #: After a PTY session's shell exits, how long to wait for output still in the pty.
 _PTY_DRAIN = 2.0
+#: What the manager tells the device about a session it opens for someone else (honoured
+#: only from the pinned manager key: a certificate's holder is its key id, full stop).
+ENV_OPERATOR = "DPANEL_OPERATOR"
+ENV_SOURCE = "DPANEL_SOURCE"
+ENV_AUDIT_ID = "DPANEL_AUDIT_ID"
+_HEX_ID = re.compile(r"^[0-9a-f]{16,64}$")
 
 
 def _child_setup(pty: bool, parent: int) -> Callable[[], None]:
@@ -168,15 +180,38 @@ class _Server(asyncssh.SSHServer):
         self._owner = owner
         self._peer = "?"
         self._conn: Optional[asyncssh.SSHServerConnection] = None
+        #: the key id of the OpenSSH certificate the client authenticated with; set by
+        #: the certificate check. None = the pinned manager key.
+        self.cert_key_id: Optional[str] = None
 
     def connection_made(self, conn: asyncssh.SSHServerConnection) -> None:
         peer = conn.get_extra_info("peername")
         self._peer = f"{peer[0]}:{peer[1]}" if isinstance(peer, tuple) else "?"
         self._conn = conn
         self._owner._conns.add(conn)
+        self._owner._servers[conn] = self
 
     def connection_lost(self, exc: Optional[Exception]) -> None:
         self._owner._conns.discard(self._conn)
+        self._owner._servers.pop(self._conn, None)
+
+    def audit(self, chan: object, kind: str, command: str) -> SessionAudit:
+        """A session's audit record: who, from where (see the module docstring)."""
+        get_env = getattr(chan, "get_environment", None)  # a TCP channel has none
+        raw = get_env() if get_env is not None else {}
+        env = {str(k): str(v) for k, v in (raw or {}).items()}
+        source, correlation = self._peer, ""
+        if self.cert_key_id is not None:
+            operator, via = self.cert_key_id, "cert"
+        else:
+            operator, via = env.get(ENV_OPERATOR, "")[:64] or "manager", "manager"
+            if env.get(ENV_SOURCE):
+                source = f"{self._peer} for {env[ENV_SOURCE][:200]}"
+            if _HEX_ID.match(env.get(ENV_AUDIT_ID, "")):
+                correlation = env[ENV_AUDIT_ID]
+        return SessionAudit(self._owner.audit, self._owner.device, kind, operator=operator,
+                            via=via, source=source, command=command,
+                            correlation=correlation)
 
     def begin_auth(self, username: str) -> bool:
         return True  # authentication is always required
@@ -201,13 +236,21 @@ class _Server(asyncssh.SSHServer):
         log.info("manager session opened from %s", self._peer)
 
     def connection_requested(self, dest_host: str, dest_port: int, orig_host: str,
-                             orig_port: int) -> bool:
+                             orig_port: int) -> Any:
         if dest_host.lower() not in self._owner.allow_forward_hosts:
             _rl.warning("refused forwards", "refused direct-tcpip to %r:%d (not in "
                         "allow_forward_hosts)", dest_host[:255], dest_port)
             return False
         log.info("forwarding to %s:%d", dest_host, dest_port)
-        return True
+        # our own forwarder rather than asyncssh's, to count the bytes and see the end
+        server = self
+
+        async def forward(reader: asyncssh.SSHReader[bytes],
+                          writer: asyncssh.SSHWriter[bytes]) -> None:
+            audit = server.audit(writer.channel, "forward", f"forward {dest_host}:{dest_port}")
+            await _forward(reader, writer, dest_host, dest_port, audit)
+
+        return forward
 
 
 class BuiltinSSHServer:
@@ -215,7 +258,9 @@ class BuiltinSSHServer:
 
     def __init__(self, host_key: asyncssh.SSHKey, client_key: asyncssh.SSHKey, *,
                  allow_forward_hosts: Sequence[str], shell: Optional[str] = None,
-                 window: int = 8 * 1024 * 1024, keepalive: float = 30) -> None:
+                 window: int = 8 * 1024 * 1024, keepalive: float = 30,
+                 audit: Optional[AuditShipper] = None, device: str = "",
+                 record_failure: str = "refuse") -> None:
         self.host_key = host_key
         self.client_key = client_key
         self.allow_forward_hosts = frozenset(h.lower() for h in allow_forward_hosts)
@@ -232,6 +277,13 @@ class BuiltinSSHServer:
         self._locale = _locale_env()
         self._path = ROOT_PATH if os.geteuid() == 0 else USER_PATH
         self._conns: Set[Optional[asyncssh.SSHServerConnection]] = set()
+        self._servers: Dict[object, _Server] = {}
+        self.audit = audit
+        self.device = device
+        self.record_failure = record_failure
+
+    def _server_of(self, chan: asyncssh.SSHServerChannel[bytes]) -> Optional[_Server]:
+        return self._servers.get(chan.get_connection())
 
     @property
     def port(self) -> int:
@@ -244,7 +296,8 @@ class BuiltinSSHServer:
         self._acceptor = await asyncssh.create_server(
             lambda: _Server(self), "127.0.0.1", 0,
             server_host_keys=[self.host_key],
-            process_factory=self._handle, sftp_factory=_SFTPServer, allow_scp=True,
+            process_factory=self._handle, sftp_factory=lambda chan: _SFTPServer(chan, self),
+            allow_scp=True,
             encoding=None, line_editor=False,
             public_key_auth=True, password_auth=False, kbdint_auth=False,
             host_based_auth=False, gss_host=None,
@@ -299,16 +352,55 @@ class BuiltinSSHServer:
             return
         argv = [self.shell, "-l"] if process.command is None else [
             self.shell, "-c", process.command]
+        server = self._server_of(process.channel)
+        kind = "exec" if process.command is not None else "shell"
+        audit = (server.audit(process.channel, kind, process.command or "shell")
+                 if server is not None else SessionAudit(
+                     self.audit, self.device, kind, operator="?", via="manager", source="?",
+                     command=process.command or "shell"))
+        recorder: Optional[Recorder] = None
+        if process.term_type and self.audit is not None:
+            # a PTY session is recorded, exec with -t included (it is interactive)
+            width, height = [*process.term_size, 0, 0][:2]
+            recorder = Recorder(self.audit, audit.id, width, height, process.term_type)
+            try:
+                recorder.start()
+                audit.recording = "ok"
+            except RecordingFailed as exc:
+                recorder = None
+                if self.record_failure != "allow":
+                    audit.recording, audit.exit = "refused", 1
+                    audit.note = f"recording cannot be written: {exc}"[:256]
+                    log.error("refused a shell: its recording cannot be written (%s)", exc)
+                    process.stderr.write(b"dpanel agent: this session must be recorded and "
+                                         b"the recording cannot be written; refused "
+                                         b"(record_failure = \"refuse\")\r\n")
+                    process.exit(1)
+                    audit.finish()
+                    return
+                audit.recording = "failed"
+                log.warning("recording cannot be written (%s); shell allowed unrecorded", exc)
+        _count_bytes(process, audit, recorder, self.record_failure)
         try:
             if process.term_type:
-                await self._run_pty(process, argv)
+                await self._run_pty(process, argv, audit)
             else:
-                await self._run_pipes(process, argv)
+                await self._run_pipes(process, argv, audit)
         except Exception as exc:  # keep the server up whatever one session does
             log.exception("session failed")
             if not process.is_closing():
                 process.stderr.write(f"dpanel agent: {exc}\n".encode())
                 process.exit(255)
+                audit.exit = 255
+        finally:
+            if recorder is not None:
+                try:
+                    recorder.close()
+                    audit.recording_sha256 = recorder.sha256
+                except RecordingFailed as exc:
+                    audit.recording = "failed"
+                    log.error("the end of a recording was lost: %s", exc)
+            audit.finish()
         # Lets asyncssh finish its pipe cleanup tasks (they are awaited only here).
         try:
             await asyncio.wait_for(process.wait_closed(), 30)
@@ -335,7 +427,7 @@ class BuiltinSSHServer:
             return None
 
     async def _run_pipes(self, process: asyncssh.SSHServerProcess[bytes],
-                         argv: List[str]) -> None:
+                         argv: List[str], audit: SessionAudit) -> None:
         in_r, in_w = os.pipe()
         out_r, out_w = os.pipe()
         err_r, err_w = os.pipe()
@@ -347,6 +439,7 @@ class BuiltinSSHServer:
         if child is None:
             for fd in (in_w, out_r, err_r):
                 os.close(fd)
+            audit.exit = 127
             return
         # our own pumps, not process.redirect(): see pumps.py. No EOF is sent on the
         # channel here: an SSH EOF ends stderr too, so exit() sends it once both drained.
@@ -355,10 +448,10 @@ class BuiltinSSHServer:
                    asyncio.ensure_future(copy_from_fd(err_r, process.stderr))]
         pid = child.pid
         _deliver_signals(process, lambda: pid)  # its own process group (new session)
-        await self._supervise(process, child, stdin, outputs, drain_timeout=None)
+        await self._supervise(process, child, stdin, outputs, audit, drain_timeout=None)
 
     async def _run_pty(self, process: asyncssh.SSHServerProcess[bytes],
-                       argv: List[str]) -> None:
+                       argv: List[str], audit: SessionAudit) -> None:
         master, slave = os.openpty()
         try:
             _set_winsize(slave, process.term_size)
@@ -368,6 +461,7 @@ class BuiltinSSHServer:
             os.close(slave)  # else reading the master never sees EIO when the shell ends
         if child is None:
             os.close(master)
+            audit.exit = 127
             return
         # Each pump owns (and closes) its own fd; ``ctl`` stays open for the whole
         # session, so that resizes and signals never hit a closed (or reused) fd number.
@@ -381,13 +475,14 @@ class BuiltinSSHServer:
             pid = child.pid
             # the terminal's foreground job, like ^C would; the shell's group if that fails
             _deliver_signals(process, lambda: _foreground_pgrp(ctl, pid))
-            await self._supervise(process, child, stdin, outputs, drain_timeout=_PTY_DRAIN)
+            await self._supervise(process, child, stdin, outputs, audit,
+                                  drain_timeout=_PTY_DRAIN)
         finally:
             os.close(ctl)
 
     async def _supervise(self, process: asyncssh.SSHServerProcess[bytes],
                          child: asyncio.subprocess.Process, stdin: asyncio.Future[int],
-                         outputs: Sequence[asyncio.Future[int]],
+                         outputs: Sequence[asyncio.Future[int]], audit: SessionAudit,
                          drain_timeout: Optional[float]) -> None:
         """Wait for the child or the channel, whichever ends first; report exit status
         only after all output reached the channel (or ``drain_timeout`` passed: a pty
@@ -402,8 +497,14 @@ class BuiltinSSHServer:
                 # The client went away (or the tunnel dropped): hang up like sshd does.
                 log.info("session closed by the client; hanging up process group %d",
                          child.pid)
+                audit.signal = "HUP"
+                audit.note = audit.note or "closed by the client"
                 return
             rc = exited.result()
+            if rc >= 0:
+                audit.exit = rc
+            else:
+                audit.signal = _signal_name(rc)
             drained = asyncio.ensure_future(asyncio.wait(outputs))
             await asyncio.wait({drained, closed}, timeout=drain_timeout,
                                return_when=asyncio.FIRST_COMPLETED)
@@ -431,7 +532,19 @@ class _SFTPServer(asyncssh.SFTPServer):
     directories are created with the session umask (022), not the agent's (the unit's
     0077 would make every uploaded file 0600). The server runs on the event loop thread
     and no other thread of the agent creates files, so switching the process umask
-    around the call is safe."""
+    around the call is safe. Each SFTP (or scp) session is one audit record."""
+
+    def __init__(self, chan: asyncssh.SSHServerChannel[bytes],
+                 owner: Optional[BuiltinSSHServer] = None) -> None:
+        super().__init__(chan)
+        self._audit: Optional[SessionAudit] = None
+        server = owner._server_of(chan) if owner is not None else None
+        if server is not None:
+            command = chan.get_command()
+            self._audit = server.audit(chan, "sftp", f"sftp {command}"[:200] if command
+                                       and not command.startswith("internal-sftp")
+                                       else "sftp")
+            _count_channel(chan, self._audit)
 
     def open(self, path: bytes, pflags: int, attrs: asyncssh.SFTPAttrs) -> object:
         old = os.umask(SESSION_UMASK)
@@ -457,6 +570,9 @@ class _SFTPServer(asyncssh.SFTPServer):
 
     def exit(self) -> None:
         super().exit()
+        if self._audit is not None:
+            self._audit.exit = 0
+            self._audit.finish()
         try:
             self.channel.exit(0)
         except (OSError, asyncssh.Error, AttributeError):
@@ -567,3 +683,124 @@ async def _hang_up(pgid: int) -> None:
             return
         await asyncio.sleep(0.2)
     _killpg(pgid, signal.SIGKILL)
+
+
+def _count_channel(chan: asyncssh.SSHServerChannel[bytes], audit: SessionAudit,
+                   on_output: Optional[Callable[[bytes], bool]] = None) -> None:
+    """Count the bytes a channel carries each way, on this channel instance only:
+    everything sent goes through ``write`` (redirected pipes, the pty, SFTP), everything
+    received through ``_deliver_data`` (also what was buffered before the session
+    started reading). ``on_output`` may veto a write (returns False)."""
+    write = chan.write
+    accept = chan._deliver_data  # the one place all received data passes
+
+    def counted_write(data: bytes, datatype: Optional[int] = None) -> None:
+        if on_output is not None and datatype is None and not on_output(data):
+            return
+        audit.bytes_out += len(data)
+        write(data, datatype)
+
+    def counted_accept(data: bytes, datatype: Optional[int] = None) -> None:
+        audit.bytes_in += len(data)
+        accept(data, datatype)
+
+    chan.write = counted_write  # type: ignore[method-assign]
+    chan._deliver_data = counted_accept  # type: ignore[method-assign]
+    # what the client sent before we got here (its input right after the shell request)
+    # is already in the session's buffer
+    buffered = getattr(getattr(chan, "_session", None), "_recv_buf_len", 0)
+    if isinstance(buffered, int):
+        audit.bytes_in += buffered
+
+
+def _count_bytes(process: asyncssh.SSHServerProcess[bytes], audit: SessionAudit,
+                 recorder: Optional[Recorder], policy: str) -> None:
+    """Count a process's bytes; feed a PTY's output to its recorder. A recording that
+    fails mid-session ends the session (``refuse``) or goes on unrecorded (``allow``)."""
+    if recorder is None:
+        _count_channel(process.channel, audit)
+        return
+    chan = process.channel
+
+    def on_output(data: bytes) -> bool:
+        if recorder.failed:
+            return policy == "allow"
+        try:
+            recorder.output(data)
+            return True
+        except RecordingFailed as exc:
+            if policy == "allow":
+                audit.recording = "failed"
+                log.warning("recording failed mid-session (%s); going on unrecorded", exc)
+                return True
+            audit.recording = "refused"
+            audit.note = f"recording failed mid-session: {exc}"[:256]
+            log.error("ending a shell: its recording cannot be written (%s)", exc)
+            asyncio.get_event_loop().call_soon(_end_unrecorded, process)
+            return False
+
+    _count_channel(chan, audit, on_output)
+
+
+def _end_unrecorded(process: asyncssh.SSHServerProcess[bytes]) -> None:
+    if process.is_closing():
+        return
+    try:
+        process.channel.write(b"\r\ndpanel agent: the recording of this session cannot be "
+                              b"written; session ended (record_failure = \"refuse\")\r\n",
+                              1)  # EXTENDED_DATA_STDERR: not recorded, not vetoed
+        process.exit(255)
+    except (OSError, asyncssh.Error):
+        pass
+
+
+async def _forward(reader: asyncssh.SSHReader[bytes], writer: asyncssh.SSHWriter[bytes],
+                   host: str, port: int, audit: SessionAudit) -> None:
+    """One direct-tcpip forward, both ways with back-pressure, counted and audited."""
+    try:
+        try:
+            treader, twriter = await asyncio.open_connection(host, port)
+        except OSError as exc:
+            audit.note = f"connect failed: {exc.strerror or exc}"[:256]
+            audit.exit = 1
+            writer.close()
+            return
+
+        async def up() -> None:  # client -> device service
+            try:
+                while True:
+                    data = await reader.read(65536)
+                    if not data:
+                        break
+                    audit.bytes_in += len(data)
+                    twriter.write(data)
+                    await twriter.drain()
+                if twriter.can_write_eof():
+                    twriter.write_eof()
+            except (OSError, asyncssh.Error):
+                pass
+
+        async def down() -> None:  # device service -> client
+            try:
+                while True:
+                    data = await treader.read(65536)
+                    if not data:
+                        break
+                    audit.bytes_out += len(data)
+                    writer.write(data)
+                    await writer.drain()
+                writer.write_eof()
+            except (OSError, asyncssh.Error):
+                pass
+
+        tasks = [asyncio.ensure_future(up()), asyncio.ensure_future(down())]
+        try:
+            await asyncio.gather(*tasks)
+        finally:
+            for t in tasks:
+                t.cancel()
+            twriter.close()
+            writer.close()
+        audit.exit = 0
+    finally:
+        audit.finish()

@@ -187,6 +187,15 @@ class MqttSession:
             return False
         return True
 
+    def publish_tracked(self, topic: str, payload: bytes) -> Optional[mqtt.MQTTMessageInfo]:
+        """A QoS 1 publish whose ``is_published()`` tells when the broker acknowledged
+        it; None if paho refused it outright (the caller keeps it and tries later)."""
+        info = self._client.publish(topic, payload, qos=1)
+        if info.rc not in (mqtt.MQTT_ERR_SUCCESS, mqtt.MQTT_ERR_NO_CONN):
+            self._publish_failed(topic, mqtt.error_string(info.rc))
+            return None
+        return info
+
     def _publish_failed(self, topic: str, why: str) -> None:
         """Log a refused publish (a subclass may rate-limit: a full send queue fails
         every publish for a while)."""

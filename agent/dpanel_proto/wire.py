@@ -11,6 +11,7 @@ broker username *is* the device id::
     dpanel/v1/dev/<id>/status   device -> all      retained; last will = offline
     dpanel/v1/dev/<id>/req      manager -> device  signed open/close requests
     dpanel/v1/dev/<id>/resp     device -> manager  answers, correlated by request id
+    dpanel/v1/dev/<id>/audit    device -> manager  audit records and shell recordings
 
 :data:`DEVICE_ACL` and :data:`MANAGER_TOPICS` are those rules in broker-neutral form;
 each broker backend renders them in its own syntax.
@@ -29,14 +30,19 @@ from typing import Any, Callable, Dict, Literal, Mapping, Optional, Union, cast
 from .codes import ErrorCode
 
 __all__ = [
+    "AUDIT_KINDS",
     "DEVICE_ACL",
     "DEVICE_ID_RE",
     "MANAGER_SUBSCRIPTIONS",
     "MANAGER_TOPICS",
+    "MAX_AUDIT_COMMAND",
+    "MAX_AUDIT_PAYLOAD",
     "MAX_PAYLOAD",
+    "MAX_RECORDING_CHUNK",
     "MAX_REQUEST_LIFETIME",
     "PROTOCOL_VERSION",
     "TOPIC_ROOT",
+    "AuditRecord",
     "CloseRequest",
     "DecodeError",
     "ErrorCode",
@@ -44,13 +50,17 @@ __all__ = [
     "MsgType",
     "OpenRequest",
     "PingRequest",
+    "RecordingChunk",
     "Request",
     "Response",
     "Status",
     "Target",
+    "audit_topic",
     "canonical_bytes",
     "decode",
+    "decode_audit",
     "encode",
+    "encode_audit",
     "parse_topic",
     "printable",
     "req_topic",
@@ -64,13 +74,15 @@ TOPIC_ROOT = "dpanel/v1/dev"
 #: Everything the manager may read and write.
 MANAGER_TOPICS = "dpanel/v1/#"
 #: What the manager subscribes to.
-MANAGER_SUBSCRIPTIONS = (f"{TOPIC_ROOT}/+/status", f"{TOPIC_ROOT}/+/resp")
+MANAGER_SUBSCRIPTIONS = (f"{TOPIC_ROOT}/+/status", f"{TOPIC_ROOT}/+/resp",
+                         f"{TOPIC_ROOT}/+/audit")
 #: A device's whole permission set, as (access, pattern) with ``%u`` = the username,
 #: which *is* the device id. Nothing here touches another device's topics, and a device
 #: can only read its request topic (it cannot forge requests, which are signed anyway).
 DEVICE_ACL: tuple[tuple[Literal["read", "write"], str], ...] = (
     ("write", f"{TOPIC_ROOT}/%u/status"),
     ("write", f"{TOPIC_ROOT}/%u/resp"),
+    ("write", f"{TOPIC_ROOT}/%u/audit"),
     ("read", f"{TOPIC_ROOT}/%u/req"),
 )
 #: Anything bigger is refused before JSON parsing, so a hostile peer cannot make us
@@ -124,14 +136,18 @@ def resp_topic(device: str) -> str:
     return f"{TOPIC_ROOT}/{validate_device_id(device)}/resp"
 
 
-def parse_topic(topic: str) -> tuple[str, Literal["status", "req", "resp"]]:
+def audit_topic(device: str) -> str:
+    return f"{TOPIC_ROOT}/{validate_device_id(device)}/audit"
+
+
+def parse_topic(topic: str) -> tuple[str, Literal["status", "req", "resp", "audit"]]:
     """Split ``dpanel/v1/dev/<id>/<kind>`` into ``(id, kind)``."""
     prefix = TOPIC_ROOT + "/"
     if not topic.startswith(prefix):
         raise DecodeError(f"topic: {topic!r} is not under {prefix}")
     parts = topic[len(prefix):].split("/")
-    if len(parts) != 2 or parts[1] not in ("status", "req", "resp"):
-        raise DecodeError(f"topic: {topic!r} is not <id>/status|req|resp")
+    if len(parts) != 2 or parts[1] not in ("status", "req", "resp", "audit"):
+        raise DecodeError(f"topic: {topic!r} is not <id>/status|req|resp|audit")
     return validate_device_id(parts[0], "topic device"), cast(Any, parts[1])
 
 
@@ -400,3 +416,168 @@ def unb64(value: str, what: str) -> bytes:
         return base64.b64decode(value, validate=True)
     except (binascii.Error, ValueError):
         raise DecodeError(f"{what}: not valid base64") from None
+
+
+# --------------------------------------------------------------------------- audit
+#
+# What the device's SSH server saw: one AuditRecord per exec, shell, SFTP session or
+# direct-tcpip forward, and a shell's asciicast recording in RecordingChunks, both on
+# ``dpanel/v1/dev/<id>/audit``. They are kept apart from the request/response messages
+# (own decoder, own size cap) because a recording chunk is bigger than any of those.
+
+#: The session kinds an audit record may have.
+AUDIT_KINDS = ("exec", "shell", "sftp", "forward")
+#: A command line longer than this is cut by the agent (and refused by the decoder): even
+#: fully escaped (6 bytes a control character) it stays well inside one payload.
+MAX_AUDIT_COMMAND = 2048
+#: A recording chunk carries at most this much asciicast text (before base64).
+MAX_RECORDING_CHUNK = 16 * 1024
+#: The audit topic's payload cap (the broker's own packet cap is 64 KiB).
+MAX_AUDIT_PAYLOAD = 48 * 1024
+_AUDIT_ID_RE = re.compile(r"^[0-9a-f]{16,64}$")
+_NAME_LIMIT = 64
+
+
+@dataclass(frozen=True)
+class AuditRecord:
+    """One session served by the device's SSH server. ``operator`` is the certificate's
+    key id, or what the manager said it acts for (``via`` tells which: ``cert`` or
+    ``manager``); ``correlation`` links it to the manager's own record of the call.
+    ``exit`` is the exit status, ``signal`` the signal name if it was killed;
+    ``bytes_in`` is what the client sent, ``bytes_out`` what it was sent."""
+
+    device: str
+    id: str
+    kind: str
+    operator: str
+    via: str = "manager"
+    source: str = ""
+    command: str = ""
+    exit: Optional[int] = None
+    signal: str = ""
+    started: float = 0.0
+    ended: float = 0.0
+    bytes_in: int = 0
+    bytes_out: int = 0
+    correlation: str = ""
+    recording: str = ""  # "", "ok", "failed" (record_failure = "allow"), "refused"
+    note: str = ""
+    #: SHA-256 of the whole asciicast recording: the chained record vouches for it
+    recording_sha256: str = ""
+    type: str = field(default="audit", init=False)
+
+
+@dataclass(frozen=True)
+class RecordingChunk:
+    """Part ``seq`` (from 0) of the asciicast v2 recording of shell session ``id``;
+    ``last`` marks the final part."""
+
+    device: str
+    id: str
+    seq: int
+    data: str  # base64
+    last: bool = False
+    type: str = field(default="rec", init=False)
+
+
+AuditMessage = Union[AuditRecord, RecordingChunk]
+
+
+def _clean(d: Mapping[str, Any], key: str, limit: int) -> str:
+    """A device-supplied string: bounded, and never able to drive a terminal or forge a
+    log line (escaped by :func:`printable`)."""
+    return printable(_short_str(d, key, limit))
+
+
+def _audit_id(d: Mapping[str, Any], key: str, optional: bool = False) -> str:
+    value = _get(d, key, str, optional=optional)
+    if value is None or (optional and value == ""):
+        return ""
+    if not _AUDIT_ID_RE.match(value):
+        raise DecodeError(f"{key}: expected 16-64 lowercase hex characters")
+    return cast(str, value)
+
+
+def _count(d: Mapping[str, Any], key: str) -> int:
+    value = _get(d, key, int, optional=True)
+    if value is None:
+        return 0
+    if not 0 <= value < 2 ** 63:
+        raise DecodeError(f"{key}: {value} is not a byte count")
+    return cast(int, value)
+
+
+def _decode_audit_record(d: Mapping[str, Any]) -> AuditRecord:
+    kind = _get(d, "kind", str)
+    if kind not in AUDIT_KINDS:
+        raise DecodeError(f"kind: {kind!r} is not one of {', '.join(AUDIT_KINDS)}")
+    via = _get(d, "via", str, optional=True) or "manager"
+    if via not in ("cert", "manager"):
+        raise DecodeError(f"via: {via!r} is not cert|manager")
+    exit_ = _get(d, "exit", int, optional=True)
+    if exit_ is not None and not 0 <= exit_ <= 255:
+        raise DecodeError(f"exit: {exit_} is outside 0-255")
+    recording = _get(d, "recording", str, optional=True) or ""
+    if recording not in ("", "ok", "failed", "refused"):
+        raise DecodeError(f"recording: {recording!r} is not ok|failed|refused")
+    return AuditRecord(
+        device=validate_device_id(d.get("device")), id=_audit_id(d, "id"), kind=kind,
+        operator=_clean(d, "operator", _NAME_LIMIT) or "?", via=via,
+        source=_clean(d, "source", 256), command=_clean(d, "command", MAX_AUDIT_COMMAND),
+        exit=exit_, signal=_clean(d, "signal", 32),
+        started=_get(d, "started", float, optional=True) or 0.0,
+        ended=_get(d, "ended", float, optional=True) or 0.0,
+        bytes_in=_count(d, "bytes_in"), bytes_out=_count(d, "bytes_out"),
+        correlation=_audit_id(d, "correlation", optional=True), recording=recording,
+        note=_clean(d, "note", 256), recording_sha256=_sha256(d),
+    )
+
+
+def _sha256(d: Mapping[str, Any]) -> str:
+    value = _get(d, "recording_sha256", str, optional=True) or ""
+    if value and not re.match(r"^[0-9a-f]{64}$", value):
+        raise DecodeError("recording_sha256: expected 64 lowercase hex characters")
+    return cast(str, value)
+
+
+def _decode_recording(d: Mapping[str, Any]) -> RecordingChunk:
+    seq = _get(d, "seq", int)
+    if not 0 <= seq < 1_000_000:
+        raise DecodeError(f"seq: {seq} is outside 0-999999")
+    data = _get(d, "data", str)
+    if len(unb64(data, "data")) > MAX_RECORDING_CHUNK:
+        raise DecodeError(f"data: more than {MAX_RECORDING_CHUNK} bytes")
+    last = d.get("last", False)
+    if not isinstance(last, bool):
+        raise DecodeError("last: expected true or false")
+    return RecordingChunk(device=validate_device_id(d.get("device")), id=_audit_id(d, "id"),
+                          seq=seq, data=data, last=last)
+
+
+def encode_audit(msg: AuditMessage) -> bytes:
+    d = asdict(msg)
+    d["v"] = PROTOCOL_VERSION
+    return json.dumps(d, separators=(",", ":"), sort_keys=True).encode()
+
+
+def decode_audit(payload: Union[bytes, bytearray, str]) -> AuditMessage:
+    """Decode one payload of the audit topic; :class:`DecodeError` names what is wrong."""
+    if len(payload) > MAX_AUDIT_PAYLOAD:
+        raise DecodeError(f"payload: {len(payload)} bytes is over the {MAX_AUDIT_PAYLOAD} "
+                          "limit")
+    try:
+        obj = json.loads(payload)
+    except RecursionError:
+        raise DecodeError("payload: nested too deeply") from None
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise DecodeError(f"payload: not JSON ({exc})") from None
+    if not isinstance(obj, dict):
+        raise DecodeError("payload: expected a JSON object")
+    if obj.get("v") != PROTOCOL_VERSION:
+        raise DecodeError(f"v: protocol version {obj.get('v')!r} is not {PROTOCOL_VERSION}")
+    t = obj.get("type")
+    if t == "audit":
+        return _decode_audit_record(obj)
+    if t == "rec":
+        return _decode_recording(obj)
+    raise DecodeError(f"type: {t!r} is not audit|rec")

@@ -19,6 +19,7 @@ import hmac
 import json
 import logging
 import os
+import secrets
 import shlex
 from typing import Annotated, Any, AsyncIterator, Literal, Optional, Union
 
@@ -34,6 +35,7 @@ from dpanel_proto.codes import ErrorCode
 from dpanel_proto.events import Error, Exit, Heartbeat, Output, encode_event
 
 from . import __version__
+from .audit_api import add_audit_routes, record_call
 from .authz import Action, Forbidden, Principal, in_scope, require
 from .errors import DPanelError, UnknownDevice
 from .manager import Manager
@@ -330,9 +332,15 @@ def create_app(manager: Manager, admin_token: str) -> FastAPI:
                 if in_scope(who, d.labels)]
 
     @app.post("/v1/devices", status_code=201)
-    async def add_device(who: Who, body: EnrolIn) -> EnrolOut:
+    async def add_device(who: Who, body: EnrolIn, request: Request) -> EnrolOut:
         require(who, "enrol")
-        device, token = await manager.enrol(body.name, body.labels, proxy=body.proxy)
+        try:
+            device, token = await manager.enrol(body.name, body.labels, proxy=body.proxy)
+        except DPanelError as exc:
+            await record_call(manager, who, body.name[:63], "enrol", "enrol",
+                              exc.code.value, request)
+            raise
+        await record_call(manager, who, body.name, "enrol", "enrol", "ok", request)
         return EnrolOut(device=device.as_dict(), token=token)
 
     @app.get("/v1/deleted-devices")
@@ -347,14 +355,20 @@ def create_app(manager: Manager, admin_token: str) -> FastAPI:
         return await _device_view(device, await allowed(who, "read", device))
 
     @app.delete("/v1/devices/{device}")
-    async def revoke_device(who: Who, device: str, purge: bool = False,
+    async def revoke_device(who: Who, device: str, request: Request, purge: bool = False,
                             force: bool = False) -> dict[str, Any]:
         """Revoke the device; ``purge=true`` deletes a revoked one and frees its name
         (``force=true`` revokes it first), keeping a tombstone (/v1/deleted-devices)."""
         await allowed(who, "enrol", device)
-        if purge:
-            return {"deleted": await manager.delete(device, force)}
-        return (await manager.revoke(device)).as_dict()
+        kind = "delete" if purge else "revoke"
+        try:
+            out = ({"deleted": await manager.delete(device, force)} if purge
+                   else (await manager.revoke(device)).as_dict())
+        except DPanelError as exc:
+            await record_call(manager, who, device[:63], kind, kind, exc.code.value, request)
+            raise
+        await record_call(manager, who, device, kind, kind, "ok", request)
+        return out
 
     @app.post("/v1/devices/{device}/reset-hostkey")
     async def reset_hostkey(who: Who, device: str) -> dict[str, Any]:
@@ -375,16 +389,32 @@ def create_app(manager: Manager, admin_token: str) -> FastAPI:
         return {k: v for k, v in manager.tunnels().items() if ids is None or k in ids}
 
     @app.post("/v1/devices/{device}/tunnel")
-    async def open_tunnel(who: Who, device: str, body: TunnelIn) -> TunnelOut:
-        await allowed(who, "tunnel", device)
-        port = await manager.open_tunnel(device, body.ttl, body.idle_timeout)
+    async def open_tunnel(who: Who, device: str, body: TunnelIn,
+                          request: Request) -> TunnelOut:
+        try:
+            await allowed(who, "tunnel", device)
+            port = await manager.open_tunnel(device, body.ttl, body.idle_timeout)
+        except DPanelError as exc:
+            await record_call(manager, who, device[:63], "tunnel-open", "tunnel open",
+                              exc.code.value, request)
+            raise
+        await record_call(manager, who, device, "tunnel-open", "tunnel open",
+                          f"ok port {port}", request)
         return TunnelOut(device=device, port=port,
                          host_key=(await manager.device(device)).host_key)
 
     @app.delete("/v1/devices/{device}/tunnel")
-    async def close_tunnel(who: Who, device: str) -> dict[str, Any]:
+    async def close_tunnel(who: Who, device: str, request: Request) -> dict[str, Any]:
         await allowed(who, "tunnel", device)
-        return {"device": device, "closed": await manager.close_tunnel(device)}
+        try:
+            closed = await manager.close_tunnel(device)
+        except DPanelError as exc:
+            await record_call(manager, who, device[:63], "tunnel-close", "tunnel close",
+                              exc.code.value, request)
+            raise
+        await record_call(manager, who, device, "tunnel-close", "tunnel close", "ok",
+                          request)
+        return {"device": device, "closed": closed}
 
     @app.get("/v1/known_hosts")
     async def known_hosts(who: Who) -> dict[str, str]:
@@ -415,7 +445,11 @@ def create_app(manager: Manager, admin_token: str) -> FastAPI:
     async def exec_(who: Who, device: str, request: Request) -> Response:
         """Run a command. Output streams as NDJSON with heartbeats; when the client hangs
         up the command is hung up too (the agent ends its process group)."""
-        await allowed(who, "exec", device)
+        try:
+            await allowed(who, "exec", device)
+        except DPanelError as exc:  # a refusal is audited too
+            await record_call(manager, who, device[:63], "exec", "", exc.code.value, request)
+            raise
         body_in = _Body(request.receive)
         ndjson = request.headers.get("content-type", "").startswith("application/x-ndjson")
         raw = await (body_in.line() if ndjson else body_in.read_all())
@@ -429,8 +463,20 @@ def create_app(manager: Manager, admin_token: str) -> FastAPI:
         stdin = base64.b64decode(body.stdin) if body.stdin is not None else None
         # Start before answering, so that "offline", "refused" and "timed out" come back
         # as HTTP errors; output and the exit status then stream.
-        cmd = await manager.start_exec(device, command, stdin, stream_stdin=ndjson,
-                                       timeout=body.timeout)
+        # the device records who this is for and links its record to ours (audit.py)
+        correlation = secrets.token_hex(16)
+        source = request.client.host if request.client else ""
+        env = {"DPANEL_OPERATOR": who.name, "DPANEL_SOURCE": source,
+               "DPANEL_AUDIT_ID": correlation}
+        try:
+            cmd = await manager.start_exec(device, command, stdin, stream_stdin=ndjson,
+                                           timeout=body.timeout, env=env)
+        except DPanelError as exc:
+            await record_call(manager, who, device[:63], "exec", command,
+                              exc.code.value, request, correlation)
+            raise
+        await record_call(manager, who, device, "exec", command, "started", request,
+                          correlation)
         session = _Session(cmd, body_in, ndjson)
         if not body.stream:
             try:
@@ -439,6 +485,7 @@ def create_app(manager: Manager, admin_token: str) -> FastAPI:
                 cmd.close()
         return _ExecStream(session, heartbeat)
 
+    add_audit_routes(app, manager, _auth)
     from .jobs_api import add_job_routes
 
     add_job_routes(app, manager, _auth)  # /v1/jobs

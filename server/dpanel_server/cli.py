@@ -552,6 +552,9 @@ def _parser() -> argparse.ArgumentParser:
     from ._cli_ops import add_commands
 
     add_commands(sub, add)  # user, whoami, login, context, completion
+    from .audit_cli import add_audit_parser
+
+    add_audit_parser(sub, add, _client)
     return p
 
 

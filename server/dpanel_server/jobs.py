@@ -513,6 +513,7 @@ class Jobs:
     async def _run(self, job: dict[str, Any], device: str) -> None:
         job_id = job["id"]
         out = _Capped()
+        corr = secrets.token_hex(16)  # links the audit's record of this run to the device's
         try:
             try:
                 # tunnel + SSH login first: a failure here sent nothing, so the part may
@@ -525,7 +526,11 @@ class Jobs:
                 return
             state, exit_code, reason = "failed", None, None
             try:
-                cmd = await self._m.start_exec(device, job["command"], timeout=job["timeout"])
+                # the device files its record under the job's creator, linked to ours
+                cmd = await self._m.start_exec(device, job["command"], timeout=job["timeout"],
+                                               env={"DPANEL_OPERATOR": job["created_by"],
+                                                    "DPANEL_SOURCE": f"job {job_id}",
+                                                    "DPANEL_AUDIT_ID": corr})
             except DPanelError as exc:
                 # the session request may have reached the device: not retried
                 reason = f"could not start: {exc}"
@@ -557,9 +562,15 @@ class Jobs:
                 state, exit_code = "cancelled", None
             else:
                 raise  # manager shutdown: the next start marks the part failed
-        # AUDIT HOOK (issue 9, branch `audit`): write one audit record per run here, under
-        # the job's creator: actor=job["created_by"], kind "job", device, job id, command,
-        # outcome state/exit (audit_api.record_call wants an HTTP request; a run has none,
-        # so the record's origin is the job id). Until then the log line below is all.
+        # the audit's own record of this run (the device's record of the command, linked
+        # by the correlation id, has the exit status and bytes)
+        try:
+            await asyncio.to_thread(
+                self._m.audit.api_record, str(job["created_by"]), device, "job",
+                str(job["command"]), f"job {job_id}: {state}", source=f"job {job_id}",
+                exit=exit_code, correlation=corr)
+        except Exception:  # the audit must not stop the job runner
+            log.exception("could not write the audit record of job %s on %s", job_id,
+                          device)
         log.info("job %s: %s on %s (exit %s) for %s", job_id, state, device, exit_code,
                  job["created_by"])

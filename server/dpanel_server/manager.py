@@ -19,6 +19,7 @@ from dpanel_proto import wire
 from dpanel_proto.token import DeviceToken
 
 from ._files import atomic_write, ensure_private_key, ensure_secret
+from .audit import AuditLog
 from .broker import mosquitto_hash, write_broker_files
 from .brokerauth import kick_broker_user
 from .config import ServerConfig
@@ -101,10 +102,12 @@ class Manager:
         #: device id -> Presence (read-only for callers; ``Presence.state`` is
         #: online | offline | not_answering)
         self.presence: dict[str, Presence] = self._presence.devices
+        #: the audit trail (devices' records over MQTT, the API's own; see audit.py)
+        self.audit = AuditLog(self.registry)
         self._requests = Requests(cfg, self.key, self._broker_password,
                                   on_status=self._on_status, on_broker=self._on_broker,
                                   on_alive=self._presence.alive,
-                                  on_late_open=self._late_open)
+                                  on_late_open=self._late_open, on_audit=self._on_audit)
         #: broker.auth = "dynsec": per-device credentials over the broker's control API
         self.dynsec: Optional[Dynsec] = None
         if cfg.broker.auth == "dynsec":
@@ -322,6 +325,18 @@ class Manager:
             self._not_answering(req.device)
             raise
 
+    def _on_audit(self, device: str, payload: bytes) -> None:
+        if len(payload) <= wire.MAX_AUDIT_PAYLOAD and self.audit.admit(device):
+            self._spawn(self._ingest_audit(device, payload))
+        else:
+            log.debug("audit message from %s dropped (size or rate)", device)
+
+    async def _ingest_audit(self, device: str, payload: bytes) -> None:
+        try:
+            await asyncio.to_thread(self.audit.ingest, device, payload)
+        except wire.DecodeError as exc:
+            log.warning("dropped audit message from %s: %s", device, exc)
+
     # ------------------------------------------------------------------ liveness
     def _on_status(self, device: str, payload: bytes) -> None:
         self._presence.on_status(device, payload)
@@ -446,12 +461,14 @@ class Manager:
         return self.pool.exec(device, command, stdin, timeout)
 
     async def start_exec(self, device: str, command: str, stdin: Optional[bytes] = None, *,
-                         stream_stdin: bool = False,
-                         timeout: Optional[float] = None) -> RemoteCommand:
-        """Start ``command`` and return it running (the API streams it; see sshpool)."""
+                         stream_stdin: bool = False, timeout: Optional[float] = None,
+                         env: Optional[dict[str, str]] = None) -> RemoteCommand:
+        """Start ``command`` and return it running (the API streams it; see sshpool).
+        ``env`` goes to the device's SSH server (the audit's DPANEL_* names)."""
         with exec_timer():
             return await self.pool.start_command(device, command, stdin,
-                                                 stream_stdin=stream_stdin, timeout=timeout)
+                                                 stream_stdin=stream_stdin, timeout=timeout,
+                                                 env=env)
 
     # ------------------------------------------------------------------ known_hosts
     async def known_hosts_text(self) -> str:

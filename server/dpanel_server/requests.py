@@ -54,7 +54,8 @@ class Requests:
                  on_status: Callable[[str, bytes], None],
                  on_broker: Callable[[bool], None],
                  on_alive: Callable[[str], None] = lambda _d: None,
-                 on_late_open: Callable[[str], None] = lambda _d: None) -> None:
+                 on_late_open: Callable[[str], None] = lambda _d: None,
+                 on_audit: Optional[Callable[[str, bytes], None]] = None) -> None:
         self._cfg = cfg
         self._key = key
         self._password = password
@@ -72,6 +73,8 @@ class Requests:
         #: exact topic -> handler(topic, payload), outside the device tree (the broker's
         #: own control API, see :mod:`.dynsec`); subscribed too
         self.extra: dict[str, Callable[[str, bytes], None]] = {}
+        if on_audit is not None:
+            self._handlers["audit"] = on_audit
 
     def start(self) -> None:
         host, port = self._cfg.broker.host_port

@@ -115,7 +115,8 @@ class SshPool:
 
     async def start_command(self, device: str, command: str, stdin: Optional[bytes] = None, *,
                             stream_stdin: bool = False,
-                            timeout: Optional[float] = None) -> RemoteCommand:
+                            timeout: Optional[float] = None,
+                            env: Optional[dict[str, str]] = None) -> RemoteCommand:
         """Start ``command`` on the device and return it running.
 
         The remote stdin gets ``stdin`` then EOF, or EOF at once when there is none (as
@@ -128,8 +129,8 @@ class SshPool:
         # and the SSH keepalive would take a minute to say so.
         wait = self._cfg.manager.request_timeout
         try:
-            proc = await asyncio.wait_for(pooled.conn.create_process(command, encoding=None),
-                                          wait)
+            proc = await asyncio.wait_for(pooled.conn.create_process(
+                command, encoding=None, env=env or ()), wait)
         except asyncio.TimeoutError:
             self.drop(device)
             self._on_silent(device)

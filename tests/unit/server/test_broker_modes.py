@@ -29,7 +29,8 @@ def test_device_rule_is_its_own_subtree_only() -> None:
     assert not device_may("d1", "read", "dpanel/v1/dev/+/req")
     assert mqtt_to_amqp("dpanel/v1/dev/+/status") == "dpanel.v1.dev.*.status"
     assert {a["topic"] for a in device_acls("d1")} == {
-        "dpanel/v1/dev/d1/status", "dpanel/v1/dev/d1/resp", "dpanel/v1/dev/d1/req"}
+        "dpanel/v1/dev/d1/status", "dpanel/v1/dev/d1/resp", "dpanel/v1/dev/d1/req",
+        "dpanel/v1/dev/d1/audit"}  # the device's own audit records (issue 9)
 
 
 def test_http_backend_answers() -> None:

@@ -40,6 +40,9 @@ class DeviceToken:
     tunnel_host_key: str  # OpenSSH public key line of the tunnel server (pinned)
     manager_key: str  # OpenSSH public key line of the manager (pinned)
     broker_ca: Optional[str] = None  # PEM, when the broker uses a private CA
+    #: OpenSSH public key line of the manager's SSH user CA (operator certificates);
+    #: absent in tokens made before certificates existed, which still parse.
+    user_ca: Optional[str] = None
 
     def __post_init__(self) -> None:
         validate_device_id(self.device, "token device")
@@ -49,8 +52,10 @@ class DeviceToken:
             raise DecodeError(f"token broker: {self.broker!r} is not mqtt://... or mqtts://...")
         parse_hostport(self.broker.split("://", 1)[1], "token broker", BROKER_PORT)
         parse_hostport(self.tunnel, "token tunnel", TUNNEL_PORT)
-        for name in ("tunnel_host_key", "manager_key"):
+        for name in ("tunnel_host_key", "manager_key", "user_ca"):
             line = getattr(self, name)
+            if line is None and name == "user_ca":
+                continue
             if not _PUBKEY_RE.match(line):
                 raise DecodeError(f"token {name}: not an OpenSSH public key line")
             try:
@@ -88,11 +93,14 @@ def parse_token(text: str) -> DeviceToken:
         raise DecodeError("token: body does not decompress to JSON") from None
     if not isinstance(obj, dict):
         raise DecodeError("token: body is not an object")
+    for name in ("broker_ca", "user_ca"):
+        if obj.get(name) is not None and not isinstance(obj[name], str):
+            raise DecodeError(f"token {name}: not a string")
     fields = set(DeviceToken.__dataclass_fields__)
     unknown = set(obj) - fields
     if unknown:
         raise DecodeError(f"token: unknown field(s) {sorted(unknown)} (newer format?)")
-    for name in fields - {"broker_ca"}:
+    for name in fields - {"broker_ca", "user_ca"}:
         if not isinstance(obj.get(name), str):
             raise DecodeError(f"token {name}: missing or not a string")
     return DeviceToken(**obj)

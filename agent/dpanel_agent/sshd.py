@@ -301,7 +301,8 @@ class BuiltinSSHServer:
             cert = asyncssh.import_certificate(alg + b" " + base64.b64encode(key_data))
         except (asyncssh.KeyImportError, ValueError) as exc:
             return f"malformed certificate ({exc})", ""
-        if not isinstance(cert, asyncssh.SSHOpenSSHCertificate):
+        validate = getattr(cert, "validate", None)
+        if validate is None:  # an X.509 chain, which dPanel never issues
             return "not an OpenSSH certificate", ""
         key_id = str(getattr(cert, "_key_id", "") or "?")
         if self.user_ca is None:
@@ -311,7 +312,7 @@ class BuiltinSSHServer:
             fp = signer.get_fingerprint() if signer is not None else "?"
             return f"signed by another CA ({fp}), not the pinned user CA", key_id
         try:
-            cert.validate(_CERT_TYPE_USER, None)  # type, not-yet-valid, expired
+            validate(_CERT_TYPE_USER, None)  # type, not-yet-valid, expired
         except ValueError as exc:
             reason = str(exc).lower().replace("certificate ", "")
             after = getattr(cert, "_valid_before", None)

@@ -219,6 +219,10 @@ def create_app(manager: Manager, admin_token: str) -> FastAPI:
         d["host_key_ok"] = p.host_key_ok if p else True
         return d
 
+    from . import certapi  # operator certificates and the WebSocket proxy (issue 9)
+
+    certapi.install(app, manager, auth)
+
     @app.get("/v1/health")
     async def health() -> dict[str, Any]:
         out: dict[str, Any] = {"ok": True, "broker": manager.broker_connected(),

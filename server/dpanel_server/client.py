@@ -7,6 +7,7 @@ import http.client
 import json
 import os
 import socket
+import ssl
 import threading
 from pathlib import Path
 from typing import Any, BinaryIO, Iterator, Optional
@@ -58,6 +59,20 @@ class ApiClient:
         except OSError as exc:
             raise ApiError(f"cannot read the admin token {token_file}: {exc.strerror} "
                            "(run as the dpanel user or root?)") from None
+
+    @property
+    def base_url(self) -> str:
+        """Where the API is (scheme, host, port): other transports (the proxy's
+        WebSocket) derive their URL from it."""
+        return f"http://{self.host}:{self.port}"
+
+    def ssl_context(self) -> Optional[ssl.SSLContext]:
+        """The TLS context for ``base_url`` (None over plain http)."""
+        return None
+
+    def authorization(self) -> str:
+        """The ``Authorization`` header value of this client's requests."""
+        return f"Bearer {self._token}"
 
     def _unreachable(self, exc: OSError) -> ApiError:
         return ApiError(f"manager API at http://{self.host}:{self.port} is unreachable "

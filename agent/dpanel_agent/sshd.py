@@ -184,11 +184,6 @@ class _Server(asyncssh.SSHServer):
         self._conn = conn
         self._owner._conns.add(conn)
         self._cert_id: Optional[str] = None
-        authorized = self._owner._authorized
-        if authorized is not None:
-            # asyncssh's own check of certificates: CA + principals (the authorized-keys
-            # principals= option makes it match them instead of the login name) + validity
-            conn.set_authorized_keys(authorized)
         original = conn.validate_public_key
 
         async def validate(username: str, key_data: bytes, msg: bytes,
@@ -201,6 +196,10 @@ class _Server(asyncssh.SSHServer):
                             self._peer, why)
                 return False
             ok = await original(username, key_data, msg, signature)
+            if key_id and not ok:
+                _rl.warning("refused certificates", "refused certificate %r for %r from "
+                            "%s: %s", printable(key_id[:64]), printable(username[:64]),
+                            self._peer, "bad signature" if msg else "not accepted")
             if ok and key_id and msg:
                 self._cert_id = key_id
             return ok
@@ -211,6 +210,12 @@ class _Server(asyncssh.SSHServer):
         self._owner._conns.discard(self._conn)
 
     def begin_auth(self, username: str) -> bool:
+        authorized = self._owner._authorized
+        if authorized is not None and self._conn is not None:
+            # asyncssh's own check of certificates, after ours: CA + principals (the
+            # principals= option makes it match those instead of the login name) +
+            # validity. Set here: asyncssh reloads its options before auth begins.
+            self._conn.set_authorized_keys(authorized)
         return True  # authentication is always required
 
     def password_auth_supported(self) -> bool:
@@ -282,6 +287,9 @@ class BuiltinSSHServer:
         """Trust certificates signed by ``line`` from the next connection on (a CA
         rotation ends trust in the old CA for new connections at once)."""
         key = asyncssh.import_public_key(line)
+        # asyncssh matches these as wildcard patterns (no way to say a literal "*"), so
+        # its check only ensures some dpanel: principal; cert_refusal, which runs first
+        # on every attempt, is the exact one
         principals = f"{PRINCIPAL_PREFIX}{self.device},{PRINCIPAL_ALL}"
         self._authorized = asyncssh.import_authorized_keys(
             f'cert-authority,principals="{principals}" {line}\n')

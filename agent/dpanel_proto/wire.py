@@ -282,7 +282,7 @@ def _user_ca(d: Mapping[str, Any], allow_empty: bool) -> Optional[str]:
     value = _get(d, "user_ca", str, optional=True)
     if value is None or (value == "" and allow_empty):
         return cast(Optional[str], value)
-    if not _USER_CA_RE.match(value):
+    if not _USER_CA_RE.fullmatch(value):
         raise DecodeError("user_ca: expected 'ssh-ed25519 <base64>' and nothing else")
     return cast(str, value)
 

@@ -8,6 +8,7 @@ only loaded when the first tunnel is requested: an idle agent is paho + ``crypto
 from __future__ import annotations
 
 import asyncio
+import errno
 import logging
 import time
 from typing import TYPE_CHECKING, Optional, Tuple
@@ -25,7 +26,7 @@ from .files import ensure_private_dir, load_or_create_host_key, read_public_key_
 from .guard import REPLAY_CACHE_NAME, RequestGuard
 from .mqtt import AgentMqtt
 from .tokensrc import resolve_token
-from .userca import load_user_ca, store_user_ca
+from .userca import load_user_ca, store_user_ca, valid_user_ca
 
 if TYPE_CHECKING:
     from .link import TunnelLink
@@ -181,6 +182,8 @@ class Agent:
         """A verified request named a new user CA: persist it, then use it at once."""
         if line == self.user_ca:
             return
+        if not valid_user_ca(line):
+            raise OSError(errno.EINVAL, "not a valid ssh-ed25519 key")
         store_user_ca(self.config.state_dir, line)
         log.info("SSH user CA is now %s (was %s)", line[:40] + "...",
                  (self.user_ca[:40] + "...") if self.user_ca else "none")

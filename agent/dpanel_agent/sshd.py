@@ -267,7 +267,12 @@ class BuiltinSSHServer:
         self.user_ca: Optional[asyncssh.SSHKey] = None
         self._authorized: Optional[asyncssh.SSHAuthorizedKeys] = None
         if user_ca:
-            self.set_user_ca(user_ca)
+            try:
+                self.set_user_ca(user_ca)
+            except (asyncssh.KeyImportError, ValueError) as exc:
+                # the manager key still gets in; operators' certificates are refused
+                log.error("user CA %r is unusable (%s); certificates are refused",
+                          user_ca[:60], exc)
         self.allow_forward_hosts = frozenset(h.lower() for h in allow_forward_hosts)
         pw = pwd.getpwuid(os.geteuid())
         self._user, self._home = pw.pw_name, pw.pw_dir or "/"

@@ -14,10 +14,12 @@ import logging
 from pathlib import Path
 from typing import Optional
 
+from dpanel_proto.signing import ManagerKey
 from dpanel_proto.token import DeviceToken
 from dpanel_proto.util import atomic_write
+from dpanel_proto.wire import DecodeError
 
-__all__ = ["USER_CA_NAME", "load_user_ca", "store_user_ca"]
+__all__ = ["USER_CA_NAME", "load_user_ca", "store_user_ca", "valid_user_ca"]
 
 log = logging.getLogger("dpanel.agent")
 
@@ -34,10 +36,22 @@ def _first_key_line(path: Path) -> Optional[str]:
         return None
     for line in text.splitlines():
         fields = line.split()
-        if len(fields) >= 2 and fields[0] == "ssh-ed25519":
+        if len(fields) >= 2 and valid_user_ca(f"{fields[0]} {fields[1]}"):
             return f"{fields[0]} {fields[1]}"
-    log.warning("user CA file %s holds no ssh-ed25519 key; ignored", path)
+    log.warning("user CA file %s holds no valid ssh-ed25519 key; ignored", path)
     return None
+
+
+def valid_user_ca(line: str) -> bool:
+    """An Ed25519 public key line whose key blob really is one (checked without
+    asyncssh, so a bad CA is refused before it is stored, never at the first login)."""
+    if not line.startswith("ssh-ed25519 "):
+        return False
+    try:
+        ManagerKey(line)
+    except DecodeError:
+        return False
+    return True
 
 
 def load_user_ca(state_dir: Path, token: DeviceToken, pins_dir: Path) -> str:
@@ -46,7 +60,7 @@ def load_user_ca(state_dir: Path, token: DeviceToken, pins_dir: Path) -> str:
     stored = _first_key_line(state_dir / USER_CA_NAME)
     if stored:
         return stored
-    if token.user_ca:
+    if token.user_ca and valid_user_ca(" ".join(token.user_ca.split()[:2])):
         return " ".join(token.user_ca.split()[:2])
     return _first_key_line(pins_dir / USER_CA_NAME) or ""
 

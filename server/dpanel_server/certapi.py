@@ -13,6 +13,7 @@ refused here at once, and check ``exec`` on the device (scope) with :func:`authz
 from __future__ import annotations
 
 import asyncio
+import inspect
 import logging
 from typing import Any, Callable, Optional
 
@@ -89,7 +90,8 @@ def install(app: FastAPI, manager: Manager, auth: Callable[..., Principal]) -> N
             scheme, _, token = (ws.headers.get("authorization") or "").partition(" ")
             if scheme.lower() != "bearer" or not token:
                 raise HTTPException(401, "missing bearer token (Authorization header)")
-            p = auth(HTTPAuthorizationCredentials(scheme="Bearer", credentials=token))
+            who = auth(HTTPAuthorizationCredentials(scheme="Bearer", credentials=token))
+            p = await who if inspect.isawaitable(who) else who
             dev = await manager.device(device)
             require(p, "exec", device, dev.labels)
             port = await manager.open_tunnel(device)

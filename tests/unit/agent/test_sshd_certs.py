@@ -10,7 +10,7 @@ import asyncssh
 import pytest
 
 from dpanel_agent.sshd import BuiltinSSHServer
-from dpanel_agent.userca import load_user_ca, store_user_ca
+from dpanel_agent.userca import load_user_ca, store_user_ca, valid_user_ca
 from dpanel_proto import wire
 from dpanel_proto.token import DeviceToken
 
@@ -107,3 +107,14 @@ def test_user_ca_on_the_wire(ca: asyncssh.SSHKey) -> None:
     st = wire.Status(device="d1", state="online", user_ca="")
     assert wire.decode(wire.encode(st)) == st
     assert wire.decode(wire.encode(wire.Status(device="d1", state="online"))).user_ca is None
+
+
+def test_a_ca_that_is_no_key_is_never_stored(tmp_path: Path) -> None:
+    bogus = "ssh-ed25519 " + base64.b64encode(b"\x01" * 51).decode()
+    wire._user_ca({"user_ca": bogus}, allow_empty=False)  # the right shape on the wire...
+    assert not valid_user_ca(bogus)  # ...but not a key: refused before it is stored
+    (tmp_path / "user_ca.pub").write_text(bogus + "\n")
+    tok = DeviceToken(device="d1", secret="s" * 40, broker="mqtt://h:1", tunnel="h:2",
+                      tunnel_host_key=_line(asyncssh.generate_private_key("ssh-ed25519")),
+                      manager_key=_line(asyncssh.generate_private_key("ssh-ed25519")))
+    assert load_user_ca(tmp_path, tok, tmp_path / "pins") == ""

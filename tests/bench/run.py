@@ -128,7 +128,8 @@ def main(argv: Optional[list[str]] = None) -> int:
         "throughput": lambda: run_throughput(work, nbytes=s["bytes"], reps=s["tput_reps"],
                                              ciphers=() if args.quick else
                                              ("aes128-gcm@openssh.com",)),
-        "scp": lambda: run_scp_paths(work, nbytes=(4 << 20) if args.quick else 128 << 20,
+        "scp": lambda: run_scp_paths(work, nbytes=args.bytes or ((4 << 20) if args.quick
+                                                                 else 128 << 20),
                                      reps=s["tput_reps"]),
         "exec": lambda: run_latency(work, reps=s["exec_reps"]),
         "api_load": lambda: run_api_load(work, nbytes=(8 << 20) if args.quick else 100 << 20),

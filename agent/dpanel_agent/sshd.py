@@ -61,12 +61,14 @@ import struct
 import termios
 import time
 from pathlib import Path
-from typing import Callable, Dict, List, Optional, Sequence, Set, Tuple
+from typing import Any, Callable, Dict, List, Optional, Sequence, Set, Tuple
 
 import asyncssh
 
 from dpanel_proto.ratelog import RateLimitedLog
 from dpanel_proto.wire import printable
+
+from .pumps import copy_from_fd, feed_fd
 
 __all__ = ["HANGUP_GRACE", "PRINCIPAL_ALL", "PRINCIPAL_PREFIX", "ROOT_PATH", "SESSION_UMASK",
            "USER_PATH", "BuiltinSSHServer"]
@@ -455,12 +457,14 @@ class BuiltinSSHServer:
             for fd in (in_w, out_r, err_r):
                 os.close(fd)
             return
-        # send_eof=False: an SSH EOF ends the whole channel, stderr included, so it must
-        # wait until both streams are drained (exit() then sends EOF + close).
-        await process.redirect(stdin=in_w, stdout=out_r, stderr=err_r, send_eof=False)
+        # our own pumps, not process.redirect(): see pumps.py. No EOF is sent on the
+        # channel here: an SSH EOF ends stderr too, so exit() sends it once both drained.
+        stdin = asyncio.ensure_future(feed_fd(process.stdin, in_w))
+        outputs = [asyncio.ensure_future(copy_from_fd(out_r, process.stdout)),
+                   asyncio.ensure_future(copy_from_fd(err_r, process.stderr))]
         pid = child.pid
         _deliver_signals(process, lambda: pid)  # its own process group (new session)
-        await self._supervise(process, child, drain_timeout=None)
+        await self._supervise(process, child, stdin, outputs, drain_timeout=None)
 
     async def _run_pty(self, process: asyncssh.SSHServerProcess[bytes],
                        argv: List[str]) -> None:
@@ -474,17 +478,29 @@ class BuiltinSSHServer:
         if child is None:
             os.close(master)
             return
-        await process.redirect(stdin=os.dup(master), stdout=master, send_eof=False)
-        pid = child.pid
-        # the terminal's foreground job, like ^C would; the shell's group if that fails
-        _deliver_signals(process, lambda: _foreground_pgrp(master, pid))
-        await self._supervise(process, child, drain_timeout=_PTY_DRAIN)
+        # Each pump owns (and closes) its own fd; ``ctl`` stays open for the whole
+        # session, so that resizes and signals never hit a closed (or reused) fd number.
+        ctl = os.dup(master)
+        try:
+            # a window change resizes the pty from its master; the kernel sends SIGWINCH
+            # to the terminal's foreground job itself
+            stdin = asyncio.ensure_future(feed_fd(
+                process.stdin, os.dup(master), on_resize=lambda size: _set_winsize(ctl, size)))
+            outputs = [asyncio.ensure_future(copy_from_fd(master, process.stdout))]
+            pid = child.pid
+            # the terminal's foreground job, like ^C would; the shell's group if that fails
+            _deliver_signals(process, lambda: _foreground_pgrp(ctl, pid))
+            await self._supervise(process, child, stdin, outputs, drain_timeout=_PTY_DRAIN)
+        finally:
+            os.close(ctl)
 
     async def _supervise(self, process: asyncssh.SSHServerProcess[bytes],
-                         child: asyncio.subprocess.Process,
+                         child: asyncio.subprocess.Process, stdin: asyncio.Future[int],
+                         outputs: Sequence[asyncio.Future[int]],
                          drain_timeout: Optional[float]) -> None:
         """Wait for the child or the channel, whichever ends first; report exit status
-        only after all output reached the channel."""
+        only after all output reached the channel (or ``drain_timeout`` passed: a pty
+        that a background job keeps open)."""
         group = await _ProcessGroup.start(child)
         self._sessions.add(group)
         exited = asyncio.ensure_future(child.wait())
@@ -497,7 +513,7 @@ class BuiltinSSHServer:
                          child.pid)
                 return
             rc = exited.result()
-            drained = asyncio.ensure_future(self._drain(process))
+            drained = asyncio.ensure_future(asyncio.wait(outputs))
             await asyncio.wait({drained, closed}, timeout=drain_timeout,
                                return_when=asyncio.FIRST_COMPLETED)
             drained.cancel()
@@ -512,14 +528,9 @@ class BuiltinSSHServer:
             # (what the command left running in the background is hung up too).
             group.end()
             self._sessions.discard(group)
-            for fut in (exited, closed):
-                fut.cancel()
-
-    @staticmethod
-    async def _drain(process: asyncssh.SSHServerProcess[bytes]) -> None:
-        # Blocks while a redirected reader is still feeding the channel (until its EOF).
-        await process.stdout.drain()
-        await process.stderr.drain()
+            futures: List[asyncio.Future[Any]] = [exited, closed, stdin, *outputs]
+            for fut in futures:
+                fut.cancel()  # a pump closes its fd as it goes
 
 
 

@@ -46,7 +46,7 @@ from typing import Awaitable, Callable, Literal, Optional, Union
 import asyncssh
 
 from dpanel_proto.ratelog import REPORT_SOURCE, RateLimitedLog
-from dpanel_proto.wire import DecodeError, validate_device_id
+from dpanel_proto.wire import DecodeError, printable, validate_device_id
 
 from ._files import atomic_write, ensure_private_key
 from ._gate import Outcome, PreAuthGate, Startups, source_key
@@ -329,7 +329,8 @@ class _Session(asyncssh.SSHServer):
     # ------------------------------------------------------------ authentication
 
     def begin_auth(self, username: str) -> bool:
-        self.username = username
+        # shown in logs before it is checked: escaped and capped until it proves valid
+        self.username = printable(username[:80])
         if self._handshake is not None:
             self._handshake.cancel()
             self._handshake = None
@@ -343,10 +344,9 @@ class _Session(asyncssh.SSHServer):
         return False  # else asyncssh emulates it on top of password auth
 
     async def validate_password(self, username: str, password: str) -> bool:
-        self.username = username
         rlog = self._srv._rlog
         try:
-            validate_device_id(username)
+            self.username = validate_device_id(username)
         except DecodeError:
             rlog.warning(self.source, "auth refused from %s: %r is not a device id", self.peer,
                          username[:80])

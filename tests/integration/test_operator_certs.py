@@ -28,7 +28,7 @@ from websockets.sync.client import connect
 from dpanel_proto import wire
 from dpanel_proto.signing import sign_request
 from dpanel_proto.token import parse_token
-from stackfix import Stack
+from stackfix import BIN, Stack
 from support import wait_for
 
 
@@ -190,6 +190,9 @@ def test_websocket_proxy_wants_the_token_in_the_header(stack: Stack, agent: Path
                  open_timeout=60) as ws:
         assert bytes(ws.recv(timeout=60)).startswith(b"SSH-2.0-")
     assert token not in stack.log()
+    # `dpanel proxy` over the WebSocket says why it was refused, with ssh's exit status
+    out = _run([str(BIN / "dpanel"), "proxy", "no-such"], _ws_env(stack))
+    assert out.returncode == 255 and b"no-such" in out.stderr, out
 
 
 def test_viewer_and_bad_requests_get_no_certificate(stack: Stack, tmp_path: Path) -> None:

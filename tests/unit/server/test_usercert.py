@@ -14,7 +14,7 @@ from fastapi.testclient import TestClient
 
 from dpanel_proto.token import DeviceToken, parse_token
 from dpanel_server import certapi
-from dpanel_server.api import _error
+from dpanel_server.api import _Credentials, _error
 from dpanel_server.authz import Principal
 from dpanel_server.errors import DPanelError
 from dpanel_server.opssh import cert_info
@@ -44,7 +44,11 @@ class _FakeManager:
 def _client(tmp_path: Path, who: Principal) -> TestClient:
     app = FastAPI()
     app.exception_handler(DPanelError)(lambda _r, exc: _error(exc))
-    certapi.install(app, _FakeManager(UserCA(tmp_path)), lambda: who)  # type: ignore[arg-type]
+
+    def auth(cred: _Credentials) -> Principal:  # the API's signature, any token is "who"
+        return who
+
+    certapi.install(app, _FakeManager(UserCA(tmp_path)), auth)  # type: ignore[arg-type]
     return TestClient(app)
 
 
@@ -116,3 +120,21 @@ def test_tokens_without_user_ca_still_parse(tmp_path: Path) -> None:
     new = DeviceToken(device="d1", secret="s" * 40, broker="mqtt://h:1883", tunnel="h:2222",
                       tunnel_host_key=key, manager_key=key, user_ca=UserCA(tmp_path).public_line)
     assert parse_token(new.encode()).user_ca == new.user_ca
+
+
+@pytest.mark.parametrize(("who", "device", "status"), [
+    (Principal("vera", "viewer"), "kiosk-1", 403),
+    (Principal("alice", "operator", ("site=a",)), "kiosk-2", 403),
+    (Principal("alice", "operator", ("site=a",)), "nope", 404),
+])
+def test_proxy_route_checks_role_and_scope(tmp_path: Path, who: Principal, device: str,
+                                           status: int) -> None:
+    from starlette.testclient import WebSocketDenialResponse
+
+    c = _client(tmp_path, who)
+    with pytest.raises(WebSocketDenialResponse) as exc:
+        with c.websocket_connect(f"/v1/devices/{device}/proxy",
+                                 headers={"Authorization": "Bearer x"}):
+            pass
+    assert exc.value.status_code == status
+    assert device in exc.value.json()["error"] or who.role in exc.value.json()["error"]

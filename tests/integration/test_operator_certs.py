@@ -21,7 +21,7 @@ from typing import Any
 
 import asyncssh
 import pytest
-from test_attacks import _as_manager
+from test_attacks import Mqtt, _as_manager
 from websockets.exceptions import InvalidStatus
 from websockets.sync.client import connect
 
@@ -261,3 +261,40 @@ def test_old_token_device_learns_the_ca_and_its_rotation(stack: Stack, tmp_path:
     out = _run([*_ssh(stack, key, key.with_name("op-cert.pub")), "dev-o", "true"], env)
     assert out.returncode == 255, out
     wait_for(lambda: "another CA" in _log(state), "old CA refused", 30)
+
+
+def test_ca_goes_only_to_agents_that_report_one(stack: Stack) -> None:
+    """An agent from before certificates (no user_ca in its status) must never get an
+    open request with the field: it would not verify (its signed bytes differ)."""
+    tok = parse_token(stack.enrol("dev-s"))
+    spy = Mqtt(stack.broker_port, "dev-s", tok.secret)
+    spy.c.subscribe(wire.req_topic("dev-s"), qos=1)
+    try:
+        for status, expect in ((wire.Status(device="dev-s", state="online"), False),
+                               (wire.Status(device="dev-s", state="online", user_ca=""),
+                                True)):
+            spy.messages.clear()
+            # offline first: once the manager shows it online again, it has read this
+            # very status (one topic, in order), user_ca included
+            spy.pub(wire.status_topic("dev-s"), wire.encode(
+                wire.Status(device="dev-s", state="offline")), retain=True)
+            wait_for(lambda: not stack.device("dev-s")["online"], "dev-s offline", 30)
+            spy.pub(wire.status_topic("dev-s"), wire.encode(status), retain=True)
+            wait_for(lambda: stack.device("dev-s")["online"], "dev-s online", 30)
+            opener = subprocess.Popen([str(BIN / "dpanel"), "tunnel", "open", "dev-s"],
+                                      env=stack.env, stdout=subprocess.DEVNULL,
+                                      stderr=subprocess.DEVNULL)
+            try:
+                req = wire.decode(wait_for(lambda: [p for t, p in spy.messages
+                                                    if t.endswith("/req")],
+                                           "open request seen", 30)[0])
+            finally:
+                opener.kill()
+                opener.wait()
+            assert isinstance(req, wire.OpenRequest)
+            assert (req.user_ca is not None) is expect, status
+            if expect:
+                assert req.user_ca == " ".join(
+                    (stack.dir / "user_ca.pub").read_text().split()[:2])
+    finally:
+        spy.close()

@@ -199,7 +199,7 @@ class _Server(asyncssh.SSHServer):
                             "%s: %s", printable(key_id[:64]), printable(username[:64]),
                             self._peer, why)
                 return False
-            ok = await original(username, key_data, msg, signature)
+            ok = bool(await original(username, key_data, msg, signature))
             if key_id and not ok:
                 _rl.warning("refused certificates", "refused certificate %r for %r from "
                             "%s: %s", printable(key_id[:64]), printable(username[:64]),

@@ -47,6 +47,7 @@ class ErrorCode(str, Enum):
     FORBIDDEN = "forbidden"
     TOO_MANY = "too_many"
     API_UNREACHABLE = "api_unreachable"
+    UNKNOWN_JOB = "unknown_job"
 
 
 @dataclass(frozen=True)
@@ -90,6 +91,7 @@ CODES: dict[ErrorCode, CodeInfo] = {
     ErrorCode.FORBIDDEN: CodeInfo(403, 1, "the credentials do not allow this"),
     ErrorCode.TOO_MANY: CodeInfo(429, 1, "too many requests; slow down"),
     ErrorCode.API_UNREACHABLE: CodeInfo(503, 1, "the manager API is unreachable"),
+    ErrorCode.UNKNOWN_JOB: CodeInfo(404, 1, "no such job (or not yours)"),
 }
 
 

@@ -326,6 +326,9 @@ def create_app(manager: Manager, admin_token: str) -> FastAPI:
                 cmd.close()
         return _ExecStream(session, heartbeat)
 
+    from .jobs_api import add_job_routes
+
+    add_job_routes(app, manager, auth)  # /v1/jobs
     return app
 
 

@@ -508,6 +508,10 @@ def _parser() -> argparse.ArgumentParser:
             "and the bare names of the devices enrolled now")
     a.add_argument("--ttl", type=int, help=ttl_help)
 
+    from ._jobcli import add_job_parser
+
+    add_job_parser(sub, add)  # dpanel job ...
+
     tun = sub.add_parser("tunnel", help="open/close/list tunnels, or run the tunnel server"
                          ).add_subparsers(dest="sub", required=True)
     a = add(tun, "open", cmd_tunnel_open, "open a device's tunnel")

@@ -34,6 +34,7 @@ from .errors import (
     TunnelRefused,
 )
 from .hostkeys import InvalidHostKey, fingerprint, normalize_host_key
+from .jobs import Jobs
 from .presence import Presence, PresenceTracker
 from .registry import Device, Registry
 from .requests import Requests
@@ -88,8 +89,11 @@ class Manager:
         self._probing: set[str] = set()
         self.pool = SshPool(cfg, self.key, open_tunnel=self.open_tunnel,
                             pinned_key=self._pinned_key, on_silent=self._not_answering)
+        # jobs: parts for offline devices run when presence says they came online
+        self.jobs = Jobs(self)
         self._presence = PresenceTracker(self.registry, on_offline=self.pool.drop,
-                                         on_pinned=self._known_hosts_changed)
+                                         on_pinned=self._known_hosts_changed,
+                                         on_online=self.jobs.kick)
         #: device id -> Presence (read-only for callers; ``Presence.state`` is
         #: online | offline | not_answering)
         self.presence: dict[str, Presence] = self._presence.devices
@@ -103,12 +107,14 @@ class Manager:
         await asyncio.to_thread(self.sync_broker_files)
         self._requests.start()
         self.pool.start()
+        await self.jobs.start()
 
     def _on_broker(self, up: bool) -> None:
         if up:
             self._presence.clear()  # retained statuses arrive right after we subscribe
 
     async def close(self) -> None:
+        await self.jobs.close()
         for task in list(self._tasks):
             task.cancel()
         self.pool.close()

@@ -59,8 +59,11 @@ class PresenceTracker:
     """Device presence, rebuilt from retained statuses after any broker reconnect."""
 
     def __init__(self, registry: Registry, *, on_offline: Callable[[str], None],
-                 on_pinned: Callable[[], None]) -> None:
+                 on_pinned: Callable[[], None],
+                 on_online: Callable[[str], None] = lambda _d: None) -> None:
         self._registry = registry
+        #: a device turned online (jobs dispatch its pending parts)
+        self._on_online = on_online
         self._on_offline = on_offline
         self._on_pinned = on_pinned
         self.devices: dict[str, Presence] = {}
@@ -116,6 +119,8 @@ class PresenceTracker:
             p.since = time.time()
         if not p.online:
             self._on_offline(device)
+        elif not was_online:
+            self._on_online(device)
         new_key = bool(host_key) and host_key != p.host_key
         if new_key:
             # statuses repeat the key every time; the registry only needs to see a new one

@@ -28,6 +28,7 @@ APT_PACKAGES = [
     "qemu-user-static", "binfmt-support", "mmdebstrap", "qemu-system-arm", "qemu-system-x86",
     "qemu-utils", "e2fsprogs", "mtools", "dosfstools", "fdisk", "bmap-tools",
     "systemd-container", "arch-test", "ca-certificates", "debian-archive-keyring",
+    "postgresql-15",
 ]
 
 

@@ -21,7 +21,7 @@ from support import free_port, wait_port
 #: fixture modules shared by several directories, loaded once under the name their users
 #: import (``agent_arm64`` from imagefix; ``world``, ``manager_key``, ``echo_server``,
 #: ``procs`` from agentfix), instead of re-exporting fixtures through test modules
-pytest_plugins = ["imagefix", "agentfix"]
+pytest_plugins = ["imagefix", "agentfix", "pgfix"]
 
 
 @dataclass

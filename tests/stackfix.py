@@ -33,6 +33,8 @@ class Stack:
     advertise: str | None = None
     keepalive: float = 15.0
     extra: tuple[str, ...] = ()
+    #: ``stack up --registry URL`` (None: the SQLite file in dir)
+    registry: str | None = None
     proc: subprocess.Popen[bytes] | None = None
     agents: list[subprocess.Popen[bytes]] = field(default_factory=list)
     tokens: dict[str, str] = field(default_factory=dict)
@@ -61,6 +63,8 @@ class Stack:
             argv += ["--public-host", self.public_host]
         if self.advertise:
             argv += ["--advertise", self.advertise]
+        if self.registry:
+            argv += ["--registry", self.registry]
         argv += self.extra
         self.dir.mkdir(parents=True, exist_ok=True)
         with (self.dir.parent / f"{self.dir.name}-stack.log").open("ab") as log:

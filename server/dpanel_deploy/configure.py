@@ -265,11 +265,16 @@ def _desired_config(layout: Layout, opts: Options) -> str:
     cfg.manager.api_listen = f"127.0.0.1:{API_PORT}"
     cfg.manager.admin_token_file = str(layout.etc / "admin.token")
     cfg.manager.ssh_key = str(layout.keys / "manager_key")
+    if old is not None:
+        # the operator's choices, not the layout's: a re-run keeps them
+        cfg.registry = old.registry
+        cfg.tunnel.metrics_listen = old.tunnel.metrics_listen
     cfg.validate()
     text = dump_config(cfg).split("\n", 1)[1]
     return ("# dPanel Edge server configuration, written by dpanel-configure.\n"
             "# Re-running it (invoke deploy-server) rewrites this file; change the public\n"
-            "# addresses with --advertise / --tunnel-public / --broker-public.\n" + text)
+            "# addresses with --advertise / --tunnel-public / --broker-public; [registry]\n"
+            "# url and tunnel.metrics_listen are kept as you set them.\n" + text)
 
 
 def render_mosquitto_conf(layout: Layout) -> str:

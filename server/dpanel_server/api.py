@@ -1,7 +1,8 @@
 """HTTP API for the dPanel panel and the CLI (FastAPI; OpenAPI at /openapi.json).
 
-Every route but /v1/health wants ``Authorization: Bearer <admin token>`` (declared as an
-HTTP bearer security scheme). Errors are ``{"error": message, "code": ErrorCode}``
+Every route but /v1/health, /v1/ready and /metrics (:mod:`.metrics`) wants
+``Authorization: Bearer <admin token>`` (declared as an HTTP bearer security scheme).
+Errors are ``{"error": message, "code": ErrorCode}``
 (:class:`ErrorOut`). Exec streams the NDJSON events of :mod:`dpanel_proto.events`, with a
 ``{}`` heartbeat after every ``DPANEL_EXEC_HEARTBEAT`` seconds (default 15) of silence;
 ``stream: false`` answers once, with at most ``max_output`` bytes of each stream kept.
@@ -34,6 +35,7 @@ from . import __version__
 from .authz import Principal
 from .errors import DPanelError
 from .manager import Manager
+from .metrics import AUTH_FAILURES, install_observability
 from .registry import Device
 from .sshpool import ExecEvent, RemoteCommand
 
@@ -187,6 +189,7 @@ def create_app(manager: Manager, admin_token: str) -> FastAPI:
         which then checks it with ``authz.require``)."""
         supplied = cred.credentials if cred is not None else ""
         if cred is None or not hmac.compare_digest(supplied.encode(), admin_token.encode()):
+            AUTH_FAILURES.labels("api").inc()
             raise HTTPException(401, "missing or wrong admin token",
                                 headers={"WWW-Authenticate": "Bearer"})
         return ADMIN
@@ -218,6 +221,8 @@ def create_app(manager: Manager, admin_token: str) -> FastAPI:
         d["agent_version"] = p.agent_version if p else ""
         d["host_key_ok"] = p.host_key_ok if p else True
         return d
+
+    install_observability(app, manager)
 
     from . import certapi  # operator certificates and the WebSocket proxy (issue 9)
 

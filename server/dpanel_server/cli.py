@@ -408,7 +408,7 @@ def cmd_stack_up(args: argparse.Namespace) -> int:
                         tunnel_port=args.tunnel_port, api_port=args.api_port,
                         port_range=args.port_range, public_host=args.public_host,
                         advertise=args.advertise, keepalive_interval=args.keepalive_interval,
-                        tls=args.tls)
+                        tls=args.tls, registry=args.registry)
     return stack_up(cfg)
 
 
@@ -545,6 +545,8 @@ def _parser() -> argparse.ArgumentParser:
                    "10.0.2.2)")
     a.add_argument("--tls", action="store_true", default=None,
                    help="MQTT over TLS with a generated CA (pinned in device tokens)")
+    a.add_argument("--registry", metavar="URL", help="the registry database: "
+                   "sqlite:///PATH (default: DIR/registry.db) or postgresql://...")
     a.add_argument("--keepalive-interval", type=float,
                    help="tunnel SSH keepalive, default 15 s; dead devices free their port "
                    "after 3 misses")

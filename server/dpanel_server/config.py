@@ -14,11 +14,13 @@ from dpanel_proto.ports import API_PORT, BROKER_PORT, STACK_BROKER_PORT, TUNNEL_
 from dpanel_proto.util import parse_hostport
 from dpanel_proto.wire import MAX_REQUEST_LIFETIME, DecodeError
 
+from .db import parse_url
 from .errors import ConfigError
 
 __all__ = [
     "BrokerConfig",
     "ManagerConfig",
+    "RegistryConfig",
     "ServerConfig",
     "TunnelConfig",
     "check_advertised",
@@ -26,6 +28,10 @@ __all__ = [
     "load_config",
     "stack_config",
 ]
+
+
+#: the tunnel process's metrics/readiness listener (the manager's are on its API)
+TUNNEL_METRICS_PORT = 9781
 
 
 def check_advertised(host: str, what: str) -> None:
@@ -50,6 +56,9 @@ class TunnelConfig:
     host_key: str = "/etc/dpanel/keys/tunnel_host_key"
     port_range: str = "20000-29999"
     keepalive_interval: float = 15.0
+    #: ``dpanel tunnel run`` only: where GET /metrics and /ready answer (HOST:PORT; ""
+    #: = off). No token: aggregates only, so keep it on loopback or a private network.
+    metrics_listen: str = f"127.0.0.1:{TUNNEL_METRICS_PORT}"
 
     @property
     def ports(self) -> tuple[int, int]:
@@ -66,6 +75,8 @@ class TunnelConfig:
             raise ConfigError(f"tunnel.port_range: {self.port_range!r} is not LOW-HIGH") from None
         if not 1024 <= lo <= hi <= 65535:
             raise ConfigError(f"tunnel.port_range: {self.port_range!r} must be within 1024-65535")
+        if self.metrics_listen:
+            _hostport(self.metrics_listen, "tunnel.metrics_listen", TUNNEL_METRICS_PORT)
         if self.keepalive_interval <= 0:
             raise ConfigError("tunnel.keepalive_interval: must be > 0 (dead peers hold ports)")
 
@@ -166,8 +177,23 @@ class ManagerConfig:
 
 
 @dataclass
+class RegistryConfig:
+    #: sqlite:///ABSOLUTE/PATH or postgresql://USER@HOST/DB (libpq URL; keep a password
+    #: out of it with ?passfile=PATH); unset = sqlite under state_dir (registry.db)
+    url: Optional[str] = None
+
+    def validate(self) -> None:
+        if self.url is not None:
+            parse_url(self.url, "registry.url")
+            if not self.url.startswith(("sqlite:///", "postgresql://", "postgres://")):
+                raise ConfigError(f"registry.url: {self.url!r} is not sqlite:///PATH or "
+                                  "postgresql://...")
+
+
+@dataclass
 class ServerConfig:
     state_dir: str = "/var/lib/dpanel"
+    registry: RegistryConfig = field(default_factory=RegistryConfig)
     tunnel: TunnelConfig = field(default_factory=TunnelConfig)
     broker: BrokerConfig = field(default_factory=BrokerConfig)
     manager: ManagerConfig = field(default_factory=ManagerConfig)
@@ -177,10 +203,16 @@ class ServerConfig:
         self.tunnel.validate()
         self.broker.validate()
         self.manager.validate()
+        self.registry.validate()
 
     @property
     def registry_path(self) -> Path:
         return Path(self.state_dir) / "registry.db"
+
+    @property
+    def registry_url(self) -> str:
+        """What every process opens the registry by (:mod:`.db`)."""
+        return self.registry.url or f"sqlite://{Path(self.registry_path).resolve()}"
 
     @property
     def known_hosts_path(self) -> Path:
@@ -261,6 +293,8 @@ def stack_config(state_dir: Path, *, broker_port: int = STACK_BROKER_PORT,
         tunnel=TunnelConfig(
             listen=f"127.0.0.1:{tunnel_port}", public_address=f"127.0.0.1:{tunnel_port}",
             host_key=str(d / "keys" / "tunnel_host_key"), port_range=port_range,
+            # the stack runs the tunnel inside the manager: its metrics are on the API
+            metrics_listen="",
         ),
         broker=BrokerConfig(
             url=f"mqtt://127.0.0.1:{broker_port}", public_url=f"mqtt://127.0.0.1:{broker_port}",

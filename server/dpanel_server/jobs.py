@@ -184,9 +184,8 @@ class JobStore:
 
     def __init__(self, registry: Registry) -> None:
         self._reg = registry
-        with self._tx() as cur:
-            for stmt in _SCHEMA:
-                cur.execute(stmt)
+        # under the schema lock: manager replicas may open one PostgreSQL at once
+        registry.db.ensure("jobs", _SCHEMA)
 
     def _tx(self) -> Any:
         # the registry's own transaction: the jobs tables live in the same database

@@ -35,6 +35,7 @@ from .errors import (
 )
 from .hostkeys import InvalidHostKey, fingerprint, normalize_host_key
 from .jobs import Jobs
+from .metrics import BROKER_RECONNECTS, exec_timer, register_manager_metrics
 from .presence import Presence, PresenceTracker
 from .registry import Device, Registry
 from .requests import Requests
@@ -75,7 +76,7 @@ class Manager:
                  tunnel_sessions: Optional[Callable[[], dict[str, int]]] = None,
                  tunnel_stats: Optional[Callable[[], dict[str, int]]] = None) -> None:
         self.cfg = cfg
-        self.registry = Registry(cfg.registry_path)
+        self.registry = Registry(cfg.registry_url)
         self.key = ensure_private_key(cfg.manager.ssh_key)
         self.manager_key_line = self.key.export_public_key().decode().strip()
         #: the SSH user CA of operator certificates (its key lives in the state dir)
@@ -85,6 +86,7 @@ class Manager:
         self._tunnel_sessions = tunnel_sessions
         self.tunnel_stats = tunnel_stats
         self._known_hosts_due: Optional[asyncio.TimerHandle] = None
+        self._broker_was_up = False
         self._tasks: set[asyncio.Task[None]] = set()
         self._probing: set[str] = set()
         self.pool = SshPool(cfg, self.key, open_tunnel=self.open_tunnel,
@@ -104,12 +106,16 @@ class Manager:
 
     # ------------------------------------------------------------------ lifecycle
     async def start(self) -> None:
+        register_manager_metrics(self)
         await asyncio.to_thread(self.sync_broker_files)
         self._requests.start()
         self.pool.start()
         await self.jobs.start()
 
     def _on_broker(self, up: bool) -> None:
+        if up and self._broker_was_up:
+            BROKER_RECONNECTS.inc()
+        self._broker_was_up = self._broker_was_up or up
         if up:
             self._presence.clear()  # retained statuses arrive right after we subscribe
 
@@ -370,8 +376,9 @@ class Manager:
                          stream_stdin: bool = False,
                          timeout: Optional[float] = None) -> RemoteCommand:
         """Start ``command`` and return it running (the API streams it; see sshpool)."""
-        return await self.pool.start_command(device, command, stdin,
-                                             stream_stdin=stream_stdin, timeout=timeout)
+        with exec_timer():
+            return await self.pool.start_command(device, command, stdin,
+                                                 stream_stdin=stream_stdin, timeout=timeout)
 
     # ------------------------------------------------------------------ known_hosts
     async def known_hosts_text(self) -> str:

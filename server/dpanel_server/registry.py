@@ -13,8 +13,6 @@ import hashlib
 import hmac
 import json
 import secrets
-import sqlite3
-import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -23,6 +21,7 @@ from typing import Any, Optional, Union
 from dpanel_proto.wire import DecodeError, validate_device_id
 
 from .broker import mosquitto_hash
+from .db import Cursor, Database, IntegrityError, _Tx
 from .errors import DeviceExists, RegistryError, UnknownDevice
 
 __all__ = ["RESERVED_NAMES", "Device", "Registry", "hash_secret"]
@@ -55,6 +54,16 @@ _SCHEMA = [
     )""",
 ]
 
+#: Numbered schema steps (:meth:`.db.Database.migrate`); step 1 is the schema above as it
+#: was before versioning (so an old file simply records version 1). Append, never edit.
+MIGRATIONS: list[list[str]] = [
+    [],
+    # 2: the lookups done at every device login and status (host-key owner, revoked set)
+    ["CREATE INDEX IF NOT EXISTS devices_host_key ON devices (host_key)",
+     "CREATE INDEX IF NOT EXISTS devices_revoked_at ON devices (revoked_at)",
+     "CREATE INDEX IF NOT EXISTS deleted_devices_id ON deleted_devices (id)"],
+]
+
 
 def hash_secret(secret: str) -> str:
     return hashlib.sha256(secret.encode()).hexdigest()
@@ -81,36 +90,38 @@ class Device:
         }
 
 
-class Registry:
-    """Thread-safe registry on one SQLite file (WAL, so the tunnel process can read while
-    the manager writes)."""
+def _exists(device: str, revoked: bool) -> DeviceExists:
+    return DeviceExists(
+        f"device {device!r} was revoked; free its name with: dpanel device "
+        f"delete {device}" if revoked else
+        f"device {device!r} already exists; pick another name (or retire it: "
+        f"dpanel device delete --force {device})")
 
-    def __init__(self, path: Union[str, Path]) -> None:
-        self.path = Path(path)
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        self._lock = threading.Lock()
-        self._db = sqlite3.connect(str(self.path), check_same_thread=False, timeout=30,
-                                   isolation_level=None)
-        self._db.execute("PRAGMA journal_mode=WAL")
-        self._db.execute("PRAGMA busy_timeout=30000")
-        # WAL + NORMAL: a power cut loses at most the last commits, never consistency
-        self._db.execute("PRAGMA synchronous=NORMAL")
+
+class Registry:
+    """Thread-safe registry on the database a URL names (:mod:`.db`): a SQLite file in
+    WAL mode (so the tunnel process can read while the manager writes) by default, or
+    PostgreSQL. A bare path means that SQLite file, as before."""
+
+    def __init__(self, url: Union[str, Path]) -> None:
+        self.db = Database(url)
+        self.path = self.db.path
+        # _SCHEMA (CREATE ... IF NOT EXISTS) runs at every open, so tables others add
+        # there appear in existing databases too; MIGRATIONS are the numbered steps that
+        # change what exists, each applied once (schema_version), keeping the data.
+        self.db.ensure("registry", _SCHEMA, MIGRATIONS)
         with self._tx() as cur:
-            for stmt in _SCHEMA:
-                cur.execute(stmt)
             cur.execute("INSERT INTO meta (name, value) VALUES ('revision', '0') "
                         "ON CONFLICT DO NOTHING")
-        self.path.chmod(0o600)
 
     def close(self) -> None:
-        with self._lock:
-            self._db.close()
+        self.db.close()
 
     # -- plumbing
     def _tx(self) -> _Tx:
-        return _Tx(self._db, self._lock)
+        return self.db.tx()
 
-    def _bump(self, cur: sqlite3.Cursor) -> None:
+    def _bump(self, cur: Cursor) -> None:
         cur.execute("UPDATE meta SET value = CAST(CAST(value AS INTEGER) + 1 AS TEXT) "
                     "WHERE name = 'revision'")
 
@@ -137,22 +148,21 @@ class Registry:
             raise RegistryError(f"device name: {device!r} is reserved")
         secret = secrets.token_urlsafe(32)
         now = time.time()
-        with self._tx() as cur:
-            if cur.execute("SELECT 1 FROM devices WHERE id = ?", (device,)).fetchone():
-                revoked = cur.execute("SELECT revoked_at FROM devices WHERE id = ?",
-                                      (device,)).fetchone()[0] is not None
-                raise DeviceExists(
-                    f"device {device!r} was revoked; free its name with: dpanel device "
-                    f"delete {device}" if revoked else
-                    f"device {device!r} already exists; pick another name (or retire it: "
-                    f"dpanel device delete --force {device})")
-            cur.execute(
-                "INSERT INTO devices (id, secret_hash, broker_hash, labels, created_at) "
-                "VALUES (?, ?, ?, ?, ?)",
-                (device, hash_secret(secret), mosquitto_hash(secret),
-                 json.dumps(labels or {}), now),
-            )
-            self._bump(cur)
+        try:
+            with self._tx() as cur:
+                if row := cur.execute("SELECT revoked_at FROM devices WHERE id = ?",
+                                      (device,)).fetchone():
+                    raise _exists(device, row[0] is not None)
+                cur.execute(
+                    "INSERT INTO devices (id, secret_hash, broker_hash, labels, created_at) "
+                    "VALUES (?, ?, ?, ?, ?)",
+                    (device, hash_secret(secret), mosquitto_hash(secret),
+                     json.dumps(labels or {}), now),
+                )
+                self._bump(cur)
+        except IntegrityError:
+            # another manager (a replica on the same PostgreSQL) enrolled it meanwhile
+            raise _exists(device, False) from None
         return Device(id=device, created_at=now, labels=labels or {}), secret
 
     def get(self, device: str) -> Device:
@@ -254,21 +264,3 @@ class Registry:
     def touch(self, device: str, when: float) -> None:
         with self._tx() as cur:
             cur.execute("UPDATE devices SET last_seen = ? WHERE id = ?", (when, device))
-
-
-class _Tx:
-    def __init__(self, db: sqlite3.Connection, lock: threading.Lock) -> None:
-        self._db, self._lock = db, lock
-
-    def __enter__(self) -> sqlite3.Cursor:
-        self._lock.acquire()
-        self._cur = self._db.cursor()
-        self._cur.execute("BEGIN IMMEDIATE")
-        return self._cur
-
-    def __exit__(self, exc_type: object, *_: object) -> None:
-        try:
-            self._cur.execute("ROLLBACK" if exc_type else "COMMIT")
-        finally:
-            self._lock.release()
-

@@ -23,6 +23,7 @@ from dpanel_proto.signing import sign_request
 from ._mqtt import ManagerMqtt
 from .config import ServerConfig
 from .errors import BrokerError, RequestTimeout
+from .metrics import DEVICE_REQUESTS, label
 
 __all__ = ["Requests"]
 
@@ -175,8 +176,10 @@ class Requests:
             try:
                 resp = await asyncio.wait_for(fut, timeout)
                 answered = True
+                DEVICE_REQUESTS.labels(label(req.type), label(resp.code)).inc()
                 return resp
             except asyncio.TimeoutError:
+                DEVICE_REQUESTS.labels(label(req.type), "timeout").inc()
                 raise RequestTimeout(
                     f"device {req.device}: timed out after {timeout:g} s waiting for an answer"
                 ) from None

@@ -15,9 +15,10 @@ from ._files import ensure_secret
 from ._httpguard import guarded_h11
 from ._sdnotify import notify, watchdog_loop
 from .api import create_app
-from .config import ServerConfig, _hostport
+from .config import TUNNEL_METRICS_PORT, ServerConfig, _hostport
 from .errors import BrokerError, UnknownDevice
 from .manager import Manager
+from .metrics import register_tunnel_metrics, serve_metrics
 from .registry import Registry
 from .tunnel import TunnelServer, TunnelSettings
 from .tunnelctl import TunnelControl, control_path, serve_control
@@ -53,6 +54,7 @@ async def watch_revocations(registry: Registry, tunnel: TunnelServer,
     authenticated device is checked, not only those with a forward: one that logged in
     before the revoke must not keep its session to ask for a forward later."""
     seen = -1
+    failing = False
     while True:
         try:
             rev = await asyncio.to_thread(registry.revision)
@@ -62,8 +64,13 @@ async def watch_revocations(registry: Registry, tunnel: TunnelServer,
                 for device in sorted(tunnel.devices() - active):
                     log.warning("kicking revoked device %s off the tunnel", device)
                     tunnel.kick(device)
-        except Exception:  # a locked/busy DB must not kill the tunnel
-            log.exception("revocation watch failed; retrying")
+            if failing:
+                failing = False
+                log.warning("revocation watch: the registry answers again")
+        except Exception:  # a locked/busy/stopped DB must not kill the tunnel
+            if not failing:  # once per outage, not once a second
+                log.exception("revocation watch failed; retrying every %g s", interval)
+            failing = True
         await asyncio.sleep(interval)
 
 
@@ -84,10 +91,18 @@ def _wait_for_signal() -> asyncio.Event:
 async def run_tunnel(cfg: ServerConfig) -> None:
     """The tunnel alone (the appliance's dpanel-tunnel.service), with its control socket
     for the manager in the other process."""
-    registry = Registry(cfg.registry_path)
+    registry = Registry(cfg.registry_url)
     tunnel = TunnelServer(_tunnel_settings(cfg), registry.verify,
                           allowed=registry_allows(registry))
     await tunnel.start()
+    register_tunnel_metrics(tunnel)
+    metrics_srv = None
+    if cfg.tunnel.metrics_listen:
+        host, port = _hostport(cfg.tunnel.metrics_listen, "tunnel.metrics_listen",
+                               TUNNEL_METRICS_PORT)
+        metrics_srv = await serve_metrics(host, port, registry.db)
+        log.info("tunnel metrics on http://%s/metrics (readiness: /ready)",
+                 cfg.tunnel.metrics_listen)
     control = await serve_control(tunnel, control_path(cfg.state_dir))
     stop = _wait_for_signal()
     tasks = [asyncio.create_task(watch_revocations(registry, tunnel)),
@@ -99,6 +114,8 @@ async def run_tunnel(cfg: ServerConfig) -> None:
     for t in tasks:
         t.cancel()
     control.close()
+    if metrics_srv is not None:
+        metrics_srv.close()
     await tunnel.close()
     registry.close()
 
@@ -193,10 +210,11 @@ async def run_manager(cfg: ServerConfig) -> None:
 
 async def run_services(cfg: ServerConfig) -> None:
     """Tunnel + manager + API in one process (the stack; the broker runs beside it)."""
-    registry = Registry(cfg.registry_path)
+    registry = Registry(cfg.registry_url)
     tunnel = TunnelServer(_tunnel_settings(cfg), registry.verify,
                           allowed=registry_allows(registry))
     await tunnel.start()
+    register_tunnel_metrics(tunnel)
     manager = Manager(cfg, kick=tunnel.kick, tunnel_sessions=tunnel.sessions,
                       tunnel_stats=tunnel.stats)
     await manager.start()

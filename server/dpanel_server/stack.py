@@ -31,6 +31,7 @@ from dpanel_proto.util import parse_hostport
 from ._files import atomic_write, ensure_secret
 from .broker import Listener, render_mosquitto_conf
 from .config import ServerConfig, check_advertised, dump_config, load_config, stack_config
+from .db import parse_url, redact
 from .errors import BrokerError, ConfigError
 from .manager import sync_broker_files
 from .pki import ensure_broker_tls
@@ -104,7 +105,8 @@ def prepare_stack(state_dir: Path, *, broker_port: Optional[int] = None,
                   port_range: Optional[str] = None, public_host: Optional[str] = None,
                   advertise: Optional[str] = None,
                   keepalive_interval: Optional[float] = None,
-                  tls: Optional[bool] = None) -> ServerConfig:
+                  tls: Optional[bool] = None,
+                  registry: Optional[str] = None) -> ServerConfig:
     """Create (first time) or load DIR/server.toml, so a restarted stack keeps its ports,
     keys and registry. Every argument that is not None is applied, to an existing DIR
     too (each change is printed); None keeps what DIR has, or the default."""
@@ -143,6 +145,14 @@ def prepare_stack(state_dir: Path, *, broker_port: Optional[int] = None,
     check_advertised(adv, "--advertise")
     want["advertise"] = adv
     _apply(cfg, want, state_dir)
+    if registry is not None:
+        parse_url(registry, "--registry")
+    if registry is not None and registry != cfg.registry.url:
+        if existing:
+            print(f"dpanel stack: applying to {conf}: registry {redact(cfg.registry_url)} -> "
+                  f"{redact(registry)} (devices are not copied over)", flush=True)
+        cfg.registry.url = registry
+        cfg.validate()
     text = dump_config(cfg)
     if existing:
         changed = [k for k in want if want[k] != old[k]]
@@ -265,7 +275,7 @@ def start_mosquitto(cfg: ServerConfig) -> subprocess.Popen[bytes]:
         raise ConfigError("mosquitto is not installed (apt-get install mosquitto)")
     mdir = Path(cfg.broker.passwd_path).parent
     # Credentials first, so the manager's first CONNECT is accepted.
-    registry = Registry(cfg.registry_path)
+    registry = Registry(cfg.registry_url)
     try:
         sync_broker_files(cfg, registry, ensure_secret(cfg.broker.password_file), "none")
     finally:

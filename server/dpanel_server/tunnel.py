@@ -52,6 +52,7 @@ from ._files import atomic_write, ensure_private_key
 from ._gate import Outcome, PreAuthGate, Startups, source_key
 from ._pool import PoolExhausted, PortPool
 from .errors import ConfigError
+from .metrics import AUTH_FAILURES
 
 __all__ = [
     "ALLOWED_LISTEN_HOSTS",
@@ -356,9 +357,11 @@ class _Session(asyncssh.SSHServer):
             async with self._srv._verify_slots:
                 ok = await asyncio.to_thread(self._srv._verify, username, password)
         except Exception:
+            # the registry failed (a database outage), not the device: refused, but not
+            # counted against it, or every device would be penalised once it is back
             rlog.exception(self.source, "auth for device %s from %s: verify failed", username,
                            self.peer)
-            ok = False
+            return False
         if ok:
             return not self.gone
         # Never log the secret; the device id and address are what an operator needs.
@@ -367,6 +370,7 @@ class _Session(asyncssh.SSHServer):
         return False
 
     def _count_failure(self) -> None:
+        AUTH_FAILURES.labels("tunnel").inc()
         self.failures += 1
         conn = self._conn
         if self.failures >= MAX_AUTH_FAILURES and conn is not None:

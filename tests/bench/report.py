@@ -119,6 +119,15 @@ def _image(r: dict[str, Any]) -> list[Row]:
     return rows
 
 
+def _enrol(r: dict[str, Any]) -> list[Row]:
+    """Enrolments per second, per engine and path (no goal: a figure for docs/scale)."""
+    return [Row(f"enrol {engine}: {how.replace('_', ' ')}", _get(r, engine, how, "per_s"),
+                "/s", goal="report")
+            for engine in ("sqlite", "postgresql") for how in (
+                "registry_one_at_a_time", "api_one_at_a_time", "api_bulk")
+            if _get(r, engine, how, "per_s") is not None]
+
+
 def _api_load(r: dict[str, Any]) -> list[Row]:
     from .api_load import rows
 
@@ -134,7 +143,7 @@ def _scp(r: dict[str, Any]) -> list[Row]:
 _SECTIONS: dict[str, Callable[[dict[str, Any]], list[Row]]] = {
     "throughput": _throughput, "scp": _scp, "exec": _exec, "api_load": _api_load, "memory": _memory,
     "agent_idle": _agent,
-    "scale": _scale, "image": _image,
+    "scale": _scale, "enrol": _enrol, "image": _image,
 }
 
 

@@ -24,7 +24,8 @@ from ._util import raise_nofile, section
 
 __all__ = ["SECTIONS", "main"]
 
-SECTIONS = ("throughput", "scp", "exec", "api_load", "memory", "agent_idle", "scale", "image")
+SECTIONS = ("throughput", "scp", "exec", "api_load", "memory", "agent_idle", "scale", "enrol",
+            "image")
 
 
 def _version(argv: list[str]) -> str:
@@ -83,6 +84,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--tunnel-counts", default=None,
                    help="memory: comma-separated tunnel counts (100,1000)")
     p.add_argument("--sshd-conns", type=int, help="memory: ssh -R connections (30)")
+    p.add_argument("--enrol-devices", type=int, help="enrol: devices per run (1000)")
     p.add_argument("--with-image", action="store_true",
                    help="also run tests.bench.image.run_bench() (slow)")
     p.add_argument("--keep-work", action="store_true",
@@ -104,6 +106,7 @@ def _settings(args: argparse.Namespace) -> dict[str, Any]:
         "tunnels": args.tunnels or (4 if q else 500),
         "sim_workers": args.sim_workers or (1 if q else 2),
         "steady": 1.0 if q else 15.0,
+        "enrol_devices": args.enrol_devices or (20 if q else 1000),
     }
 
 
@@ -118,6 +121,7 @@ def main(argv: Optional[list[str]] = None) -> int:
 
     from .agent_idle import run_agent_idle
     from .api_load import run_api_load
+    from .enrol import run_enrol
     from .latency import run_latency
     from .memory import run_memory
     from .scale import run_scale
@@ -138,6 +142,7 @@ def main(argv: Optional[list[str]] = None) -> int:
         "scale": lambda: run_scale(work, agents=s["agents"], tunnels=s["tunnels"],
                                    workers=s["sim_workers"], steady=s["steady"],
                                    connect_rate=args.connect_rate),
+        "enrol": lambda: run_enrol(work, n=s["enrol_devices"]),
         "image": lambda: _image(args),
     }
     results: dict[str, Any] = {"meta": {**_meta(args), "settings": s, "nofile": fds,

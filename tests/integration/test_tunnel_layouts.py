@@ -24,6 +24,7 @@ from test_attacks import Mqtt
 
 from dpanel_proto import wire
 from dpanel_proto.token import parse_token
+from dpanel_server.config import load_config
 from dpanel_server.registry import Registry
 from dpanel_server.stack import prepare_stack, start_mosquitto
 from dpanel_server.tunnelctl import TunnelControl, control_path
@@ -44,7 +45,7 @@ class Appliance(Stack):
     def start(self) -> None:
         cfg = prepare_stack(self.dir, broker_port=self.broker_port,
                             tunnel_port=self.tunnel_port, api_port=self.api_port,
-                            port_range=self.port_range)
+                            port_range=self.port_range, registry=self.registry)
         if self.broker is None:
             self.broker = start_mosquitto(cfg)
         self.start_tunnel()
@@ -138,7 +139,7 @@ def test_forward_is_refused_when_the_registry_says_revoked_even_without_a_push(
     registry check at the forward request catches it, not a poll a second later."""
     secret = parse_token(appliance.enrol("dev-q")).secret
     assert appliance.tunnel is not None
-    registry = Registry(appliance.dir / "registry.db")
+    registry = Registry(load_config(appliance.config).registry_url)
 
     async def scenario() -> None:
         conn = await login(appliance, "dev-q", secret)

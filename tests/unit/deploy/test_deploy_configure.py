@@ -112,3 +112,17 @@ def test_appliance_broker_has_the_public_limits(tmp_path: Path) -> None:
     assert "max_connections" not in loopback  # the manager's listener is never capped
     assert "max_packet_size 65536" in text and "max_queued_bytes" in text
     assert "\nuser " not in text  # the unit starts it as mosquitto
+
+
+def test_rerun_keeps_the_registry_url_and_metrics_listener(tmp_path: Path) -> None:
+    lay = _layout(tmp_path)
+    text = _desired_config(lay, Options(public_host="dp.example.com"))
+    assert "\n[registry]\n" in text  # written empty: where the URL goes
+    lay.config.write_text(text.replace(
+        "\n[registry]\n", '\n[registry]\nurl = "postgresql://dpanel@db/dpanel"\n'))
+    cfg = load_config(lay.config)
+    assert cfg.registry_url == "postgresql://dpanel@db/dpanel"
+    lay.config.write_text(_desired_config(lay, Options()))
+    again = load_config(lay.config)
+    assert again.registry_url == "postgresql://dpanel@db/dpanel"
+    assert again.tunnel.metrics_listen == "127.0.0.1:9781"

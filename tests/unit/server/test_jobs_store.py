@@ -18,7 +18,7 @@ from dpanel_server.registry import Device, Registry
 class _Manager:
     """The few Manager attributes Jobs reads (a stub: no broker, nobody online)."""
 
-    def __init__(self, path: Path) -> None:
+    def __init__(self, path: Path | str) -> None:
         self.registry = Registry(path)
         self.presence: dict[str, Any] = {}
 
@@ -36,8 +36,8 @@ VIEWER = Principal("vera", "viewer")
 
 
 @pytest.fixture
-def jobs(tmp_path: Path) -> Jobs:
-    m = _Manager(tmp_path / "registry.db")
+def jobs(registry_url: str) -> Jobs:
+    m = _Manager(registry_url)  # each engine in turn (pgfix)
     m.registry.add("a-1", {"site": "a"})
     m.registry.add("a-2", {"site": "a"})
     m.registry.add("b-1", {"site": "b"})

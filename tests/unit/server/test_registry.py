@@ -28,8 +28,8 @@ def test_secrets_are_stored_hashed_only(tmp_path: Path) -> None:
     assert stat.S_IMODE((tmp_path / "r.db").stat().st_mode) == 0o600
 
 
-def test_verify_revoke_and_revision(tmp_path: Path) -> None:
-    reg = Registry(tmp_path / "r.db")
+def test_verify_revoke_and_revision(registry_url: str) -> None:
+    reg = Registry(registry_url)
     _, secret = reg.add("dev-1")
     rev = reg.revision()
     assert reg.verify("dev-1", secret)
@@ -42,8 +42,8 @@ def test_verify_revoke_and_revision(tmp_path: Path) -> None:
     assert reg.revoked_ids() == {"dev-1"}
 
 
-def test_enrol_errors(tmp_path: Path) -> None:
-    reg = Registry(tmp_path / "r.db")
+def test_enrol_errors(registry_url: str) -> None:
+    reg = Registry(registry_url)
     reg.add("dev-1")
     with pytest.raises(DeviceExists):
         reg.add("dev-1")
@@ -55,8 +55,8 @@ def test_enrol_errors(tmp_path: Path) -> None:
         reg.revoke("ghost")
 
 
-def test_host_key_pinned_on_first_sight_only(tmp_path: Path) -> None:
-    reg = Registry(tmp_path / "r.db")
+def test_host_key_pinned_on_first_sight_only(registry_url: str) -> None:
+    reg = Registry(registry_url)
     reg.add("dev-1")
     assert reg.pin_host_key("dev-1", "ssh-ed25519 AAAA1") == "ssh-ed25519 AAAA1"
     assert reg.pin_host_key("dev-1", "ssh-ed25519 BBBB2") == "ssh-ed25519 AAAA1"
@@ -96,8 +96,8 @@ def test_config_missing_file(tmp_path: Path) -> None:
         load_config(tmp_path / "nope.toml")
 
 
-def test_host_key_of_another_device_never_pinned(tmp_path: Path) -> None:
-    reg = Registry(tmp_path / "r.db")
+def test_host_key_of_another_device_never_pinned(registry_url: str) -> None:
+    reg = Registry(registry_url)
     reg.add("dev-a")
     reg.add("dev-b")
     reg.pin_host_key("dev-a", "ssh-ed25519 AAAA")

@@ -32,6 +32,8 @@ class Stack:
     #: what tokens name, if not where the stack listens (``stack up --advertise``)
     advertise: str | None = None
     keepalive: float = 15.0
+    #: also serve the API over HTTPS on 127.0.0.1:https_port (``--https-listen``)
+    https_port: int | None = None
     extra: tuple[str, ...] = ()
     #: ``stack up --registry URL`` (None: the SQLite file in dir)
     registry: str | None = None
@@ -63,6 +65,8 @@ class Stack:
             argv += ["--public-host", self.public_host]
         if self.advertise:
             argv += ["--advertise", self.advertise]
+        if self.https_port:
+            argv += ["--https-listen", f"127.0.0.1:{self.https_port}"]
         if self.registry:
             argv += ["--registry", self.registry]
         argv += self.extra

@@ -47,6 +47,9 @@ class ErrorCode(str, Enum):
     FORBIDDEN = "forbidden"
     TOO_MANY = "too_many"
     API_UNREACHABLE = "api_unreachable"
+    # operator accounts (server/dpanel_server/operators.py)
+    UNKNOWN_USER = "unknown_user"
+    USER_EXISTS = "user_exists"
     UNKNOWN_JOB = "unknown_job"
 
 
@@ -91,6 +94,8 @@ CODES: dict[ErrorCode, CodeInfo] = {
     ErrorCode.FORBIDDEN: CodeInfo(403, 1, "the credentials do not allow this"),
     ErrorCode.TOO_MANY: CodeInfo(429, 1, "too many requests; slow down"),
     ErrorCode.API_UNREACHABLE: CodeInfo(503, 1, "the manager API is unreachable"),
+    ErrorCode.UNKNOWN_USER: CodeInfo(404, 1, "no such operator"),
+    ErrorCode.USER_EXISTS: CodeInfo(409, 1, "the operator name is taken"),
     ErrorCode.UNKNOWN_JOB: CodeInfo(404, 1, "no such job (or not yours)"),
 }
 

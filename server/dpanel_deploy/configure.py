@@ -66,6 +66,9 @@ class Options:
     public_host: Optional[str] = None
     tunnel_public: Optional[str] = None  # HOST:PORT devices dial (default ADVERTISE:2220)
     broker_public: Optional[str] = None  # HOST:PORT devices dial (default ADVERTISE:8883)
+    #: the API's HTTPS listener for operators (manager.https_listen): None keeps what the
+    #: file has (default: off), "" turns it off
+    https_listen: Optional[str] = None
     package_changed: bool = False
     start: bool = True
 
@@ -269,7 +272,21 @@ def _desired_config(layout: Layout, opts: Options) -> str:
         # the operator's choices, not the layout's: a re-run keeps them
         cfg.registry = old.registry
         cfg.tunnel.metrics_listen = old.tunnel.metrics_listen
-    cfg.validate()
+    # HTTPS for operators: off unless asked for; a re-run keeps it, and keeps an
+    # operator-supplied certificate (manager.https_cert/https_key, set by hand)
+    if old is not None:
+        cfg.manager.https_listen = old.manager.https_listen
+        cfg.manager.https_cert, cfg.manager.https_key = (old.manager.https_cert,
+                                                         old.manager.https_key)
+    if opts.https_listen is not None:
+        cfg.manager.https_listen = opts.https_listen or None
+        if cfg.manager.https_listen is None:
+            cfg.manager.https_cert = cfg.manager.https_key = None
+    try:
+        cfg.validate()
+    except ConfigError as exc:
+        why = str(exc).replace("manager.https_listen", "--https-listen")
+        raise SystemExit(f"dpanel-configure: {why}") from None
     text = dump_config(cfg).split("\n", 1)[1]
     return ("# dPanel Edge server configuration, written by dpanel-configure.\n"
             "# Re-running it (invoke deploy-server) rewrites this file; change the public\n"
@@ -435,6 +452,9 @@ def _parser() -> argparse.ArgumentParser:
                    f"(default ADVERTISE:{TUNNEL_PORT}; e.g. behind port forwarding)")
     p.add_argument("--broker-public", help="HOST:PORT devices dial for MQTT over TLS "
                    f"(default ADVERTISE:{BROKER_TLS_PORT})")
+    p.add_argument("--https-listen", metavar="HOST:PORT", help="serve the API over HTTPS "
+                   "for operators here (e.g. 0.0.0.0:443; \"\": off; default: off, or what "
+                   "the last run set)")
     p.add_argument("--package-changed", action="store_true",
                    help="the package was just installed or upgraded: reload and restart")
     p.add_argument("--no-start", action="store_true", help="configure but start nothing")
@@ -448,7 +468,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         print("dpanel-configure: must run as root", file=sys.stderr)
         return 2
     opts = Options(public_host=args.public_host, tunnel_public=args.tunnel_public,
-                   broker_public=args.broker_public, package_changed=args.package_changed,
+                   broker_public=args.broker_public, https_listen=args.https_listen,
+                   package_changed=args.package_changed,
                    start=not args.no_start)
     report = configure(opts)
     info = enrolment(Layout())

@@ -1,7 +1,9 @@
 """HTTP API for the dPanel panel and the CLI (FastAPI; OpenAPI at /openapi.json).
 
 Every route but /v1/health, /v1/ready and /metrics (:mod:`.metrics`) wants
-``Authorization: Bearer <admin token>`` (declared as an HTTP bearer security scheme).
+``Authorization: Bearer <token>`` (declared as an HTTP bearer security scheme): the admin
+token, or an operator's ``dpo1.`` token (:mod:`.operators`); each route then checks the
+caller's role and, for a device, its scope (:func:`.authz.require`).
 Errors are ``{"error": message, "code": ErrorCode}``
 (:class:`ErrorOut`). Exec streams the NDJSON events of :mod:`dpanel_proto.events`, with a
 ``{}`` heartbeat after every ``DPANEL_EXEC_HEARTBEAT`` seconds (default 15) of silence;
@@ -32,10 +34,11 @@ from dpanel_proto.codes import ErrorCode
 from dpanel_proto.events import Error, Exit, Heartbeat, Output, encode_event
 
 from . import __version__
-from .authz import Principal
-from .errors import DPanelError
+from .authz import Action, Forbidden, Principal, in_scope, require
+from .errors import DPanelError, UnknownDevice
 from .manager import Manager
 from .metrics import AUTH_FAILURES, install_observability
+from .operators import TOKEN_PREFIX, Operators
 from .registry import Device
 from .sshpool import ExecEvent, RemoteCommand
 
@@ -62,7 +65,8 @@ _STATUS_CODES = {401: ErrorCode.UNAUTHORIZED, 403: ErrorCode.FORBIDDEN,
                  429: ErrorCode.TOO_MANY}
 _ERROR_RESPONSES: dict[Union[int, str], dict[str, Any]] = {
     status: {"model": ErrorOut, "description": text} for status, text in (
-        (400, "refused"), (401, "missing or wrong admin token"), (404, "no such device"),
+        (400, "refused"), (401, "missing, wrong or revoked token"),
+        (403, "the caller's role or scope does not allow it"), (404, "no such device"),
         (409, "conflict"), (410, "revoked"), (422, "invalid request; names the field"),
         (500, "internal error"), (502, "the device failed"), (503, "device offline"),
         (504, "no answer in time"))}
@@ -156,8 +160,31 @@ class ExecOut(BaseModel):
 #: The admin token, declared in OpenAPI as an HTTP bearer scheme; checked in ``auth``
 #: (auto_error off, so that a missing header gets our 401 ErrorOut, not a bare 403).
 _BEARER = HTTPBearer(auto_error=False, description="the admin token "
-                     "(manager.admin_token_file)")
+                     "(manager.admin_token_file) or an operator's dpo1. token")
 _Credentials = Annotated[Optional[HTTPAuthorizationCredentials], Security(_BEARER)]
+
+
+def _auth(request: Request, cred: _Credentials) -> Principal:
+    """The caller, from the app's authenticator (``app.state.authenticate``, which a
+    WebSocket route can call with the token it got)."""
+    authenticate = request.app.state.authenticate
+    return authenticate(cred.credentials if cred is not None else "")  # type: ignore[no-any-return]
+
+
+#: ``who: Who`` in a route's signature gives it the caller; the route checks it.
+Who = Annotated[Principal, Depends(_auth)]
+
+
+class UserIn(BaseModel):
+    name: str = Field(description="lowercase letters, digits, '-' and '_'")
+    role: Literal["viewer", "operator", "admin"]
+    scope: list[str] = Field(default_factory=list, description="label selectors KEY=VALUE; "
+                             "a device matching any is in scope; none: every device")
+
+
+class UserOut(BaseModel):
+    user: dict[str, Any]
+    token: str = Field(description="the operator's token; shown once")
 
 
 def _error(exc: DPanelError) -> JSONResponse:
@@ -184,15 +211,41 @@ def create_app(manager: Manager, admin_token: str) -> FastAPI:
                   responses=_ERROR_RESPONSES)
     heartbeat = float(os.environ.get("DPANEL_EXEC_HEARTBEAT") or 15)
 
-    def auth(cred: _Credentials) -> Principal:
-        """The caller (``Depends(auth)`` in a route's signature gives it to the route,
-        which then checks it with ``authz.require``)."""
-        supplied = cred.credentials if cred is not None else ""
-        if cred is None or not hmac.compare_digest(supplied.encode(), admin_token.encode()):
+    operators = Operators(manager.registry)
+    app.state.operators = operators
+
+    def authenticate(token: str) -> Principal:
+        """The principal a bearer token stands for; 401 otherwise. Never logs the token."""
+        if token.startswith(TOKEN_PREFIX):
+            principal = operators.authenticate(token)
+            if principal is None:
+                AUTH_FAILURES.labels("api").inc()
+                raise HTTPException(401, "unknown or revoked operator token",
+                                    headers={"WWW-Authenticate": "Bearer"})
+            return principal
+        if not token or not hmac.compare_digest(token.encode(), admin_token.encode()):
             AUTH_FAILURES.labels("api").inc()
             raise HTTPException(401, "missing or wrong admin token",
                                 headers={"WWW-Authenticate": "Bearer"})
         return ADMIN
+
+    async def allowed(who: Principal, action: Action, device: str) -> Device:
+        """The device, if ``who`` may do ``action`` on it: the role first (a refusal
+        names it), then the scope. A scoped caller learns nothing of devices outside
+        its scope, not even whether they exist."""
+        require(who, action)
+        try:
+            d = await manager.device(device)
+        except UnknownDevice:
+            if who.scope:
+                raise Forbidden(f"device {device} is outside {who.name}'s scope "
+                                f"({', '.join(who.scope)})") from None
+            raise
+        require(who, action, device, d.labels)
+        return d
+
+    app.state.authenticate = authenticate
+    app.state.allowed = allowed  # for routes added elsewhere (the WebSocket proxy)
 
     @app.exception_handler(DPanelError)
     async def _dpanel_error(_r: Request, exc: DPanelError) -> JSONResponse:
@@ -226,7 +279,7 @@ def create_app(manager: Manager, admin_token: str) -> FastAPI:
 
     from . import certapi  # operator certificates and the WebSocket proxy (issue 9)
 
-    certapi.install(app, manager, auth)
+    certapi.install(app, manager, _auth)
 
     @app.get("/v1/health")
     async def health() -> dict[str, Any]:
@@ -236,57 +289,102 @@ def create_app(manager: Manager, admin_token: str) -> FastAPI:
             out["tunnel"] = manager.tunnel_stats()
         return out
 
-    @app.get("/v1/devices", dependencies=[Depends(auth)])
-    async def list_devices() -> list[dict[str, Any]]:
-        ports = manager.tunnels()
-        return [await _device_view(d.id, d, ports) for d in await manager.devices()]
+    @app.get("/v1/whoami")
+    async def whoami(who: Who) -> dict[str, object]:
+        return who.as_dict()
 
-    @app.post("/v1/devices", dependencies=[Depends(auth)], status_code=201)
-    async def add_device(body: EnrolIn) -> EnrolOut:
+    @app.post("/v1/users", status_code=201)
+    async def add_user(who: Who, body: UserIn) -> UserOut:
+        require(who, "users")
+        op, token = await asyncio.to_thread(operators.add, body.name, body.role, body.scope)
+        log.info("%s added operator %s (%s)", who.name, op.name, op.role)
+        return UserOut(user=op.as_dict(), token=token)
+
+    @app.get("/v1/users")
+    async def list_users(who: Who) -> list[dict[str, Any]]:
+        require(who, "users")
+        return [op.as_dict() for op in await asyncio.to_thread(operators.list)]
+
+    @app.delete("/v1/users/{name}")
+    async def revoke_user(who: Who, name: str) -> dict[str, Any]:
+        require(who, "users")
+        op = await asyncio.to_thread(operators.revoke, name)
+        log.info("%s revoked operator %s", who.name, name)
+        return op.as_dict()
+
+    @app.get("/v1/devices")
+    async def list_devices(who: Who) -> list[dict[str, Any]]:
+        require(who, "read")
+        ports = manager.tunnels()
+        return [await _device_view(d.id, d, ports) for d in await manager.devices()
+                if in_scope(who, d.labels)]
+
+    @app.post("/v1/devices", status_code=201)
+    async def add_device(who: Who, body: EnrolIn) -> EnrolOut:
+        require(who, "enrol")
         device, token = await manager.enrol(body.name, body.labels)
         return EnrolOut(device=device.as_dict(), token=token)
 
-    @app.get("/v1/deleted-devices", dependencies=[Depends(auth)])
-    async def deleted_devices() -> list[dict[str, Any]]:
+    @app.get("/v1/deleted-devices")
+    async def deleted_devices(who: Who) -> list[dict[str, Any]]:
         """Tombstones of deleted devices: what they were, when revoked and deleted."""
-        return await manager.deleted_devices()
+        require(who, "read")
+        return [d for d in await manager.deleted_devices()
+                if in_scope(who, d.get("labels") or {})]  # type: ignore[arg-type]
 
-    @app.get("/v1/devices/{device}", dependencies=[Depends(auth)])
-    async def show_device(device: str) -> dict[str, Any]:
-        return await _device_view(device)
+    @app.get("/v1/devices/{device}")
+    async def show_device(who: Who, device: str) -> dict[str, Any]:
+        return await _device_view(device, await allowed(who, "read", device))
 
-    @app.delete("/v1/devices/{device}", dependencies=[Depends(auth)])
-    async def revoke_device(device: str, purge: bool = False,
+    @app.delete("/v1/devices/{device}")
+    async def revoke_device(who: Who, device: str, purge: bool = False,
                             force: bool = False) -> dict[str, Any]:
         """Revoke the device; ``purge=true`` deletes a revoked one and frees its name
         (``force=true`` revokes it first), keeping a tombstone (/v1/deleted-devices)."""
+        await allowed(who, "enrol", device)
         if purge:
             return {"deleted": await manager.delete(device, force)}
         return (await manager.revoke(device)).as_dict()
 
-    @app.post("/v1/devices/{device}/reset-hostkey", dependencies=[Depends(auth)])
-    async def reset_hostkey(device: str) -> dict[str, Any]:
+    @app.post("/v1/devices/{device}/reset-hostkey")
+    async def reset_hostkey(who: Who, device: str) -> dict[str, Any]:
+        await allowed(who, "enrol", device)
         await manager.reset_host_key(device)
         return await _device_view(device)
 
-    @app.get("/v1/tunnels", dependencies=[Depends(auth)])
-    async def list_tunnels() -> dict[str, int]:
-        return manager.tunnels()
+    async def scoped_ids(who: Principal) -> Optional[set[str]]:
+        """The ids in ``who``'s scope, or None for every device (no scope)."""
+        if not who.scope:
+            return None
+        return {d.id for d in await manager.devices() if in_scope(who, d.labels)}
 
-    @app.post("/v1/devices/{device}/tunnel", dependencies=[Depends(auth)])
-    async def open_tunnel(device: str, body: TunnelIn) -> TunnelOut:
+    @app.get("/v1/tunnels")
+    async def list_tunnels(who: Who) -> dict[str, int]:
+        require(who, "read")
+        ids = await scoped_ids(who)
+        return {k: v for k, v in manager.tunnels().items() if ids is None or k in ids}
+
+    @app.post("/v1/devices/{device}/tunnel")
+    async def open_tunnel(who: Who, device: str, body: TunnelIn) -> TunnelOut:
+        await allowed(who, "tunnel", device)
         port = await manager.open_tunnel(device, body.ttl, body.idle_timeout)
         return TunnelOut(device=device, port=port,
                          host_key=(await manager.device(device)).host_key)
 
-    @app.delete("/v1/devices/{device}/tunnel", dependencies=[Depends(auth)])
-    async def close_tunnel(device: str) -> dict[str, Any]:
+    @app.delete("/v1/devices/{device}/tunnel")
+    async def close_tunnel(who: Who, device: str) -> dict[str, Any]:
+        await allowed(who, "tunnel", device)
         return {"device": device, "closed": await manager.close_tunnel(device)}
 
-    @app.get("/v1/known_hosts", dependencies=[Depends(auth)])
-    async def known_hosts() -> dict[str, str]:
-        return {"known_hosts": await manager.known_hosts_text(),
-                "path": str(await manager.write_known_hosts())}
+    @app.get("/v1/known_hosts")
+    async def known_hosts(who: Who) -> dict[str, str]:
+        require(who, "read")
+        text = await manager.known_hosts_text()
+        ids = await scoped_ids(who)
+        if ids is not None:  # lines are "ID,ID.dpanel KEY"
+            text = "".join(line for line in text.splitlines(keepends=True)
+                           if line.split(",", 1)[0] in ids)
+        return {"known_hosts": text, "path": str(await manager.write_known_hosts())}
 
     exec_schema = ExecIn.model_json_schema(ref_template="#/components/schemas/{model}")
     exec_doc: dict[str, Any] = {
@@ -303,11 +401,11 @@ def create_app(manager: Manager, admin_token: str) -> FastAPI:
                                       ref_template="#/components/schemas/{model}")}}}},
     }
 
-    @app.post("/v1/devices/{device}/exec", dependencies=[Depends(auth)], response_model=None,
-              openapi_extra=exec_doc)
-    async def exec_(device: str, request: Request) -> Response:
+    @app.post("/v1/devices/{device}/exec", response_model=None, openapi_extra=exec_doc)
+    async def exec_(who: Who, device: str, request: Request) -> Response:
         """Run a command. Output streams as NDJSON with heartbeats; when the client hangs
         up the command is hung up too (the agent ends its process group)."""
+        await allowed(who, "exec", device)
         body_in = _Body(request.receive)
         ndjson = request.headers.get("content-type", "").startswith("application/x-ndjson")
         raw = await (body_in.line() if ndjson else body_in.read_all())
@@ -333,7 +431,7 @@ def create_app(manager: Manager, admin_token: str) -> FastAPI:
 
     from .jobs_api import add_job_routes
 
-    add_job_routes(app, manager, auth)  # /v1/jobs
+    add_job_routes(app, manager, _auth)  # /v1/jobs
     return app
 
 

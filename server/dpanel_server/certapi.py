@@ -90,10 +90,18 @@ def install(app: FastAPI, manager: Manager, auth: Callable[..., Principal]) -> N
             scheme, _, token = (ws.headers.get("authorization") or "").partition(" ")
             if scheme.lower() != "bearer" or not token:
                 raise HTTPException(401, "missing bearer token (Authorization header)")
-            who = auth(HTTPAuthorizationCredentials(scheme="Bearer", credentials=token))
+            # the app's authenticator (operators, the admin token) and its role + scope
+            # check, when it has them; the route's own dependency otherwise
+            authenticate = getattr(ws.app.state, "authenticate", None)
+            who = (authenticate(token) if authenticate is not None else
+                   auth(HTTPAuthorizationCredentials(scheme="Bearer", credentials=token)))
             p = await who if inspect.isawaitable(who) else who
-            dev = await manager.device(device)
-            require(p, "exec", device, dev.labels)
+            allowed = getattr(ws.app.state, "allowed", None)
+            if allowed is not None:
+                await allowed(p, "exec", device)
+            else:
+                dev = await manager.device(device)
+                require(p, "exec", device, dev.labels)
             port = await manager.open_tunnel(device)
             reader, writer = await asyncio.wait_for(
                 asyncio.open_connection("127.0.0.1", port), 15)

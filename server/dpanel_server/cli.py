@@ -21,7 +21,7 @@ from dpanel_proto.codes import ErrorCode
 from dpanel_proto.ports import API_PORT, STACK_BROKER_PORT, TUNNEL_PORT
 
 from . import __version__
-from .client import ApiClient, ApiError, find_config
+from .client import ApiClient, ApiError, find_config, make_client
 from .config import ServerConfig
 from .errors import DPanelError
 
@@ -32,7 +32,8 @@ HOST_SUFFIX = ".dpanel"
 
 
 def _client(args: argparse.Namespace) -> ApiClient:
-    return ApiClient(find_config(args.config))
+    """server.toml, or a ``dpanel login`` context (see client.make_client)."""
+    return make_client(args.config, getattr(args, "context", None))
 
 
 def _print_json(obj: Any) -> None:
@@ -95,6 +96,9 @@ def cmd_device_list(args: argparse.Namespace) -> int:
                   f"{_when(d['deleted_at'])}")
         return 0
     devices = _client(args).call("GET", "/v1/devices")
+    if args.names:  # for shell completion: one name a line, nothing else
+        print("\n".join(d["id"] for d in devices if not d["revoked"]))
+        return 0
     if args.json:
         _print_json(devices)
         return 0
@@ -216,10 +220,10 @@ def cmd_proxy(args: argparse.Namespace) -> int:
     device = _device_name(args.device)
     api = _client(args)
     refresh_if_cached(api, args.ttl)  # renews a certificate that ssh-config set up
-    # the WebSocket through the API port when the manager is elsewhere (or asked for);
-    # straight to the tunnel port on the manager host, the faster path
+    # the WebSocket through the API port from a login context, when the manager is
+    # elsewhere (or asked for); straight to the tunnel port on the manager host, faster
     via = os.environ.get("DPANEL_PROXY", "auto")
-    if via == "websocket" or (via == "auto" and not is_local(api)):
+    if via == "websocket" or (via == "auto" and (api.remote or not is_local(api))):
         return ws_proxy(api, device)
     sock = socket.create_connection(("127.0.0.1", _open_port(api, device)), timeout=10)
     sock.settimeout(None)
@@ -408,7 +412,8 @@ def cmd_stack_up(args: argparse.Namespace) -> int:
                         tunnel_port=args.tunnel_port, api_port=args.api_port,
                         port_range=args.port_range, public_host=args.public_host,
                         advertise=args.advertise, keepalive_interval=args.keepalive_interval,
-                        tls=args.tls, registry=args.registry)
+                        tls=args.tls, registry=args.registry,
+                        https_listen=args.https_listen)
     return stack_up(cfg)
 
 
@@ -439,6 +444,8 @@ def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="dpanel", description="dPanel Edge manager CLI")
     p.add_argument("--config", help="server.toml (default: $DPANEL_CONFIG or "
                    "/etc/dpanel/server.toml)")
+    p.add_argument("--context", help="a `dpanel login` context (default: $DPANEL_CONTEXT, "
+                   "else the current one; without any login, server.toml)")
     p.add_argument("--version", action="version", version=f"dpanel {__version__}")
     sub = p.add_subparsers(dest="cmd", required=True)
 
@@ -448,6 +455,7 @@ def _parser() -> argparse.ArgumentParser:
         sp.set_defaults(fn=fn)
         # `dpanel tunnel run --config F` and `dpanel --config F tunnel run` both work
         sp.add_argument("--config", default=argparse.SUPPRESS, help=argparse.SUPPRESS)
+        sp.add_argument("--context", default=argparse.SUPPRESS, help=argparse.SUPPRESS)
         return sp
 
     dev = sub.add_parser("device", help="enrol, list, show, revoke devices"
@@ -459,6 +467,8 @@ def _parser() -> argparse.ArgumentParser:
     a = add(dev, "list", cmd_device_list, "list devices with presence")
     a.add_argument("--json", action="store_true")
     a.add_argument("--deleted", action="store_true", help="list deleted devices instead")
+    a.add_argument("--names", action="store_true", help="only the names of enrolled, "
+                   "unrevoked devices, one a line (shell completion uses it)")
     a = add(dev, "delete", cmd_device_delete, "free a revoked device's name (its record "
             "is kept)")
     a.add_argument("name")
@@ -545,25 +555,32 @@ def _parser() -> argparse.ArgumentParser:
                    "10.0.2.2)")
     a.add_argument("--tls", action="store_true", default=None,
                    help="MQTT over TLS with a generated CA (pinned in device tokens)")
+    a.add_argument("--https-listen", metavar="HOST:PORT", help="also serve the API over "
+                   "HTTPS here, with a CA generated in DIR (its certificate: DIR/ca.pem), for "
+                   "`dpanel login`; \"\": off again")
     a.add_argument("--registry", metavar="URL", help="the registry database: "
                    "sqlite:///PATH (default: DIR/registry.db) or postgresql://...")
     a.add_argument("--keepalive-interval", type=float,
                    help="tunnel SSH keepalive, default 15 s; dead devices free their port "
                    "after 3 misses")
     a.add_argument("--log-level", default="info")
+
+    from ._cli_ops import add_commands
+
+    add_commands(sub, add)  # user, whoami, login, context, completion
     return p
 
 
 #: exec options that take a value, to find where the command starts without a "--"
 _EXEC_VALUE_OPTS = {"--filter", "-j", "--parallel", "--timeout", "--out-dir",
-                    "--max-output", "--config"}
+                    "--max-output", "--config", "--context"}
 
 
 def _subcommand_at(words: list[str]) -> int:
     """Index of the subcommand word (after top-level options such as --config F)."""
     i = 0
     while i < len(words) and words[i].startswith("-"):
-        i += 2 if words[i] == "--config" else 1
+        i += 2 if words[i] in ("--config", "--context") else 1
     return i
 
 

@@ -1,4 +1,9 @@
-"""A small stdlib HTTP client for the manager API, so that ``dpanel`` starts fast."""
+"""A small stdlib HTTP client for the manager API, so that ``dpanel`` starts fast.
+
+It is built from server.toml on the manager host (plain HTTP on loopback, the admin token
+file) or from a ``dpanel login`` context anywhere (HTTPS checked against the pinned CA
+or fingerprint, an operator token): :func:`make_client` picks.
+"""
 
 from __future__ import annotations
 
@@ -10,14 +15,18 @@ import socket
 import ssl
 import threading
 from pathlib import Path
-from typing import Any, BinaryIO, Iterator, Optional
+from typing import TYPE_CHECKING, Any, BinaryIO, Iterator, Optional
 
 from dpanel_proto.codes import ErrorCode
 
 from .config import ServerConfig, _hostport, load_config
 from .errors import DPanelError
 
-__all__ = ["DEFAULT_CONFIG", "ApiClient", "ApiError", "ExecStream", "find_config"]
+if TYPE_CHECKING:
+    from .login import Context
+
+__all__ = ["DEFAULT_CONFIG", "ApiClient", "ApiError", "ExecStream", "find_config",
+           "make_client"]
 
 DEFAULT_CONFIG = "/etc/dpanel/server.toml"
 
@@ -41,18 +50,47 @@ def find_config(path: Optional[str]) -> ServerConfig:
     return load_config(path or os.environ.get("DPANEL_CONFIG") or DEFAULT_CONFIG)
 
 
+def make_client(config: Optional[str] = None, context: Optional[str] = None,
+                **kw: Any) -> ApiClient:
+    """The client a command uses: --context, else --config, else $DPANEL_CONTEXT, else
+    $DPANEL_CONFIG, else the login file's current-context, else server.toml (today's
+    zero-setup use on the manager host)."""
+    from .login import LoginError, pick_context
+
+    if config and context:
+        raise LoginError("--config and --context: give one (server.toml, or a login context)")
+    if config:
+        return ApiClient(find_config(config), **kw)
+    name = context or os.environ.get("DPANEL_CONTEXT") or None
+    if name is None and os.environ.get("DPANEL_CONFIG"):
+        return ApiClient(find_config(None), **kw)
+    ctx = pick_context(name, required=name is not None)
+    if ctx is None:
+        return ApiClient(find_config(None), **kw)
+    return ApiClient(context=ctx, **kw)
+
+
 class ApiClient:
     """``timeout`` bounds each request up to its answer's headers; a streamed exec then
     lives as long as its command, with ``stream_timeout`` (env DPANEL_STREAM_TIMEOUT) as
     the longest silence accepted."""
 
-    def __init__(self, cfg: ServerConfig, timeout: float = 120,
-                 stream_timeout: Optional[float] = None) -> None:
+    def __init__(self, cfg: Optional[ServerConfig] = None, timeout: float = 120,
+                 stream_timeout: Optional[float] = None, *,
+                 context: Optional[Context] = None) -> None:
         self.cfg = cfg
-        self.host, self.port = _hostport(cfg.manager.api_listen, "manager.api_listen", 8780)
+        self.context = context
         self.timeout = timeout
         self.stream_timeout = stream_timeout or float(
             os.environ.get("DPANEL_STREAM_TIMEOUT") or DEFAULT_STREAM_TIMEOUT)
+        if context is not None:
+            self.scheme, self.host, self.port = context.scheme_host_port
+            self._token = context.token
+            return
+        if cfg is None:
+            raise TypeError("ApiClient needs a ServerConfig or a login context")
+        self.scheme = "http"
+        self.host, self.port = _hostport(cfg.manager.api_listen, "manager.api_listen", 8780)
         token_file = Path(cfg.manager.admin_token_file)
         try:
             self._token = token_file.read_text().strip()
@@ -61,26 +99,53 @@ class ApiClient:
                            "(run as the dpanel user or root?)") from None
 
     @property
-    def base_url(self) -> str:
-        """Where the API is (scheme, host, port): other transports (the proxy's
-        WebSocket) derive their URL from it."""
-        return f"http://{self.host}:{self.port}"
+    def remote(self) -> bool:
+        """True when built from a login context (no server file on this machine)."""
+        return self.context is not None
 
-    def ssl_context(self) -> Optional[ssl.SSLContext]:
-        """The TLS context for ``base_url`` (None over plain http)."""
-        return None
+    @property
+    def url(self) -> str:
+        host = f"[{self.host}]" if ":" in self.host else self.host
+        return f"{self.scheme}://{host}:{self.port}"
+
+    def connection(self) -> http.client.HTTPConnection:
+        """A new connection: plain on loopback, or HTTPS checked against the pin."""
+        ctx = self.context
+        if ctx is None or self.scheme == "http":
+            return http.client.HTTPConnection(self.host, self.port, timeout=self.timeout)
+        from .login import PinnedHTTPSConnection
+
+        return PinnedHTTPSConnection(self.host, self.port, timeout=self.timeout,
+                                     ca=ctx.ca, fingerprint=ctx.fingerprint)
 
     def authorization(self) -> str:
         """The ``Authorization`` header value of this client's requests."""
         return f"Bearer {self._token}"
 
+    def connect_socket(self) -> socket.socket:
+        """A connected socket to the API, TLS checked against the pin exactly as for
+        every request (the proxy's WebSocket runs over it; no token is sent yet)."""
+        conn = self.connection()
+        try:
+            conn.connect()
+        except OSError as exc:
+            raise self._unreachable(exc) from None
+        sock, conn.sock = conn.sock, None
+        assert sock is not None
+        return sock
+
     def _unreachable(self, exc: OSError) -> ApiError:
-        return ApiError(f"manager API at http://{self.host}:{self.port} is unreachable "
+
+        if isinstance(exc, ssl.SSLCertVerificationError):
+            return ApiError(f"{self.url}: the server certificate does not verify against "
+                            f"the pinned CA ({exc.verify_message}); refusing to send the "
+                            "token", code="unauthorized")
+        return ApiError(f"manager API at {self.url} is unreachable "
                         f"({exc}); is the manager running?", code="api_unreachable")
 
     def _send(self, method: str, path: str, body: Any = None,
               conn: Optional[http.client.HTTPConnection] = None) -> http.client.HTTPResponse:
-        conn = conn or http.client.HTTPConnection(self.host, self.port, timeout=self.timeout)
+        conn = conn or self.connection()
         headers = {"Authorization": f"Bearer {self._token}", "Accept": "application/json"}
         data = None
         if body is not None:
@@ -137,7 +202,7 @@ class ExecStream:
         from urllib.parse import quote
 
         self._api = api
-        self._conn = http.client.HTTPConnection(api.host, api.port, timeout=api.timeout)
+        self._conn = api.connection()
         self._closed = False
         path = f"/v1/devices/{quote(device, safe='')}/exec"
         if stdin is None:

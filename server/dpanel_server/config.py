@@ -30,6 +30,8 @@ __all__ = [
 ]
 
 
+#: The HTTPS listener's default port (manager.https_listen without one).
+HTTPS_PORT = 443
 #: the tunnel process's metrics/readiness listener (the manager's are on its API)
 TUNNEL_METRICS_PORT = 9781
 
@@ -146,8 +148,22 @@ class ManagerConfig:
     allow_public_api: bool = False
     #: longest operator SSH certificate (POST /v1/certs ttl), seconds; 60-43200
     cert_ttl_max: int = 43200
+    #: HTTPS listener for operators anywhere (same API; operator tokens), e.g.
+    #: "0.0.0.0:443". Unset: off (the plain API stays on loopback either way).
+    https_listen: Optional[str] = None
+    #: An operator-supplied certificate chain and key (PEM) for it; unset: one issued by
+    #: the manager's own CA in STATE_DIR/https (CA certificate: STATE_DIR/https/ca.crt).
+    https_cert: Optional[str] = None
+    https_key: Optional[str] = None
 
     def validate(self) -> None:
+        if self.https_listen is not None:
+            _hostport(self.https_listen, "manager.https_listen", HTTPS_PORT)
+        if (self.https_cert is None) != (self.https_key is None):
+            raise ConfigError("manager.https_cert, manager.https_key: give both or neither")
+        if self.https_cert is not None and self.https_listen is None:
+            raise ConfigError("manager.https_cert: set manager.https_listen too (the HTTPS "
+                              "listener is off without it)")
         host, _ = _hostport(self.api_listen, "manager.api_listen", API_PORT)
         if host not in ("127.0.0.1", "::1", "localhost") and not self.allow_public_api:
             raise ConfigError(

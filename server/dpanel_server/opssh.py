@@ -39,7 +39,7 @@ class OperatorKey:
     public_line: str  # "ssh-ed25519 AAAA..."
 
     def cert_path(self, api: ApiClient) -> Path:
-        tag = hashlib.sha256(api.base_url.encode()).hexdigest()[:8]
+        tag = hashlib.sha256(api.url.encode()).hexdigest()[:8]
         return self.key.with_name(f"{self.key.name}-dpanel-{tag}-cert.pub")
 
 

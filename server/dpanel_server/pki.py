@@ -86,10 +86,11 @@ def _key_usage(*, cert_sign: bool) -> x509.KeyUsage:
                          decipher_only=False)
 
 
-def _make_ca(now: dt.datetime) -> tuple[ec.EllipticCurvePrivateKey, x509.Certificate]:
+def _make_ca(now: dt.datetime, ca_name: str = CA_NAME
+             ) -> tuple[ec.EllipticCurvePrivateKey, x509.Certificate]:
     key = ec.generate_private_key(ec.SECP256R1())
     ski = x509.SubjectKeyIdentifier.from_public_key(key.public_key())
-    cert = (x509.CertificateBuilder().subject_name(_name(CA_NAME)).issuer_name(_name(CA_NAME))
+    cert = (x509.CertificateBuilder().subject_name(_name(ca_name)).issuer_name(_name(ca_name))
             .public_key(key.public_key()).serial_number(x509.random_serial_number())
             .not_valid_before(now - dt.timedelta(days=1))
             .not_valid_after(now + dt.timedelta(days=CA_DAYS))
@@ -136,13 +137,15 @@ def _reissue_reason(crt_p: Path, key_p: Path, ca: x509.Certificate, want: list[s
 
 def ensure_broker_tls(directory: Path, names: Sequence[str], *,
                       writer: Optional[Writer] = None,
-                      now: Optional[dt.datetime] = None) -> list[TlsChange]:
+                      now: Optional[dt.datetime] = None,
+                      ca_name: str = CA_NAME) -> list[TlsChange]:
     """Make sure ``directory`` holds ca.key, ca.crt, server.key and server.crt, the server
     certificate valid for exactly ``names`` (first = subject CN) and not close to expiry.
 
     Returns what changed. The CA is created only when there is none; a CA certificate
     whose key is gone is never replaced (devices pinned it), which is an error only when
-    the server certificate has to be re-issued.
+    the server certificate has to be re-issued. ``ca_name`` names a new CA (the HTTPS
+    listener has a CA of its own, see :mod:`.https_listener`).
     """
     write = writer or _default_writer
     now = now or dt.datetime.now(dt.timezone.utc)
@@ -154,10 +157,10 @@ def ensure_broker_tls(directory: Path, names: Sequence[str], *,
     changes: list[TlsChange] = []
     ca_key: Optional[ec.EllipticCurvePrivateKey] = None
     if not ca_crt_p.exists():
-        ca_key, ca = _make_ca(now)
+        ca_key, ca = _make_ca(now, ca_name)
         write(ca_key_p, _pem_key(ca_key), "ca.key")
         write(ca_crt_p, ca.public_bytes(serialization.Encoding.PEM), "ca.crt")
-        changes.append(TlsChange("created", ca_crt_p, "broker CA"))
+        changes.append(TlsChange("created", ca_crt_p, ca_name))
     else:
         ca = x509.load_pem_x509_certificate(ca_crt_p.read_bytes())
     reason = _reissue_reason(crt_p, key_p, ca, want, now)

@@ -134,8 +134,44 @@ async def _serve_api(cfg: ServerConfig, manager: Manager,
                      tunnel: Optional[TunnelServer]) -> None:
     host, port = _hostport(cfg.manager.api_listen, "manager.api_listen", 8780)
     app = create_app(manager, ensure_secret(cfg.manager.admin_token_file))
-    server = _ApiServer(uvicorn.Config(
-        app, host=host, port=port, log_level="warning", lifespan="off", access_log=False,
+    server = _api_server(app, host, port)
+    servers = [server]
+    if cfg.manager.https_listen is not None:
+        # the same app over HTTPS, for operators anywhere (manager.https_listen)
+        from .https_listener import https_files
+
+        cert, key = await asyncio.to_thread(https_files, cfg)
+        h_host, h_port = _hostport(cfg.manager.https_listen, "manager.https_listen", 443)
+        servers.append(_api_server(app, h_host, h_port, ssl_certfile=cert, ssl_keyfile=key))
+        log.info("manager API over HTTPS on https://%s:%d", h_host, h_port)
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, _stop_all, servers)
+    tasks = [asyncio.create_task(watchdog_loop())]
+    if tunnel is not None:
+        tasks.append(asyncio.create_task(watch_revocations(manager.registry, tunnel)))
+
+    tasks.append(asyncio.create_task(_ready(manager, server, f"http://{host}:{port}")))
+    for t in tasks:
+        t.add_done_callback(_log_crash)
+    try:
+        # returns once a signal set should_exit (or one listener failed to start)
+        await asyncio.gather(*(s.serve() for s in servers))
+    finally:
+        _stop_all(servers)
+        notify("STOPPING=1")
+        for t in tasks:
+            t.cancel()
+
+
+def _stop_all(servers: list[uvicorn.Server]) -> None:
+    for s in servers:
+        s.should_exit = True
+
+
+def _api_server(app: object, host: str, port: int, **ssl: str) -> uvicorn.Server:
+    return _ApiServer(uvicorn.Config(
+        app, host=host, port=port, log_level="warning", lifespan="off", access_log=False,  # type: ignore[arg-type]
         # uvicorn has no request-read deadline: without this a slowloris client holds its
         # connection forever and limit_concurrency then turns away /v1/health (503)
         http=guarded_h11(request_timeout=API_REQUEST_TIMEOUT, max_waiting=API_MAX_WAITING),
@@ -145,23 +181,8 @@ async def _serve_api(cfg: ServerConfig, manager: Manager,
         timeout_keep_alive=5,                     # idle keep-alive connections, seconds
         h11_max_incomplete_event_size=16 * 1024,  # request line + headers, bytes
         backlog=1024,
+        **ssl,  # type: ignore[arg-type]
     ))
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        loop.add_signal_handler(sig, setattr, server, "should_exit", True)
-    tasks = [asyncio.create_task(watchdog_loop())]
-    if tunnel is not None:
-        tasks.append(asyncio.create_task(watch_revocations(manager.registry, tunnel)))
-
-    tasks.append(asyncio.create_task(_ready(manager, server, f"http://{host}:{port}")))
-    for t in tasks:
-        t.add_done_callback(_log_crash)
-    try:
-        await server.serve()  # returns once a signal set should_exit
-    finally:
-        notify("STOPPING=1")
-        for t in tasks:
-            t.cancel()
 
 
 def _log_crash(task: asyncio.Task[None]) -> None:

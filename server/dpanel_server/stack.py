@@ -97,7 +97,8 @@ def _current(cfg: ServerConfig) -> dict[str, object]:
     return {"broker_port": broker_port, "tunnel_port": tunnel_port, "api_port": api_port,
             "port_range": cfg.tunnel.port_range,
             "keepalive_interval": cfg.tunnel.keepalive_interval, "tls": scheme == "mqtts",
-            "public_host": None if tunnel_host == LOOPBACK else tunnel_host, "advertise": adv}
+            "public_host": None if tunnel_host == LOOPBACK else tunnel_host, "advertise": adv,
+            "https_listen": cfg.manager.https_listen}
 
 
 def prepare_stack(state_dir: Path, *, broker_port: Optional[int] = None,
@@ -106,6 +107,7 @@ def prepare_stack(state_dir: Path, *, broker_port: Optional[int] = None,
                   advertise: Optional[str] = None,
                   keepalive_interval: Optional[float] = None,
                   tls: Optional[bool] = None,
+                  https_listen: Optional[str] = None,
                   registry: Optional[str] = None) -> ServerConfig:
     """Create (first time) or load DIR/server.toml, so a restarted stack keeps its ports,
     keys and registry. Every argument that is not None is applied, to an existing DIR
@@ -118,9 +120,17 @@ def prepare_stack(state_dir: Path, *, broker_port: Optional[int] = None,
     old = _current(cfg)
     given = {"broker_port": broker_port, "tunnel_port": tunnel_port, "api_port": api_port,
              "port_range": port_range, "keepalive_interval": keepalive_interval, "tls": tls,
-             "public_host": public_host, "advertise": advertise}
+             "public_host": public_host, "advertise": advertise,
+             "https_listen": https_listen}
     want = dict(old)
     want.update({k: v for k, v in given.items() if v is not None})
+    if want["https_listen"] == "":
+        want["https_listen"] = None  # --https-listen "": off again
+    elif https_listen:
+        try:
+            parse_hostport(https_listen, "--https-listen", 443)
+        except ValueError as exc:
+            raise ConfigError(str(exc)) from None
     if not existing:
         want.update(broker_port=broker_port or STACK_BROKER_PORT,
                     tunnel_port=tunnel_port or TUNNEL_PORT, api_port=api_port or API_PORT)
@@ -159,12 +169,25 @@ def prepare_stack(state_dir: Path, *, broker_port: Optional[int] = None,
         if changed:
             print(f"dpanel stack: applying to {conf}: "
                   + "; ".join(f"{k} {old[k]} -> {want[k]}" for k in changed)
-                  + ("" if set(changed) <= {"keepalive_interval", "port_range", "api_port"}
+                  + ("" if set(changed) <= {"keepalive_interval", "port_range", "api_port",
+                                            "https_listen"}
                      else " (tokens issued before carry the old addresses: re-issue them)"),
                   flush=True)
     if not existing or conf.read_text() != text:
         atomic_write(conf, text, 0o600)
-    return load_config(conf)
+    cfg = load_config(conf)
+    if cfg.manager.https_listen is not None:
+        _stack_https(cfg, state_dir)
+    return cfg
+
+
+def _stack_https(cfg: ServerConfig, state_dir: Path) -> None:
+    """The HTTPS listener's CA and certificate (made now, not at the first request), and
+    the CA at DIR/ca.pem (0644) for ``dpanel login --ca-file``."""
+    from .https_listener import https_ca_path, https_files
+
+    https_files(cfg)
+    atomic_write(state_dir / "ca.pem", https_ca_path(cfg).read_bytes(), 0o644)
 
 
 def _apply(cfg: ServerConfig, want: dict[str, object], state_dir: Path) -> None:
@@ -183,6 +206,8 @@ def _apply(cfg: ServerConfig, want: dict[str, object], state_dir: Path) -> None:
     cfg.broker.listen = _fmt(str(bind), broker_port) if bind else None
     host, _ = parse_hostport(cfg.manager.api_listen, "manager.api_listen", API_PORT)
     cfg.manager.api_listen = _fmt(host, api_port)
+    https = want.get("https_listen")
+    cfg.manager.https_listen = str(https) if https else None
     cfg.broker.ca_file = None
     if want["tls"]:
         tls_dir = state_dir.resolve() / "tls"
@@ -358,7 +383,10 @@ def stack_up(cfg: ServerConfig) -> int:
     holder = [start_mosquitto(cfg)]
     try:
         print(f"dpanel stack: broker {cfg.broker.url}, tunnel {cfg.tunnel.listen}, "
-              f"API http://{cfg.manager.api_listen}; devices dial {cfg.tunnel.public_address}"
+              f"API http://{cfg.manager.api_listen}"
+              + (f" and https://{cfg.manager.https_listen} (CA {Path(cfg.state_dir) / 'ca.pem'})"
+                 if cfg.manager.https_listen else "")
+              + f"; devices dial {cfg.tunnel.public_address}"
               f" and {cfg.broker.public_url}\n"
               f"  use it with: export DPANEL_CONFIG={cfg.source}", flush=True)
         asyncio.run(_stack_main(cfg, holder))

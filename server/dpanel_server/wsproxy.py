@@ -2,8 +2,9 @@
 
 The manager (``GET /v1/devices/{device}/proxy``, :mod:`.certapi`) checks the token and
 scope, opens the tunnel and bridges binary frames to the device's tunnel port. This is
-the path for an operator who can reach the API (http or https, with the context's
-pinned CA from :meth:`ApiClient.ssl_context`) and nothing else of the manager host.
+the path for an operator who can reach the API (http or https: the socket comes from
+:meth:`ApiClient.connect_socket`, checked against the login context's pinned CA or
+fingerprint before the token is sent) and nothing else of the manager host.
 The sync client of ``websockets`` keeps start-up fast (no asyncio loop to build).
 """
 
@@ -25,7 +26,7 @@ _CHUNK = 64 * 1024
 
 def is_local(api: ApiClient) -> bool:
     """The API is on this host's loopback: the tunnel port is reachable directly."""
-    host = urlsplit(api.base_url).hostname or ""
+    host = urlsplit(api.url).hostname or ""
     return host in ("127.0.0.1", "::1", "localhost")
 
 
@@ -35,21 +36,23 @@ def ws_proxy(api: ApiClient, device: str, stdin_fd: Optional[int] = None,
     from websockets.exceptions import ConnectionClosed, InvalidStatus, WebSocketException
     from websockets.sync.client import connect
 
-    base = urlsplit(api.base_url)
-    scheme = "wss" if base.scheme == "https" else "ws"
-    url = f"{scheme}://{base.netloc}/v1/devices/{quote(device, safe='')}/proxy"
+    base = urlsplit(api.url)
+    # "ws://" even over https: TLS is already on the socket (pinned like every request)
+    url = f"ws://{base.netloc}/v1/devices/{quote(device, safe='')}/proxy"
     fin = sys.stdin.fileno() if stdin_fd is None else stdin_fd
     fout = sys.stdout.fileno() if stdout_fd is None else stdout_fd
+    sock = api.connect_socket()
     try:
-        ws = connect(url, additional_headers={"Authorization": api.authorization()},
-                     ssl=api.ssl_context() if scheme == "wss" else None,
+        ws = connect(url, sock=sock, additional_headers={"Authorization": api.authorization()},
                      compression=None,  # SSH is encrypted: nothing to compress
                      open_timeout=60, ping_interval=30, ping_timeout=120,
                      close_timeout=5, max_size=4 * _CHUNK, user_agent_header="dpanel")
     except InvalidStatus as exc:
+        sock.close()
         raise ApiError(_denial(exc), exc.response.status_code) from None
     except (OSError, WebSocketException) as exc:
-        raise ApiError(f"manager proxy at {url} is unreachable ({exc})",
+        sock.close()
+        raise ApiError(f"manager proxy at {api.url} is unreachable ({exc})",
                        code="api_unreachable") from None
 
     def upstream() -> None:

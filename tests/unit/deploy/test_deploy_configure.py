@@ -126,3 +126,22 @@ def test_rerun_keeps_the_registry_url_and_metrics_listener(tmp_path: Path) -> No
     again = load_config(lay.config)
     assert again.registry_url == "postgresql://dpanel@db/dpanel"
     assert again.tunnel.metrics_listen == "127.0.0.1:9781"
+
+
+def test_operator_listener_is_off_until_asked_and_kept_on_reruns(tmp_path: Path) -> None:
+    lay = _layout(tmp_path)
+    first = _desired_config(lay, Options(public_host="dp.example.com"))
+    assert "https_listen =" not in first  # default: off
+    lay.config.write_text(first)
+    lay.config.write_text(_desired_config(lay, Options(https_listen="0.0.0.0:443")))
+    assert 'https_listen = "0.0.0.0:443"' in lay.config.read_text()
+    # a hand-set certificate survives a re-run (package upgrade) without options
+    lay.config.write_text(lay.config.read_text().replace(
+        'https_listen = "0.0.0.0:443"',
+        'https_listen = "0.0.0.0:443"\nhttps_cert = "/etc/c.pem"\nhttps_key = "/etc/k.pem"'))
+    again = _desired_config(lay, Options())
+    assert 'https_cert = "/etc/c.pem"' in again and 'https_listen = "0.0.0.0:443"' in again
+    off = _desired_config(lay, Options(https_listen=""))
+    assert "https_listen =" not in off and "https_cert =" not in off
+    with pytest.raises(SystemExit, match="--https-listen: port"):
+        _desired_config(lay, Options(https_listen="0.0.0.0:99999"))

@@ -14,7 +14,7 @@ from dpanel_server import opssh
 
 
 class _FakeApi:
-    base_url = "http://manager.example:8780"
+    url = "http://manager.example:8780"
 
     def __init__(self, ca: asyncssh.SSHKey, ttl: int) -> None:
         self.ca, self.ttl, self.calls = ca, ttl, 0

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import base64
 import json
+import os
 import subprocess
 import time
 import urllib.error
@@ -298,3 +299,63 @@ def test_ca_goes_only_to_agents_that_report_one(stack: Stack) -> None:
                     (stack.dir / "user_ca.pub").read_text().split()[:2])
     finally:
         spy.close()
+
+
+def test_operator_laptop_over_https_scope_viewer_and_revocation(tmp_path: Path) -> None:
+    """Operators from the `id` work: a viewer gets no certificate; a scoped operator on
+    a "laptop" (fresh HOME, only a login context over HTTPS) gets one naming only the
+    devices in scope, uses it with plain OpenSSH through the pinned-TLS WebSocket, is
+    refused the other site's device, and once revoked gets no new certificate."""
+    from support import free_port
+
+    s = Stack(dir=tmp_path / "stack", broker_port=free_port(), tunnel_port=free_port(),
+              api_port=free_port(), https_port=free_port())
+    s.start()
+    try:
+        for name, site in (("dev-a", "a"), ("dev-b", "b")):
+            tok = s.cli_ok("device", "add", name, "--label", f"site={site}",
+                           "--print-token").strip()
+            s.start_agent(tok, tmp_path / name)
+        for name in ("dev-a", "dev-b"):
+            s.wait_online(name)
+        viewer = s.cli_ok("user", "add", "vera", "--role", "viewer", "--print-token").strip()
+        alice = s.cli_ok("user", "add", "alice", "--role", "operator", "--scope", "site=a",
+                         "--print-token").strip()
+        key = _operator_key(tmp_path)
+        pub = key.with_name("op.pub").read_text().strip()
+        with pytest.raises(urllib.error.HTTPError) as exc:
+            _api(s, "POST", "/v1/certs", {"public_key": pub}, token=viewer)
+        assert exc.value.code == 403
+        out = _api(s, "POST", "/v1/certs", {"public_key": pub, "ttl": 600}, token=alice)
+        assert out["principals"] == ["dpanel:dev-a"] and out["key_id"] == "alice"
+        cert = key.with_name("op-cert.pub")
+        cert.write_text(out["certificate"] + "\n")
+
+        home = tmp_path / "laptop"
+        home.mkdir()
+        env = {"PATH": os.environ["PATH"], "HOME": str(home), "LANG": "C.UTF-8"}
+        login = subprocess.run([str(BIN / "dpanel"), "login", f"https://127.0.0.1:{s.https_port}",
+                                "--token", alice, "--ca-file", str(s.dir / "ca.pem")],
+                               env=env, capture_output=True, timeout=120,
+                               stdin=subprocess.DEVNULL)
+        assert login.returncode == 0, login
+        _api(s, "GET", "/v1/known_hosts")
+        ssh = ["ssh", "-F", "/dev/null", "-o", "BatchMode=yes",
+               "-o", f"ProxyCommand={BIN / 'dpanel'} proxy %n", "-i", str(key),
+               "-o", f"CertificateFile={cert}", "-o", "IdentitiesOnly=yes",
+               "-o", f"UserKnownHostsFile={s.dir / 'known_hosts'}",
+               "-o", "StrictHostKeyChecking=yes", "-o", "LogLevel=ERROR"]
+        res = _run([*ssh, "dev-a", "cat; exit 6"], env, b"over https\n")
+        assert res.returncode == 6 and res.stdout == b"over https\n", res
+        assert "proxy stream to dev-a opened by alice" in s.log()
+        assert "certificate session opened for 'alice'" in _log(tmp_path / "dev-a")
+        res = _run([*ssh, "dev-b", "true"], env)
+        assert res.returncode == 255 and b"scope" in res.stderr, res
+        s.cli_ok("user", "revoke", "alice")
+        with pytest.raises(urllib.error.HTTPError) as exc:
+            _api(s, "POST", "/v1/certs", {"public_key": pub}, token=alice)
+        assert exc.value.code == 401
+        res = _run([*ssh, "dev-a", "true"], env)  # the proxy is refused at once, too
+        assert res.returncode == 255, res
+    finally:
+        s.close()

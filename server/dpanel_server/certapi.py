@@ -17,10 +17,11 @@ import inspect
 import logging
 from typing import Any, Callable, Optional
 
-from fastapi import Depends, FastAPI, HTTPException, WebSocket
+from fastapi import Depends, FastAPI, HTTPException, Request, WebSocket
+from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from fastapi.security import HTTPAuthorizationCredentials
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, Field, ValidationError
 from starlette.websockets import WebSocketDisconnect, WebSocketState
 
 from dpanel_proto.codes import ErrorCode
@@ -60,9 +61,14 @@ class CertOut(BaseModel):
 def install(app: FastAPI, manager: Manager, auth: Callable[..., Principal]) -> None:
     """Add the routes to ``app``; ``auth`` is the app's bearer-token dependency."""
 
-    @app.post("/v1/certs")
-    async def issue_cert(body: CertIn, p: Principal = Depends(auth)) -> CertOut:  # noqa: B008
-        require(p, "exec")  # a viewer gets 403 naming the role it lacks
+    @app.post("/v1/certs", openapi_extra={"requestBody": {"required": True, "content": {
+        "application/json": {"schema": CertIn.model_json_schema()}}}})
+    async def issue_cert(request: Request, p: Principal = Depends(auth)) -> CertOut:  # noqa: B008
+        require(p, "exec")  # a viewer gets 403 naming the role it lacks, whatever it sent
+        try:
+            body = CertIn.model_validate_json(await request.body())
+        except ValidationError as exc:
+            raise RequestValidationError(exc.errors()) from None
         devices: Optional[list[str]]
         if body.devices is not None:
             devices = []

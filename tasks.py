@@ -28,6 +28,7 @@ APT_PACKAGES = [
     "qemu-user-static", "binfmt-support", "mmdebstrap", "qemu-system-arm", "qemu-system-x86",
     "qemu-utils", "e2fsprogs", "mtools", "dosfstools", "fdisk", "bmap-tools",
     "systemd-container", "arch-test", "ca-certificates", "debian-archive-keyring",
+    "tinyproxy", "nftables",  # field-network tests (only-443 netns, HTTP CONNECT proxy)
     "postgresql-15",
 ]
 
@@ -103,8 +104,13 @@ def demo(c: Context, dir: str = "") -> None:
 
 
 @task(help={"out": "directory for bench.json and bench.png"})
-def bench(c: Context, out: str = "out/bench") -> None:
-    """Benchmark against OpenSSH on this machine; writes JSON + PNG and prints ratios."""
+def bench(c: Context, out: str = "out/bench", wan: bool = False) -> None:
+    """Benchmark against OpenSSH on this machine; writes JSON + PNG and prints ratios.
+    ``--wan``: instead, idle bytes on the wire and presence per link profile, counted
+    on the device's veth in network namespaces (root; about 30 minutes)."""
+    if wan:
+        c.run(f"{PY} -m tests.bench.wire --out {out}-wire", pty=False)
+        return
     c.run(f"{PY} -m tests.bench.run --out {out}", pty=False)
 
 

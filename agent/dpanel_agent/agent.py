@@ -138,10 +138,12 @@ class Agent:
             keepalive=cfg.mqtt_keepalive, protocol=cfg.mqtt_protocol,
             backoff=Backoff(cfg.reconnect_min, cfg.reconnect_max),
             on_request=self.dispatcher.handle, on_connected=self._on_connected,
+            proxy_setting=cfg.proxy,
         )
         self._mqtt.publish_status(encode(self._status("online")))
-        log.info("dpanel-tunnel %s starting for %s, ssh target %s", __version__,
-                 token.redacted(), cfg.ssh_target)
+        log.info("dpanel-tunnel %s starting for %s, ssh target %s, broker %s, profile %s",
+                 __version__, token.redacted(), cfg.ssh_target,
+                 self._mqtt.endpoint.describe(), cfg.profile)
         self._mqtt.start()
         try:
             await self._stopped.wait()
@@ -242,4 +244,5 @@ class Agent:
         cfg = self.config
         return TunnelLink(self.token, await self._target(), on_port=self._on_port,
                           keepalive=cfg.tunnel_keepalive, window=cfg.ssh_window,
-                          backoff=Backoff(cfg.reconnect_min, min(cfg.reconnect_max, 60.0)))
+                          backoff=Backoff(cfg.reconnect_min, min(cfg.reconnect_max, 60.0)),
+                          proxy_setting=cfg.proxy)

@@ -10,6 +10,8 @@ Example (``/etc/dpanel/agent.toml`` in images)::
     sshd_port = 22
     allow_forward_hosts = ["127.0.0.1", "::1", "localhost"]
     request_clock_skew = 120
+    profile = "default"           # or "metered" (LTE: ~1 MB/month idle), "lan"
+    proxy = "http://user:pass@proxy:3128"   # else the token's, else $https_proxy
 
 The token itself never goes into this file (it is a secret, and config files get copied
 around): it lives in ``token_file`` (mode 0600), or comes from the command line.
@@ -24,7 +26,11 @@ from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any, Callable, Dict, Literal, Mapping, Optional, Tuple, Union
 
+from dpanel_proto.proxy import NO_PROXY_WORDS, parse_proxy
 from dpanel_proto.token import DeviceToken
+from dpanel_proto.wire import DecodeError
+
+from .profiles import PROFILES
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -103,6 +109,12 @@ class AgentConfig:
     ssh_window: int = 8 * 1024 * 1024
     #: Shell for exec/PTY sessions; default: the agent user's login shell.
     shell: Optional[str] = None
+    #: HTTP CONNECT proxy (``http://user:pass@host:3128``; ``"none"``: always direct).
+    #: Unset: the token's proxy, else ``https_proxy``/``HTTPS_PROXY``; ``no_proxy`` applies.
+    proxy: Optional[str] = field(default=None, repr=False)
+    #: Link profile (see profiles.py): keepalive, reconnect policy; the keys it sets are
+    #: defaults that keys given in the file override.
+    profile: str = "default"
     #: Pins baked into the image: a token whose tunnel_host_key / manager_key differs
     #: from ``tunnel_host_key.pub`` / ``manager_key.pub`` here is refused.
     pins_dir: Path = DEFAULT_PINS_DIR
@@ -136,6 +148,14 @@ class AgentConfig:
         for host in self.allow_forward_hosts:
             if not host or any(c.isspace() for c in host):
                 raise ConfigError(f"{self.source}: allow_forward_hosts: {host!r} is not a host")
+        if self.profile not in PROFILES:
+            raise ConfigError(f"{self.source}: profile: must be one of {tuple(PROFILES)} "
+                              f"(got {self.profile!r})")
+        if self.proxy is not None and self.proxy.strip().lower() not in NO_PROXY_WORDS:
+            try:
+                parse_proxy(self.proxy, "proxy")
+            except DecodeError as exc:
+                raise ConfigError(f"{self.source}: {exc}") from None
         if self.shell is not None and not os.path.isabs(self.shell):
             raise ConfigError(f"{self.source}: shell: {self.shell!r} must be an absolute path")
 
@@ -225,6 +245,8 @@ _KEYS: Dict[str, Callable[[object], Any]] = {
     "ssh_window": _int,
     "shell": _str,
     "pins_dir": _path,
+    "proxy": _str,
+    "profile": _choice(*PROFILES),
 }
 assert set(_KEYS) <= {f.name for f in fields(AgentConfig)}
 
@@ -273,6 +295,9 @@ def parse_config(text: str, path: Union[str, Path] = "<config>") -> AgentConfig:
             values[key] = conv(raw)
         except TypeError as exc:
             raise ConfigError(f"{_where(p, text, key)}: {key}: {exc}, got {raw!r}") from None
+    # the profile's settings are defaults: keys the file names win
+    for key, value in PROFILES[values.get("profile", "default")].items():
+        values.setdefault(key, value)
     try:
         return AgentConfig(source=str(p), **values)
     except ConfigError as exc:

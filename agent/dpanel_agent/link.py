@@ -20,17 +20,20 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import ssl
 import time
 from typing import Callable, List, Optional, Set, Tuple
 
 import asyncssh
 from asyncssh.forward import SSHForwarder
 
+from dpanel_proto.proxy import ProxyError
 from dpanel_proto.token import DeviceToken
-from dpanel_proto.util import Backoff, parse_hostport
+from dpanel_proto.util import Backoff
 from dpanel_proto.wire import ErrorCode
 
 from .errors import TunnelError
+from .netpath import TlsTunnel, ssh_endpoint
 
 __all__ = ["TunnelError", "TunnelLink", "preferred_ciphers"]
 
@@ -111,6 +114,10 @@ def _classify(exc: BaseException) -> Tuple[ErrorCode, str]:
         return ErrorCode.TUNNEL_UNREACHABLE, f"tunnel connection lost ({exc})"
     if isinstance(exc, asyncssh.DisconnectError):
         return ErrorCode.TUNNEL_REFUSED, f"tunnel disconnected us ({exc})"
+    if isinstance(exc, ProxyError):
+        return ErrorCode.TUNNEL_UNREACHABLE, str(exc)
+    if isinstance(exc, ssl.SSLError):
+        return ErrorCode.TUNNEL_UNREACHABLE, f"TLS to the edge failed ({exc.reason or exc})"
     if isinstance(exc, asyncio.TimeoutError):
         return ErrorCode.TUNNEL_UNREACHABLE, "tunnel did not answer in time"
     if isinstance(exc, OSError):
@@ -124,9 +131,15 @@ class TunnelLink:
     def __init__(self, token: DeviceToken, target: Tuple[str, int], *,
                  on_port: Callable[[Optional[int]], None], keepalive: float,
                  window: int, backoff: Backoff, connect_timeout: float = 20,
-                 refused_backoff: Optional[Backoff] = None) -> None:
+                 refused_backoff: Optional[Backoff] = None,
+                 proxy_setting: Optional[str] = None) -> None:
         self._token = token
-        self.host, self.port_ = parse_hostport(token.tunnel, "token tunnel", 2220)
+        self.endpoint = ssh_endpoint(token, proxy_setting)
+        self.host, self.port_ = self.endpoint.host, self.endpoint.port
+        # a proxy and/or TLS (the edge) in front of SSH: asyncssh's tunnel= hook
+        self._via: Optional[TlsTunnel] = None
+        if self.endpoint.proxy is not None or self.endpoint.tls:
+            self._via = TlsTunnel(self.endpoint, token.broker_ca, connect_timeout)
         # known_hosts = only the pinned key: no ~/.ssh/known_hosts, no CA, no TOFU
         self._known: Tuple[List[asyncssh.SSHKey], List[asyncssh.SSHKey], List[asyncssh.SSHKey]] = (
             [asyncssh.import_public_key(token.tunnel_host_key)], [], [])
@@ -269,10 +282,11 @@ class TunnelLink:
                 keepalive_interval=self._keepalive, keepalive_count_max=3,
                 window=self._window, compression_algs=None,
                 encryption_algs=_CIPHERS if _CIPHERS is not None else (),
+                **({"tunnel": self._via} if self._via is not None else {}),
             ), timeout if timeout is not None else self._connect_timeout)
         except Exception as exc:  # classified into an error code
             code, message = _classify(exc)
-            log.warning("tunnel %s:%d: %s", self.host, self.port_, message)
+            log.warning("tunnel %s: %s", self.endpoint.describe(), message)
             raise TunnelError(code, message) from None
         try:
             listener = await conn.create_server(self._forward, "", 0)

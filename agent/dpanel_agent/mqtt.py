@@ -11,13 +11,15 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from typing import Callable
+from typing import Callable, Optional
 
 from dpanel_proto.mqtt import MqttSession, SessionSpec
 from dpanel_proto.ratelog import RateLimitedLog
 from dpanel_proto.token import DeviceToken
-from dpanel_proto.util import Backoff, parse_hostport
+from dpanel_proto.util import Backoff
 from dpanel_proto.wire import req_topic, status_topic
+
+from .netpath import mqtt_endpoint
 
 __all__ = ["AgentMqtt"]
 
@@ -31,10 +33,11 @@ class AgentMqtt(MqttSession):
     def __init__(self, loop: asyncio.AbstractEventLoop, token: DeviceToken, *,
                  offline_payload: bytes, keepalive: int, protocol: str,
                  backoff: Backoff, on_request: Callable[[bytes], object],
-                 on_connected: Callable[[bool], None]) -> None:
-        scheme, rest = token.broker.split("://", 1)
-        self.tls = scheme == "mqtts"
-        host, port = parse_hostport(rest, "token broker", 8883 if self.tls else 1883)
+                 on_connected: Callable[[bool], None],
+                 proxy_setting: Optional[str] = None) -> None:
+        ep = self.endpoint = mqtt_endpoint(token, proxy_setting)
+        self.tls = ep.tls
+        host, port = ep.host, ep.port
         self._token = token
         self._req_topic = req_topic(token.device)
         self._on_request = on_request
@@ -45,7 +48,7 @@ class AgentMqtt(MqttSession):
             tls=self.tls, ca_data=token.broker_ca, protocol=protocol,
             subscriptions=(self._req_topic,),
             will=(status_topic(token.device), offline_payload),
-            retained_topic=status_topic(token.device),
+            retained_topic=status_topic(token.device), proxy=ep.proxy, alpn=ep.alpn,
         ), on_message=self._on_topic, on_connected=on_connected)
 
     @property

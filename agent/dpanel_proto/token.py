@@ -17,6 +17,7 @@ from dataclasses import asdict, dataclass
 from typing import Any, Optional
 
 from .ports import BROKER_PORT, TUNNEL_PORT
+from .proxy import parse_proxy
 from .util import parse_hostport
 from .wire import DecodeError, validate_device_id
 
@@ -27,6 +28,8 @@ _MAX_TOKEN = 16 * 1024
 _SECRET_RE = re.compile(r"^[A-Za-z0-9_-]{32,128}$")
 _PUBKEY_RE = re.compile(r"^(ssh-ed25519|ecdsa-sha2-nistp256|ssh-rsa) [A-Za-z0-9+/=]+( .*)?$")
 
+#: Fields a token may leave out (tokens of older servers have none of them).
+_OPTIONAL = frozenset({"broker_ca", "edge", "proxy", "user_ca"})
 
 
 @dataclass(frozen=True)
@@ -40,6 +43,12 @@ class DeviceToken:
     tunnel_host_key: str  # OpenSSH public key line of the tunnel server (pinned)
     manager_key: str  # OpenSSH public key line of the manager (pinned)
     broker_ca: Optional[str] = None  # PEM, when the broker uses a private CA
+    #: host:port of the one-port TLS front (``stack up --edge-listen``): when set, the
+    #: device speaks MQTT and SSH inside TLS there (ALPN dpanel-mqtt / dpanel-ssh),
+    #: verified against broker_ca, instead of dialling ``broker`` and ``tunnel``
+    edge: Optional[str] = None
+    #: http://[user:pass@]host:port of an HTTP CONNECT proxy the device must use
+    proxy: Optional[str] = None
     #: OpenSSH public key line of the manager's SSH user CA (operator certificates);
     #: absent in tokens made before certificates existed, which still parse.
     user_ca: Optional[str] = None
@@ -52,6 +61,13 @@ class DeviceToken:
             raise DecodeError(f"token broker: {self.broker!r} is not mqtt://... or mqtts://...")
         parse_hostport(self.broker.split("://", 1)[1], "token broker", BROKER_PORT)
         parse_hostport(self.tunnel, "token tunnel", TUNNEL_PORT)
+        if self.edge is not None:
+            parse_hostport(self.edge, "token edge", 443)
+            if not self.broker_ca:
+                raise DecodeError("token edge: needs broker_ca (the CA the edge's "
+                                  "certificate is checked against)")
+        if self.proxy is not None:
+            parse_proxy(self.proxy, "token proxy")
         for name in ("tunnel_host_key", "manager_key", "user_ca"):
             line = getattr(self, name)
             if line is None and name == "user_ca":
@@ -93,14 +109,14 @@ def parse_token(text: str) -> DeviceToken:
         raise DecodeError("token: body does not decompress to JSON") from None
     if not isinstance(obj, dict):
         raise DecodeError("token: body is not an object")
-    for name in ("broker_ca", "user_ca"):
+    for name in _OPTIONAL:
         if obj.get(name) is not None and not isinstance(obj[name], str):
             raise DecodeError(f"token {name}: not a string")
     fields = set(DeviceToken.__dataclass_fields__)
     unknown = set(obj) - fields
     if unknown:
         raise DecodeError(f"token: unknown field(s) {sorted(unknown)} (newer format?)")
-    for name in fields - {"broker_ca", "user_ca"}:
+    for name in fields - _OPTIONAL:
         if not isinstance(obj.get(name), str):
             raise DecodeError(f"token {name}: missing or not a string")
     return DeviceToken(**obj)

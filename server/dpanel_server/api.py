@@ -81,6 +81,20 @@ def _label_text(value: str, what: str, limit: int) -> str:
 class EnrolIn(BaseModel):
     name: str = Field(description="device id: lowercase letters, digits, '-'")
     labels: dict[str, str] = Field(default_factory=dict)
+    proxy: Optional[str] = Field(default=None, max_length=1024,
+                                 description="HTTP CONNECT proxy the device must use")
+
+    @field_validator("proxy")
+    @classmethod
+    def _proxy(cls, v: Optional[str]) -> Optional[str]:
+        if v is not None:
+            from dpanel_proto.proxy import parse_proxy
+            from dpanel_proto.wire import DecodeError
+            try:
+                parse_proxy(v, "proxy")
+            except DecodeError as exc:
+                raise ValueError(str(exc)) from None
+        return v
 
     @field_validator("labels")
     @classmethod
@@ -322,7 +336,7 @@ def create_app(manager: Manager, admin_token: str) -> FastAPI:
     @app.post("/v1/devices", status_code=201)
     async def add_device(who: Who, body: EnrolIn) -> EnrolOut:
         require(who, "enrol")
-        device, token = await manager.enrol(body.name, body.labels)
+        device, token = await manager.enrol(body.name, body.labels, proxy=body.proxy)
         return EnrolOut(device=device.as_dict(), token=token)
 
     @app.get("/v1/deleted-devices")

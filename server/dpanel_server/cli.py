@@ -74,7 +74,10 @@ def _labels(items: list[str]) -> dict[str, str]:
 
 def cmd_device_add(args: argparse.Namespace) -> int:
     labels = _labels(args.label)
-    out = _client(args).call("POST", "/v1/devices", {"name": args.name, "labels": labels})
+    body: dict[str, object] = {"name": args.name, "labels": labels}
+    if args.proxy:
+        body["proxy"] = args.proxy
+    out = _client(args).call("POST", "/v1/devices", body)
     if args.print_token:
         print(out["token"])
     else:
@@ -413,7 +416,7 @@ def cmd_stack_up(args: argparse.Namespace) -> int:
                         port_range=args.port_range, public_host=args.public_host,
                         advertise=args.advertise, keepalive_interval=args.keepalive_interval,
                         tls=args.tls, registry=args.registry,
-                        https_listen=args.https_listen)
+                        https_listen=args.https_listen, edge_listen=args.edge_listen)
     return stack_up(cfg)
 
 
@@ -464,6 +467,8 @@ def _parser() -> argparse.ArgumentParser:
     a.add_argument("name")
     a.add_argument("--label", action="append", default=[], metavar="KEY=VALUE")
     a.add_argument("--print-token", action="store_true", help="print only the token")
+    a.add_argument("--proxy", metavar="URL", help="HTTP CONNECT proxy the device must use "
+                   "(http://[user:pass@]host:port; carried in the token)")
     a = add(dev, "list", cmd_device_list, "list devices with presence")
     a.add_argument("--json", action="store_true")
     a.add_argument("--deleted", action="store_true", help="list deleted devices instead")
@@ -558,6 +563,10 @@ def _parser() -> argparse.ArgumentParser:
     a.add_argument("--https-listen", metavar="HOST:PORT", help="also serve the API over "
                    "HTTPS here, with a CA generated in DIR (its certificate: DIR/ca.pem), for "
                    "`dpanel login`; \"\": off again")
+    a.add_argument("--edge-listen", metavar="HOST:PORT",
+                   help="also serve devices MQTT and SSH on this one TLS port (ALPN "
+                   "dpanel-mqtt/dpanel-ssh; e.g. 0.0.0.0:443 with --advertise); tokens "
+                   "then name it; 'off' stops it")
     a.add_argument("--registry", metavar="URL", help="the registry database: "
                    "sqlite:///PATH (default: DIR/registry.db) or postgresql://...")
     a.add_argument("--keepalive-interval", type=float,

@@ -19,6 +19,7 @@ from .errors import ConfigError
 
 __all__ = [
     "BrokerConfig",
+    "EdgeConfig",
     "ManagerConfig",
     "RegistryConfig",
     "ServerConfig",
@@ -193,6 +194,36 @@ class ManagerConfig:
 
 
 @dataclass
+class EdgeConfig:
+    """The one-port TLS front for devices (edge.py); off while ``listen`` is unset."""
+
+    listen: Optional[str] = None
+    #: what device tokens name (HOST:PORT), like tunnel.public_address
+    public_address: Optional[str] = None
+    cert_file: Optional[str] = None
+    key_file: Optional[str] = None
+    #: HOST:PORT that ALPN http/1.1 is spliced to (the API: operators' HTTPS on 443)
+    http_upstream: Optional[str] = None
+    handshake_timeout: float = 10.0
+    max_pending: int = 256
+
+    def validate(self) -> None:
+        if self.listen is None:
+            return
+        _hostport(self.listen, "edge.listen", 443)
+        if self.public_address is None or not self.cert_file or not self.key_file:
+            raise ConfigError("edge: listen needs public_address, cert_file and key_file")
+        host, _ = _hostport(self.public_address, "edge.public_address", 443)
+        check_advertised(host, "edge.public_address")
+        if self.http_upstream is not None:
+            _hostport(self.http_upstream, "edge.http_upstream", 80)
+        if not 1 <= self.handshake_timeout <= 120:
+            raise ConfigError("edge.handshake_timeout: must be 1-120 s")
+        if not 1 <= self.max_pending <= 100000:
+            raise ConfigError("edge.max_pending: must be 1-100000")
+
+
+@dataclass
 class RegistryConfig:
     #: sqlite:///ABSOLUTE/PATH or postgresql://USER@HOST/DB (libpq URL; keep a password
     #: out of it with ?passfile=PATH); unset = sqlite under state_dir (registry.db)
@@ -213,12 +244,14 @@ class ServerConfig:
     tunnel: TunnelConfig = field(default_factory=TunnelConfig)
     broker: BrokerConfig = field(default_factory=BrokerConfig)
     manager: ManagerConfig = field(default_factory=ManagerConfig)
+    edge: EdgeConfig = field(default_factory=EdgeConfig)
     source: str = "<defaults>"
 
     def validate(self) -> None:
         self.tunnel.validate()
         self.broker.validate()
         self.manager.validate()
+        self.edge.validate()
         self.registry.validate()
 
     @property

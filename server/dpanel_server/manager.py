@@ -152,19 +152,22 @@ class Manager:
     async def devices(self, include_revoked: bool = True) -> list[Device]:
         return await asyncio.to_thread(self.registry.devices, include_revoked)
 
-    async def enrol(self, name: str,
-                    labels: Optional[dict[str, str]] = None) -> tuple[Device, str]:
-        """Add a device; returns it and its token (the only time the secret exists)."""
-        return await asyncio.to_thread(self._enrol, name, labels)
+    async def enrol(self, name: str, labels: Optional[dict[str, str]] = None, *,
+                    proxy: Optional[str] = None) -> tuple[Device, str]:
+        """Add a device; returns it and its token (the only time the secret exists).
+        ``proxy``: an HTTP CONNECT proxy the token tells the device to use."""
+        return await asyncio.to_thread(self._enrol, name, labels, proxy)
 
-    def _enrol(self, name: str, labels: Optional[dict[str, str]]) -> tuple[Device, str]:
+    def _enrol(self, name: str, labels: Optional[dict[str, str]],
+               proxy: Optional[str] = None) -> tuple[Device, str]:
         device, secret = self.registry.add(name, labels)
         ca = Path(self.cfg.broker.ca_file).read_text() if self.cfg.broker.ca_file else None
         token = DeviceToken(
             device=name, secret=secret, broker=self.cfg.broker.public_url,
             tunnel=self.cfg.tunnel.public_address,
             tunnel_host_key=self.tunnel_host_key_line(), manager_key=self.manager_key_line,
-            broker_ca=ca, user_ca=self.user_ca.public_line,
+            broker_ca=ca, edge=self.cfg.edge.public_address if self.cfg.edge.listen else None,
+            proxy=proxy, user_ca=self.user_ca.public_line,
         ).encode()
         self.sync_broker_files()
         log.info("enrolled device %s", name)

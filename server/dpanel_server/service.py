@@ -239,9 +239,17 @@ async def run_services(cfg: ServerConfig) -> None:
     manager = Manager(cfg, kick=tunnel.kick, tunnel_sessions=tunnel.sessions,
                       tunnel_stats=tunnel.stats)
     await manager.start()
+    edge = None
+    if cfg.edge.listen:
+        from .edge import edge_from_config
+
+        edge = edge_from_config(cfg)
+        await edge.start()
     try:
         await _serve_api(cfg, manager, tunnel)
     finally:
+        if edge is not None:
+            await edge.close()
         await manager.close()
         await tunnel.close()
         registry.close()

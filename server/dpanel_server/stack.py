@@ -98,7 +98,8 @@ def _current(cfg: ServerConfig) -> dict[str, object]:
             "port_range": cfg.tunnel.port_range,
             "keepalive_interval": cfg.tunnel.keepalive_interval, "tls": scheme == "mqtts",
             "public_host": None if tunnel_host == LOOPBACK else tunnel_host, "advertise": adv,
-            "https_listen": cfg.manager.https_listen}
+            "https_listen": cfg.manager.https_listen,
+            "edge_listen": cfg.edge.listen}
 
 
 def prepare_stack(state_dir: Path, *, broker_port: Optional[int] = None,
@@ -108,6 +109,7 @@ def prepare_stack(state_dir: Path, *, broker_port: Optional[int] = None,
                   keepalive_interval: Optional[float] = None,
                   tls: Optional[bool] = None,
                   https_listen: Optional[str] = None,
+                  edge_listen: Optional[str] = None,
                   registry: Optional[str] = None) -> ServerConfig:
     """Create (first time) or load DIR/server.toml, so a restarted stack keeps its ports,
     keys and registry. Every argument that is not None is applied, to an existing DIR
@@ -121,7 +123,9 @@ def prepare_stack(state_dir: Path, *, broker_port: Optional[int] = None,
     given = {"broker_port": broker_port, "tunnel_port": tunnel_port, "api_port": api_port,
              "port_range": port_range, "keepalive_interval": keepalive_interval, "tls": tls,
              "public_host": public_host, "advertise": advertise,
-             "https_listen": https_listen}
+             "https_listen": https_listen,
+             # "" or "off": no edge any more (None keeps what DIR has)
+             "edge_listen": edge_listen}
     want = dict(old)
     want.update({k: v for k, v in given.items() if v is not None})
     if want["https_listen"] == "":
@@ -209,13 +213,32 @@ def _apply(cfg: ServerConfig, want: dict[str, object], state_dir: Path) -> None:
     https = want.get("https_listen")
     cfg.manager.https_listen = str(https) if https else None
     cfg.broker.ca_file = None
-    if want["tls"]:
+    edge = str(want.get("edge_listen") or "")
+    edge = "" if edge.lower() == "off" else edge
+    want["edge_listen"] = edge or None
+    edge_host = ""
+    if edge:
+        edge_host, edge_port = parse_hostport(edge, "--edge-listen", 443)
+        cfg.edge.listen = _fmt(edge_host, edge_port)
+        # an edge on one address of this machine is what devices dial, unless advertised
+        edge_adv = edge_host if adv == LOOPBACK and edge_host and not _wildcard(
+            edge_host) else adv
+        cfg.edge.public_address = _fmt(edge_adv, edge_port)
+    else:
+        cfg.edge.listen = cfg.edge.public_address = None
+        cfg.edge.cert_file = cfg.edge.key_file = None
+    if want["tls"] or edge:
+        # the edge's certificate comes from the broker's CA: the one devices pin
         tls_dir = state_dir.resolve() / "tls"
         names = [adv, "localhost", LOOPBACK, *([str(bind)] if bind and not _wildcard(
-            str(bind)) else [])]
+            str(bind)) else []), *([edge_host] if edge_host and not _wildcard(edge_host)
+                                   else [])]
         for change in ensure_broker_tls(tls_dir, names):
             log.info("broker TLS: %s %s %s", change.what, change.path, change.reason)
         cfg.broker.ca_file = str(tls_dir / "ca.crt")
+        if edge:
+            cfg.edge.cert_file = str(tls_dir / "server.crt")
+            cfg.edge.key_file = str(tls_dir / "server.key")
     cfg.validate()
 
 
@@ -387,7 +410,9 @@ def stack_up(cfg: ServerConfig) -> int:
               + (f" and https://{cfg.manager.https_listen} (CA {Path(cfg.state_dir) / 'ca.pem'})"
                  if cfg.manager.https_listen else "")
               + f"; devices dial {cfg.tunnel.public_address}"
-              f" and {cfg.broker.public_url}\n"
+              f" and {cfg.broker.public_url}"
+              + (f", or TLS edge {cfg.edge.public_address} (listening on {cfg.edge.listen})"
+                 if cfg.edge.listen else "") + "\n"
               f"  use it with: export DPANEL_CONFIG={cfg.source}", flush=True)
         asyncio.run(_stack_main(cfg, holder))
     finally:

@@ -30,6 +30,7 @@ APT_PACKAGES = [
     "systemd-container", "arch-test", "ca-certificates", "debian-archive-keyring",
     "tinyproxy", "nftables",  # field-network tests (only-443 netns, HTTP CONNECT proxy)
     "postgresql-15",
+    "rabbitmq-server",  # tests/integration/test_broker_rabbitmq.py: a real 2-node cluster
 ]
 
 

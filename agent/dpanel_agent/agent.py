@@ -132,7 +132,8 @@ class Agent:
                              cfg.request_clock_skew, store=cfg.state_dir / REPLAY_CACHE_NAME)
         self.dispatcher = Dispatcher(token.device, guard, self._link, self._respond,
                                      ttl_max=cfg.ttl_max, idle_timeout_max=cfg.idle_timeout_max,
-                                     target=cfg.ssh_target, on_user_ca=self._set_user_ca)
+                                     target=cfg.ssh_target, on_ping=self._publish_status,
+                                     on_user_ca=self._set_user_ca)
         self._mqtt = AgentMqtt(
             self._loop, token, offline_payload=encode(self._status("offline")),
             keepalive=cfg.mqtt_keepalive, protocol=cfg.mqtt_protocol,

@@ -67,8 +67,10 @@ class Dispatcher:
     def __init__(self, device: str, guard: RequestGuard, link: Link,
                  respond: Callable[[Response], None], *, ttl_max: int,
                  idle_timeout_max: int, target: str = "builtin",
+                 on_ping: Callable[[], None] = lambda: None,
                  on_user_ca: Optional[Callable[[str], None]] = None) -> None:
         self.device = device
+        self._on_ping = on_ping
         self.guard = guard
         self.link = link
         self._respond = respond
@@ -177,5 +179,8 @@ class Dispatcher:
                         message="" if was_open else "no tunnel was open")
 
     async def _ping(self, req: Request) -> Response:
-        # liveness only: the manager asks after a request went unanswered
+        # liveness: the manager asks after a request went unanswered, or after it
+        # reconnected to a broker cluster whose retained store is per node (RabbitMQ):
+        # the status is published again, so it reaches the manager whichever node it is on
+        self._on_ping()
         return Response(device=self.device, id=req.id, code=ErrorCode.OK, ts=time.time())

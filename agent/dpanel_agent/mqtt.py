@@ -11,12 +11,13 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import zlib
 from typing import Callable, Optional
 
 from dpanel_proto.mqtt import MqttSession, SessionSpec
 from dpanel_proto.ratelog import RateLimitedLog
 from dpanel_proto.token import DeviceToken
-from dpanel_proto.util import Backoff
+from dpanel_proto.util import Backoff, parse_hostport
 from dpanel_proto.wire import req_topic, status_topic
 
 from .netpath import mqtt_endpoint
@@ -38,6 +39,16 @@ class AgentMqtt(MqttSession):
         ep = self.endpoint = mqtt_endpoint(token, proxy_setting)
         self.tls = ep.tls
         host, port = ep.host, ep.port
+        alternates: list[tuple[str, int]] = []
+        urls = token.broker_urls
+        if not token.edge and len(urls) > 1:
+            brokers = [parse_hostport(u.split("://", 1)[1], "token broker",
+                                      8883 if self.tls else 1883) for u in urls]
+            # a cluster: each device starts on "its" node (stable per device id, so a
+            # fleet spreads evenly and a restarted agent goes back where it was), then
+            # fails over
+            first = zlib.crc32(token.device.encode()) % len(brokers)
+            (host, port), *alternates = brokers[first:] + brokers[:first]
         self._token = token
         self._req_topic = req_topic(token.device)
         self._on_request = on_request
@@ -49,6 +60,8 @@ class AgentMqtt(MqttSession):
             subscriptions=(self._req_topic,),
             will=(status_topic(token.device), offline_payload),
             retained_topic=status_topic(token.device), proxy=ep.proxy, alpn=ep.alpn,
+            alternates=tuple(alternates),
+            subscribe_qos=0 if alternates else 1,  # a cluster: see SessionSpec
         ), on_message=self._on_topic, on_connected=on_connected)
 
     @property

@@ -45,7 +45,7 @@ def mqtt_endpoint(token: DeviceToken, proxy_setting: Optional[str]) -> Endpoint:
         host, port = parse_hostport(token.edge, "token edge", EDGE_PORT)
         return Endpoint(host, port, True, ALPN_MQTT,
                         select_proxy(host, configured=proxy_setting, from_token=token.proxy))
-    scheme, rest = token.broker.split("://", 1)
+    scheme, rest = token.broker_urls[0].split("://", 1)  # the others: see AgentMqtt
     tls = scheme == "mqtts"
     host, port = parse_hostport(rest, "token broker", 8883 if tls else BROKER_PORT)
     return Endpoint(host, port, tls, None,

@@ -67,6 +67,15 @@ class SessionSpec:
     #: TLS ALPN protocol to ask for (``dpanel-mqtt`` at a one-port edge)
     alpn: Optional[str] = None
 
+    #: further (host, port) brokers of the same cluster: a failed attempt moves on to the
+    #: next one (round robin), each after the usual jittered backoff
+    alternates: Sequence[tuple[str, int]] = ()
+    #: QoS of our subscriptions. 1 by default; 0 on a cluster: RabbitMQ 3.10 backs a QoS 1
+    #: subscription with a *durable* queue homed on the node we were on, which makes the
+    #: client id unusable on every other node once that node dies ("home node ... is
+    #: down"). Sessions are clean, so QoS 1 bought nothing across a reconnect anyway, and
+    #: within one TCP connection QoS 0 delivery is just as ordered and complete.
+    subscribe_qos: int = 1
 
 class _Client(mqtt.Client):
     """paho, with two hooks on its private socket factory (stable since paho 1.x; paho's
@@ -124,6 +133,8 @@ class MqttSession:
         self._loop = loop
         self.spec = spec
         self.host, self.port = spec.host, spec.port
+        self._brokers = [(spec.host, spec.port), *spec.alternates]
+        self._broker_idx = 0
         self._on_message_cb = on_message
         self._on_connected_cb = on_connected
         self._backoff = spec.backoff
@@ -225,7 +236,7 @@ class MqttSession:
             # TLS 1.3 tickets arrive after the handshake: by CONNACK we have one
             self._client.dpanel_session = sock.session
         for topic in self.spec.subscriptions:
-            client.subscribe(topic, qos=1)
+            client.subscribe(topic, qos=self.spec.subscribe_qos)
         with self._retained_lock:
             self.connected.set()
             if self.retained and self.spec.retained_topic:
@@ -237,10 +248,17 @@ class MqttSession:
         if self._on_connected_cb is not None:
             self._call(self._on_connected_cb, True)
 
-    def _retry_later(self, client: mqtt.Client) -> float:
+    def _retry_later(self, client: mqtt.Client, failed: bool = False) -> float:
         if self._connected_at and time.monotonic() - self._connected_at > STABLE_AFTER:
             self._backoff.reset()
         self._connected_at = 0.0
+        if failed and len(self._brokers) > 1:
+            # This broker refused or could not be reached: the next one of the cluster.
+            # paho's public host setter refuses while a lost connection is being retried;
+            # its reconnect() reads these two fields.
+            self._broker_idx = (self._broker_idx + 1) % len(self._brokers)
+            self.host, self.port = self._brokers[self._broker_idx]
+            client._host, client._port = self.host, self.port
         delay = self._backoff.next()
         # reconnect_delay_set resets paho's own doubling, so its next wait is exactly ours
         client.reconnect_delay_set(_secs(delay), _secs(delay))
@@ -252,7 +270,9 @@ class MqttSession:
         self.connected.clear()
         if self._stopping:
             return  # our own disconnect at shutdown: nothing to report or retry
-        delay = self._retry_later(client)
+        # a live connection that dropped is retried on the same broker first (a blip);
+        # one that never came up (refused CONNACK) moves on
+        delay = self._retry_later(client, failed=not was)
         if was:
             log.warning("%s lost the broker connection (%s); reconnecting in %.1f s",
                         self.spec.who, rc, delay)
@@ -262,11 +282,13 @@ class MqttSession:
             log.debug("broker connection closed (%s); retrying in %.1f s", rc, delay)
 
     def _on_connect_fail(self, client: mqtt.Client, _u: object) -> None:
-        delay = self._retry_later(client)
+        host, port = self.host, self.port
+        delay = self._retry_later(client, failed=True)
         why = self._client.dpanel_error
         via = f" via {self.spec.proxy}" if self.spec.proxy else ""
-        log.warning("%s cannot reach broker %s:%s%s%s; retrying in %.1f s", self.spec.who,
-                    self.host, self.port, via, f": {why}" if why else "", delay)
+        then = f" on {self.host}:{self.port}" if (host, port) != (self.host, self.port) else ""
+        log.warning("%s cannot reach broker %s:%s%s%s; retrying%s in %.1f s", self.spec.who,
+                    host, port, via, f": {why}" if why else "", then, delay)
 
     def _on_message(self, _c: mqtt.Client, _u: object, msg: mqtt.MQTTMessage) -> None:
         self._call(self._on_message_cb, msg.topic, bytes(msg.payload))

@@ -38,7 +38,9 @@ class DeviceToken:
 
     device: str
     secret: str
-    broker: str  # mqtt://host:port or mqtts://host:port
+    #: mqtt://host:port or mqtts://host:port; a cluster: several, comma-separated (one
+    #: scheme), dialled in turn (agents before this release read only a single URL)
+    broker: str
     tunnel: str  # host:port of the public tunnel
     tunnel_host_key: str  # OpenSSH public key line of the tunnel server (pinned)
     manager_key: str  # OpenSSH public key line of the manager (pinned)
@@ -57,9 +59,13 @@ class DeviceToken:
         validate_device_id(self.device, "token device")
         if not _SECRET_RE.match(self.secret):
             raise DecodeError("token secret: expected 32-128 url-safe characters")
-        if not self.broker.startswith(("mqtt://", "mqtts://")):
-            raise DecodeError(f"token broker: {self.broker!r} is not mqtt://... or mqtts://...")
-        parse_hostport(self.broker.split("://", 1)[1], "token broker", BROKER_PORT)
+        urls = self.broker_urls
+        for url in urls:
+            if not url.startswith(("mqtt://", "mqtts://")):
+                raise DecodeError(f"token broker: {url!r} is not mqtt://... or mqtts://...")
+            parse_hostport(url.split("://", 1)[1], "token broker", BROKER_PORT)
+        if len({u.split("://", 1)[0] for u in urls}) > 1:
+            raise DecodeError("token broker: mixes mqtt:// and mqtts:// URLs")
         parse_hostport(self.tunnel, "token tunnel", TUNNEL_PORT)
         if self.edge is not None:
             parse_hostport(self.edge, "token edge", 443)
@@ -78,6 +84,10 @@ class DeviceToken:
                 base64.b64decode(line.split()[1], validate=True)
             except (binascii.Error, ValueError):
                 raise DecodeError(f"token {name}: key data is not valid base64") from None
+
+    @property
+    def broker_urls(self) -> list[str]:
+        return [u.strip() for u in self.broker.split(",")]
 
     def encode(self) -> str:
         d = {k: v for k, v in asdict(self).items() if v is not None}

@@ -416,7 +416,8 @@ def cmd_stack_up(args: argparse.Namespace) -> int:
                         port_range=args.port_range, public_host=args.public_host,
                         advertise=args.advertise, keepalive_interval=args.keepalive_interval,
                         tls=args.tls, registry=args.registry,
-                        https_listen=args.https_listen, edge_listen=args.edge_listen)
+                        https_listen=args.https_listen, edge_listen=args.edge_listen,
+                        broker_auth=args.broker_auth)
     return stack_up(cfg)
 
 
@@ -560,6 +561,9 @@ def _parser() -> argparse.ArgumentParser:
                    "10.0.2.2)")
     a.add_argument("--tls", action="store_true", default=None,
                    help="MQTT over TLS with a generated CA (pinned in device tokens)")
+    a.add_argument("--broker-auth", choices=("files", "dynsec"),
+                   help="how device credentials reach Mosquitto (default for a new DIR: "
+                   "dynsec when the plugin is installed; see README 'Brokers')")
     a.add_argument("--https-listen", metavar="HOST:PORT", help="also serve the API over "
                    "HTTPS here, with a CA generated in DIR (its certificate: DIR/ca.pem), for "
                    "`dpanel login`; \"\": off again")

@@ -100,15 +100,32 @@ class BrokerConfig:
     passwd_path: str = "/var/lib/dpanel/mosquitto/passwd"
     acl_path: str = "/var/lib/dpanel/mosquitto/acl"
     reload: str = "none"
+    #: how device credentials reach the broker: "files" (password + ACL files, SIGHUP),
+    #: "dynsec" (Mosquitto's dynamic-security plugin, O(1) per change; its JSON at
+    #: ``dynsec_path``) or "http" (the broker asks the manager: RabbitMQ's HTTP backend)
+    auth: str = "files"
+    dynsec_path: str = "/var/lib/dpanel/mosquitto/dynamic-security.json"
+    #: auth = "http": HOST:PORT of the manager's broker-auth listener (loopback)
+    auth_listen: str = "127.0.0.1:8884"
+    #: auth = "http": how a revoke closes the device's live connection:
+    #: "rabbitmqctl[:NODE]" or "none"
+    kick: str = "none"
 
     def validate(self) -> None:
+        if self.auth not in ("files", "dynsec", "http"):
+            raise ConfigError(f"broker.auth: {self.auth!r} is not 'files', 'dynsec' or 'http'")
+        if self.kick != "none" and not self.kick.startswith("rabbitmqctl"):
+            raise ConfigError(f"broker.kick: {self.kick!r} is not 'none' or 'rabbitmqctl[:NODE]'")
+        _hostport(self.auth_listen, "broker.auth_listen", 8884)
         for name in ("url", "public_url"):
-            value = getattr(self, name)
-            if not value.startswith(("mqtt://", "mqtts://")):
-                raise ConfigError(f"broker.{name}: {value!r} is not mqtt://HOST:PORT or mqtts://")
-            host, _ = _hostport(value.split("://", 1)[1], f"broker.{name}", BROKER_PORT)
-            if name == "public_url":
-                check_advertised(host, "broker.public_url")
+            # a broker cluster: several URLs, comma-separated, tried in turn
+            for value in getattr(self, name).split(","):
+                if not value.startswith(("mqtt://", "mqtts://")):
+                    raise ConfigError(f"broker.{name}: {value!r} is not mqtt://HOST:PORT or "
+                                      "mqtts://")
+                host, _ = _hostport(value.split("://", 1)[1], f"broker.{name}", BROKER_PORT)
+                if name == "public_url":
+                    check_advertised(host, "broker.public_url")
         if self.listen is not None:
             _hostport(self.listen, "broker.listen", BROKER_PORT)
         if self.reload != "none" and not self.reload.startswith("pidfile:"):
@@ -116,7 +133,12 @@ class BrokerConfig:
 
     @property
     def host_port(self) -> tuple[str, int]:
-        return parse_hostport(self.url.split("://", 1)[1], "broker.url", BROKER_PORT)
+        return self.host_ports[0]
+
+    @property
+    def host_ports(self) -> list[tuple[str, int]]:
+        return [parse_hostport(u.split("://", 1)[1], "broker.url", BROKER_PORT)
+                for u in self.url.split(",")]
 
 
 #: default request lifetime = request_timeout + this; the most allowed = + _LIFETIME_SLACK
@@ -350,6 +372,7 @@ def stack_config(state_dir: Path, *, broker_port: int = STACK_BROKER_PORT,
             password_file=str(d / "keys" / "broker-manager.secret"),
             passwd_path=str(d / "mosquitto" / "passwd"), acl_path=str(d / "mosquitto" / "acl"),
             reload=f"pidfile:{d / 'mosquitto' / 'mosquitto.pid'}",
+            dynsec_path=str(d / "mosquitto" / "dynamic-security.json"),
         ),
         manager=ManagerConfig(
             api_listen=f"127.0.0.1:{api_port}", admin_token_file=str(d / "keys" / "admin.token"),

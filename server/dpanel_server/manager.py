@@ -20,7 +20,9 @@ from dpanel_proto.token import DeviceToken
 
 from ._files import atomic_write, ensure_private_key, ensure_secret
 from .broker import mosquitto_hash, write_broker_files
+from .brokerauth import kick_broker_user
 from .config import ServerConfig
+from .dynsec import RESPONSE_TOPIC, Dynsec
 from .errors import (
     BrokerError,
     DeviceError,
@@ -51,6 +53,9 @@ log = logging.getLogger("dpanel.manager")
 _KNOWN_HOSTS_DEBOUNCE = 0.5
 #: A device marked not answering is pinged this often until it answers again.
 _PROBE_INTERVAL = 5.0
+#: Broker cluster presence sweep (see Manager._presence_sweep).
+_SWEEP_SETTLE = 3.0
+_SWEEP_PARALLEL = 200
 
 
 def sync_broker_files(cfg: ServerConfig, registry: Registry, manager_password: str,
@@ -103,6 +108,11 @@ class Manager:
                                   on_status=self._on_status, on_broker=self._on_broker,
                                   on_alive=self._presence.alive,
                                   on_late_open=self._late_open)
+        #: broker.auth = "dynsec": per-device credentials over the broker's control API
+        self.dynsec: Optional[Dynsec] = None
+        if cfg.broker.auth == "dynsec":
+            self.dynsec = Dynsec(self._requests.publish)
+            self._requests.extra[RESPONSE_TOPIC] = self.dynsec.on_response
 
     # ------------------------------------------------------------------ lifecycle
     async def start(self) -> None:
@@ -118,6 +128,45 @@ class Manager:
         self._broker_was_up = self._broker_was_up or up
         if up:
             self._presence.clear()  # retained statuses arrive right after we subscribe
+            if self.dynsec is not None:
+                self._spawn(self._reconcile())
+            if len(self.cfg.broker.host_ports) > 1:
+                self._spawn(self._presence_sweep())
+
+    async def _presence_sweep(self) -> None:
+        """A broker cluster may keep retained messages per node (RabbitMQ 3.10 does): after
+        a (re)connect, the statuses retained on the other nodes never arrive. Devices not
+        heard of are pinged once; an agent answers a ping by publishing its status again,
+        which is routed to us live. Bounded: _SWEEP_PARALLEL pings in flight."""
+        await asyncio.sleep(_SWEEP_SETTLE)  # the retained statuses of our own node first
+        sem = asyncio.Semaphore(_SWEEP_PARALLEL)
+
+        async def ping(device: str) -> None:
+            async with sem:
+                issued, expires = self._times()
+                try:
+                    await self._requests.request(wire.PingRequest(
+                        device=device, id=secrets.token_hex(16), issued_at=issued,
+                        expires_at=expires), timeout=_PROBE_INTERVAL)
+                except (RequestTimeout, BrokerError):
+                    pass  # offline indeed (or the broker went again: a new sweep comes)
+
+        unknown = [d.id for d in await self.devices(False)
+                   if not (p := self.presence.get(d.id)) or not p.online]
+        await asyncio.gather(*(ping(d) for d in unknown))
+
+    async def _reconcile(self) -> None:
+        """On every (re)connect: only what differs from the registry is changed."""
+        assert self.dynsec is not None
+        active = {d.id for d in await self.devices(False)}
+        try:
+            done = await self.dynsec.reconcile(active, self.cfg.broker.username)
+        except BrokerError as exc:
+            log.error("broker reconcile failed: %s", exc)
+            return
+        if done["disabled"] or done["enabled"]:
+            log.info("broker reconciled: disabled %s, enabled %s", done["disabled"],
+                     done["enabled"])
 
     async def close(self) -> None:
         await self.jobs.close()
@@ -138,7 +187,8 @@ class Manager:
 
     # ------------------------------------------------------------------ registry
     def sync_broker_files(self) -> None:
-        sync_broker_files(self.cfg, self.registry, self._broker_password)
+        if self.cfg.broker.auth == "files":
+            sync_broker_files(self.cfg, self.registry, self._broker_password)
 
     def tunnel_host_key_line(self) -> str:
         pub = Path(self.cfg.tunnel.host_key + ".pub")
@@ -156,11 +206,23 @@ class Manager:
                     proxy: Optional[str] = None) -> tuple[Device, str]:
         """Add a device; returns it and its token (the only time the secret exists).
         ``proxy``: an HTTP CONNECT proxy the token tells the device to use."""
-        return await asyncio.to_thread(self._enrol, name, labels, proxy)
+        if self.dynsec is None:
+            return await asyncio.to_thread(self._enrol, name, labels, proxy)
+        device, secret = await asyncio.to_thread(self.registry.add, name, labels)
+        try:
+            await self.dynsec.create_device(name, secret)
+        except BrokerError as exc:
+            def undo() -> None:  # the secret is gone: an enrolment without it is useless
+                self.registry.revoke(name)
+                self.registry.delete(name)
+            await asyncio.to_thread(undo)
+            raise BrokerError(f"enrolment of {name} undone: {exc}") from None
+        return await asyncio.to_thread(self._enrol, name, labels, proxy, (device, secret))
 
     def _enrol(self, name: str, labels: Optional[dict[str, str]],
-               proxy: Optional[str] = None) -> tuple[Device, str]:
-        device, secret = self.registry.add(name, labels)
+               proxy: Optional[str] = None,
+               added: Optional[tuple[Device, str]] = None) -> tuple[Device, str]:
+        device, secret = added or self.registry.add(name, labels)
         ca = Path(self.cfg.broker.ca_file).read_text() if self.cfg.broker.ca_file else None
         token = DeviceToken(
             device=name, secret=secret, broker=self.cfg.broker.public_url,
@@ -180,6 +242,7 @@ class Manager:
             return device
 
         device = await asyncio.to_thread(revoke)
+        await self._broker_cut(name, delete=False)
         if self._kick:
             self._kick(name)  # the tunnel drops it too
         self.pool.drop(name)
@@ -196,8 +259,22 @@ class Manager:
                                     f"(dpanel device revoke {name}) or use --force")
             await self.revoke(name)
         record = await asyncio.to_thread(self.registry.delete, name)
+        await self._broker_cut(name, delete=True)
         log.warning("deleted device %s (its name is free again)", name)
         return record
+
+    async def _broker_cut(self, name: str, delete: bool) -> None:
+        """Per-device broker change of a revoke/delete (files mode did it by the rewrite).
+        A broker that cannot be told now is told by the reconcile on reconnect."""
+        try:
+            if self.dynsec is not None:
+                await (self.dynsec.delete_device(name) if delete
+                       else self.dynsec.disable_device(name))
+            elif self.cfg.broker.auth == "http" and not delete:
+                await asyncio.to_thread(kick_broker_user, self.cfg.broker.kick, name)
+        except BrokerError as exc:
+            log.error("revoke of %s: broker not told (%s); it will be on reconnect",
+                      name, exc)
 
     async def deleted_devices(self) -> list[dict[str, object]]:
         return await asyncio.to_thread(self.registry.deleted)

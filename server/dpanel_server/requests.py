@@ -69,15 +69,19 @@ class Requests:
             "status": on_status,
             "resp": self._on_resp,
         }
+        #: exact topic -> handler(topic, payload), outside the device tree (the broker's
+        #: own control API, see :mod:`.dynsec`); subscribed too
+        self.extra: dict[str, Callable[[str, bytes], None]] = {}
 
     def start(self) -> None:
         host, port = self._cfg.broker.host_port
         self._mqtt = ManagerMqtt(
             asyncio.get_running_loop(), host, port, self._cfg.broker.username,
-            self._password, list(wire.MANAGER_SUBSCRIPTIONS), self._dispatch,
+            self._password, [*wire.MANAGER_SUBSCRIPTIONS, *self.extra], self._dispatch,
             on_connected=self._on_broker,
             tls=self._cfg.broker.url.startswith("mqtts://"), tls_ca=self._cfg.broker.ca_file,
             keepalive=self._cfg.manager.mqtt_keepalive,
+            alternates=self._cfg.broker.host_ports[1:],
         )
         self._mqtt.start()
 
@@ -94,8 +98,15 @@ class Requests:
             raise BrokerError(f"manager could not connect to the broker at "
                               f"{self._cfg.broker.url}")
 
+    def publish(self, topic: str, payload: bytes) -> bool:
+        return bool(self._mqtt and self.connected() and self._mqtt.publish(topic, payload))
+
     # -- in
     def _dispatch(self, topic: str, payload: bytes) -> None:
+        extra = self.extra.get(topic)
+        if extra is not None:
+            extra(topic, payload)
+            return
         try:
             device, kind = wire.parse_topic(topic)
         except wire.DecodeError as exc:

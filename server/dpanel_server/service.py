@@ -7,7 +7,7 @@ import contextlib
 import logging
 import signal
 from pathlib import Path
-from typing import Callable, Iterator, Optional
+from typing import AsyncIterator, Callable, Iterator, Optional
 
 import uvicorn
 
@@ -15,6 +15,7 @@ from ._files import ensure_secret
 from ._httpguard import guarded_h11
 from ._sdnotify import notify, watchdog_loop
 from .api import create_app
+from .brokerauth import broker_auth_secret_path, create_auth_app
 from .config import TUNNEL_METRICS_PORT, ServerConfig, _hostport
 from .errors import BrokerError, UnknownDevice
 from .manager import Manager
@@ -185,6 +186,38 @@ def _api_server(app: object, host: str, port: int, **ssl: str) -> uvicorn.Server
     ))
 
 
+@contextlib.asynccontextmanager
+async def _broker_auth(cfg: ServerConfig) -> AsyncIterator[None]:
+    """broker.auth = "http": answer the broker *before* the manager dials it (its own
+    login is asked of us too), until the manager is closed."""
+    if cfg.broker.auth != "http":
+        yield
+        return
+    server = _broker_auth_server(cfg)
+    task = asyncio.create_task(server.serve())
+    task.add_done_callback(_log_crash)
+    while not server.started and not task.done():  # noqa: ASYNC110 (uvicorn's flag)
+        await asyncio.sleep(0.05)
+    try:
+        yield
+    finally:
+        server.should_exit = True
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+
+
+def _broker_auth_server(cfg: ServerConfig) -> uvicorn.Server:
+    """broker.auth = "http": the broker's own listener (see :mod:`.brokerauth`), with its
+    own registry connection (the broker asks on every login)."""
+    host, port = _hostport(cfg.broker.auth_listen, "broker.auth_listen", 8884)
+    registry = Registry(cfg.registry_url)
+    app = create_auth_app(ensure_secret(broker_auth_secret_path(cfg)), cfg.broker.username,
+                          ensure_secret(cfg.broker.password_file), registry.verify)
+    return _ApiServer(uvicorn.Config(app, host=host, port=port, log_level="warning",
+                                     lifespan="off", access_log=False,
+                                     timeout_keep_alive=30))
+
+
 def _log_crash(task: asyncio.Task[None]) -> None:
     # a helper task must never die silently: say what and where, with the traceback
     if not task.cancelled() and task.exception() is not None:
@@ -222,11 +255,12 @@ async def run_manager(cfg: ServerConfig) -> None:
     ctl = TunnelControl(control_path(cfg.state_dir))
     manager = Manager(cfg, kick=ctl.kick, tunnel_sessions=ctl.sessions,
                       tunnel_stats=ctl.stats)
-    await manager.start()
-    try:
-        await _serve_api(cfg, manager, None)
-    finally:
-        await manager.close()
+    async with _broker_auth(cfg):
+        await manager.start()
+        try:
+            await _serve_api(cfg, manager, None)
+        finally:
+            await manager.close()
 
 
 async def run_services(cfg: ServerConfig) -> None:
@@ -238,18 +272,19 @@ async def run_services(cfg: ServerConfig) -> None:
     register_tunnel_metrics(tunnel)
     manager = Manager(cfg, kick=tunnel.kick, tunnel_sessions=tunnel.sessions,
                       tunnel_stats=tunnel.stats)
-    await manager.start()
-    edge = None
-    if cfg.edge.listen:
-        from .edge import edge_from_config
+    async with _broker_auth(cfg):
+        await manager.start()
+        edge = None
+        if cfg.edge.listen:
+            from .edge import edge_from_config
 
-        edge = edge_from_config(cfg)
-        await edge.start()
-    try:
-        await _serve_api(cfg, manager, tunnel)
-    finally:
-        if edge is not None:
-            await edge.close()
-        await manager.close()
-        await tunnel.close()
-        registry.close()
+            edge = edge_from_config(cfg)
+            await edge.start()
+        try:
+            await _serve_api(cfg, manager, tunnel)
+        finally:
+            if edge is not None:
+                await edge.close()
+            await manager.close()
+            await tunnel.close()
+            registry.close()

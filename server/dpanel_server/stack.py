@@ -32,6 +32,7 @@ from ._files import atomic_write, ensure_secret
 from .broker import Listener, render_mosquitto_conf
 from .config import ServerConfig, check_advertised, dump_config, load_config, stack_config
 from .db import parse_url, redact
+from .dynsec import find_plugin, merge_missing
 from .errors import BrokerError, ConfigError
 from .manager import sync_broker_files
 from .pki import ensure_broker_tls
@@ -99,7 +100,7 @@ def _current(cfg: ServerConfig) -> dict[str, object]:
             "keepalive_interval": cfg.tunnel.keepalive_interval, "tls": scheme == "mqtts",
             "public_host": None if tunnel_host == LOOPBACK else tunnel_host, "advertise": adv,
             "https_listen": cfg.manager.https_listen,
-            "edge_listen": cfg.edge.listen}
+            "edge_listen": cfg.edge.listen, "broker_auth": cfg.broker.auth}
 
 
 def prepare_stack(state_dir: Path, *, broker_port: Optional[int] = None,
@@ -110,7 +111,8 @@ def prepare_stack(state_dir: Path, *, broker_port: Optional[int] = None,
                   tls: Optional[bool] = None,
                   https_listen: Optional[str] = None,
                   edge_listen: Optional[str] = None,
-                  registry: Optional[str] = None) -> ServerConfig:
+                  registry: Optional[str] = None,
+                  broker_auth: Optional[str] = None) -> ServerConfig:
     """Create (first time) or load DIR/server.toml, so a restarted stack keeps its ports,
     keys and registry. Every argument that is not None is applied, to an existing DIR
     too (each change is printed); None keeps what DIR has, or the default."""
@@ -125,7 +127,7 @@ def prepare_stack(state_dir: Path, *, broker_port: Optional[int] = None,
              "public_host": public_host, "advertise": advertise,
              "https_listen": https_listen,
              # "" or "off": no edge any more (None keeps what DIR has)
-             "edge_listen": edge_listen}
+             "edge_listen": edge_listen, "broker_auth": broker_auth}
     want = dict(old)
     want.update({k: v for k, v in given.items() if v is not None})
     if want["https_listen"] == "":
@@ -137,7 +139,8 @@ def prepare_stack(state_dir: Path, *, broker_port: Optional[int] = None,
             raise ConfigError(str(exc)) from None
     if not existing:
         want.update(broker_port=broker_port or STACK_BROKER_PORT,
-                    tunnel_port=tunnel_port or TUNNEL_PORT, api_port=api_port or API_PORT)
+                    tunnel_port=tunnel_port or TUNNEL_PORT, api_port=api_port or API_PORT,
+                    broker_auth=broker_auth or default_broker_auth())
     bind = want["public_host"]
     assert bind is None or isinstance(bind, str)
     if bind in ("", LOOPBACK):
@@ -174,7 +177,7 @@ def prepare_stack(state_dir: Path, *, broker_port: Optional[int] = None,
             print(f"dpanel stack: applying to {conf}: "
                   + "; ".join(f"{k} {old[k]} -> {want[k]}" for k in changed)
                   + ("" if set(changed) <= {"keepalive_interval", "port_range", "api_port",
-                                            "https_listen"}
+                                            "https_listen", "broker_auth"}
                      else " (tokens issued before carry the old addresses: re-issue them)"),
                   flush=True)
     if not existing or conf.read_text() != text:
@@ -194,6 +197,16 @@ def _stack_https(cfg: ServerConfig, state_dir: Path) -> None:
     atomic_write(state_dir / "ca.pem", https_ca_path(cfg).read_bytes(), 0o644)
 
 
+def default_broker_auth() -> str:
+    """A new stack's broker.auth: dynsec where Debian's plugin is installed (O(1) per
+    enrolment/revocation, no reload), else the password/ACL files."""
+    try:
+        find_plugin()
+    except BrokerError:
+        return "files"
+    return "dynsec"
+
+
 def _apply(cfg: ServerConfig, want: dict[str, object], state_dir: Path) -> None:
     broker_port, tunnel_port, api_port = (int(str(want[k])) for k in (
         "broker_port", "tunnel_port", "api_port"))
@@ -204,6 +217,7 @@ def _apply(cfg: ServerConfig, want: dict[str, object], state_dir: Path) -> None:
     cfg.tunnel.public_address = _fmt(adv, tunnel_port)
     cfg.tunnel.port_range = str(want["port_range"])
     cfg.tunnel.keepalive_interval = float(str(want["keepalive_interval"]))
+    cfg.broker.auth = str(want["broker_auth"])
     # The manager always dials the broker on loopback; devices dial the advertised name.
     cfg.broker.url = f"{scheme}://{_fmt(LOOPBACK, broker_port)}"
     cfg.broker.public_url = f"{scheme}://{_fmt(adv, broker_port)}"
@@ -325,13 +339,22 @@ def start_mosquitto(cfg: ServerConfig) -> subprocess.Popen[bytes]:
     # Credentials first, so the manager's first CONNECT is accepted.
     registry = Registry(cfg.registry_url)
     try:
-        sync_broker_files(cfg, registry, ensure_secret(cfg.broker.password_file), "none")
+        if cfg.broker.auth == "dynsec":
+            dynsec = (find_plugin(), Path(cfg.broker.dynsec_path))
+            repaired = merge_missing(dynsec[1], cfg.broker.username,
+                                     ensure_secret(cfg.broker.password_file),
+                                     registry.broker_entries(), registry.revoked_ids())
+            if repaired:
+                log.info("broker dynamic-security file: %s", ", ".join(repaired[:20]))
+        else:
+            dynsec = None
+            sync_broker_files(cfg, registry, ensure_secret(cfg.broker.password_file), "none")
     finally:
         registry.close()
     conf = render_mosquitto_conf(passwd=Path(cfg.broker.passwd_path),
                                  acl=Path(cfg.broker.acl_path),
                                  pid_file=mdir / "mosquitto.pid",
-                                 listeners=broker_listeners(cfg))
+                                 listeners=broker_listeners(cfg), dynsec=dynsec)
     atomic_write(mdir / "mosquitto.conf", conf, 0o600)
     log_path = mdir / "mosquitto.log"
     offset = log_path.stat().st_size if log_path.exists() else 0

@@ -70,12 +70,14 @@ def build(c: Context, arch: Optional[list[str]] = None, mode: str = "onefile",
     "mode": "agent layout: onedir (default: starts faster) or onefile",
     "compress": "zst (default), xz or none",
     "tunnel_host_key": "tunnel server public key file, copied to /etc/dpanel/pins/",
-    "manager_key": "manager public key file, copied to /etc/dpanel/pins/"})
+    "manager_key": "manager public key file, copied to /etc/dpanel/pins/",
+    "user_ca": "manager's SSH user CA public key (STATE_DIR/user_ca.pub), copied to "
+               "/etc/dpanel/pins/"})
 @_clear_errors
 def build_image_task(c: Context, board: str = "rpi", base: str = "", out: str = "out",
                      arch: str = "", agent: str = "", mode: str = "onedir",
                      compress: str = "zst", tunnel_host_key: str = "",
-                     manager_key: str = "") -> None:
+                     manager_key: str = "", user_ca: str = "") -> None:
     """Bake the agent into an SD image, rootless: outputs .img, .zst/.xz, .sha256, .bmap."""
     from dpanel_image.build import build_image
 
@@ -85,7 +87,8 @@ def build_image_task(c: Context, board: str = "rpi", base: str = "", out: str = 
                     agent=Path(agent) if agent else None, mode=_mode(mode),
                     compression=compress,  # type: ignore[arg-type]
                     tunnel_host_key=Path(tunnel_host_key) if tunnel_host_key else None,
-                    manager_key=Path(manager_key) if manager_key else None)
+                    manager_key=Path(manager_key) if manager_key else None,
+                    user_ca=Path(user_ca) if user_ca else None)
     for p in (r.image, r.compressed, r.bmap, r.sha256):
         if p is not None:
             print(p)

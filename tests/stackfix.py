@@ -47,7 +47,10 @@ class Stack:
 
     @property
     def env(self) -> dict[str, str]:
-        return dict(os.environ, DPANEL_CONFIG=str(self.config))
+        # the operator's SSH key of `dpanel ssh`/`ssh-config` (certificates) lives in the
+        # stack dir, never in the real ~/.ssh or ~/.config of whoever runs the tests
+        return dict(os.environ, DPANEL_CONFIG=str(self.config),
+                    DPANEL_SSH_KEY=str(self.dir / "operator" / "id_ed25519"))
 
     def proxy_command(self) -> str:
         exe, conf = shlex.quote(str(BIN / "dpanel")), shlex.quote(str(self.config))

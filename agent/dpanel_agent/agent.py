@@ -8,6 +8,7 @@ only loaded when the first tunnel is requested: an idle agent is paho + ``crypto
 from __future__ import annotations
 
 import asyncio
+import errno
 import logging
 import time
 from typing import TYPE_CHECKING, Optional, Tuple
@@ -26,6 +27,7 @@ from .files import ensure_private_dir, load_or_create_host_key, read_public_key_
 from .guard import REPLAY_CACHE_NAME, RequestGuard
 from .mqtt import AgentMqtt
 from .tokensrc import resolve_token
+from .userca import load_user_ca, store_user_ca, valid_user_ca
 
 if TYPE_CHECKING:
     from .link import TunnelLink
@@ -66,6 +68,8 @@ class Agent:
         self.config = config
         self.token: Optional[DeviceToken] = config.token
         self.host_key_line = ""
+        #: the SSH user CA trusted for operator certificates ("" = none)
+        self.user_ca = ""
         self._loop: Optional[asyncio.AbstractEventLoop] = None
         self._stopped: Optional[asyncio.Event] = None
         self._stop_requested = False
@@ -124,12 +128,14 @@ class Agent:
             self.host_key_line = load_or_create_host_key(cfg.host_key_path)
         else:
             self.host_key_line = read_public_key_line(cfg.sshd_host_key)
+        self.user_ca = load_user_ca(cfg.state_dir, token, cfg.pins_dir)
         # persisted, so that a restarted agent still refuses a request it already honoured
         guard = RequestGuard(token.device, ManagerKey(token.manager_key),
                              cfg.request_clock_skew, store=cfg.state_dir / REPLAY_CACHE_NAME)
         self.dispatcher = Dispatcher(token.device, guard, self._link, self._respond,
                                      ttl_max=cfg.ttl_max, idle_timeout_max=cfg.idle_timeout_max,
-                                     target=cfg.ssh_target, on_ping=self._publish_status)
+                                     target=cfg.ssh_target, on_ping=self._publish_status,
+                                     on_user_ca=self._set_user_ca)
         self._mqtt = AgentMqtt(
             self._loop, token, offline_payload=encode(self._status("offline")),
             keepalive=cfg.mqtt_keepalive, protocol=cfg.mqtt_protocol,
@@ -176,11 +182,26 @@ class Agent:
         return Status(device=self.token.device, state="online" if online else "offline",
                       ts=time.time(), agent_version=__version__,
                       host_key=self.host_key_line if online else "",
-                      port=self._link.port if online else None)
+                      port=self._link.port if online else None,
+                      user_ca=self.user_ca if online else None)
 
     def _publish_status(self) -> None:
         if self._mqtt is not None:
             self._mqtt.publish_status(encode(self._status("online")))
+
+    def _set_user_ca(self, line: str) -> None:
+        """A verified request named a new user CA: persist it, then use it at once."""
+        if line == self.user_ca:
+            return
+        if not valid_user_ca(line):
+            raise OSError(errno.EINVAL, "not a valid ssh-ed25519 key")
+        store_user_ca(self.config.state_dir, line)
+        log.info("SSH user CA is now %s (was %s)", line[:40] + "...",
+                 (self.user_ca[:40] + "...") if self.user_ca else "none")
+        self.user_ca = line
+        if self._sshd is not None:
+            self._sshd.set_user_ca(line)
+        self._publish_status()
 
     def _on_connected(self, up: bool) -> None:
         log.debug("broker connection %s", "up" if up else "down")
@@ -223,7 +244,7 @@ class Agent:
                 allow_forward_hosts=cfg.allow_forward_hosts, shell=cfg.shell,
                 window=cfg.ssh_window, keepalive=cfg.tunnel_keepalive,
                 audit=self.audit, device=self.token.device,
-                record_failure=cfg.record_failure,
+                record_failure=cfg.record_failure, user_ca=self.user_ca,
             )
             await self._sshd.start()
         return "127.0.0.1", self._sshd.port

@@ -67,7 +67,8 @@ class Dispatcher:
     def __init__(self, device: str, guard: RequestGuard, link: Link,
                  respond: Callable[[Response], None], *, ttl_max: int,
                  idle_timeout_max: int, target: str = "builtin",
-                 on_ping: Callable[[], None] = lambda: None) -> None:
+                 on_ping: Callable[[], None] = lambda: None,
+                 on_user_ca: Optional[Callable[[str], None]] = None) -> None:
         self.device = device
         self._on_ping = on_ping
         self.guard = guard
@@ -76,6 +77,7 @@ class Dispatcher:
         self._ttl_max = ttl_max
         self._idle_max = idle_timeout_max
         self._target = target
+        self._on_user_ca = on_user_ca
         self._tasks: Set[asyncio.Task[None]] = set()
         self._rl = RateLimitedLog(log)
         self._refusal_answers = Budget(REFUSAL_ANSWERS, 10.0)
@@ -149,6 +151,15 @@ class Dispatcher:
             # The device owner decides what is exposed, not the request.
             log.info("open request %s asks for target %s; this device serves %s",
                      req.id, req.target, self._target)
+        if req.user_ca and self._on_user_ca is not None:
+            # covered by the signature the guard checked: a new SSH user CA (migration
+            # from the manager-key-only pin, or rotation), in force before the tunnel opens
+            try:
+                self._on_user_ca(req.user_ca)
+            except OSError as exc:
+                return Response(device=self.device, id=req.id, code=ErrorCode.INTERNAL,
+                                message=f"cannot store the user CA: {exc.strerror}",
+                                ts=time.time())
         ttl = min(req.ttl, self._ttl_max)
         idle = min(req.idle_timeout, self._idle_max)
         try:

@@ -2,8 +2,11 @@
 
 It listens on 127.0.0.1 only, on a port the kernel picks, so nothing on the device's
 LAN can ever reach it; the only way in from outside is the reverse forward. It accepts
-exactly one client key, the pinned manager key (any username), and runs commands as the
-agent's own user through that user's shell, like OpenSSH would:
+the pinned manager key (any username), and operator certificates signed by the pinned
+SSH user CA (see :mod:`.userca`) whose principals name this device (``dpanel:<device>``)
+or every device (``dpanel:*``), within their validity window; a refused certificate gets
+one log line saying why (expired, another CA, principal mismatch). It runs commands as
+the agent's own user through that user's shell, like OpenSSH would:
 
 * exec: ``$SHELL -c CMD`` with separate stdout/stderr pipes and the real exit status
   (or exit signal);
@@ -51,6 +54,7 @@ new session (``setsid nohup job &``), as one would under OpenSSH with a PTY.
 from __future__ import annotations
 
 import asyncio
+import base64
 import ctypes
 import fcntl
 import logging
@@ -60,17 +64,20 @@ import re
 import signal
 import struct
 import termios
+import time
 from pathlib import Path
 from typing import Any, Callable, Dict, List, Optional, Sequence, Set, Tuple
 
 import asyncssh
 
 from dpanel_proto.ratelog import RateLimitedLog
+from dpanel_proto.wire import printable
 
 from .audit import AuditShipper, Recorder, RecordingFailed, SessionAudit
 from .pumps import copy_from_fd, feed_fd
 
-__all__ = ["HANGUP_GRACE", "ROOT_PATH", "SESSION_UMASK", "USER_PATH", "BuiltinSSHServer"]
+__all__ = ["HANGUP_GRACE", "PRINCIPAL_ALL", "PRINCIPAL_PREFIX", "ROOT_PATH", "SESSION_UMASK",
+           "USER_PATH", "BuiltinSSHServer"]
 
 log = logging.getLogger("dpanel.agent.sshd")
 _rl = RateLimitedLog(log)
@@ -78,6 +85,10 @@ _rl = RateLimitedLog(log)
 #: The PATH OpenSSH's sshd gives root and other users on Debian.
 ROOT_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
 USER_PATH = "/usr/local/bin:/usr/bin:/bin:/usr/games"
+#: Certificate principals: ``dpanel:<device>`` reaches that device, ``dpanel:*`` all.
+PRINCIPAL_PREFIX = "dpanel:"
+PRINCIPAL_ALL = "dpanel:*"
+_CERT_TYPE_USER = 1  # the OpenSSH certificate type of user certificates
 #: sshd's default umask for sessions.
 SESSION_UMASK = 0o022
 #: Seconds between SIGHUP and SIGKILL when a session's process group is ended.
@@ -190,6 +201,29 @@ class _Server(asyncssh.SSHServer):
         self._conn = conn
         self._owner._conns.add(conn)
         self._owner._servers[conn] = self
+        original = getattr(conn, "validate_public_key", None)
+        if original is None:  # another asyncssh: it alone decides (no reason logged)
+            return
+
+        async def validate(username: str, key_data: bytes, msg: bytes,
+                           signature: bytes) -> bool:
+            # ours first, for a refusal reason in the log; asyncssh decides after it
+            why, key_id = self._owner.cert_refusal(key_data)
+            if why is not None:
+                _rl.warning("refused certificates", "refused certificate %r for %r from "
+                            "%s: %s", printable(key_id[:64]), printable(username[:64]),
+                            self._peer, why)
+                return False
+            ok = bool(await original(username, key_data, msg, signature))
+            if key_id and not ok:
+                _rl.warning("refused certificates", "refused certificate %r for %r from "
+                            "%s: %s", printable(key_id[:64]), printable(username[:64]),
+                            self._peer, "bad signature" if msg else "not accepted")
+            if ok and key_id and msg:
+                self.cert_key_id = key_id
+            return ok
+
+        conn.validate_public_key = validate  # type: ignore[method-assign]
 
     def connection_lost(self, exc: Optional[Exception]) -> None:
         self._owner._conns.discard(self._conn)
@@ -214,6 +248,12 @@ class _Server(asyncssh.SSHServer):
                             correlation=correlation)
 
     def begin_auth(self, username: str) -> bool:
+        authorized = self._owner._authorized
+        if authorized is not None and self._conn is not None:
+            # asyncssh's own check of certificates, after ours: CA + principals (the
+            # principals= option makes it match those instead of the login name) +
+            # validity. Set here: asyncssh reloads its options before auth begins.
+            self._conn.set_authorized_keys(authorized)
         return True  # authentication is always required
 
     def password_auth_supported(self) -> bool:
@@ -232,8 +272,15 @@ class _Server(asyncssh.SSHServer):
                         "manager key", key.get_fingerprint(), username[:64], self._peer)
         return ok
 
+    def validate_ca_key(self, username: str, key: asyncssh.SSHKey) -> bool:
+        return False  # only via the authorized-keys entry, which carries the principals
+
     def auth_completed(self) -> None:
-        log.info("manager session opened from %s", self._peer)
+        if self.cert_key_id is not None:
+            log.info("certificate session opened for %r from %s", printable(self.cert_key_id),
+                     self._peer)
+        else:
+            log.info("manager session opened from %s", self._peer)
 
     def connection_requested(self, dest_host: str, dest_port: int, orig_host: str,
                              orig_port: int) -> Any:
@@ -260,9 +307,19 @@ class BuiltinSSHServer:
                  allow_forward_hosts: Sequence[str], shell: Optional[str] = None,
                  window: int = 8 * 1024 * 1024, keepalive: float = 30,
                  audit: Optional[AuditShipper] = None, device: str = "",
-                 record_failure: str = "refuse") -> None:
+                 record_failure: str = "refuse", user_ca: str = "") -> None:
         self.host_key = host_key
         self.client_key = client_key
+        self.device = device
+        self.user_ca: Optional[asyncssh.SSHKey] = None
+        self._authorized: Optional[asyncssh.SSHAuthorizedKeys] = None
+        if user_ca:
+            try:
+                self.set_user_ca(user_ca)
+            except (asyncssh.KeyImportError, ValueError) as exc:
+                # the manager key still gets in; operators' certificates are refused
+                log.error("user CA %r is unusable (%s); certificates are refused",
+                          user_ca[:60], exc)
         self.allow_forward_hosts = frozenset(h.lower() for h in allow_forward_hosts)
         pw = pwd.getpwuid(os.geteuid())
         self._user, self._home = pw.pw_name, pw.pw_dir or "/"
@@ -284,6 +341,58 @@ class BuiltinSSHServer:
 
     def _server_of(self, chan: asyncssh.SSHServerChannel[bytes]) -> Optional[_Server]:
         return self._servers.get(chan.get_connection())
+
+    def set_user_ca(self, line: str) -> None:
+        """Trust certificates signed by ``line`` from the next connection on (a CA
+        rotation ends trust in the old CA for new connections at once)."""
+        key = asyncssh.import_public_key(line)
+        # asyncssh matches these as wildcard patterns (no way to say a literal "*"), so
+        # its check only ensures some dpanel: principal; cert_refusal, which runs first
+        # on every attempt, is the exact one
+        principals = f"{PRINCIPAL_PREFIX}{self.device},{PRINCIPAL_ALL}"
+        self._authorized = asyncssh.import_authorized_keys(
+            f'cert-authority,principals="{principals}" {line}\n')
+        self.user_ca = key
+
+    def cert_refusal(self, key_data: bytes) -> Tuple[Optional[str], str]:
+        """(why a certificate must be refused or None, its key id); (None, "") for a
+        plain key, which the manager-key check handles."""
+        try:
+            (n,) = struct.unpack_from(">I", key_data, 0)
+            alg = key_data[4:4 + n]
+        except struct.error:
+            return None, ""
+        if not alg.endswith(b"-cert-v01@openssh.com"):
+            return None, ""
+        try:
+            cert = asyncssh.import_certificate(alg + b" " + base64.b64encode(key_data))
+        except (asyncssh.KeyImportError, ValueError) as exc:
+            return f"malformed certificate ({exc})", ""
+        validate = getattr(cert, "validate", None)
+        if validate is None:  # an X.509 chain, which dPanel never issues
+            return "not an OpenSSH certificate", ""
+        key_id = str(getattr(cert, "_key_id", "") or "?")
+        if self.user_ca is None:
+            return "no user CA is configured on this device", key_id
+        signer = getattr(cert, "signing_key", None)
+        if signer is None or signer.public_data != self.user_ca.public_data:
+            fp = signer.get_fingerprint() if signer is not None else "?"
+            return f"signed by another CA ({fp}), not the pinned user CA", key_id
+        try:
+            validate(_CERT_TYPE_USER, None)  # type, not-yet-valid, expired
+        except ValueError as exc:
+            reason = str(exc).lower().replace("certificate ", "")
+            after = getattr(cert, "_valid_before", None)
+            if isinstance(after, int) and after < time.time():
+                reason = f"expired {int(time.time() - after)} s ago"
+            return reason, key_id
+        principals = list(getattr(cert, "principals", []) or [])
+        wanted = {f"{PRINCIPAL_PREFIX}{self.device}", PRINCIPAL_ALL}
+        if not wanted.intersection(principals):
+            shown = ",".join(printable(p[:64]) for p in principals[:8]) or "none"
+            return (f"principal mismatch (certificate is for {shown}; this device is "
+                    f"{PRINCIPAL_PREFIX}{self.device})"), key_id
+        return None, key_id
 
     @property
     def port(self) -> int:

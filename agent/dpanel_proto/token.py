@@ -29,7 +29,7 @@ _SECRET_RE = re.compile(r"^[A-Za-z0-9_-]{32,128}$")
 _PUBKEY_RE = re.compile(r"^(ssh-ed25519|ecdsa-sha2-nistp256|ssh-rsa) [A-Za-z0-9+/=]+( .*)?$")
 
 #: Fields a token may leave out (tokens of older servers have none of them).
-_OPTIONAL = frozenset({"broker_ca", "edge", "proxy"})
+_OPTIONAL = frozenset({"broker_ca", "edge", "proxy", "user_ca"})
 
 
 @dataclass(frozen=True)
@@ -51,6 +51,9 @@ class DeviceToken:
     edge: Optional[str] = None
     #: http://[user:pass@]host:port of an HTTP CONNECT proxy the device must use
     proxy: Optional[str] = None
+    #: OpenSSH public key line of the manager's SSH user CA (operator certificates);
+    #: absent in tokens made before certificates existed, which still parse.
+    user_ca: Optional[str] = None
 
     def __post_init__(self) -> None:
         validate_device_id(self.device, "token device")
@@ -71,8 +74,10 @@ class DeviceToken:
                                   "certificate is checked against)")
         if self.proxy is not None:
             parse_proxy(self.proxy, "token proxy")
-        for name in ("tunnel_host_key", "manager_key"):
+        for name in ("tunnel_host_key", "manager_key", "user_ca"):
             line = getattr(self, name)
+            if line is None and name == "user_ca":
+                continue
             if not _PUBKEY_RE.match(line):
                 raise DecodeError(f"token {name}: not an OpenSSH public key line")
             try:

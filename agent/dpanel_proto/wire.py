@@ -166,6 +166,9 @@ class Status:
     agent_version: str = ""
     host_key: str = ""
     port: Optional[int] = None
+    #: the SSH user CA the device trusts now ("" = none yet); None from agents that
+    #: predate certificates, which must never be sent ``OpenRequest.user_ca``
+    user_ca: Optional[str] = None
     type: MsgType = field(default=MsgType.STATUS, init=False)
 
 
@@ -181,6 +184,9 @@ class OpenRequest:
     idle_timeout: int = 600
     target: Target = "builtin"
     sig: str = ""
+    #: a new SSH user CA for the device to trust from now on (covered by ``sig``); only
+    #: sent when the device's status shows another one (CA migration and rotation)
+    user_ca: Optional[str] = None
     type: MsgType = field(default=MsgType.OPEN, init=False)
 
 
@@ -284,6 +290,19 @@ def _version(d: Mapping[str, Any]) -> str:
     return value
 
 
+_USER_CA_RE = re.compile(r"^ssh-ed25519 [A-Za-z0-9+/]{68}$")
+
+
+def _user_ca(d: Mapping[str, Any], allow_empty: bool) -> Optional[str]:
+    """An Ed25519 public key line (type + base64, no comment), "" where allowed, or None."""
+    value = _get(d, "user_ca", str, optional=True)
+    if value is None or (value == "" and allow_empty):
+        return cast(Optional[str], value)
+    if not _USER_CA_RE.fullmatch(value):
+        raise DecodeError("user_ca: expected 'ssh-ed25519 <base64>' and nothing else")
+    return cast(str, value)
+
+
 def printable(text: str) -> str:
     """``text`` with every control character (newline, ESC, ...) shown escaped, so a
     peer-supplied string can neither forge a log line nor drive a terminal."""
@@ -303,6 +322,7 @@ def _decode_status(d: Mapping[str, Any]) -> Status:
         agent_version=_version(d),
         host_key=_short_str(d, "host_key"),
         port=_port(d, optional=True),
+        user_ca=_user_ca(d, allow_empty=True),
     )
 
 
@@ -319,6 +339,7 @@ def _decode_open(d: Mapping[str, Any]) -> OpenRequest:
         idle_timeout=_bounded_int(d, "idle_timeout", 5, 7 * 86400, 600),
         target=cast(Target, target),
         sig=_short_str(d, "sig", 256),
+        user_ca=_user_ca(d, allow_empty=False),
     )
 
 

@@ -293,6 +293,10 @@ def create_app(manager: Manager, admin_token: str) -> FastAPI:
 
     install_observability(app, manager)
 
+    from . import certapi  # operator certificates and the WebSocket proxy (issue 9)
+
+    certapi.install(app, manager, _auth)
+
     @app.get("/v1/health")
     async def health() -> dict[str, Any]:
         out: dict[str, Any] = {"ok": True, "broker": manager.broker_connected(),

@@ -12,6 +12,7 @@ import http.client
 import json
 import os
 import socket
+import ssl
 import threading
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, BinaryIO, Iterator, Optional
@@ -117,8 +118,23 @@ class ApiClient:
         return PinnedHTTPSConnection(self.host, self.port, timeout=self.timeout,
                                      ca=ctx.ca, fingerprint=ctx.fingerprint)
 
+    def authorization(self) -> str:
+        """The ``Authorization`` header value of this client's requests."""
+        return f"Bearer {self._token}"
+
+    def connect_socket(self) -> socket.socket:
+        """A connected socket to the API, TLS checked against the pin exactly as for
+        every request (the proxy's WebSocket runs over it; no token is sent yet)."""
+        conn = self.connection()
+        try:
+            conn.connect()
+        except OSError as exc:
+            raise self._unreachable(exc) from None
+        sock, conn.sock = conn.sock, None
+        assert sock is not None
+        return sock
+
     def _unreachable(self, exc: OSError) -> ApiError:
-        import ssl
 
         if isinstance(exc, ssl.SSLCertVerificationError):
             return ApiError(f"{self.url}: the server certificate does not verify against "

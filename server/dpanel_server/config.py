@@ -169,6 +169,8 @@ class ManagerConfig:
     #: device's own idle timer can close the tunnel.
     connection_idle: float = 120.0
     allow_public_api: bool = False
+    #: longest operator SSH certificate (POST /v1/certs ttl), seconds; 60-43200
+    cert_ttl_max: int = 43200
     #: HTTPS listener for operators anywhere (same API; operator tokens), e.g.
     #: "0.0.0.0:443". Unset: off (the plain API stays on loopback either way).
     https_listen: Optional[str] = None
@@ -202,6 +204,8 @@ class ManagerConfig:
                 "a request must not outlive its caller by more than seconds")
         if not 5 <= self.mqtt_keepalive <= 300:
             raise ConfigError("manager.mqtt_keepalive: must be 5-300 s")
+        if not 60 <= self.cert_ttl_max <= 43200:
+            raise ConfigError("manager.cert_ttl_max: must be 60-43200 s")
 
     @property
     def lifetime(self) -> float:

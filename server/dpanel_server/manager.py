@@ -43,6 +43,7 @@ from .presence import Presence, PresenceTracker
 from .registry import Device, Registry
 from .requests import Requests
 from .sshpool import ExecEvent, Pooled, RemoteCommand, SshPool
+from .usercert import UserCA
 
 __all__ = ["ExecEvent", "Manager", "Presence", "fingerprint", "sync_broker_files"]
 
@@ -84,6 +85,8 @@ class Manager:
         self.registry = Registry(cfg.registry_url)
         self.key = ensure_private_key(cfg.manager.ssh_key)
         self.manager_key_line = self.key.export_public_key().decode().strip()
+        #: the SSH user CA of operator certificates (its key lives in the state dir)
+        self.user_ca = UserCA(cfg.state_dir, cfg.manager.cert_ttl_max)
         self._broker_password = ensure_secret(cfg.broker.password_file)
         self._kick = kick
         self._tunnel_sessions = tunnel_sessions
@@ -229,7 +232,7 @@ class Manager:
             tunnel=self.cfg.tunnel.public_address,
             tunnel_host_key=self.tunnel_host_key_line(), manager_key=self.manager_key_line,
             broker_ca=ca, edge=self.cfg.edge.public_address if self.cfg.edge.listen else None,
-            proxy=proxy,
+            proxy=proxy, user_ca=self.user_ca.public_line,
         ).encode()
         self.sync_broker_files()
         log.info("enrolled device %s", name)
@@ -414,6 +417,10 @@ class Manager:
             device=device, id=secrets.token_hex(16), issued_at=issued, expires_at=expires,
             ttl=ttl or self.cfg.manager.tunnel_ttl,
             idle_timeout=idle_timeout or self.cfg.manager.tunnel_idle_timeout,
+            # a device that trusts another (or no) user CA learns ours, signed: migration
+            # of old-token devices and CA rotation; never sent to agents that predate it
+            user_ca=(self.user_ca.public_line if p.user_ca is not None
+                     and p.user_ca != self.user_ca.public_line else None),
         ))
         if resp.code == wire.ErrorCode.OK:
             self._requests.forget_abandoned(device)  # the tunnel has a caller again

@@ -39,6 +39,8 @@ class Presence:
     port: Optional[int] = None
     host_key_ok: bool = True
     host_key: str = ""  # as last announced (normalised), pinned or not
+    #: the SSH user CA the device reports trusting; None: an agent without certificates
+    user_ca: Optional[str] = None
     #: wall time of the first request it left unanswered; None while it answers
     not_answering_since: Optional[float] = None
 
@@ -111,6 +113,8 @@ class PresenceTracker:
         p.online = msg.state == "online"
         p.agent_version = msg.agent_version
         p.port = msg.port  # the device's claim; Manager.tunnel_port prefers the tunnel's
+        if p.online:
+            p.user_ca = msg.user_ca
         if p.online and not was_online:
             p.since = time.time()
         if not p.online:

@@ -57,6 +57,8 @@ PasswordAuthentication no
 KbdInteractiveAuthentication no
 PermitRootLogin prohibit-password
 AllowTcpForwarding yes
+# scp speaks SFTP since OpenSSH 9.0 (the scp section compares it with dPanel's)
+Subsystem sftp internal-sftp
 GatewayPorts clientspecified
 MaxStartups {n}:30:{n * 2}
 PrintMotd no

@@ -134,8 +134,14 @@ def _api_load(r: dict[str, Any]) -> list[Row]:
     return list(rows(r))
 
 
+def _scp(r: dict[str, Any]) -> list[Row]:
+    from .scp_paths import rows
+
+    return list(rows(r))
+
+
 _SECTIONS: dict[str, Callable[[dict[str, Any]], list[Row]]] = {
-    "throughput": _throughput, "exec": _exec, "api_load": _api_load, "memory": _memory,
+    "throughput": _throughput, "scp": _scp, "exec": _exec, "api_load": _api_load, "memory": _memory,
     "agent_idle": _agent,
     "scale": _scale, "enrol": _enrol, "image": _image,
 }

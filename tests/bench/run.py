@@ -24,7 +24,7 @@ from ._util import raise_nofile, section
 
 __all__ = ["SECTIONS", "main"]
 
-SECTIONS = ("throughput", "exec", "api_load", "memory", "agent_idle", "scale", "enrol",
+SECTIONS = ("throughput", "scp", "exec", "api_load", "memory", "agent_idle", "scale", "enrol",
             "image")
 
 
@@ -125,12 +125,16 @@ def main(argv: Optional[list[str]] = None) -> int:
     from .latency import run_latency
     from .memory import run_memory
     from .scale import run_scale
+    from .scp_paths import run_scp_paths
     from .throughput import run_throughput
 
     runners: dict[str, Callable[[], dict[str, Any]]] = {
         "throughput": lambda: run_throughput(work, nbytes=s["bytes"], reps=s["tput_reps"],
                                              ciphers=() if args.quick else
                                              ("aes128-gcm@openssh.com",)),
+        "scp": lambda: run_scp_paths(work, nbytes=args.bytes or ((4 << 20) if args.quick
+                                                                 else 128 << 20),
+                                     reps=s["tput_reps"]),
         "exec": lambda: run_latency(work, reps=s["exec_reps"]),
         "api_load": lambda: run_api_load(work, nbytes=(8 << 20) if args.quick else 100 << 20),
         "memory": lambda: run_memory(work, counts=s["counts"], sshd_conns=s["sshd_conns"]),

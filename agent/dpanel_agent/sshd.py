@@ -336,7 +336,6 @@ class BuiltinSSHServer:
         self._conns: Set[Optional[asyncssh.SSHServerConnection]] = set()
         self._servers: Dict[object, _Server] = {}
         self.audit = audit
-        self.device = device
         self.record_failure = record_failure
 
     def _server_of(self, chan: asyncssh.SSHServerChannel[bytes]) -> Optional[_Server]:

@@ -133,6 +133,12 @@ def test_dpanel_ssh_uses_the_operators_own_certificate(stack: Stack, agent: Path
     certs = list(key.parent.glob("id_ed25519-dpanel-*-cert.pub"))
     assert len(certs) == 1
     assert "certificate session opened for 'admin'" in _log(agent)
+    # the device audits the session under the certificate's identity, not "manager"
+    row = wait_for(lambda: next((r for r in json.loads(stack.cli_ok("audit", "--json"))
+                                 if r["command"] == "echo hi; exit 4"), None),
+                   "the certificate session's audit row", 60)
+    assert (row["user"], row["via"], row["exit"], row["device"]) == ("admin", "cert", 4,
+                                                                     "dev-a"), row
     conf = stack.cli_ok("ssh-config")
     assert f"CertificateFile {certs[0]}" in conf and f"IdentityFile {key}" in conf
 

@@ -23,7 +23,7 @@ VENV = ROOT / ".venv"
 #: Debian packages the demo and the test suite use. --no-install-recommends keeps
 #: qemu-system-arm from pulling a GUI stack (1.27 GB otherwise).
 APT_PACKAGES = [
-    "python3-venv", "python3-dev", "mosquitto", "mosquitto-clients", "openssh-client",
+    "python3-venv", "python3-dev", "mosquitto", "mosquitto-clients", "openssh-client", "rsync",
     "openssh-server", "iproute2", "sqlite3", "file", "xz-utils", "zstd",
     "qemu-user-static", "binfmt-support", "mmdebstrap", "qemu-system-arm", "qemu-system-x86",
     "qemu-utils", "e2fsprogs", "mtools", "dosfstools", "fdisk", "bmap-tools",

@@ -123,16 +123,36 @@ class ApiClient:
         return f"Bearer {self._token}"
 
     def connect_socket(self) -> socket.socket:
-        """A connected socket to the API, TLS checked against the pin exactly as for
-        every request (the proxy's WebSocket runs over it; no token is sent yet)."""
-        conn = self.connection()
+        """A connected *plain* socket to the API that two threads may read and write at
+        once (the proxy's WebSocket and the streamed exec do): over HTTPS, TLS checked
+        against the pin exactly as for every request, is relayed by a thread of its
+        own (see ``_tlsrelay``). No token is sent yet."""
+        ctx = self.context
+        if ctx is None or self.scheme == "http":
+            conn = self.connection()
+            try:
+                conn.connect()
+            except OSError as exc:
+                raise self._unreachable(exc) from None
+            sock, conn.sock = conn.sock, None
+            assert sock is not None
+            return sock
+        from ._tlsrelay import tls_socket
+        from .login import CertificateMismatch, _insecure_context, ca_context, format_fingerprint
+
+        def mismatch(got: str) -> Exception:
+            return CertificateMismatch(
+                f"{self.url}: the server certificate {format_fingerprint(got)} is not the "
+                f"pinned {format_fingerprint(ctx.fingerprint or '')}; refusing to send the "
+                "token (log in again if the server's certificate really changed)")
+
+        tls = ca_context(ctx.ca) if ctx.ca is not None else _insecure_context()
         try:
-            conn.connect()
+            return tls_socket(self.host, self.port, tls, timeout=self.timeout,
+                              fingerprint=ctx.fingerprint if ctx.ca is None else None,
+                              on_mismatch=mismatch)
         except OSError as exc:
             raise self._unreachable(exc) from None
-        sock, conn.sock = conn.sock, None
-        assert sock is not None
-        return sock
 
     def _unreachable(self, exc: OSError) -> ApiError:
 
@@ -203,6 +223,10 @@ class ExecStream:
 
         self._api = api
         self._conn = api.connection()
+        if stdin is not None and api.remote and api.scheme == "https":
+            # stdin is sent from a second thread: a plain socket, TLS relayed
+            self._conn = http.client.HTTPConnection(api.host, api.port, timeout=api.timeout)
+            self._conn.sock = api.connect_socket()
         self._closed = False
         path = f"/v1/devices/{quote(device, safe='')}/exec"
         if stdin is None:

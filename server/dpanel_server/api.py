@@ -39,7 +39,7 @@ from .audit_api import add_audit_routes, record_call
 from .authz import Action, Forbidden, Principal, in_scope, require
 from .errors import DPanelError, UnknownDevice
 from .manager import Manager
-from .metrics import AUTH_FAILURES, install_observability
+from .metrics import AUTH_FAILURES, EXEC_RESULTS, install_observability, label
 from .operators import TOKEN_PREFIX, Operators
 from .registry import Device
 from .sshpool import ExecEvent, RemoteCommand
@@ -451,7 +451,8 @@ def create_app(manager: Manager, admin_token: str) -> FastAPI:
         up the command is hung up too (the agent ends its process group)."""
         try:
             await allowed(who, "exec", device)
-        except DPanelError as exc:  # a refusal is audited too
+        except DPanelError as exc:  # a refusal is audited, and counted, too
+            EXEC_RESULTS.labels(label(exc.code)).inc()
             await record_call(manager, who, device[:63], "exec", "", exc.code.value, request)
             raise
         body_in = _Body(request.receive)

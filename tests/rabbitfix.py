@@ -9,6 +9,7 @@ node scripts are run directly (Debian's /usr/sbin wrappers switch to the rabbitm
 from __future__ import annotations
 
 import os
+import random
 import secrets
 import shutil
 import signal
@@ -17,19 +18,29 @@ import subprocess
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from support import free_port, stop_proc, wait_for
+from support import stop_proc, wait_for
 
 
 def _ports(n: int) -> list[int]:
-    """n distinct free ports (held open together, so no two are the same)."""
-    socks = [socket.socket() for _ in range(n)]
-    try:
-        for s in socks:
-            s.bind(("127.0.0.1", 0))
-        return [int(s.getsockname()[1]) for s in socks]
-    finally:
-        for s in socks:
-            s.close()
+    """n distinct free ports, below the kernel's ephemeral range (32768-60999).
+
+    A node binds its ports seconds after they are picked; a port from the ephemeral range
+    can be taken meanwhile by any outgoing connection on the machine (a CI run died on
+    ``dist_port_already_used``). Below that range only a listener can take one.
+    """
+    rng = random.Random()
+    out: list[int] = []
+    while len(out) < n:
+        port = rng.randrange(20000, 32768)
+        if port in out:
+            continue
+        with socket.socket() as s:
+            try:
+                s.bind(("", port))  # every address: epmd listens on all of them
+            except OSError:
+                continue
+        out.append(port)
+    return out
 
 
 def _accepts(port: int) -> bool:
@@ -117,7 +128,7 @@ class Cluster:
     dir: Path
     auth_port: int
     auth_secret: str
-    epmd_port: int = field(default_factory=free_port)
+    epmd_port: int = field(default_factory=lambda: _ports(1)[0])
     nodes: list[Node] = field(default_factory=list)
 
     def conf(self, node: Node, peers: list[str]) -> str:

@@ -874,34 +874,26 @@ async def _forward(reader: asyncssh.SSHReader[bytes], writer: asyncssh.SSHWriter
             writer.close()
             return
 
-        async def up() -> None:  # client -> device service
+        async def copy(src: Any, dst: Any, count: Callable[[int], None]) -> None:
+            # one direction with back-pressure; EOF is passed on where the end can half-close
             try:
-                while True:
-                    data = await reader.read(65536)
-                    if not data:
-                        break
-                    audit.bytes_in += len(data)
-                    twriter.write(data)
-                    await twriter.drain()
-                if twriter.can_write_eof():
-                    twriter.write_eof()
+                while data := await src.read(65536):
+                    count(len(data))
+                    dst.write(data)
+                    await dst.drain()
+                if dst.can_write_eof():
+                    dst.write_eof()
             except (OSError, asyncssh.Error):
                 pass
 
-        async def down() -> None:  # device service -> client
-            try:
-                while True:
-                    data = await treader.read(65536)
-                    if not data:
-                        break
-                    audit.bytes_out += len(data)
-                    writer.write(data)
-                    await writer.drain()
-                writer.write_eof()
-            except (OSError, asyncssh.Error):
-                pass
+        def counted_in(n: int) -> None:
+            audit.bytes_in += n
 
-        tasks = [asyncio.ensure_future(up()), asyncio.ensure_future(down())]
+        def counted_out(n: int) -> None:
+            audit.bytes_out += n
+
+        tasks = [asyncio.ensure_future(copy(reader, twriter, counted_in)),  # to the service
+                 asyncio.ensure_future(copy(treader, writer, counted_out))]  # to the client
         try:
             await asyncio.gather(*tasks)
         finally:

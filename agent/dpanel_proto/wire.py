@@ -387,10 +387,10 @@ _DECODERS: Dict[MsgType, Callable[[Mapping[str, Any]], Message]] = {
 }
 
 
-def decode(payload: Union[bytes, bytearray, str]) -> Message:
-    """Decode one MQTT payload. Raises :class:`DecodeError` naming what is wrong."""
-    if len(payload) > MAX_PAYLOAD:
-        raise DecodeError(f"payload: {len(payload)} bytes is over the {MAX_PAYLOAD} limit")
+def _json_object(payload: Union[bytes, bytearray, str], limit: int) -> Dict[str, Any]:
+    """The JSON object in ``payload`` (at most ``limit`` bytes), or :class:`DecodeError`."""
+    if len(payload) > limit:
+        raise DecodeError(f"payload: {len(payload)} bytes is over the {limit} limit")
     try:
         obj = json.loads(payload)
     except RecursionError:
@@ -400,6 +400,12 @@ def decode(payload: Union[bytes, bytearray, str]) -> Message:
         raise DecodeError(f"payload: not JSON ({exc})") from None
     if not isinstance(obj, dict):
         raise DecodeError("payload: expected a JSON object")
+    return obj
+
+
+def decode(payload: Union[bytes, bytearray, str]) -> Message:
+    """Decode one MQTT payload. Raises :class:`DecodeError` naming what is wrong."""
+    obj = _json_object(payload, MAX_PAYLOAD)
     v = obj.get("v")
     if v != PROTOCOL_VERSION:
         raise DecodeError(f"v: protocol version {v!r} is not {PROTOCOL_VERSION}")
@@ -583,17 +589,7 @@ def encode_audit(msg: AuditMessage) -> bytes:
 
 def decode_audit(payload: Union[bytes, bytearray, str]) -> AuditMessage:
     """Decode one payload of the audit topic; :class:`DecodeError` names what is wrong."""
-    if len(payload) > MAX_AUDIT_PAYLOAD:
-        raise DecodeError(f"payload: {len(payload)} bytes is over the {MAX_AUDIT_PAYLOAD} "
-                          "limit")
-    try:
-        obj = json.loads(payload)
-    except RecursionError:
-        raise DecodeError("payload: nested too deeply") from None
-    except (ValueError, UnicodeDecodeError) as exc:
-        raise DecodeError(f"payload: not JSON ({exc})") from None
-    if not isinstance(obj, dict):
-        raise DecodeError("payload: expected a JSON object")
+    obj = _json_object(payload, MAX_AUDIT_PAYLOAD)
     if obj.get("v") != PROTOCOL_VERSION:
         raise DecodeError(f"v: protocol version {obj.get('v')!r} is not {PROTOCOL_VERSION}")
     t = obj.get("type")

@@ -11,15 +11,14 @@ import json
 import sys
 from typing import Any, Callable
 
-from .client import ApiClient, make_client
+from .client import ApiClient, client_for, when
 
 __all__ = ["add_commands"]
 
 Adder = Callable[[Any, str, Callable[[argparse.Namespace], int], str], argparse.ArgumentParser]
 
 
-def _api(args: argparse.Namespace) -> ApiClient:
-    return make_client(getattr(args, "config", None), getattr(args, "context", None))
+_api = client_for
 
 
 # ---------------------------------------------------------------------------- users
@@ -41,10 +40,7 @@ def cmd_user_add(args: argparse.Namespace) -> int:
     return 0
 
 
-def _when(t: Any) -> str:
-    import time
-
-    return time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(t)) if t else "-"
+_when = when
 
 
 def cmd_user_list(args: argparse.Namespace) -> int:

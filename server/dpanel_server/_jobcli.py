@@ -5,11 +5,10 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-import time
 from typing import Any, Callable
 from urllib.parse import quote
 
-from .client import ApiClient, find_config
+from .client import client_for, when
 from .errors import DPanelError
 from .jobs import parse_duration, parse_max_errors
 
@@ -20,8 +19,7 @@ class _Usage(DPanelError):
     pass
 
 
-def _client(args: argparse.Namespace) -> ApiClient:
-    return ApiClient(find_config(args.config))
+_client = client_for  # server.toml, or a `dpanel login` context, as every command
 
 
 def _job_id(text: str) -> str:
@@ -30,8 +28,7 @@ def _job_id(text: str) -> str:
     return text
 
 
-def _when(t: Any) -> str:
-    return time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(t)) if t else "-"
+_when = when
 
 
 def _safe(text: str) -> str:

@@ -13,7 +13,6 @@ import json
 import os
 import shlex
 import sys
-import time
 from pathlib import Path
 from typing import Any, Callable, Optional, Sequence
 
@@ -22,7 +21,7 @@ from dpanel_proto.ports import API_PORT, STACK_BROKER_PORT, TUNNEL_PORT
 from dpanel_proto.util import atomic_write
 
 from . import __version__
-from .client import ApiClient, ApiError, find_config, make_client
+from .client import ApiClient, ApiError, client_for, find_config, when
 from .config import ServerConfig
 from .errors import DPanelError
 
@@ -32,9 +31,8 @@ __all__ = ["main"]
 HOST_SUFFIX = ".dpanel"
 
 
-def _client(args: argparse.Namespace) -> ApiClient:
-    """server.toml, or a ``dpanel login`` context (see client.make_client)."""
-    return make_client(args.config, getattr(args, "context", None))
+#: server.toml, or a ``dpanel login`` context (see client.make_client)
+_client = client_for
 
 
 def _print_json(obj: Any) -> None:
@@ -118,8 +116,7 @@ def cmd_device_list(args: argparse.Namespace) -> int:
     return 0
 
 
-def _when(t: Optional[float]) -> str:
-    return time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(t)) if t else "-"
+_when = when
 
 
 def cmd_device_show(args: argparse.Namespace) -> int:

@@ -25,8 +25,8 @@ from .errors import DPanelError
 if TYPE_CHECKING:
     from .login import Context
 
-__all__ = ["DEFAULT_CONFIG", "ApiClient", "ApiError", "ExecStream", "find_config",
-           "make_client"]
+__all__ = ["DEFAULT_CONFIG", "ApiClient", "ApiError", "ExecStream", "client_for", "find_config",
+           "make_client", "when"]
 
 DEFAULT_CONFIG = "/etc/dpanel/server.toml"
 
@@ -48,6 +48,18 @@ class ApiError(DPanelError):
 def find_config(path: Optional[str]) -> ServerConfig:
     """--config, else $DPANEL_CONFIG, else /etc/dpanel/server.toml."""
     return load_config(path or os.environ.get("DPANEL_CONFIG") or DEFAULT_CONFIG)
+
+
+def client_for(args: Any) -> ApiClient:
+    """The client of a parsed ``dpanel`` command line (its --config / --context)."""
+    return make_client(getattr(args, "config", None), getattr(args, "context", None))
+
+
+def when(t: Any) -> str:
+    """A timestamp as the CLI's tables show it (local time), "-" for none."""
+    import time
+
+    return time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(t)) if t else "-"
 
 
 def make_client(config: Optional[str] = None, context: Optional[str] = None,

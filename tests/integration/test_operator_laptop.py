@@ -79,6 +79,8 @@ def test_operator_laptop_over_https_only(site: tuple[Stack, Laptop, str],
     lap.ok("dpanel", "login", f"https://{host_ip}:443", "--token", token, "--ca-file", str(ca))
     assert json.loads(lap.ok("dpanel", "whoami", "--json"))["name"] == "alice"
     assert "kiosk-17" in lap.ok("dpanel", "device", "list").decode()
+    # every command takes the login context, the job commands too
+    assert json.loads(lap.ok("dpanel", "job", "list", "--json")) == []
 
     # exec: stdin in, output and the exit code out
     out = lap.run("dpanel", "exec", "-i", "kiosk-17", "--", "sh", "-c", "tr a-z A-Z; exit 5",

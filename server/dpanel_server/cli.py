@@ -467,6 +467,16 @@ def cmd_tunnel_run(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_edge_run(args: argparse.Namespace) -> int:
+    import asyncio
+
+    from .edge_service import run_edge
+
+    _logging(args.log_level)
+    asyncio.run(run_edge(find_config(args.config)))
+    return 0
+
+
 # ---------------------------------------------------------------------------- parser
 
 
@@ -568,6 +578,11 @@ def _parser() -> argparse.ArgumentParser:
     mgr = sub.add_parser("manager", help="run the manager").add_subparsers(dest="sub",
                                                                            required=True)
     add(mgr, "run", cmd_manager_run, "run the manager + API (systemd service)").add_argument(
+        "--log-level", default="info")
+
+    edg = sub.add_parser("edge", help="run the one-port TLS edge").add_subparsers(
+        dest="sub", required=True)
+    add(edg, "run", cmd_edge_run, "run the device edge alone (systemd service)").add_argument(
         "--log-level", default="info")
 
     st = sub.add_parser("stack", help="all services on loopback").add_subparsers(

@@ -214,9 +214,10 @@ def edge_from_config(cfg: ServerConfig) -> EdgeServer:
     e = cfg.edge
     assert e.listen and e.cert_file and e.key_file
     host, port = parse_hostport(e.listen, "edge.listen", 443)
-    bhost, bport = cfg.broker.host_port
+    burl = e.broker_upstream or cfg.broker.url.split(",")[0]
+    bhost, bport = parse_hostport(burl.split("://", 1)[1], "edge.broker_upstream", 1883)
     mqtt = Upstream(_dialable(bhost), bport, ca_file=cfg.broker.ca_file
-                    if cfg.broker.url.startswith("mqtts://") else None)
+                    if burl.startswith("mqtts://") else None)
     thost, tport = parse_hostport(cfg.tunnel.listen, "tunnel.listen", 2220)
     thost = _dialable(thost)
     routes = {ALPN_MQTT: mqtt,

@@ -249,3 +249,19 @@ def test_handover_has_the_operators_https_ca(tmp_path: Path) -> None:
 def load_config_text(lay: Layout, text: str) -> Any:
     lay.config.write_text(text)
     return load_config(lay.config)
+
+
+def test_appliance_edge_splices_mqtt_to_the_device_listener(tmp_path: Path) -> None:
+    """The appliance's edge: MQTT to the broker's TLS device listener (its limits),
+    verified against the broker CA; SSH to the tunnel from per-source loopback addresses."""
+    from dpanel_server.edge import ALPN_MQTT, ALPN_SSH, edge_from_config
+    from dpanel_server.pki import ensure_broker_tls
+
+    lay = _layout(tmp_path)
+    cfg = load_config_text(lay, _desired_config(lay, Options(public_host="dp.example.com",
+                                                             edge_listen="127.0.0.1:8443")))
+    ensure_broker_tls(lay.tls, ["dp.example.com"], leaf="edge")
+    edge = edge_from_config(cfg)
+    mqtt, ssh = edge._routes[ALPN_MQTT], edge._routes[ALPN_SSH]
+    assert (mqtt.host, mqtt.port, mqtt.ca_file) == ("127.0.0.1", 8883, cfg.broker.ca_file)
+    assert (ssh.host, ssh.port, ssh.spread_source) == ("127.0.0.1", 2220, True)

@@ -460,12 +460,14 @@ def test_operator_needs_no_root_and_no_server_file(appliance: Appliance, device:
     host, port = _https(appliance)
     name = f"appl-op-{os.getpid()}"
     token = appliance.check(f"dpanel user add {name} --role operator --print-token").strip()
-    home = Path(tempfile.mkdtemp(prefix="appl-operator-"))  # not under root's 0700 tmp
+    top = Path(tempfile.mkdtemp(prefix="appl-operator-"))  # not under root's 0700 tmp
+    home = top / "home"
     try:
+        home.mkdir()
         (home / "ca.pem").write_text(str(appliance.https_ca))
         os.chown(home, NOBODY, NOBODY)
         os.chown(home / "ca.pem", NOBODY, NOBODY)
-        env = {"HOME": str(home), "PATH": f"{Path(sys.executable).parent}:/usr/bin:/bin",
+        env = {"HOME": str(home), "PATH": f"{_operator_cli(top)}:/usr/bin:/bin",
                "LANG": "C.UTF-8"}
 
         def op(*argv: str, input: bytes | None = None) -> subprocess.CompletedProcess[bytes]:
@@ -500,8 +502,26 @@ def test_operator_needs_no_root_and_no_server_file(appliance: Appliance, device:
         assert not any(h.endswith((".toml", ".token")) and "config/dpanel" not in h
                        for h in held), held
     finally:
-        shutil.rmtree(home, ignore_errors=True)
+        shutil.rmtree(top, ignore_errors=True)
         appliance.dpanel("user", "revoke", name)
+
+
+def _operator_cli(top: Path) -> Path:
+    """A bin directory with a `dpanel` that an unprivileged user can run: the test venv's
+    interpreter may live under root's 0700 home, so this is Debian's python3 (3.11, the
+    same ABI) with the test venv's site-packages, which are world-readable."""
+    venv = top / "venv"
+    subprocess.run(["/usr/bin/python3", "-m", "venv", "--without-pip", str(venv)], check=True)
+    site = next((venv / "lib").glob("python3*/site-packages"))
+    dev_site = next(Path(sys.prefix).glob("lib/python3*/site-packages"))
+    (site / "dpanel-dev.pth").write_text(f"import site; site.addsitedir({str(dev_site)!r})\n")
+    script = venv / "bin" / "dpanel"
+    script.write_text(f"#!{venv / 'bin' / 'python'}\nimport sys\n"
+                      "from dpanel_server.cli import main\nsys.exit(main())\n")
+    script.chmod(0o755)
+    top.chmod(0o755)
+    subprocess.run(["chmod", "-R", "a+rX", str(venv)], check=True)
+    return venv / "bin"
 
 
 def test_device_with_an_edge_token_comes_online_through_the_edge(

@@ -184,6 +184,12 @@ def _auth(request: Request, cred: _Credentials) -> Principal:
     """The caller, from the app's authenticator (``app.state.authenticate``, which a
     WebSocket route can call with the token it got)."""
     authenticate = request.app.state.authenticate
+    web = getattr(request.app.state, "web_principal", None)
+    if cred is None and web is not None:
+        # the web panel's session cookie (webpanel.py: CSRF-checked for state changes)
+        who = web(request)
+        if who is not None:
+            return who  # type: ignore[no-any-return]
     return authenticate(cred.credentials if cred is not None else "")  # type: ignore[no-any-return]
 
 
@@ -494,6 +500,9 @@ def create_app(manager: Manager, admin_token: str) -> FastAPI:
     from .jobs_api import add_job_routes
 
     add_job_routes(app, manager, _auth)  # /v1/jobs
+    from . import webpanel
+
+    webpanel.install(app, manager)  # the fleet web panel: /, /web/* (issue 10)
     return app
 
 

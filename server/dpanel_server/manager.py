@@ -182,6 +182,10 @@ class Manager:
             self._known_hosts_due.cancel()
         self.registry.close()
 
+    def on_presence(self, listener: Callable[[str], None]) -> None:
+        """Call ``listener(device)`` ("*": every device) when a presence may have changed."""
+        self._presence.listeners.append(listener)
+
     def broker_connected(self) -> bool:
         return self._requests.connected()
 

@@ -74,6 +74,10 @@ class Panel:
         ctx = self.browser.new_context(ignore_https_errors=True,
                                        viewport={"width": 1280, "height": 900})
         ctx.add_init_script(WATCH)
+        ctx.set_default_timeout(90_000)  # bounds a hang on 2 loaded cores; never asserted
+        # the page's own errors, shown with a failing test's captured output
+        ctx.on("console", lambda m: print(f"browser console {m.type}: {m.text}"))
+        ctx.on("weberror", lambda e: print(f"browser error: {e.error}"))
         return ctx
 
     def login(self, token: str) -> tuple[Any, Any]:
@@ -96,10 +100,12 @@ class Panel:
         try:
             with urllib.request.urlopen(req, timeout=60, context=ctx) as r:
                 raw = r.read()
-                return r.status, r.headers, json.loads(raw) if raw[:1] in b"[{" else raw
+                js = r.headers.get("Content-Type", "").startswith("application/json")
+                return r.status, r.headers, json.loads(raw) if js else raw
         except urllib.error.HTTPError as e:
             raw = e.read()
-            return e.code, e.headers, json.loads(raw) if raw[:1] in b"[{" else raw
+            js = e.headers.get("Content-Type", "").startswith("application/json")
+            return e.code, e.headers, json.loads(raw) if js else raw
 
 
 def _fake_status(stack: Stack, token: str, payloads: list[bytes]) -> Any:
@@ -366,11 +372,23 @@ def test_terminal_runs_resizes_and_is_recorded(panel: Panel) -> None:
                and r.get("recording") == "ok"]
         return rec[-1] if rec else None
     rec = wait_for(recorded, "otto's web shell in the audit", 60)
+    # its parts travel outside the chained record: wait until all of them are in
+    auth = {"Authorization": f"Bearer {panel.admin_token}"}
+    wait_for(lambda: panel.https("GET", f"/v1/audit/{rec['id']}/recording", headers=auth)[1]
+             .get("X-Dpanel-Recording") == "verified", "the whole recording", 60, interval=1)
     page.goto(panel.url + "#/")
     page.goto(panel.url + "#/device/dev-a")
     page.click(f'button.replay[data-id="{rec["id"]}"]')
     page.wait_for_selector("#replay-box[data-done]", timeout=60_000)
-    assert "uname -m" in page.locator("#replay-box .xterm-rows").inner_text()
+    # what the screen showed last: stty's answer (the clear wiped what came before)
+    replayed = lambda: page.locator("#replay-box .xterm-rows").inner_text().replace(  # noqa: E731
+        "\xa0", " ")
+    try:
+        wait_for(lambda: f"{rows} {cols}" in replayed(), "the replay shows the session", 30)
+    except TimeoutError:
+        cast = panel.https("GET", f"/v1/audit/{rec['id']}/recording", headers=auth)[2]
+        html = page.evaluate("document.getElementById('replay-box').outerHTML")
+        raise AssertionError(f"replay of {cast!r}: {replayed()!r} {html[:3000]}") from None
     ctx.close()
 
 

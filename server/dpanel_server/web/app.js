@@ -480,6 +480,7 @@
     ws.onopen = () => {
       ws.send(JSON.stringify({ csrf: csrf(), cols: term.cols, rows: term.rows }));
       term.focus();
+      box.scrollIntoView();
       box.dataset.state = "open";
     };
     ws.onmessage = (ev) => {
@@ -512,6 +513,7 @@
     if (!r.ok) { clear(box).append(el("p", { class: "error" }, "recording: HTTP " + r.status)); return; }
     const lines = (await r.text()).split("\n").filter(Boolean);
     const { term } = newTerm(box);
+    box.scrollIntoView();  // xterm.js renders only while it is in the viewport
     box.dataset.replay = String(id);
     let last = 0;
     for (const line of lines.slice(1)) {
@@ -523,7 +525,7 @@
       if (wait > 5) await new Promise((res) => setTimeout(res, wait));
       term.write(ev[2]);
     }
-    box.dataset.done = "1";
+    term.write("", () => { box.dataset.done = "1"; });  // after the last write is parsed
   }
 
   // ---------------------------------------------------------------- routing

@@ -25,7 +25,7 @@ from ._util import raise_nofile, section
 __all__ = ["SECTIONS", "main"]
 
 SECTIONS = ("throughput", "scp", "exec", "api_load", "memory", "agent_idle", "scale", "enrol",
-            "image")
+            "image", "web")
 
 
 def _version(argv: list[str]) -> str:
@@ -127,6 +127,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     from .scale import run_scale
     from .scp_paths import run_scp_paths
     from .throughput import run_throughput
+    from .web import run_web
 
     runners: dict[str, Callable[[], dict[str, Any]]] = {
         "throughput": lambda: run_throughput(work, nbytes=s["bytes"], reps=s["tput_reps"],
@@ -144,6 +145,10 @@ def main(argv: Optional[list[str]] = None) -> int:
                                    connect_rate=args.connect_rate),
         "enrol": lambda: run_enrol(work, n=s["enrol_devices"]),
         "image": lambda: _image(args),
+        # a browser and 3,000 devices: not part of the --quick smoke run unless asked for
+        "web": lambda: ({"skipped": "--quick: pass --only web"} if args.quick and not args.only
+                        else run_web(work, devices=40 if args.quick else 3000,
+                                     reps=5 if args.quick else 20)),
     }
     results: dict[str, Any] = {"meta": {**_meta(args), "settings": s, "nofile": fds,
                                         "workdir": str(work)}}

@@ -39,7 +39,7 @@ SIMULATED = 3000
 pytestmark = pytest.mark.skipif(not Path(CHROMIUM).exists(), reason="needs Debian's chromium")
 
 HOSTILE = '<img src=x onerror="window.__xss=1">'
-HOSTILE_SCRIPT = "<script>window.__xss=1</script>"
+HOSTILE_SCRIPT = "<script>alert(document.domain)</script>"  # a label key: no "="
 
 #: Before any page script: count what must never happen (a script we did not ship ran,
 #: or the page tried to run one and CSP refused it: both mean markup reached the DOM).
@@ -80,9 +80,11 @@ class Panel:
         ctx.on("weberror", lambda e: print(f"browser error: {e.error}"))
         return ctx
 
-    def login(self, token: str) -> tuple[Any, Any]:
+    def login(self, token: str, dialogs: list[str] | None = None) -> tuple[Any, Any]:
         ctx = self.context()
         page = ctx.new_page()
+        if dialogs is not None:  # any alert/confirm/prompt, from the first byte on
+            page.on("dialog", lambda d: (dialogs.append(d.message), d.dismiss()))
         page.goto(self.url)
         page.fill("#token", token)
         page.click("#login-button")
@@ -263,24 +265,26 @@ def test_login_sets_a_strict_session_cookie_and_logout_ends_it(panel: Panel) -> 
 def test_3000_devices_render_filter_and_page(panel: Panel) -> None:
     ctx, page = panel.login(panel.admin_token)
     page.wait_for_function(
-        f"() => (document.getElementById('counts')||{{}}).textContent?.startsWith('{SIMULATED + 2}')"
-        " || /^300[0-9] devices/.test(document.getElementById('counts').textContent)")
+        "() => /^300[0-9] devices/.test(document.getElementById('counts')?.textContent)")
     counts = page.text_content("#counts") or ""
     total, online = int(counts.split()[0]), int(counts.split(": ")[1].split()[0])
     assert total >= SIMULATED + 2 and online >= SIMULATED, counts
     assert page.locator("#fleet-body tr").count() == 100  # one page, not 3,000 rows
     t0 = time.monotonic()
     page.fill("#filter", "site=s7")
-    page.wait_for_function("() => document.getElementById('page').textContent.includes('(300 shown)')")
+    page.wait_for_function("() => document.getElementById('page').textContent"
+                           ".includes('(300 shown)')")
     filter_s = time.monotonic() - t0
     assert page.locator("#fleet-body tr").count() == 100
     page.click("#next")
     assert "page 2 of 3" in (page.text_content("#page") or "")
     page.fill("#filter", "sim-0042")
-    page.wait_for_function("() => document.getElementById('page').textContent.includes('(1 shown)')")
+    page.wait_for_function("() => document.getElementById('page').textContent"
+                           ".includes('(1 shown)')")
     assert page.text_content("#fleet-body tr td:nth-child(4)") == "online"
     page.fill("#filter", "")
-    page.wait_for_function("() => document.getElementById('fleet-body').children.length === 100")
+    page.wait_for_function("() => document.getElementById('fleet-body').children.length"
+                           " === 100")
     panel.shot(page, "web-fleet")
     # still responsive: a filter over 3,000 rows is a keystroke, not a hang (bounded loosely)
     assert filter_s < 30, filter_s
@@ -316,7 +320,8 @@ def test_exec_output_exit_codes_and_a_fanout_summary(panel: Panel) -> None:
     page.goto(panel.url + "#/device/dev-a")
     page.fill("#exec-command", "echo hello-from-web; echo oops >&2; exit 3")
     page.click("#exec-run")
-    page.wait_for_function("() => document.getElementById('exec-summary').textContent === '1 exit 3'")
+    page.wait_for_function("() => document.getElementById('exec-summary').textContent"
+                           " === '1 exit 3'")
     out = page.text_content('pre.out[data-device="dev-a"]') or ""
     assert "hello-from-web" in out and "oops" in out
     assert page.text_content('span.status[data-device="dev-a"]') == "exit 3"
@@ -447,30 +452,32 @@ def test_a_hostile_device_runs_no_script(panel: Panel) -> None:
         headers={"Authorization": f"Bearer {panel.admin_token}"})
     assert status == 201, out
     token = out["token"]
+    # its audit: an exec the API records with the command as given (offline: fails fast)
+    panel.https("POST", "/v1/devices/evil/exec", {"command": HOSTILE, "stream": False},
+                headers={"Authorization": f"Bearer {panel.admin_token}"})
+    # its own MQTT session reports markup as its version and host key (the manager drops
+    # that status), then a well-formed one
     hostile = json.loads(wire.encode(wire.Status(device="evil", state="online")))
     hostile.update(agent_version=HOSTILE, host_key=f"ssh-ed25519 {HOSTILE_SCRIPT}")
     fine = wire.encode(wire.Status(device="evil", state="online", agent_version="1.0"))
     client = _fake_status(panel.stack, token, [json.dumps(hostile).encode(), fine])
     try:
-        # and its audit: an exec the API records with the command as given
-        panel.https("POST", "/v1/devices/evil/exec",
-                    {"command": HOSTILE, "stream": False, "timeout": 5},
-                    headers={"Authorization": f"Bearer {panel.admin_token}"})
         dialogs: list[str] = []
-        ctx, page = panel.login(panel.admin_token)
-        page.on("dialog", lambda d: (dialogs.append(d.message), d.dismiss()))
+        ctx, page = panel.login(panel.admin_token, dialogs)
         page.fill("#filter", "evil")
-        page.wait_for_selector('#fleet-body tr[data-device="evil"][data-state="online"]',
-                               timeout=60_000)
+        page.wait_for_selector('#fleet-body tr[data-device="evil"][data-state="online"]')
         row = page.text_content('#fleet-body tr[data-device="evil"]') or ""
         assert HOSTILE in row and HOSTILE_SCRIPT in row and "1.0" in row, row
         page.goto(panel.url + "#/device/evil")
         page.wait_for_selector("#audit")
         assert HOSTILE in (page.text_content("#audit") or "")
-        for p in (page,):
-            assert p.evaluate("document.querySelectorAll('main img, main script').length") == 0
-            assert p.evaluate("window.__xss") == 0
-            assert p.evaluate("window.__violations") == []
+        page.goto(panel.url + "#/")
+        page.fill("#filter", "evil")
+        page.wait_for_selector('#fleet-body tr[data-device="evil"]')
+        assert page.evaluate("document.querySelectorAll('main img, main script').length") == 0
+        # nothing ran, and nothing even tried (CSP would have reported a blocked attempt)
+        assert page.evaluate("window.__xss") == 0
+        assert page.evaluate("window.__violations") == []
         assert dialogs == []
         ctx.close()
     finally:

@@ -132,6 +132,8 @@ def _fake_status(stack: Stack, token: str, payloads: list[bytes]) -> Any:
 def panel(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Panel]:
     from playwright.sync_api import sync_playwright
 
+    vendor = Path(__file__).parents[2] / "server" / "dpanel_server" / "web" / "vendor"
+    assert (vendor / "xterm.js").exists(), "xterm.js is missing: python3 tasks.py lint fetches it"
     base = tmp_path_factory.mktemp("web")
     d = base / "stack"
     https_port = free_port()
@@ -357,6 +359,7 @@ def test_terminal_runs_resizes_and_is_recorded(panel: Panel) -> None:
     page.keyboard.type("uname -m")
     page.keyboard.press("Enter")
     wait_for(lambda: platform.machine() in _screen(page), "uname -m answered", 30)
+    panel.shot(page, "web-terminal")
     # resize: a smaller window refits the terminal, and the PTY learns it
     before = page.text_content("#term-size")
     page.set_viewport_size({"width": 900, "height": 700})
@@ -366,7 +369,6 @@ def test_terminal_runs_resizes_and_is_recorded(panel: Panel) -> None:
     page.keyboard.type("clear; stty size")
     page.keyboard.press("Enter")
     wait_for(lambda: f"{rows} {cols}" in _screen(page), f"stty size says {rows} {cols}", 30)
-    panel.shot(page, "web-terminal")
     page.keyboard.type("exit")
     page.keyboard.press("Enter")
     page.wait_for_selector('#term-box[data-state="closed"]', timeout=30_000)

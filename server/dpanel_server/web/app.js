@@ -460,7 +460,7 @@
     const div = el("div", { class: "term", id: "term" });
     box.append(div);
     const term = new window.Terminal({ cursorBlink: true, scrollback: 5000, fontSize: 14,
-                                       fontFamily: "monospace" });
+                                       lineHeight: 1.2, fontFamily: "monospace" });
     const fit = new window.FitAddon.FitAddon();
     term.loadAddon(fit);
     term.open(div);

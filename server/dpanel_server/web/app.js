@@ -7,6 +7,7 @@
 (function () {
   const PAGE = 100;            // rows per page: 3,000 devices are 30 pages, never 3,000 <tr>
   const FANOUT = 8;            // concurrent execs of a selection (each its own API stream)
+  const MAX_PANE = 1 << 20;    // characters of output shown per device
   const state = { me: null, csrf: "", fleet: new Map(), order: [], seq: 0, page: 0,
                   filter: "", selected: new Set(), es: null, buffered: [], loaded: false,
                   rowOf: new Map(), term: null };
@@ -313,7 +314,7 @@
       }
       const reader = r.body.getReader();
       const text = new TextDecoder();
-      let buf = "", exit = null;
+      let buf = "", exit = null, shown = 0, cut = false;
       for (;;) {
         const { value, done } = await reader.read();
         if (done) break;
@@ -326,7 +327,15 @@
           if (ev.stdout !== undefined || ev.stderr !== undefined || ev.data !== undefined) {
             const kind = ev.stream || (ev.stderr !== undefined ? "stderr" : "stdout");
             const data = ev.data !== undefined ? ev.data : ev[kind];
-            pre.append(dec[kind === "stderr" ? "stderr" : "stdout"].decode(b64bytes(data), { stream: true }));
+            const text = dec[kind === "stderr" ? "stderr" : "stdout"].decode(b64bytes(data), { stream: true });
+            // a huge output must not take the tab down: keep the first MiB per device,
+            // read (and drop) the rest so that the exit status still arrives
+            if (shown < MAX_PANE) pre.append(text.slice(0, MAX_PANE - shown));
+            shown += text.length;
+            if (shown >= MAX_PANE && !cut) {
+              cut = true;
+              pre.append("\n[output cut at 1 MiB here; dpanel exec --out-dir keeps all of it]\n");
+            }
           } else if (ev.exit !== undefined) {
             exit = ev.exit;
           } else if (ev.error !== undefined) {

@@ -327,6 +327,15 @@ def test_exec_output_exit_codes_and_a_fanout_summary(panel: Panel) -> None:
     out = page.text_content('pre.out[data-device="dev-a"]') or ""
     assert "hello-from-web" in out and "oops" in out
     assert page.text_content('span.status[data-device="dev-a"]') == "exit 3"
+    # 3 MB of output: the pane keeps the first MiB, says so, and the exit still arrives
+    page.fill("#exec-command", "head -c 3000000 /dev/zero | tr '\\0' a; exit 4")
+    page.click("#exec-run")
+    page.wait_for_function("() => document.getElementById('exec-summary').textContent"
+                           " === '1 exit 4'")
+    size = page.evaluate("document.querySelector('pre.out[data-device=\"dev-a\"]')"
+                         ".textContent.length")
+    assert (1 << 20) < size < (1 << 20) + 200, size
+    assert "[output cut at 1 MiB" in (page.text_content('pre.out[data-device="dev-a"]') or "")
     # a selection: both real devices and one simulated device that cannot run anything
     page.goto(panel.url + "#/")
     page.fill("#filter", "dev-")

@@ -173,8 +173,9 @@ def panel(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Panel]:
                 args += ["--label", lab]
             p.tokens[name] = token = stack.cli_ok(*args).strip()
             p.agents[name] = stack.start_agent(token, base / name)
-        for name, role in (("vera", "viewer"), ("otto", "operator")):
-            p.users[name] = stack.cli_ok("user", "add", name, "--role", role,
+        for name, role, *scope in (("vera", "viewer"), ("otto", "operator"),
+                                   ("sia", "operator", "--scope", "site=a")):
+            p.users[name] = stack.cli_ok("user", "add", name, "--role", role, *scope,
                                          "--print-token").strip()
         for name in ("dev-a", "dev-b"):
             stack.wait_online(name, 60)
@@ -521,3 +522,47 @@ def test_an_admin_enrols_with_the_token_shown_once_and_revokes(panel: Panel) -> 
                            ".startsWith('revoked')", timeout=30_000)
     assert panel.stack.device("web-new")["revoked"]
     ctx.close()
+
+
+def test_a_scoped_operator_sees_and_reaches_only_its_devices(panel: Panel) -> None:
+    status, headers, me = panel.https("POST", "/web/login", {"token": panel.users["sia"]},
+                                      {"Origin": panel.url.rstrip("/")})
+    assert status == 200 and me["scope"] == ["site=a"], me
+    cookie = next(c.split(";")[0] for c in headers.get_all("Set-Cookie")
+                  if c.startswith("__Host-dpanel_session="))
+    fleet = panel.https("GET", "/web/fleet", headers={"Cookie": cookie})[2]
+    assert [d["id"] for d in fleet["devices"]] == ["dev-a"]
+    status, _, out = panel.https("GET", "/web/devices/dev-b", headers={"Cookie": cookie})
+    assert status == 403 and "outside sia's scope" in out["error"]
+    from websockets.exceptions import InvalidStatus
+    from websockets.sync.client import connect
+
+    tls = ssl.create_default_context(cafile=str(panel.ca))
+    origin = panel.url.rstrip("/")
+    with pytest.raises(InvalidStatus) as err:
+        connect(origin.replace("https", "wss") + "/web/devices/dev-b/terminal", ssl=tls,
+                additional_headers={"Cookie": cookie, "Origin": origin},
+                open_timeout=30).close()
+    assert err.value.response.status_code == 403
+    # in scope, but without the session's CSRF token in the first message: no shell
+    from websockets.exceptions import ConnectionClosed
+
+    with connect(origin.replace("https", "wss") + "/web/devices/dev-a/terminal", ssl=tls,
+                 additional_headers={"Cookie": cookie, "Origin": origin},
+                 open_timeout=60) as ws:
+        ws.send(json.dumps({"csrf": "guessed", "cols": 80, "rows": 24}))
+        with pytest.raises(ConnectionClosed) as closed:
+            ws.recv(30)
+        assert closed.value.rcvd is not None and closed.value.rcvd.code == 1008
+    # in scope: the terminal opens (first message: the CSRF token and the size)
+    with connect(origin.replace("https", "wss") + "/web/devices/dev-a/terminal", ssl=tls,
+                 additional_headers={"Cookie": cookie, "Origin": origin},
+                 open_timeout=60) as ws:
+        ws.send(json.dumps({"csrf": me["csrf"], "cols": 80, "rows": 24}))
+        ws.send(b"echo scoped-$((6*7))\rexit\r")
+        got = b""
+        for msg in ws:
+            got += msg if isinstance(msg, bytes) else b""
+            if isinstance(msg, str) and "exit" in json.loads(msg):
+                break
+        assert b"scoped-42" in got

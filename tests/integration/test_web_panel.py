@@ -329,6 +329,17 @@ def test_presence_flips_live_when_an_agent_stops_and_starts(panel: Panel) -> Non
 
 def test_exec_output_exit_codes_and_a_fanout_summary(panel: Panel) -> None:
     ctx, page = panel.login(panel.users["otto"])
+    page.goto(panel.url + "#/device/dev-b")
+    assert (page.text_content("#hostkey") or "").startswith("SHA256:")
+    assert page.text_content("#pin-state") == "pinned"
+    page.click("#tunnel-open")
+    page.wait_for_function("() => document.getElementById('tunnel-msg').textContent"
+                           ".startsWith('open on port')")
+    port = int((page.text_content("#tunnel-msg") or "").split()[-1])
+    assert json.loads(panel.stack.cli_ok("tunnel", "list", "--json")).get("dev-b") == port
+    page.click("#tunnel-close")
+    page.wait_for_function("() => document.getElementById('tunnel-msg').textContent"
+                           " === 'closed'")
     page.goto(panel.url + "#/device/dev-a")
     page.fill("#exec-command", "echo hello-from-web; echo oops >&2; exit 3")
     page.click("#exec-run")

@@ -73,7 +73,7 @@ import asyncssh
 from dpanel_proto.ratelog import RateLimitedLog
 from dpanel_proto.wire import printable
 
-from .audit import AuditShipper, Recorder, RecordingFailed, SessionAudit
+from .audit import AuditShipper, Recorder, RecordingFailed, SessionAudit, take_origin
 from .pumps import copy_from_fd, feed_fd
 
 __all__ = ["HANGUP_GRACE", "PRINCIPAL_ALL", "PRINCIPAL_PREFIX", "ROOT_PATH", "SESSION_UMASK",
@@ -198,6 +198,9 @@ class _Server(asyncssh.SSHServer):
     def connection_made(self, conn: asyncssh.SSHServerConnection) -> None:
         peer = conn.get_extra_info("peername")
         self._peer = f"{peer[0]}:{peer[1]}" if isinstance(peer, tuple) else "?"
+        origin = take_origin(self._peer)
+        if origin is not None:
+            self._peer = f"tunnel {origin}"  # the tunnel's side of this connection
         self._conn = conn
         self._owner._conns.add(conn)
         self._owner._servers[conn] = self

@@ -213,6 +213,9 @@ def _api_server(app: object, host: str, port: int, cls: type[_ApiServer] = _ApiS
         # connections still sending their request can never fill it
         limit_concurrency=API_LIMIT_CONCURRENCY,
         timeout_keep_alive=5,                     # idle keep-alive connections, seconds
+        # the audit's source is the socket's peer: never an X-Forwarded-For a client
+        # (on loopback, which uvicorn trusts by default) made up
+        proxy_headers=False,
         h11_max_incomplete_event_size=16 * 1024,  # request line + headers, bytes
         backlog=1024,
         **ssl,  # type: ignore[arg-type]

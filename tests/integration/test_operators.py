@@ -402,6 +402,28 @@ def test_a_tls_handshake_flood_does_not_starve_operators(world: Stack, tmp_path:
     assert out.returncode == 0, out
 
 
+def test_a_forwarded_for_header_cannot_forge_the_audit_source(world: Stack) -> None:
+    """uvicorn trusts X-Forwarded-For from loopback by default; the API must not: the
+    audit's source is the socket's peer."""
+    req = urllib.request.Request(
+        f"http://127.0.0.1:{world.api_port}/v1/devices/dev-a/exec", method="POST",
+        data=json.dumps({"command": "echo forged-source", "stream": False}).encode(),
+        headers={"Authorization": f"Bearer {_admin(world)}",
+                 "Content-Type": "application/json", "X-Forwarded-For": "203.0.113.7",
+                 "X-Real-IP": "203.0.113.8", "Forwarded": "for=203.0.113.9"})
+    with urllib.request.urlopen(req, timeout=60) as r:
+        assert json.loads(r.read())["exit"] == 0
+
+    def row() -> Any:
+        rows = json.loads(world.cli_ok("audit", "--json", "--device", "dev-a"))
+        return next((x for x in rows if x["command"] == "echo forged-source"
+                     and x.get("api")), None)
+
+    found = wait_for(row, "the exec's audit row", 60)
+    assert found["api"]["source"] == "127.0.0.1", found
+    assert "203.0.113" not in json.dumps(found), found
+
+
 def test_a_wrong_pin_is_refused_on_the_relay_paths(world: Stack, tmp_path: Path) -> None:
     """`exec -i` and `proxy` go through the TLS relay thread; a pin that does not match
     must stop them before the token is sent, with the same clear error as the rest."""

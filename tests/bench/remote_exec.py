@@ -22,7 +22,7 @@ import urllib.request
 from contextlib import contextmanager
 from pathlib import Path
 from statistics import median
-from typing import Any, Iterator, Optional
+from typing import Any, Callable, Iterator, Optional
 
 from stackfix import BIN, Stack
 from support import free_port
@@ -61,14 +61,48 @@ def _first_output(argv: list[str], env: dict[str, str]) -> float:
     return t
 
 
-def _series(stack: Stack, argv: list[str], env: dict[str, str], reps: int
-            ) -> dict[str, float]:
+def _api_first_output(api: Any) -> float:
+    """The same through the CLI's own client, in this process: no Python start-up."""
+    t0 = time.perf_counter()
+    first: Optional[float] = None
+    for event in api.stream("POST", f"/v1/devices/{_DEVICE}/exec", {"command": "echo hi"}):
+        if "error" in event:
+            raise RuntimeError(str(event["error"]))
+        if first is None and "stdout" in event:
+            first = time.perf_counter() - t0
+        if "exit" in event:
+            break
+    if first is None:
+        raise RuntimeError("exec stream ended without output")
+    return first
+
+
+def _series(stack: Stack, run: Callable[[], float], reps: int) -> dict[str, float]:
     cold, warm = [], []
     for _ in range(reps):
         stack.cli_ok("tunnel", "close", _DEVICE)
-        cold.append(_first_output(argv, env))
-        warm.append(_first_output(argv, env))
+        time.sleep(0.3)  # let the agent finish tearing its forward down (as section exec)
+        cold.append(run())
+        warm.append(run())
     return {"cold_s": round(median(cold), 3), "warm_s": round(median(warm), 3)}
+
+
+def _remote_client(home: Path) -> Any:
+    """An ApiClient of the login context in ``home`` (what the laptop's CLI builds)."""
+    from dpanel_server.client import ApiClient
+    from dpanel_server.login import pick_context
+
+    old = os.environ.get("XDG_CONFIG_HOME")
+    os.environ["XDG_CONFIG_HOME"] = str(home / ".config")
+    try:
+        ctx = pick_context(None, required=True)
+    finally:
+        if old is None:
+            os.environ.pop("XDG_CONFIG_HOME", None)
+        else:
+            os.environ["XDG_CONFIG_HOME"] = old
+    assert ctx is not None
+    return ApiClient(context=ctx)
 
 
 def run_remote_exec(workdir: Path, *, reps: int) -> dict[str, Any]:
@@ -89,8 +123,19 @@ def run_remote_exec(workdir: Path, *, reps: int) -> dict[str, Any]:
         if out.returncode != 0:
             raise RuntimeError(f"login failed: {out.stderr[-300:]!r}")
         argv = [str(BIN / "dpanel"), "exec", _DEVICE, "--", "echo", "hi"]
-        result["paths"]["remote-https"] = _series(stack, argv, remote_env, reps)
-        result["paths"]["on-host"] = _series(stack, argv, dict(stack.env), reps)
+        host_env = dict(stack.env)
+        result["paths"]["remote-https"] = _series(
+            stack, lambda: _first_output(argv, remote_env), reps)
+        result["paths"]["on-host"] = _series(stack, lambda: _first_output(argv, host_env),
+                                             reps)
+        from dpanel_server.client import ApiClient
+        from dpanel_server.config import load_config
+
+        remote_api, host_api = _remote_client(home), ApiClient(load_config(stack.config))
+        result["paths"]["remote-https-api"] = _series(
+            stack, lambda: _api_first_output(remote_api), reps)
+        result["paths"]["on-host-api"] = _series(
+            stack, lambda: _api_first_output(host_api), reps)
         # certificate issue, over the same pinned HTTPS as a laptop's `dpanel ssh`
         key = workdir / "rx-key"
         key.unlink(missing_ok=True)
@@ -109,9 +154,9 @@ def run_remote_exec(workdir: Path, *, reps: int) -> dict[str, Any]:
             times.append(time.perf_counter() - t0)
         result["cert_issue_https_s"] = round(median(times), 4)
     p = result["paths"]
-    result["ratios"] = {f"remote/on-host {k[:-2]}": _ratio(p["remote-https"].get(k),
-                                                          p["on-host"].get(k))
-                        for k in ("cold_s", "warm_s")}
+    result["ratios"] = {f"remote/on-host {how}{k[:-2]}": _ratio(
+        p[f"remote-https{suffix}"].get(k), p[f"on-host{suffix}"].get(k))
+        for suffix, how in (("", "cli "), ("-api", "api ")) for k in ("cold_s", "warm_s")}
     return result
 
 
@@ -122,10 +167,12 @@ def _ratio(a: Optional[float], b: Optional[float]) -> Optional[float]:
 def rows(r: dict[str, Any]) -> list[Row]:
     out = []
     p = r.get("paths", {})
-    for k in ("cold_s", "warm_s"):
-        v, b = p.get("remote-https", {}).get(k), p.get("on-host", {}).get(k)
-        out.append(Row(f"exec first output, laptop over HTTPS {k[:-2]} vs on-host", v, "s",
-                       b, _ratio(v, b), "report"))
+    for suffix, how in (("", "CLI"), ("-api", "API client")):
+        for k in ("cold_s", "warm_s"):
+            v = p.get(f"remote-https{suffix}", {}).get(k)
+            b = p.get(f"on-host{suffix}", {}).get(k)
+            out.append(Row(f"exec first output ({how}), laptop over HTTPS {k[:-2]} vs "
+                           "on-host", v, "s", b, _ratio(v, b), "report"))
     out.append(Row("certificate issue over HTTPS (POST /v1/certs)",
                    r.get("cert_issue_https_s"), "s", goal="report"))
     return out

@@ -137,7 +137,11 @@ def main(argv: Optional[list[str]] = None) -> int:
                                                                  else 128 << 20),
                                      reps=s["tput_reps"]),
         "exec": lambda: run_latency(work, reps=s["exec_reps"]),
-        "remote_exec": lambda: run_remote_exec(work, reps=1 if args.quick else s["exec_reps"]),
+        # not in a --quick smoke run unless asked for: the smoke test's budget is spent
+        "remote_exec": lambda: (run_remote_exec(work, reps=1 if args.quick else
+                                                s["exec_reps"])
+                                if not args.quick or args.only else
+                                {"skipped": "--quick (use --only remote_exec)"}),
         "api_load": lambda: run_api_load(work, nbytes=(8 << 20) if args.quick else 100 << 20),
         "memory": lambda: run_memory(work, counts=s["counts"], sshd_conns=s["sshd_conns"]),
         "agent_idle": lambda: run_agent_idle(work, window=s["idle_window"]),

@@ -303,6 +303,14 @@ def test_3000_devices_render_filter_and_page(panel: Panel) -> None:
     ctx.close()
 
 
+def _device_page(panel: Panel, page: Any, device: str) -> None:
+    """Go to a device's page and wait until it is drawn (the route renders after a fetch,
+    and the previous page's controls are there until then)."""
+    page.goto(panel.url + "#/device/" + device)
+    page.wait_for_function("d => document.getElementById('device-name')?.textContent === d",
+                           arg=device)
+
+
 def _row_state(page: Any, device: str) -> str:
     return str(page.text_content(f'#fleet-body tr[data-device="{device}"] td:nth-child(4)'))
 
@@ -329,7 +337,7 @@ def test_presence_flips_live_when_an_agent_stops_and_starts(panel: Panel) -> Non
 
 def test_exec_output_exit_codes_and_a_fanout_summary(panel: Panel) -> None:
     ctx, page = panel.login(panel.users["otto"])
-    page.goto(panel.url + "#/device/dev-b")
+    _device_page(panel, page, "dev-b")
     assert (page.text_content("#hostkey") or "").startswith("SHA256:")
     assert page.text_content("#pin-state") == "pinned"
     page.click("#tunnel-open")
@@ -340,7 +348,7 @@ def test_exec_output_exit_codes_and_a_fanout_summary(panel: Panel) -> None:
     page.click("#tunnel-close")
     page.wait_for_function("() => document.getElementById('tunnel-msg').textContent"
                            " === 'closed'")
-    page.goto(panel.url + "#/device/dev-a")
+    _device_page(panel, page, "dev-a")
     page.fill("#exec-command", "echo hello-from-web; echo oops >&2; exit 3")
     page.click("#exec-run")
     page.wait_for_function("() => document.getElementById('exec-summary').textContent"
@@ -381,7 +389,7 @@ def _screen(page: Any) -> list[str]:
 
 def test_terminal_runs_resizes_and_is_recorded(panel: Panel) -> None:
     ctx, page = panel.login(panel.users["otto"])
-    page.goto(panel.url + "#/device/dev-a")
+    _device_page(panel, page, "dev-a")
     page.click("#term-open")
     page.wait_for_selector('#term-box[data-state="open"]')
     page.wait_for_function("() => document.querySelector('#term .xterm-rows').textContent.trim()"
@@ -414,7 +422,7 @@ def test_terminal_runs_resizes_and_is_recorded(panel: Panel) -> None:
     wait_for(lambda: panel.https("GET", f"/v1/audit/{rec['id']}/recording", headers=auth)[1]
              .get("X-Dpanel-Recording") == "verified", "the whole recording", 60, interval=1)
     page.goto(panel.url + "#/")
-    page.goto(panel.url + "#/device/dev-a")
+    _device_page(panel, page, "dev-a")
     page.click(f'button.replay[data-id="{rec["id"]}"]')
     page.wait_for_selector("#replay-box[data-done]", timeout=60_000)
     # what the screen showed last: stty's answer (the clear wiped what came before)
@@ -434,7 +442,7 @@ def test_a_viewer_sees_no_controls_and_the_server_refuses_them(panel: Panel) -> 
     assert page.query_selector("#run-selected") is None
     assert page.query_selector("#fleet-body input[type=checkbox]") is None
     assert page.query_selector("#enrol-open") is None
-    page.goto(panel.url + "#/device/dev-a")
+    _device_page(panel, page, "dev-a")
     page.wait_for_selector("#audit")
     for sel in ("#exec-command", "#term-open", "#tunnel-open", "#tunnel-close", "#revoke"):
         assert page.query_selector(sel) is None, sel
@@ -500,7 +508,7 @@ def test_a_hostile_device_runs_no_script(panel: Panel) -> None:
         page.wait_for_selector('#fleet-body tr[data-device="evil"][data-state="online"]')
         row = page.text_content('#fleet-body tr[data-device="evil"]') or ""
         assert HOSTILE in row and HOSTILE_SCRIPT in row and "1.0" in row, row
-        page.goto(panel.url + "#/device/evil")
+        _device_page(panel, page, "evil")
         page.wait_for_selector("#audit")
         assert HOSTILE in (page.text_content("#audit") or "")
         page.goto(panel.url + "#/")
@@ -527,7 +535,7 @@ def test_an_admin_enrols_with_the_token_shown_once_and_revokes(panel: Panel) -> 
     token = page.text_content("#enrol-token") or ""
     assert parse_token(token).device == "web-new"
     page.on("dialog", lambda d: d.accept())
-    page.goto(panel.url + "#/device/web-new")
+    _device_page(panel, page, "web-new")
     page.click("#revoke")
     page.wait_for_function("() => document.querySelector('#device-state')?.textContent"
                            ".startsWith('revoked')", timeout=30_000)

@@ -423,7 +423,7 @@
         " ",
         can("tunnel") ? el("button", { type: "button", id: "tunnel-close", class: "secondary", onclick: () => tunnel("DELETE") }, "Close") : ""),
       el("dd", { id: "tunnel-msg", role: "status" }));
-    const nodes = [el("h1", {}, name), facts];
+    const nodes = [el("h1", { id: "device-name" }, name), facts];
     if (can("exec")) {
       const box = el("div", { id: "term-box" });
       nodes.push(el("h2", {}, "Terminal"),

@@ -179,6 +179,9 @@ def rows(r: dict[str, Any]) -> Any:
     """The section's lines in the bench table."""
     from .report import Row
 
+    if "devices" not in r:  # skipped, or failed before measuring
+        return
+
     def ms(*path: str) -> Any:
         v: Any = r
         for k in path:

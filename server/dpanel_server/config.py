@@ -292,6 +292,10 @@ class ServerConfig:
         self.tunnel.validate()
         self.broker.validate()
         self.manager.validate()
+        if self.manager.replica and self.broker.auth == "files":
+            raise ConfigError("manager.replica: replicas need broker.auth = 'dynsec' or "
+                              "'http' (with files, Mosquitto sets every client id to its "
+                              "username, so two replicas would kick each other off)")
         self.edge.validate()
         self.registry.validate()
 

@@ -232,13 +232,18 @@ class AuditLog:
             _rl.warning(f"audit rec {device}", "device %s: recording %s is over %d parts; "
                         "the rest is dropped", device, chunk.id, MAX_RECORDING_PARTS)
             return
-        with self._reg.db.tx() as cur:
-            if cur.execute("SELECT 1 FROM audit_recordings WHERE device = ? AND rid = ? AND "
-                           "seq = ?", (device, chunk.id, chunk.seq)).fetchone():
-                return
-            cur.execute("INSERT INTO audit_recordings (device, rid, seq, data, last_part) "
-                        "VALUES (?, ?, ?, ?, ?)",
-                        (device, chunk.id, chunk.seq, chunk.data, 1 if chunk.last else 0))
+        try:
+            with self._reg.db.tx() as cur:
+                if cur.execute("SELECT 1 FROM audit_recordings WHERE device = ? AND rid = ? "
+                               "AND seq = ?", (device, chunk.id, chunk.seq)).fetchone():
+                    return
+                cur.execute("INSERT INTO audit_recordings (device, rid, seq, data, last_part) "
+                            "VALUES (?, ?, ?, ?, ?)",
+                            (device, chunk.id, chunk.seq, chunk.data, 1 if chunk.last else 0))
+        except IntegrityError:
+            # manager replicas without shared subscriptions all receive every chunk: the
+            # one that lost the race finds it stored (the primary key), which is fine
+            return
 
     # ------------------------------------------------------------------ reading
     def _rows(self, where: str = "", args: tuple[Any, ...] = (),

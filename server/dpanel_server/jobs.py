@@ -323,9 +323,9 @@ class JobStore:
 class Jobs:
     """The scheduler: dispatches pending parts to online devices, in the manager's loop."""
 
-    def __init__(self, manager: Manager) -> None:
+    def __init__(self, manager: Manager, runner: str = "") -> None:
         self._m = manager
-        self.store = JobStore(manager.registry, manager.cfg.manager.replica)
+        self.store = JobStore(manager.registry, runner)
         self._wake = asyncio.Event()
         self._task: Optional[asyncio.Task[None]] = None
         #: (job, device) -> the task running that part

@@ -37,7 +37,7 @@ _ABANDONED_MAX = 10000
 
 #: The shared-subscription group of manager replicas (MQTT 5; Mosquitto 2 also grants it
 #: to 3.1.1 clients, which the manager is).
-SHARE_GROUP = "dpanel-managers"
+SHARE_GROUP = wire.MANAGER_SHARE_GROUP
 
 
 def client_id(cfg: ServerConfig) -> str:

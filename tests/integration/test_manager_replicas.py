@@ -15,17 +15,20 @@ import json
 import os
 import signal
 import subprocess
+import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator, Optional
 
+import paho.mqtt.client as mqtt
 import pytest
 import tomli_w
 import tomllib
 from pgfix import Postgres
 from test_tunnel_layouts import Appliance
 
+from dpanel_proto.token import parse_token
 from dpanel_server.registry import Registry
 from dpanel_server.stack import prepare_stack, start_mosquitto
 from dpanel_server.tunnelctl import TunnelControl, control_path
@@ -124,6 +127,28 @@ def replicas(postgres: Postgres, tmp_path_factory: pytest.TempPathFactory) -> It
         s.close()
 
 
+def _connack(port: int, user: str, password: str, client_id: str) -> int:
+    """The broker's CONNACK code for this login (0: accepted)."""
+    got: list[int] = []
+    done = threading.Event()
+
+    def on_connect(_c: Any, _u: Any, _f: Any, rc: Any, _p: Any) -> None:
+        got.append(int(rc.value) if hasattr(rc, "value") else int(rc))
+        done.set()
+
+    c = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id=client_id)
+    c.username_pw_set(user, password)
+    c.on_connect = on_connect
+    c.connect("127.0.0.1", port)
+    c.loop_start()
+    try:
+        assert done.wait(30), "no CONNACK"
+    finally:
+        c.loop_stop()
+        c.disconnect()
+    return got[0]
+
+
 def _wait_state(s: Replicas, device: str, state: str, timeout: float = 60) -> None:
     for replica in ("a", "b"):
         wait_for(lambda r=replica: s.state_on(r, device) == state,  # type: ignore[misc]
@@ -139,6 +164,16 @@ def test_replicas_serve_presence_requests_jobs_and_survive_a_kill(
     agents = {d: s.start_agent(t, tmp_path / d) for d, t in tokens.items()}
     for d in tokens:
         _wait_state(s, d, "online")
+
+    # replicas have their own client ids because the broker no longer forces client id
+    # = username; the dynamic-security plugin still binds each device's: dev-2 with its
+    # own password but dev-1's client id is refused, and dev-1 keeps its session
+    assert _connack(s.broker_port, "dev-2", parse_token(tokens["dev-2"]).secret,
+                    "dev-1") != 0
+    assert _connack(s.broker_port, "dev-2", parse_token(tokens["dev-2"]).secret,
+                    "dev-2-probe") != 0
+    time.sleep(1)
+    assert s.state_on("a", "dev-1") == "online"
 
     # requests and answers, alternating: each answer reaches both replicas, and the one
     # that asked takes it
@@ -207,3 +242,4 @@ def test_replicas_serve_presence_requests_jobs_and_survive_a_kill(
     wait_for(lambda: s.state_on("a", "dev-1") == "offline", "dev-1 offline on a", 120)
     assert s.state_on("a", "dev-2") == "online"
     assert "bug:" not in s.log() and "Traceback" not in s.log(), s.log()[-3000:]
+    assert "subscription to" not in s.log(), s.log()[-3000:]  # no refused SUBACK

@@ -11,6 +11,8 @@ Sections (each also runs alone: ``--only storm10k,capacity,manager,enrol``):
   in the manager's presence (:func:`.scale.run_scale`, no tunnels).
 - ``enrol``: enrolment rate one at a time and in bulk (1,000 devices) on SQLite and
   PostgreSQL (:mod:`.enrol`).
+- ``rabbit_replicas``: 2 manager replicas on the 2-node RabbitMQ cluster, functional, then
+  2,000 simulated devices for RabbitMQ's memory per connection (:mod:`.rabbit_replicas`).
 
 Writes ``scale.json`` in ``--out`` and prints a short summary.
 """
@@ -26,6 +28,7 @@ from typing import Any, Callable
 from dpanel_proto.util import atomic_write
 
 from .enrol import run_enrol
+from .rabbit_replicas import run_rabbit_replicas
 from .scale import run_scale
 from .storm import run_storm
 
@@ -34,6 +37,7 @@ SECTIONS: dict[str, Callable[[Path], dict[str, Any]]] = {
     "capacity": lambda d: run_storm(d, 50_000),
     "manager": lambda d: run_scale(d, agents=10_000, tunnels=0, steady=10.0),
     "enrol": lambda d: run_enrol(d, 1000),
+    "rabbit_replicas": lambda d: run_rabbit_replicas(d, 2000),
 }
 
 

@@ -168,11 +168,14 @@ def test_replicas_serve_presence_requests_jobs_and_survive_a_kill(
     # replicas have their own client ids because the broker no longer forces client id
     # = username; the dynamic-security plugin still binds each device's: dev-2 with its
     # own password but dev-1's client id is refused, and dev-1 keeps its session
+    agent_log = tmp_path / "dev-1" / "agent.log"
+    drops = agent_log.read_text().count("lost the broker connection")
     assert _connack(s.broker_port, "dev-2", parse_token(tokens["dev-2"]).secret,
                     "dev-1") != 0
     assert _connack(s.broker_port, "dev-2", parse_token(tokens["dev-2"]).secret,
                     "dev-2-probe") != 0
-    time.sleep(1)
+    time.sleep(2)  # a takeover would have closed dev-1's session at once
+    assert agent_log.read_text().count("lost the broker connection") == drops
     assert s.state_on("a", "dev-1") == "online"
 
     # requests and answers, alternating: each answer reaches both replicas, and the one

@@ -564,6 +564,9 @@ def _parser() -> argparse.ArgumentParser:
                                                                         action="store_true")
     a = add(tun, "run", cmd_tunnel_run, "run the public tunnel server (systemd service)")
     a.add_argument("--log-level", default="info")
+    from ._fleetcli import add_fleet_parser
+
+    add_fleet_parser(sub, tun, add)  # dpanel tunnel-server ..., dpanel tunnel serve
 
     mgr = sub.add_parser("manager", help="run the manager").add_subparsers(dest="sub",
                                                                            required=True)

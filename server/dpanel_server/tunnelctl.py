@@ -104,8 +104,10 @@ def _answer(tunnel: TunnelServer, line: bytes) -> dict[str, Any]:
         return {"ok": True, "sessions": tunnel.sessions()}
     if op == "stats":
         return {"ok": True, "stats": tunnel.stats()}
+    if op == "devices":  # every authenticated device (the manager's revoke reconcile)
+        return {"ok": True, "devices": sorted(tunnel.devices())}
     return {"ok": False, "error": f"op: unknown operation {str(op)[:40]!r} "
-                                  "(kick, sessions, stats)"}
+                                  "(kick, sessions, devices, stats)"}
 
 
 def _listen(path: Path) -> socket.socket:

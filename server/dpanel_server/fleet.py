@@ -102,7 +102,10 @@ class ServerState:
     def view(self) -> dict[str, Any]:
         return {"name": self.name, "public": self.public, "state": self.state,
                 "reason": self.reason, "since": self.since or None,
-                "capacity": self.capacity, "load": self.load, "tunnels": len(self.devices),
+                # a down server's last heartbeat is history: its tunnels are gone
+                "capacity": self.capacity, "load": self.load if self.is_up() else 0,
+                "tunnels": len(self.devices) if self.is_up() else 0,
+                "devices": sorted(self.devices) if self.is_up() else [],
                 "last_seen": self.last_seen or None, "host_key": self.host_key}
 
     def is_up(self) -> bool:
@@ -119,8 +122,8 @@ class Fleet:
         self.manager_key_line = " ".join(key.export_public_key().decode().split()[:2])
         registry.db.ensure("tunnel_servers", SCHEMA)
         self.servers: dict[str, ServerState] = {}
-        #: device -> (server name, monotonic time placed)
-        self._placed: dict[str, tuple[str, float]] = {}
+        #: device -> (server name, monotonic time placed, port or 0 before it is known)
+        self._placed: dict[str, tuple[str, float, int]] = {}
         self._task: Optional[asyncio.Task[None]] = None
         self._bg: set[asyncio.Future[None]] = set()
         self._refresh_rows(self._rows())
@@ -189,6 +192,12 @@ class Fleet:
                 st.devices = {str(k): int(v) for k, v in json.loads(devices).items()}
             except (ValueError, AttributeError):
                 st.devices = {}
+        # tunnels opened since a server's last heartbeat: what the manager checked itself
+        now = time.monotonic()
+        for device, (name, when, port) in self._placed.items():
+            st = self.servers.get(name)
+            if st is not None and port and now - when < _STICKY_GRACE:
+                st.devices.setdefault(device, port)
         for name in set(self.servers) - names:
             st = self.servers.pop(name)
             if st.conn is not None:
@@ -342,11 +351,11 @@ class Fleet:
                 for st in sorted(self.servers.values(), key=lambda s: s.name)))
         best = min(up, key=lambda s: ((s.load + s.pending) / max(1, s.capacity), s.name))
         best.pending += 1
-        self._placed[device] = (best.name, time.monotonic())
+        self._placed[device] = (best.name, time.monotonic(), 0)
         return best
 
     def placed(self, device: str, st: ServerState, port: int) -> None:
-        self._placed[device] = (st.name, time.monotonic())
+        self._placed[device] = (st.name, time.monotonic(), port)
         st.devices[device] = port
 
     def server_of(self, device: str) -> Optional[ServerState]:

@@ -21,6 +21,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import os
 import signal
 import urllib.error
 import urllib.request
@@ -41,7 +42,7 @@ __all__ = ["SAFETY_POLL", "RemoteOptions", "heartbeat_body", "run_remote_tunnel"
 log = logging.getLogger("dpanel.tsrv")
 
 #: The revision poll behind the manager's push (seconds): a safety net only.
-SAFETY_POLL = 30.0
+SAFETY_POLL = float(os.environ.get("DPANEL_TUNNEL_SAFETY_POLL") or 30)
 
 
 class ControlSession(asyncssh.SSHServerSession[str]):

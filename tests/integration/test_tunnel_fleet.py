@@ -1,0 +1,263 @@
+"""Two tunnel servers apart from the manager (``dpanel tunnel serve``, each on its own
+loopback address, its device ports bound there only) with one stack's manager: placement
+spreads and sticks, the manager's SSH channel to a server reaches only that server's own
+device ports, a device's credentials open no such channel, revoke is pushed to the remote
+server at once, and a killed server's devices land on the other one, which is named."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any, Iterator
+
+import asyncssh
+import pytest
+
+from dpanel_proto.token import parse_token
+from dpanel_server.config import load_config
+from dpanel_server.tunnel import MANAGER_USER
+from stackfix import Stack
+from support import free_port, stop_proc, wait_for
+
+BIN = Path(sys.executable).parent
+#: each server on its own loopback address (devices dial it; its device ports live there)
+HOSTS = {"ts-a": "127.0.0.2", "ts-b": "127.0.0.3"}
+POOLS = {"ts-a": "31000-31499", "ts-b": "31500-31999"}
+
+
+class Fleet:
+    def __init__(self, stack: Stack, tmp: Path) -> None:
+        self.stack, self.tmp = stack, tmp
+        self.procs: dict[str, subprocess.Popen[bytes]] = {}
+        self.ports: dict[str, int] = {}
+
+    def start_server(self, name: str) -> None:
+        secret = self.tmp / f"{name}.secret"
+        if not secret.exists():
+            self.stack.cli_ok("tunnel-server", "add", name, "--secret-file", str(secret))
+        host = HOSTS[name]
+        port = self.ports.setdefault(name, free_port())
+        cfg = load_config(self.stack.config)
+        argv = [str(BIN / "dpanel"), "tunnel", "serve",
+                "--manager", f"http://127.0.0.1:{self.stack.api_port}", "--name", name,
+                "--secret-file", str(secret), "--registry", cfg.registry_url,
+                "--listen", f"{host}:{port}", "--bind-host", host,
+                "--ports", POOLS[name], "--state-dir", str(self.tmp / name)]
+        log = (self.tmp / f"{name}.log").open("ab")
+        # the 30 s safety poll is pushed out of reach: only the manager's push can cut off
+        env = dict(os.environ, DPANEL_TUNNEL_SAFETY_POLL="3600")
+        self.procs[name] = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT,
+                                            stdin=subprocess.DEVNULL, env=env)
+
+    def servers(self) -> dict[str, dict[str, Any]]:
+        out = json.loads(self.stack.cli_ok("tunnel-server", "list", "--json"))
+        return {s["name"]: s for s in out}
+
+    def wait_up(self, name: str) -> dict[str, Any]:
+        def up() -> Any:
+            s = self.servers().get(name)
+            return s if s and s["state"] == "up" else None
+        return dict(wait_for(up, f"tunnel server {name} up", 60))
+
+    def holder(self, device: str) -> str:
+        """Which server holds the device's tunnel (its heartbeats say)."""
+        def find() -> Any:
+            return next((n for n, s in self.servers().items() if device in s["devices"]),
+                        None)
+        return str(wait_for(find, f"{device}'s tunnel in a heartbeat", 30))
+
+    def log(self, name: str) -> str:
+        return (self.tmp / f"{name}.log").read_text(errors="replace")
+
+    def close(self) -> None:
+        for p in self.procs.values():
+            stop_proc(p, signal.SIGKILL)
+
+
+@pytest.fixture(scope="module")
+def fleet(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Fleet]:
+    tmp = tmp_path_factory.mktemp("fleet")
+    stack = Stack(dir=tmp / "st", broker_port=free_port(), tunnel_port=free_port(),
+                  api_port=free_port())
+    stack.start()
+    f = Fleet(stack, tmp)
+    try:
+        for name in HOSTS:
+            f.start_server(name)
+        for name in HOSTS:
+            f.wait_up(name)
+        for dev in ("fl-1", "fl-2", "fl-3"):
+            stack.start_agent(stack.enrol(dev), tmp / dev)
+        for dev in ("fl-1", "fl-2", "fl-3"):
+            stack.wait_online(dev)
+        yield f
+    finally:
+        f.close()
+        stack.close()
+
+
+def _exec(stack: Stack, device: str) -> str:
+    return stack.cli_ok("exec", device, "--", "sh", "-c", "echo hi-$((6*7))").strip()
+
+
+def test_devices_are_placed_on_both_servers_and_stay(fleet: Fleet) -> None:
+    s = fleet.stack
+    assert _exec(s, "fl-1") == "hi-42"
+    assert _exec(s, "fl-2") == "hi-42"
+    first, second = fleet.holder("fl-1"), fleet.holder("fl-2")
+    assert {first, second} == set(HOSTS), "least-loaded placement uses both servers"
+    # sticky: the next opens (tunnel still up) go to the same server
+    for _ in range(2):
+        s.cli_ok("tunnel", "open", "fl-1")
+        assert _exec(s, "fl-1") == "hi-42"
+        assert fleet.holder("fl-1") == first
+    # the WebSocket proxy (dpanel ssh from a laptop) goes through the same channel
+    out = subprocess.run(
+        ["ssh", "-F", "/dev/null", "-o", "BatchMode=yes", "-o", "StrictHostKeyChecking=no",
+         "-o", "UserKnownHostsFile=/dev/null", "-o",
+         f"ProxyCommand={s.proxy_command()}", "-i", str(s.dir / "keys" / "manager_key"),
+         "-o", "IdentitiesOnly=yes", "-l", load_config(s.config).manager.ssh_user,
+         "fl-2", "echo via-proxy"],
+        env=dict(s.env, DPANEL_PROXY="websocket"), capture_output=True, timeout=60)
+    assert out.stdout.decode().strip() == "via-proxy", out.stderr.decode()[-2000:]
+    # the device ports stay on each server's own loopback address
+    for name, st in fleet.servers().items():
+        assert st["public"].startswith(HOSTS[name] + ":")
+
+
+async def _manager_channel(fleet: Fleet, name: str) -> asyncssh.SSHClientConnection:
+    cfg = load_config(fleet.stack.config)
+    st = fleet.servers()[name]
+    host, port = st["public"].rsplit(":", 1)
+    return await asyncssh.connect(
+        host, int(port), username=MANAGER_USER, client_keys=[cfg.manager.ssh_key],
+        known_hosts=([asyncssh.import_public_key(st["host_key"])], [], []),
+        agent_path=None, config=None, connect_timeout=10)
+
+
+async def _banner(conn: asyncssh.SSHClientConnection, host: str, port: int) -> bytes:
+    reader, writer = await conn.open_connection(host, port, encoding=None)
+    try:
+        return await asyncio.wait_for(reader.readline(), 10)
+    finally:
+        writer.close()
+
+
+def test_manager_channel_reaches_only_its_own_allocated_ports(fleet: Fleet) -> None:
+    s = fleet.stack
+    _exec(s, "fl-1")
+    _exec(s, "fl-2")
+    on = {fleet.holder(d): d for d in ("fl-1", "fl-2")}
+    a, b = "ts-a", "ts-b"
+    tunnels = json.loads(s.cli_ok("tunnel", "list", "--json"))
+    port_a, port_b = tunnels[on[a]], tunnels[on[b]]
+
+    async def go() -> None:
+        conn = await _manager_channel(fleet, b)
+        try:
+            # B's own device: reachable (the device's SSH server answers)
+            assert (await _banner(conn, HOSTS[b], port_b)).startswith(b"SSH-2.0")
+            refused = [
+                (HOSTS[a], port_a),            # A's device, asked of B
+                ("127.0.0.1", port_a),         # ... under another loopback spelling
+                (HOSTS[b], port_a),            # a port B never allocated
+                (HOSTS[b], 31999 if port_b != 31999 else 31998),
+                ("127.0.0.1", s.api_port),     # the manager's API
+                ("127.0.0.1", port_b),         # B's device, but not on B's bind address
+                ("localhost", port_b),
+                ("10.255.255.1", port_b),      # anything off loopback
+            ]
+            for host, port in refused:
+                with pytest.raises(asyncssh.ChannelOpenError):
+                    await conn.open_connection(host, port)
+            # and the channel gives no port forward of its own
+            with pytest.raises(asyncssh.ChannelListenError):
+                await conn.forward_remote_port("", 0, "127.0.0.1", 22)
+        finally:
+            conn.close()
+    asyncio.run(go())
+
+
+def test_device_credentials_open_no_manager_channel(fleet: Fleet) -> None:
+    tok = parse_token(fleet.stack.tokens["fl-3"])
+    st = fleet.servers()["ts-a"]
+    host, port = st["public"].rsplit(":", 1)
+    known = ([asyncssh.import_public_key(st["host_key"])], [], [])
+    port_dev = json.loads(fleet.stack.cli_ok("tunnel", "list", "--json")).get("fl-1")
+
+    async def go() -> None:
+        # the device secret as the manager's user name: refused
+        with pytest.raises(asyncssh.PermissionDenied):
+            await asyncssh.connect(host, int(port), username=MANAGER_USER,
+                                   password=tok.secret, known_hosts=known, client_keys=None,
+                                   agent_path=None, config=None, preferred_auth="password")
+        # an unknown key as the manager: refused
+        with pytest.raises(asyncssh.PermissionDenied):
+            await asyncssh.connect(host, int(port), username=MANAGER_USER,
+                                   client_keys=[asyncssh.generate_private_key("ssh-ed25519")],
+                                   known_hosts=known, agent_path=None, config=None)
+        # logged in as the device itself: no direct-tcpip, no session
+        conn = await asyncssh.connect(host, int(port), username=tok.device,
+                                      password=tok.secret, known_hosts=known,
+                                      client_keys=None, agent_path=None, config=None)
+        try:
+            for h in (HOSTS["ts-a"], "127.0.0.1"):
+                with pytest.raises(asyncssh.ChannelOpenError):
+                    await conn.open_connection(h, port_dev or 31000)
+            with pytest.raises(asyncssh.ChannelOpenError):
+                await conn.run('{"op": "sessions"}')
+        finally:
+            conn.close()
+    asyncio.run(go())
+
+
+def test_revoke_is_pushed_to_the_remote_server(fleet: Fleet) -> None:
+    s = fleet.stack
+    assert _exec(s, "fl-3") == "hi-42"
+    where = fleet.holder("fl-3")
+    s.cli_ok("device", "revoke", "fl-3")
+    # the server's own log says the manager kicked it (its registry poll is 1 h away)
+    wait_for(lambda: "manager kicked device fl-3" in fleet.log(where),
+             "the pushed kick on the remote server", 15)
+
+    async def gone() -> bool:
+        conn = await _manager_channel(fleet, where)
+        try:
+            out = await conn.run('{"op": "devices"}')
+            return "fl-3" not in json.loads(str(out.stdout))["devices"]
+        finally:
+            conn.close()
+    assert asyncio.run(gone())
+
+
+def test_a_dead_server_is_named_and_its_devices_move(fleet: Fleet) -> None:
+    s = fleet.stack
+    assert _exec(s, "fl-1") == "hi-42"
+    dead = fleet.holder("fl-1")
+    other = next(n for n in HOSTS if n != dead)
+    fleet.procs[dead].send_signal(signal.SIGKILL)
+    fleet.procs[dead].wait(10)
+
+    def named() -> Any:
+        st = fleet.servers()[dead]
+        return st if st["state"] == "down" else None
+    st = wait_for(named, f"{dead} shown down", 30)
+    assert st["reason"], st
+    table = s.cli_ok("tunnel-server", "list")
+    assert dead in table and "down" in table
+    # the next open lands on the other server
+    assert _exec(s, "fl-1") == "hi-42"
+    assert fleet.holder("fl-1") == other
+    # with both gone, the error names each server and why
+    fleet.procs[other].send_signal(signal.SIGKILL)
+    fleet.procs[other].wait(10)
+    wait_for(lambda: fleet.servers()[other]["state"] == "down", f"{other} down", 30)
+    s.cli_ok("tunnel", "close", "fl-2")
+    out = s.cli("exec", "fl-2", "--", "true")
+    err = out.stderr.decode()
+    assert out.returncode != 0 and dead in err and other in err, err

@@ -195,9 +195,9 @@ class Fleet:
         # tunnels opened since a server's last heartbeat: what the manager checked itself
         now = time.monotonic()
         for device, (name, when, port) in self._placed.items():
-            st = self.servers.get(name)
-            if st is not None and port and now - when < _STICKY_GRACE:
-                st.devices.setdefault(device, port)
+            held = self.servers.get(name)
+            if held is not None and port and now - when < _STICKY_GRACE:
+                held.devices.setdefault(device, port)
         for name in set(self.servers) - names:
             st = self.servers.pop(name)
             if st.conn is not None:

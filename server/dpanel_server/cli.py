@@ -444,7 +444,7 @@ def cmd_stack_up(args: argparse.Namespace) -> int:
                         tls=args.tls, registry=args.registry,
                         https_listen=args.https_listen, edge_listen=args.edge_listen,
                         broker_auth=args.broker_auth)
-    return stack_up(cfg)
+    return stack_up(cfg, tunnel_servers=args.tunnel_servers)
 
 
 def cmd_manager_run(args: argparse.Namespace) -> int:
@@ -576,6 +576,9 @@ def _parser() -> argparse.ArgumentParser:
     st = sub.add_parser("stack", help="all services on loopback").add_subparsers(
         dest="sub", required=True)
     a = add(st, "up", cmd_stack_up, "run broker + tunnel + manager in the foreground")
+    a.add_argument("--tunnel-servers", type=int, default=0, metavar="N",
+                   help="also run N tunnel servers as on other hosts (`dpanel tunnel "
+                   "serve`, each on its own loopback address); placement then uses them")
     # Defaults are None: for an existing --dir only the flags given change its server.toml.
     a.add_argument("--dir", required=True, help="state directory (created; reused, and "
                    "the flags given are applied to it)")

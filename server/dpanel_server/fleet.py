@@ -42,7 +42,8 @@ from .errors import DPanelError, RegistryError
 from .registry import Registry, hash_secret
 from .tunnel import MANAGER_USER
 
-__all__ = ["HEARTBEAT_INTERVAL", "SCHEMA", "Fleet", "ServerState", "TunnelServerDown"]
+__all__ = ["HEARTBEAT_INTERVAL", "SCHEMA", "Fleet", "ServerState", "TunnelServerDown",
+           "add_server"]
 
 log = logging.getLogger("dpanel.fleet")
 
@@ -72,6 +73,22 @@ _REDIAL = 3.0
 _STICKY_GRACE = 30.0
 #: A control command (kick, sessions) over the manager's SSH channel.
 _CONTROL_TIMEOUT = 5.0
+
+
+def add_server(registry: Registry, name: str, secret: Optional[str] = None) -> str:
+    """Enrol a tunnel server in the registry; returns its secret (stored hashed).
+    ``secret``: re-enrol with a known one (the stack's own servers keep theirs)."""
+    validate_device_id(name, "tunnel server name")
+    registry.db.ensure("tunnel_servers", SCHEMA)
+    secret = secret or secrets.token_urlsafe(32)
+    with registry.db.tx() as cur:
+        if cur.execute("SELECT name FROM tunnel_servers WHERE name = ?",
+                       (name,)).fetchone():
+            raise RegistryError(f"tunnel server {name} exists; remove it first")
+        cur.execute("INSERT INTO tunnel_servers (name, secret_hash, created_at) "
+                    "VALUES (?, ?, ?)", (name, hash_secret(secret), time.time()))
+    log.info("enrolled tunnel server %s", name)
+    return secret
 
 
 class TunnelServerDown(DPanelError):
@@ -136,16 +153,7 @@ class Fleet:
 
     def add(self, name: str) -> str:
         """Enrol a tunnel server; returns its secret (shown once, stored hashed)."""
-        validate_device_id(name, "tunnel server name")
-        secret = secrets.token_urlsafe(32)
-        with self._registry.db.tx() as cur:
-            if cur.execute("SELECT name FROM tunnel_servers WHERE name = ?",
-                           (name,)).fetchone():
-                raise RegistryError(f"tunnel server {name} exists; remove it first")
-            cur.execute("INSERT INTO tunnel_servers (name, secret_hash, created_at) "
-                        "VALUES (?, ?, ?)", (name, hash_secret(secret), time.time()))
-        log.info("enrolled tunnel server %s", name)
-        return secret
+        return add_server(self._registry, name)
 
     def remove(self, name: str) -> None:
         with self._registry.db.tx() as cur:

@@ -11,7 +11,6 @@ import json
 import os
 import signal
 import subprocess
-import sys
 from pathlib import Path
 from typing import Any, Iterator
 
@@ -22,37 +21,25 @@ from dpanel_proto.token import parse_token
 from dpanel_server.config import load_config
 from dpanel_server.tunnel import MANAGER_USER
 from stackfix import Stack
-from support import free_port, stop_proc, wait_for
+from support import free_port, wait_for
 
-BIN = Path(sys.executable).parent
-#: each server on its own loopback address (devices dial it; its device ports live there)
-HOSTS = {"ts-a": "127.0.0.2", "ts-b": "127.0.0.3"}
-POOLS = {"ts-a": "31000-31499", "ts-b": "31500-31999"}
+#: ``stack up --tunnel-servers 2``: each server on its own loopback address (devices dial
+#: it; its device ports are bound there), each a real ``dpanel tunnel serve`` process
+HOSTS = {"ts-1": "127.0.0.2", "ts-2": "127.0.0.3"}
 
 
 class Fleet:
-    def __init__(self, stack: Stack, tmp: Path) -> None:
-        self.stack, self.tmp = stack, tmp
-        self.procs: dict[str, subprocess.Popen[bytes]] = {}
-        self.ports: dict[str, int] = {}
+    def __init__(self, stack: Stack) -> None:
+        self.stack = stack
 
-    def start_server(self, name: str) -> None:
-        secret = self.tmp / f"{name}.secret"
-        if not secret.exists():
-            self.stack.cli_ok("tunnel-server", "add", name, "--secret-file", str(secret))
-        host = HOSTS[name]
-        port = self.ports.setdefault(name, free_port())
-        cfg = load_config(self.stack.config)
-        argv = [str(BIN / "dpanel"), "tunnel", "serve",
-                "--manager", f"http://127.0.0.1:{self.stack.api_port}", "--name", name,
-                "--secret-file", str(secret), "--registry", cfg.registry_url,
-                "--listen", f"{host}:{port}", "--bind-host", host,
-                "--ports", POOLS[name], "--state-dir", str(self.tmp / name)]
-        log = (self.tmp / f"{name}.log").open("ab")
-        # the 30 s safety poll is pushed out of reach: only the manager's push can cut off
-        env = dict(os.environ, DPANEL_TUNNEL_SAFETY_POLL="3600")
-        self.procs[name] = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT,
-                                            stdin=subprocess.DEVNULL, env=env)
+    def pid(self, name: str) -> int:
+        return int((self.stack.dir / "tunnel-servers" / name / "pid").read_text())
+
+    def kill(self, name: str) -> None:
+        pid = self.pid(name)
+        os.kill(pid, signal.SIGKILL)
+        wait_for(lambda: not Path(f"/proc/{pid}").exists()
+                 or "zombie" in Path(f"/proc/{pid}/status").read_text(), f"{name} dead", 10)
 
     def servers(self) -> dict[str, dict[str, Any]]:
         out = json.loads(self.stack.cli_ok("tunnel-server", "list", "--json"))
@@ -72,23 +59,23 @@ class Fleet:
         return str(wait_for(find, f"{device}'s tunnel in a heartbeat", 30))
 
     def log(self, name: str) -> str:
-        return (self.tmp / f"{name}.log").read_text(errors="replace")
-
-    def close(self) -> None:
-        for p in self.procs.values():
-            stop_proc(p, signal.SIGKILL)
+        return (self.stack.dir / "tunnel-servers" / name / "tunnel.log").read_text(
+            errors="replace")
 
 
 @pytest.fixture(scope="module")
 def fleet(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Fleet]:
     tmp = tmp_path_factory.mktemp("fleet")
+    # the 30 s safety poll is pushed out of reach: only the manager's push can cut off
+    os.environ["DPANEL_TUNNEL_SAFETY_POLL"] = "3600"
     stack = Stack(dir=tmp / "st", broker_port=free_port(), tunnel_port=free_port(),
-                  api_port=free_port())
-    stack.start()
-    f = Fleet(stack, tmp)
+                  api_port=free_port(), extra=("--tunnel-servers", "2"))
     try:
-        for name in HOSTS:
-            f.start_server(name)
+        stack.start()
+    finally:
+        del os.environ["DPANEL_TUNNEL_SAFETY_POLL"]
+    f = Fleet(stack)
+    try:
         for name in HOSTS:
             f.wait_up(name)
         for dev in ("fl-1", "fl-2", "fl-3"):
@@ -97,7 +84,6 @@ def fleet(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Fleet]:
             stack.wait_online(dev)
         yield f
     finally:
-        f.close()
         stack.close()
 
 
@@ -153,7 +139,7 @@ def test_manager_channel_reaches_only_its_own_allocated_ports(fleet: Fleet) -> N
     _exec(s, "fl-1")
     _exec(s, "fl-2")
     on = {fleet.holder(d): d for d in ("fl-1", "fl-2")}
-    a, b = "ts-a", "ts-b"
+    a, b = "ts-1", "ts-2"
     tunnels = json.loads(s.cli_ok("tunnel", "list", "--json"))
     port_a, port_b = tunnels[on[a]], tunnels[on[b]]
 
@@ -166,7 +152,7 @@ def test_manager_channel_reaches_only_its_own_allocated_ports(fleet: Fleet) -> N
                 (HOSTS[a], port_a),            # A's device, asked of B
                 ("127.0.0.1", port_a),         # ... under another loopback spelling
                 (HOSTS[b], port_a),            # a port B never allocated
-                (HOSTS[b], 31999 if port_b != 31999 else 31998),
+                (HOSTS[b], 30999 if port_b != 30999 else 30998),
                 ("127.0.0.1", s.api_port),     # the manager's API
                 ("127.0.0.1", port_b),         # B's device, but not on B's bind address
                 ("localhost", port_b),
@@ -185,7 +171,7 @@ def test_manager_channel_reaches_only_its_own_allocated_ports(fleet: Fleet) -> N
 
 def test_device_credentials_open_no_manager_channel(fleet: Fleet) -> None:
     tok = parse_token(fleet.stack.tokens["fl-3"])
-    st = fleet.servers()["ts-a"]
+    st = fleet.servers()["ts-1"]
     host, port = st["public"].rsplit(":", 1)
     known = ([asyncssh.import_public_key(st["host_key"])], [], [])
     port_dev = json.loads(fleet.stack.cli_ok("tunnel", "list", "--json")).get("fl-1")
@@ -206,9 +192,9 @@ def test_device_credentials_open_no_manager_channel(fleet: Fleet) -> None:
                                       password=tok.secret, known_hosts=known,
                                       client_keys=None, agent_path=None, config=None)
         try:
-            for h in (HOSTS["ts-a"], "127.0.0.1"):
+            for h in (HOSTS["ts-1"], "127.0.0.1"):
                 with pytest.raises(asyncssh.ChannelOpenError):
-                    await conn.open_connection(h, port_dev or 31000)
+                    await conn.open_connection(h, port_dev or 30000)
             with pytest.raises(asyncssh.ChannelOpenError):
                 await conn.run('{"op": "sessions"}')
         finally:
@@ -240,8 +226,7 @@ def test_a_dead_server_is_named_and_its_devices_move(fleet: Fleet) -> None:
     assert _exec(s, "fl-1") == "hi-42"
     dead = fleet.holder("fl-1")
     other = next(n for n in HOSTS if n != dead)
-    fleet.procs[dead].send_signal(signal.SIGKILL)
-    fleet.procs[dead].wait(10)
+    fleet.kill(dead)
 
     def named() -> Any:
         st = fleet.servers()[dead]
@@ -254,8 +239,7 @@ def test_a_dead_server_is_named_and_its_devices_move(fleet: Fleet) -> None:
     assert _exec(s, "fl-1") == "hi-42"
     assert fleet.holder("fl-1") == other
     # with both gone, the error names each server and why
-    fleet.procs[other].send_signal(signal.SIGKILL)
-    fleet.procs[other].wait(10)
+    fleet.kill(other)
     wait_for(lambda: fleet.servers()[other]["state"] == "down", f"{other} down", 30)
     s.cli_ok("tunnel", "close", "fl-2")
     out = s.cli("exec", "fl-2", "--", "true")

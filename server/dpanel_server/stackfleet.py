@@ -83,9 +83,11 @@ def _enrol(cfg: ServerConfig, plans: list[dict[str, str]]) -> None:
 
 
 def _spawn(argv: list[str], log_path: Path) -> subprocess.Popen[bytes]:
+    from .stack import _child_setup  # PR_SET_PDEATHSIG: never outlive a SIGKILLed stack
+
     with log_path.open("ab") as out:  # the child keeps its own descriptor
         return subprocess.Popen(argv, stdout=out, stderr=subprocess.STDOUT,
-                                stdin=subprocess.DEVNULL)
+                                stdin=subprocess.DEVNULL, preexec_fn=_child_setup)
 
 
 async def run_stack_fleet(cfg: ServerConfig, n: int) -> None:
@@ -106,7 +108,8 @@ async def run_stack_fleet(cfg: ServerConfig, n: int) -> None:
                     "--secret-file", str(d / "secret"), "--registry", cfg.registry_url,
                     "--listen", p["listen"], "--public", p["public"],
                     "--bind-host", p["bind"], "--ports", p["ports"], "--state-dir", str(d)]
-            proc = await asyncio.to_thread(_spawn, argv, d / "tunnel.log")
+            # on the loop's own thread: the death signal follows the thread that forked
+            proc = _spawn(argv, d / "tunnel.log")
             procs.append(proc)
             atomic_write(d / "pid", f"{proc.pid}\n", 0o644)
             log.info("tunnel server %s on %s (device ports %s on %s), log %s", p["name"],

@@ -74,7 +74,7 @@ def cmd_tunnel_serve(args: argparse.Namespace) -> int:
         manager_key = Path(args.manager_key).read_text().strip() if args.manager_key else None
         opts = RemoteOptions(manager_url=args.manager, name=args.name, secret=secret,
                              public=args.public or f"{host}:{port}",
-                             manager_key=manager_key)
+                             manager_key=manager_key, manager_ca=args.manager_ca)
         asyncio.run(run_remote_tunnel(settings, args.registry, opts))
     except (DPanelError, OSError, ValueError) as exc:
         print(f"dpanel tunnel serve: {exc}", file=sys.stderr)
@@ -106,4 +106,6 @@ def add_fleet_parser(sub: Any, tun: Any, add: Callable[..., argparse.ArgumentPar
     a.add_argument("--state-dir", required=True, help="host key and sticky port map")
     a.add_argument("--manager-key", help="pin the manager's public key (a .pub file); "
                    "default: the key the authenticated heartbeat answer names")
+    a.add_argument("--manager-ca", help="CA (PEM) of the manager's HTTPS certificate "
+                   "(the stack's STATE_DIR/ca.pem); default: the system's")
     a.add_argument("--log-level", default="info")

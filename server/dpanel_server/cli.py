@@ -226,7 +226,10 @@ def cmd_proxy(args: argparse.Namespace) -> int:
     via = os.environ.get("DPANEL_PROXY", "auto")
     if via == "websocket" or (via == "auto" and (api.remote or not is_local(api))):
         return ws_proxy(api, device)
-    sock = socket.create_connection(("127.0.0.1", _open_port(api, device)), timeout=10)
+    opened = api.call("POST", f"/v1/devices/{device}/tunnel", {})
+    if opened.get("tunnel_server"):
+        return ws_proxy(api, device)  # on another host's loopback: only the API reaches it
+    sock = socket.create_connection(("127.0.0.1", int(opened["port"])), timeout=10)
     sock.settimeout(None)
     sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
 
@@ -401,7 +404,9 @@ def cmd_ssh(args: argparse.Namespace) -> int:
 def cmd_tunnel_open(args: argparse.Namespace) -> int:
     body = {"ttl": args.ttl} if args.ttl else {}
     out = _client(args).call("POST", f"/v1/devices/{_device_name(args.device)}/tunnel", body)
-    print(f"{args.device}: tunnel open on 127.0.0.1:{out['port']}")
+    where = (f" of tunnel server {out['tunnel_server']}" if out.get("tunnel_server")
+             else "")
+    print(f"{args.device}: tunnel open on {out.get('host', '127.0.0.1')}:{out['port']}{where}")
     return 0
 
 

@@ -23,6 +23,7 @@ import json
 import logging
 import os
 import signal
+import ssl
 import urllib.error
 import urllib.request
 from dataclasses import dataclass
@@ -87,6 +88,8 @@ class RemoteOptions:
     #: host:port the devices (and the manager) dial
     public: str
     manager_key: Optional[str] = None
+    #: PEM file of the CA the manager's HTTPS certificate is checked against
+    manager_ca: Optional[str] = None
 
 
 def heartbeat_body(tunnel: TunnelServer, public: str) -> dict[str, Any]:
@@ -97,14 +100,15 @@ def heartbeat_body(tunnel: TunnelServer, public: str) -> dict[str, Any]:
             "load": len(sessions), "devices": sessions}
 
 
-def _post(url: str, secret: str, body: dict[str, Any]) -> dict[str, Any]:
+def _post(url: str, secret: str, body: dict[str, Any],
+          ctx: Optional[ssl.SSLContext] = None) -> dict[str, Any]:
     if not url.startswith(("http://", "https://")):
         raise ValueError(f"--manager: {url!r} is not an http(s):// URL")
     req = urllib.request.Request(  # noqa: S310 (http(s) only, checked above)
         url, data=json.dumps(body).encode(), method="POST",
                                  headers={"Authorization": f"Bearer {secret}",
                                           "Content-Type": "application/json"})
-    with urllib.request.urlopen(req, timeout=10) as resp:  # noqa: S310 (checked above)
+    with urllib.request.urlopen(req, timeout=10, context=ctx) as resp:  # noqa: S310 (checked above)
         answer = json.loads(resp.read())
     if not isinstance(answer, dict):
         raise ValueError("answer is not an object")
@@ -117,10 +121,11 @@ async def heartbeat_loop(tunnel: TunnelServer, opts: RemoteOptions) -> None:
         tunnel.manager_keys = [asyncssh.import_public_key(opts.manager_key)]
     failing = False
     interval = 5.0
+    ctx = ssl.create_default_context(cafile=opts.manager_ca) if opts.manager_ca else None
     while True:
         try:
             answer = await asyncio.to_thread(_post, url, opts.secret,
-                                             heartbeat_body(tunnel, opts.public))
+                                             heartbeat_body(tunnel, opts.public), ctx)
             line = answer.get("manager_key")
             if not opts.manager_key and isinstance(line, str):
                 key = asyncssh.import_public_key(line)

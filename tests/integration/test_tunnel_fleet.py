@@ -99,17 +99,20 @@ def test_devices_are_placed_on_both_servers_and_stay(fleet: Fleet) -> None:
     assert {first, second} == set(HOSTS), "least-loaded placement uses both servers"
     # sticky: the next opens (tunnel still up) go to the same server
     for _ in range(2):
-        s.cli_ok("tunnel", "open", "fl-1")
+        out = s.cli_ok("tunnel", "open", "fl-1")
+        assert out.strip().endswith(f"of tunnel server {first}"), out
+        assert out.split(" on ")[1].startswith(HOSTS[first] + ":"), out
         assert _exec(s, "fl-1") == "hi-42"
         assert fleet.holder("fl-1") == first
-    # the WebSocket proxy (dpanel ssh from a laptop) goes through the same channel
+    # ssh through `dpanel proxy` on the manager's host: the port is on another host's
+    # loopback, so it goes through the API's WebSocket and the manager's channel
     out = subprocess.run(
         ["ssh", "-F", "/dev/null", "-o", "BatchMode=yes", "-o", "StrictHostKeyChecking=no",
          "-o", "UserKnownHostsFile=/dev/null", "-o",
          f"ProxyCommand={s.proxy_command()}", "-i", str(s.dir / "keys" / "manager_key"),
          "-o", "IdentitiesOnly=yes", "-l", load_config(s.config).manager.ssh_user,
          "fl-2", "echo via-proxy"],
-        env=dict(s.env, DPANEL_PROXY="websocket"), capture_output=True, timeout=60)
+        env=s.env, capture_output=True, timeout=60)
     assert out.stdout.decode().strip() == "via-proxy", out.stderr.decode()[-2000:]
     # the device ports stay on each server's own loopback address
     for name, st in fleet.servers().items():

@@ -25,8 +25,8 @@ class _Conn:
         self.closed = True
 
 
-def _fleet(tmp_path: Path) -> Fleet:
-    return Fleet(Registry(tmp_path / "r.db"), asyncssh.generate_private_key("ssh-ed25519"))
+def _fleet(url: str) -> Fleet:
+    return Fleet(Registry(url), asyncssh.generate_private_key("ssh-ed25519"))
 
 
 def _up(fleet: Fleet, name: str, load: int, capacity: int = 100) -> Any:
@@ -38,7 +38,7 @@ def _up(fleet: Fleet, name: str, load: int, capacity: int = 100) -> Any:
 
 
 def test_least_loaded_then_sticky(tmp_path: Path) -> None:
-    f = _fleet(tmp_path)
+    f = _fleet(str(tmp_path / "r.db"))
     a, b = _up(f, "ts-a", 10), _up(f, "ts-b", 0)
     assert f.place("d1") is b
     f.placed("d1", b, 31001)
@@ -52,7 +52,7 @@ def test_least_loaded_then_sticky(tmp_path: Path) -> None:
 
 
 def test_a_failed_server_is_skipped_and_named(tmp_path: Path) -> None:
-    f = _fleet(tmp_path)
+    f = _fleet(str(tmp_path / "r.db"))
     a, b = _up(f, "ts-a", 0), _up(f, "ts-b", 50)
     f.placed("d1", a, 31001)
     a.devices["d1"] = 31001
@@ -66,8 +66,9 @@ def test_a_failed_server_is_skipped_and_named(tmp_path: Path) -> None:
     assert [s["state"] for s in f.list()] == ["down", "down"]
 
 
-def test_heartbeat_needs_the_secret_and_pins_the_host_key(tmp_path: Path) -> None:
-    f = _fleet(tmp_path)
+def test_heartbeat_needs_the_secret_and_pins_the_host_key(registry_url: str) -> None:
+    """On each engine (pgfix: a real PostgreSQL)."""
+    f = _fleet(registry_url)
     secret = f.add("ts-a")
     key = " ".join(asyncssh.generate_private_key("ssh-ed25519").export_public_key()
                    .decode().split()[:2])
@@ -83,3 +84,9 @@ def test_heartbeat_needs_the_secret_and_pins_the_host_key(tmp_path: Path) -> Non
         f.heartbeat("ts-a", secret, dict(body, host_key=other))
     with pytest.raises(DPanelError, match="exists"):
         f.add("ts-a")
+    f._refresh_rows(f._rows())
+    st = f.servers["ts-a"]
+    assert (st.public, st.host_key, st.capacity) == ("h:2220", key, 10)
+    f.remove("ts-a")
+    f._refresh_rows(f._rows())
+    assert not f.active()

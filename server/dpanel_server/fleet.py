@@ -72,7 +72,7 @@ _REDIAL = 3.0
 #: A placement counts as the device's tunnel for this long before a heartbeat lists it.
 _STICKY_GRACE = 30.0
 #: A control command (kick, sessions) over the manager's SSH channel.
-_CONTROL_TIMEOUT = 5.0
+_CONTROL_TIMEOUT = 15.0
 
 
 def add_server(registry: Registry, name: str, secret: Optional[str] = None) -> str:
@@ -115,6 +115,9 @@ class ServerState:
     pending: int = 0
     next_dial: float = 0.0
     dialling: bool = False
+    #: monotonic time it last answered a probe on its channel (heartbeats late)
+    probed: float = 0.0
+    probing: bool = False
 
     def view(self) -> dict[str, Any]:
         return {"name": self.name, "public": self.public, "state": self.state,
@@ -239,6 +242,15 @@ class Fleet:
             now_wall, now = time.time(), time.monotonic()
             for st in list(self.servers.values()):
                 fresh = st.last_seen and now_wall - st.last_seen < STALE_AFTER
+                if not fresh and st.is_up():
+                    # heartbeats are late (a busy API, a slow link), but the channel is
+                    # up: ask the server itself before calling it failed
+                    if now - st.probed < STALE_AFTER:
+                        continue
+                    if not st.probing:
+                        st.probing = True
+                        self._spawn(self._probe(st))
+                    continue
                 if not fresh:
                     if st.state == "up" or (st.state == "new" and st.last_seen):
                         self._down(st, f"no heartbeat since "
@@ -283,6 +295,18 @@ class Fleet:
         self._bg.add(task)
         task.add_done_callback(self._bg.discard)
 
+    async def _probe(self, st: ServerState) -> None:
+        try:
+            await self.control(st, {"op": "stats"})
+            st.probed = time.monotonic()
+            log.warning("tunnel server %s: heartbeats late, but it answers on its channel",
+                        st.name)
+        except DPanelError as exc:
+            self._down(st, f"no heartbeat since "
+                       f"{time.strftime('%H:%M:%SZ', time.gmtime(st.last_seen))}, and {exc}")
+        finally:
+            st.probing = False
+
     async def _watch(self, st: ServerState, conn: asyncssh.SSHClientConnection) -> None:
         await conn.wait_closed()
         if st.conn is conn:
@@ -315,7 +339,10 @@ class Fleet:
             result = await asyncio.wait_for(conn.run(json.dumps(request), check=False),
                                             _CONTROL_TIMEOUT)
             answer = json.loads(str(result.stdout or ""))
-        except (OSError, asyncssh.Error, asyncio.TimeoutError, ValueError) as exc:
+        except asyncio.TimeoutError:
+            raise TunnelServerDown(f"tunnel server {st.name} ({st.public}): no answer to "
+                                   f"a control command within {_CONTROL_TIMEOUT:g} s") from None
+        except (OSError, asyncssh.Error, ValueError) as exc:
             raise TunnelServerDown(f"tunnel server {st.name} ({st.public}): control "
                                    f"command failed: {printable(str(exc))[:200]}") from None
         if not isinstance(answer, dict) or not answer.get("ok"):
@@ -325,6 +352,11 @@ class Fleet:
     async def sessions(self, st: ServerState) -> dict[str, int]:
         raw = (await self.control(st, {"op": "sessions"})).get("sessions") or {}
         return {str(k): int(v) for k, v in raw.items() if isinstance(v, int)}
+
+    async def port_of(self, st: ServerState, device: str) -> Optional[int]:
+        """The port ``st`` allocated to ``device`` (None: none)."""
+        port = (await self.control(st, {"op": "port", "device": device})).get("port")
+        return port if isinstance(port, int) else None
 
     async def kick(self, device: str) -> None:
         """Push a revocation to every up server now (each one cuts the device off)."""

@@ -442,7 +442,7 @@ class Manager:
                                 f"{resp.message or 'no detail'})", resp.code)
         if server is not None:
             # that server's own allocation, asked over the manager's channel to it
-            owned = (await self.fleet.sessions(server)).get(device)
+            owned = await self.fleet.port_of(server, device)
             if owned != resp.port:
                 raise TunnelRefused(f"device {device} reported port {resp.port}, but tunnel "
                                     f"server {server.name} gave it {owned or 'no port'}; "

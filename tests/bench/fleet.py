@@ -123,6 +123,9 @@ def run_fleet(workdir: Path, *, tunnels: int, servers: int = 2, parallel: int = 
 
 def _sim_main(spec_path: str) -> None:
     """simagents, but each open dials the tunnel server its request names."""
+    import asyncio
+    import random
+
     import asyncssh
 
     from dpanel_proto import wire
@@ -153,22 +156,29 @@ def _sim_main(spec_path: str) -> None:
             # hundreds at once is what the tunnel's per-source gate is there to stop
             n = int(self.device.rsplit("-", 1)[1])
             src = f"127.100.{n // 250}.{n % 250 + 1}"
-            try:
-                conn = await asyncssh.connect(
-                    host, port, username=self.device, password=self.secret,
-                    local_addr=(src, 0), known_hosts=None, agent_path=None, config=None,
-                    client_keys=None, preferred_auth="password", keepalive_interval=0,
-                    compression_algs=None)
-                listener = await conn.forward_remote_port("", 0, "127.0.0.1",
-                                                          self.sim.target)
-            except (OSError, asyncssh.Error) as exc:
-                self.sim.tunnel_errors.append(f"{self.device}: {type(exc).__name__}: {exc}")
-                return wire.ErrorCode.TUNNEL_UNREACHABLE, str(exc)[:200]
+            for attempt in range(3):  # as the agent redials a tunnel it could not reach
+                try:
+                    conn = await asyncssh.connect(
+                        host, port, username=self.device, password=self.secret,
+                        local_addr=(src, 0), known_hosts=None, agent_path=None,
+                        config=None, client_keys=None, preferred_auth="password",
+                        keepalive_interval=0, compression_algs=None)
+                    listener = await conn.forward_remote_port("", 0, "127.0.0.1",
+                                                              self.sim.target)
+                    break
+                except (OSError, asyncssh.Error) as exc:
+                    if attempt == 2:
+                        self.sim.tunnel_errors.append(
+                            f"{self.device}: {type(exc).__name__}: {exc}")
+                        return wire.ErrorCode.TUNNEL_UNREACHABLE, str(exc)[:200]
+                    self.sim.redials += 1
+                    await asyncio.sleep(random.uniform(0.5, 2.0))
             self.ssh, self.port = conn, listener.get_port()
             self.sim.tunnels += 1
             return wire.ErrorCode.OK, ""
 
     simagents.Agent = FleetAgent  # type: ignore[misc]
+    simagents.Sim.redials = 0  # type: ignore[attr-defined]
     sys.argv = [sys.argv[0], spec_path]
     simagents.main()
 

@@ -417,12 +417,17 @@ def cmd_tunnel_close(args: argparse.Namespace) -> int:
 
 
 def cmd_tunnel_list(args: argparse.Namespace) -> int:
-    tunnels = _client(args).call("GET", "/v1/tunnels")
+    api = _client(args)
+    tunnels = api.call("GET", "/v1/tunnels")
     if args.json:
         _print_json(tunnels)
     else:
+        # tunnels on tunnel servers elsewhere: that server's loopback, and its name
+        where = {d: (s["bind_host"], f"  ({s['name']})")
+                 for s in api.call("GET", "/v1/tunnel-servers") for d in s["devices"]}
         for device, port in sorted(tunnels.items()):
-            print(f"{device:<24} 127.0.0.1:{port}")
+            host, name = where.get(device, ("127.0.0.1", ""))
+            print(f"{device:<24} {host}:{port}{name}")
     return 0
 
 

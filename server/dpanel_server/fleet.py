@@ -121,6 +121,7 @@ class ServerState:
 
     def view(self) -> dict[str, Any]:
         return {"name": self.name, "public": self.public, "state": self.state,
+                "bind_host": self.bind_host,
                 "reason": self.reason, "since": self.since or None,
                 # a down server's last heartbeat is history: its tunnels are gone
                 "capacity": self.capacity, "load": self.load if self.is_up() else 0,

@@ -7,7 +7,7 @@ from typing import Annotated, Any, Callable, Optional
 from fastapi import Depends, FastAPI, Header
 from pydantic import BaseModel, Field
 
-from .authz import Principal, require
+from .authz import Principal, in_scope, require
 from .errors import DPanelError
 from .manager import Manager
 
@@ -36,9 +36,16 @@ def add_fleet_routes(app: FastAPI, manager: Manager,
 
     @app.get("/v1/tunnel-servers")
     async def list_servers(p: Caller) -> list[dict[str, Any]]:
-        """Every enrolled tunnel server: state (new/up/down), why, load and capacity."""
+        """Every enrolled tunnel server: state (new/up/down), why, load and capacity, and
+        the devices whose tunnels it holds (only those in the caller's scope)."""
         require(p, "read")
-        return fleet.list()
+        servers = fleet.list()
+        if p.scope:
+            ids = {d.id for d in await manager.devices() if in_scope(p, d.labels)}
+            for s in servers:
+                s["devices"] = [d for d in s["devices"] if d in ids]
+                s["tunnels"] = len(s["devices"])
+        return servers
 
     @app.post("/v1/tunnel-servers", status_code=201)
     async def add_server(body: ServerIn, p: Caller) -> dict[str, Any]:

@@ -11,6 +11,8 @@ import json
 import os
 import signal
 import subprocess
+import urllib.error
+import urllib.request
 from pathlib import Path
 from typing import Any, Iterator
 
@@ -85,6 +87,43 @@ def fleet(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Fleet]:
         yield f
     finally:
         stack.close()
+
+
+def _http(stack: Stack, method: str, path: str, token: str,
+          body: Any = None) -> tuple[int, Any]:
+    req = urllib.request.Request(f"http://127.0.0.1:{stack.api_port}{path}", method=method,
+                                 data=None if body is None else json.dumps(body).encode(),
+                                 headers={"Authorization": f"Bearer {token}",
+                                          "Content-Type": "application/json"})
+    try:
+        with urllib.request.urlopen(req, timeout=30) as r:
+            return r.status, json.loads(r.read())
+    except urllib.error.HTTPError as exc:
+        return exc.code, json.loads(exc.read() or b"{}")
+
+
+def test_who_may_see_and_enrol_tunnel_servers(fleet: Fleet) -> None:
+    s = fleet.stack
+    _exec(s, "fl-1")
+    assert "(ts-" in s.cli_ok("tunnel", "list")  # the server holding it is named
+    admin = Path(load_config(s.config).manager.admin_token_file).read_text().strip()
+    code, out = _http(s, "POST", "/v1/users", admin,
+                      {"name": "far-viewer", "role": "viewer", "scope": ["site=elsewhere"]})
+    assert code == 201, out
+    viewer = out["token"]
+    code, servers = _http(s, "GET", "/v1/tunnel-servers", viewer)
+    assert code == 200 and {x["name"] for x in servers} == set(HOSTS)
+    # no device of another scope is named to a scoped caller
+    assert all(x["devices"] == [] for x in servers), servers
+    assert _http(s, "POST", "/v1/tunnel-servers", viewer, {"name": "ts-9"})[0] == 403
+    assert _http(s, "DELETE", "/v1/tunnel-servers/ts-1", viewer)[0] == 403
+    # a heartbeat needs the server's own secret: not an operator's, not the admin token
+    beat = {"public": "127.0.0.9:2220", "host_key": servers[0]["host_key"],
+            "bind_host": "127.0.0.9", "capacity": 1, "load": 0, "devices": {}}
+    for token in (viewer, admin, "x" * 43):
+        code, out = _http(s, "POST", "/v1/tunnel-servers/ts-1/heartbeat", token, beat)
+        assert code == 401 and out["code"] == "unauthorized", out
+    assert fleet.servers()["ts-1"]["public"].startswith(HOSTS["ts-1"])
 
 
 def _exec(stack: Stack, device: str) -> str:

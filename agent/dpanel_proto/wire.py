@@ -350,8 +350,8 @@ def _decode_open(d: Mapping[str, Any]) -> OpenRequest:
     )
 
 
-_TUNNEL_RE = re.compile(r"^[A-Za-z0-9.:\[\]-]{1,255}:[0-9]{1,5}$")
-_HOST_KEY_RE = re.compile(r"^ssh-ed25519 [A-Za-z0-9+/]{68}$")
+_TUNNEL_RE = re.compile(r"^[A-Za-z0-9.:\[\]-]{1,255}:[0-9]{1,5}\Z")
+_HOST_KEY_RE = re.compile(r"^ssh-ed25519 [A-Za-z0-9+/]{68}\Z")
 
 
 def _tunnel_server(d: Mapping[str, Any]) -> Dict[str, Optional[str]]:

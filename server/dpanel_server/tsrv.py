@@ -73,7 +73,7 @@ class ControlSession(asyncssh.SSHServerSession[str]):
         chan = self._chan
         assert chan is not None
         answer = _answer(self._tunnel, self._command.encode())
-        if answer.get("ok") and json.loads(self._command).get("op") == "kick":
+        if answer.get("ok") and "kicked" in answer:  # only a well-formed kick has it
             log.warning("manager kicked device %s", printable(str(
                 json.loads(self._command).get("device"))[:63]))
         chan.write(json.dumps(answer) + "\n")

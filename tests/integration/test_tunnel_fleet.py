@@ -203,6 +203,11 @@ def test_manager_channel_reaches_only_its_own_allocated_ports(fleet: Fleet) -> N
             for host, port in refused:
                 with pytest.raises(asyncssh.ChannelOpenError):
                     await conn.open_connection(host, port)
+            # a malformed control command gets a one-line error; the server carries on
+            for bad in ("not json", '{"op": "kick", "device": "A\\n"}', '{"op": "rm"}'):
+                answer = json.loads(str((await conn.run(bad)).stdout))
+                assert answer["ok"] is False and answer["error"], (bad, answer)
+            assert "sessions" in json.loads(str((await conn.run('{"op": "sessions"}')).stdout))
             # and the channel gives no port forward of its own
             with pytest.raises(asyncssh.ChannelListenError):
                 await conn.forward_remote_port("", 0, "127.0.0.1", 22)

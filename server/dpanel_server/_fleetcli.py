@@ -74,7 +74,8 @@ def cmd_tunnel_serve(args: argparse.Namespace) -> int:
         manager_key = Path(args.manager_key).read_text().strip() if args.manager_key else None
         opts = RemoteOptions(manager_url=args.manager, name=args.name, secret=secret,
                              public=args.public or f"{host}:{port}",
-                             manager_key=manager_key, manager_ca=args.manager_ca)
+                             manager_key=manager_key, manager_ca=args.manager_ca,
+                             metrics_listen=args.metrics_listen or None)
         asyncio.run(run_remote_tunnel(settings, args.registry, opts))
     except (DPanelError, OSError, ValueError) as exc:
         print(f"dpanel tunnel serve: {exc}", file=sys.stderr)
@@ -108,4 +109,6 @@ def add_fleet_parser(sub: Any, tun: Any, add: Callable[..., argparse.ArgumentPar
                    "default: the key the authenticated heartbeat answer names")
     a.add_argument("--manager-ca", help="CA (PEM) of the manager's HTTPS certificate "
                    "(the stack's STATE_DIR/ca.pem); default: the system's")
+    a.add_argument("--metrics-listen", default="", metavar="HOST:PORT",
+                   help="serve /metrics and /ready here (default: off)")
     a.add_argument("--log-level", default="info")

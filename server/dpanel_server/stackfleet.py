@@ -5,7 +5,8 @@ host), enrolled as ``ts-1`` ... ``ts-N`` with its secret in ``DIR/tunnel-servers
 Server i listens on its own loopback address 127.0.0.(1+i) (or on the stack's public
 host, on a port of its own) and binds its device ports on 127.0.0.(1+i), so no two share
 a loopback address; each gets its own slice of the stack's port range. Its pid is in
-``DIR/tunnel-servers/NAME/pid``. A server that dies is not restarted: the manager places
+``DIR/tunnel-servers/NAME/pid``; its ``/metrics`` on 127.0.0.(1+i) at the port in
+``DIR/tunnel-servers/NAME/metrics_port``. A server that dies is not restarted: the manager places
 its devices elsewhere and says it failed (tests kill one on purpose).
 """
 
@@ -37,6 +38,15 @@ def _free_port(host: str) -> int:
         return int(s.getsockname()[1])
 
 
+def _kept_port(path: Path, host: str) -> int:
+    """A free port picked once and kept in ``path`` (the same one on every stack up)."""
+    if path.exists():
+        return int(path.read_text())
+    port = _free_port(host)
+    atomic_write(path, f"{port}\n", 0o600)
+    return port
+
+
 def _plan(cfg: ServerConfig, n: int) -> list[dict[str, str]]:
     lo, hi = cfg.tunnel.ports
     size = (hi - lo + 1) // n
@@ -53,13 +63,10 @@ def _plan(cfg: ServerConfig, n: int) -> list[dict[str, str]]:
         d.mkdir(parents=True, exist_ok=True, mode=0o700)
         bind = f"127.0.0.{1 + i}"
         host = bind if loopback else listen_host
-        port_file = d / "port"
-        if port_file.exists():
-            port = int(port_file.read_text())
-        else:
-            port = _free_port(host if host != "0.0.0.0" else "127.0.0.1")
-            atomic_write(port_file, f"{port}\n", 0o600)
+        port = _kept_port(d / "port", host if host != "0.0.0.0" else "127.0.0.1")
+        metrics = _kept_port(d / "metrics_port", bind)
         plans.append({"name": name, "dir": str(d), "listen": f"{host}:{port}",
+                      "metrics": f"{bind}:{metrics}",
                       "public": f"{bind if loopback else public_host}:{port}", "bind": bind,
                       "ports": f"{lo + (i - 1) * size}-{lo + i * size - 1}"})
     return plans
@@ -107,7 +114,8 @@ async def run_stack_fleet(cfg: ServerConfig, n: int) -> None:
                     "--manager", f"http://{api_host}:{api_port}", "--name", p["name"],
                     "--secret-file", str(d / "secret"), "--registry", cfg.registry_url,
                     "--listen", p["listen"], "--public", p["public"],
-                    "--bind-host", p["bind"], "--ports", p["ports"], "--state-dir", str(d)]
+                    "--bind-host", p["bind"], "--ports", p["ports"], "--state-dir", str(d),
+                    "--metrics-listen", p["metrics"]]
             # on the loop's own thread: the death signal follows the thread that forked
             proc = _spawn(argv, d / "tunnel.log")
             procs.append(proc)

@@ -90,6 +90,8 @@ class RemoteOptions:
     manager_key: Optional[str] = None
     #: PEM file of the CA the manager's HTTPS certificate is checked against
     manager_ca: Optional[str] = None
+    #: HOST:PORT of this process's /metrics and /ready (None: off)
+    metrics_listen: Optional[str] = None
 
 
 def heartbeat_body(tunnel: TunnelServer, public: str) -> dict[str, Any]:
@@ -156,6 +158,14 @@ async def run_remote_tunnel(settings: TunnelSettings, registry_url: str,
     tunnel = TunnelServer(settings, registry.verify, allowed=registry_allows(registry))
     tunnel.control = lambda: ControlSession(tunnel)
     await tunnel.start()
+    metrics_srv = None
+    if opts.metrics_listen:
+        from .config import TUNNEL_METRICS_PORT, _hostport
+        from .metrics import register_tunnel_metrics, serve_metrics
+
+        register_tunnel_metrics(tunnel)
+        host, port = _hostport(opts.metrics_listen, "--metrics-listen", TUNNEL_METRICS_PORT)
+        metrics_srv = await serve_metrics(host, port, registry.db)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
@@ -169,6 +179,8 @@ async def run_remote_tunnel(settings: TunnelSettings, registry_url: str,
     await stop.wait()
     for t in tasks:
         t.cancel()
+    if metrics_srv is not None:
+        metrics_srv.close()
     await tunnel.close()
     registry.close()
 

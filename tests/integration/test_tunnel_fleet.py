@@ -153,6 +153,13 @@ def test_devices_are_placed_on_both_servers_and_stay(fleet: Fleet) -> None:
          "fl-2", "echo via-proxy"],
         env=s.env, capture_output=True, timeout=60)
     assert out.stdout.decode().strip() == "via-proxy", out.stderr.decode()[-2000:]
+    # each server's own /metrics counts its own tunnels
+    for name, host in HOSTS.items():
+        port = int((s.dir / "tunnel-servers" / name / "metrics_port").read_text())
+        with urllib.request.urlopen(f"http://{host}:{port}/metrics", timeout=10) as r:
+            text = r.read().decode()
+        line = next(x for x in text.splitlines() if x.startswith("dpanel_tunnel_ports_in_use"))
+        assert float(line.split()[1]) >= 1, line
     # the device ports stay on each server's own loopback address
     for name, st in fleet.servers().items():
         assert st["public"].startswith(HOSTS[name] + ":")

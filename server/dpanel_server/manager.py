@@ -104,7 +104,7 @@ class Manager:
                             pinned_key=self._pinned_key, on_silent=self._not_answering,
                             route=self.route)
         # jobs: parts for offline devices run when presence says they came online
-        self.jobs = Jobs(self)
+        self.jobs = Jobs(self, runner=cfg.manager.replica)
         self._presence = PresenceTracker(self.registry, on_offline=self.pool.drop,
                                          on_pinned=self._known_hosts_changed,
                                          on_online=self.jobs.kick)

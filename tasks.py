@@ -29,6 +29,7 @@ APT_PACKAGES = [
     "qemu-utils", "e2fsprogs", "mtools", "dosfstools", "fdisk", "bmap-tools",
     "systemd-container", "arch-test", "ca-certificates", "debian-archive-keyring",
     "tinyproxy", "nftables",  # field-network tests (only-443 netns, HTTP CONNECT proxy)
+    "ethtool",  # invoke bench --wan: offloads off on the netem veth
     "postgresql-15",
     "rabbitmq-server",  # tests/integration/test_broker_rabbitmq.py: a real 2-node cluster
 ]

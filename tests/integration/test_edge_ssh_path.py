@@ -1,0 +1,167 @@
+"""The SSH path through the one-port TLS edge: the agent's TLS resumes its session on a
+redial, and the tunnel logs the device's own address (not the edge's loopback relay),
+which nothing a device sends can change.
+
+One device netns with a veth to the host, where a real stack serves the edge; a real
+agent dials it. Module scope: the stack and agent are shared by the tests.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+import re
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+from typing import Iterator
+
+import pytest
+
+from stackfix import Stack
+from support import free_port, wait_for
+
+pytestmark = [pytest.mark.root]
+
+DEVICE = "edge-ssh-1"
+
+
+def _run(*argv: str) -> None:
+    subprocess.run(argv, check=True, capture_output=True)
+
+
+class _Site:
+    def __init__(self, stack: Stack, ns: str, host_ip: str, dev_ip: str, edge: str,
+                 agent_log: Path) -> None:
+        self.stack, self.ns, self.host_ip, self.dev_ip = stack, ns, host_ip, dev_ip
+        self.edge, self.agent_log = edge, agent_log
+
+
+@pytest.fixture(scope="module")
+def site(tmp_path_factory: pytest.TempPathFactory) -> Iterator[_Site]:
+    if os.geteuid() != 0:
+        pytest.skip("network namespaces need root (CI runs as root)")
+    tag = f"{os.getpid() % 10000}{random.randrange(100)}"
+    ns, veth = f"dpes{tag}", f"dpes{tag}h"
+    a, b = 120 + os.getpid() % 30, random.randrange(256)
+    host_ip, dev_ip = f"10.{a}.{b}.1", f"10.{a}.{b}.2"
+    tmp = tmp_path_factory.mktemp("edge-ssh")
+    stack = None
+    try:
+        _run("ip", "netns", "add", ns)
+        _run("ip", "link", "add", veth, "type", "veth", "peer", "name", "eth0", "netns", ns)
+        _run("ip", "addr", "add", f"{host_ip}/30", "dev", veth)
+        _run("ip", "link", "set", veth, "up")
+        _run("ip", "-n", ns, "addr", "add", f"{dev_ip}/30", "dev", "eth0")
+        _run("ip", "-n", ns, "link", "set", "eth0", "up")
+        _run("ip", "-n", ns, "link", "set", "lo", "up")
+        _run("ip", "-n", ns, "route", "add", "default", "via", host_ip)
+        edge = f"{host_ip}:{free_port()}"
+        stack = Stack(dir=tmp / "stack", broker_port=free_port(), tunnel_port=free_port(),
+                      api_port=free_port(), public_host=host_ip,
+                      extra=("--edge-listen", edge))
+        stack.start()
+        state = tmp / "agent"
+        conf = tmp / "agent.toml"
+        conf.write_text('proxy = "none"\n')
+        stack.start_agent(stack.enrol(DEVICE), state, netns=ns,
+                          extra=("--config", str(conf), "--log-level", "info"))
+        stack.wait_online(DEVICE, 60)
+        yield _Site(stack, ns, host_ip, dev_ip, edge, state / "agent.log")
+    finally:
+        if stack is not None:
+            stack.close()
+        subprocess.run(["ip", "link", "del", veth], capture_output=True)
+        subprocess.run(["ip", "netns", "del", ns], capture_output=True)
+
+
+def _tunnel_ups(site: _Site) -> list[str]:
+    text = site.agent_log.read_text(errors="replace")
+    return [line for line in text.splitlines() if "tunnel up:" in line]
+
+
+def test_the_tunnels_tls_to_the_edge_resumes_on_redial(site: _Site) -> None:
+    st = site.stack
+    for _ in range(2):
+        st.cli_ok("tunnel", "open", DEVICE)
+        st.cli_ok("tunnel", "close", DEVICE)
+        wait_for(lambda: not st.device(DEVICE).get("port"), "tunnel closed", 30)
+    ups = _tunnel_ups(site)
+    assert len(ups) >= 2, ups
+    assert "(TLS)" in ups[0], ups  # the first dial: a full handshake
+    assert all("(TLS, resumed)" in line for line in ups[1:]), ups
+    # and the SSH inside the resumed TLS works end to end
+    out = st.cli("exec", DEVICE, "--", "echo", "resumed", timeout=90)
+    assert out.returncode == 0 and out.stdout == b"resumed\n", out
+
+
+def test_the_tunnel_logs_the_devices_own_address(site: _Site) -> None:
+    st = site.stack
+    st.cli_ok("tunnel", "open", DEVICE)
+    log = st.log()
+    m = re.findall(rf"device {DEVICE} authenticated from (\S+)", log)
+    assert m, log[-3000:]
+    assert all(addr.startswith(f"{site.dev_ip}:") for addr in m), m
+    assert re.search(rf"edge: {re.escape(site.dev_ip)}:\d+ dpanel-ssh -> ", log), log[-3000:]
+    st.cli_ok("tunnel", "close", DEVICE)
+
+
+def _in_site(site: _Site, *argv: str) -> None:
+    """Python in the device's netns; it must exit 0."""
+    out = subprocess.run(["ip", "netns", "exec", site.ns, sys.executable, *argv],
+                         capture_output=True, timeout=60, stdin=subprocess.DEVNULL)
+    assert out.returncode == 0, out.stderr[-2000:]
+
+
+_FORGER = textwrap.dedent("""
+    import socket, ssl, sys
+    host, port, ca = sys.argv[1], int(sys.argv[2]), sys.argv[3]
+    ctx = ssl.create_default_context(cafile=ca)
+    ctx.check_hostname = False
+    ctx.set_alpn_protocols(["dpanel-ssh"])
+    s = ctx.wrap_socket(socket.create_connection((host, port), 10))
+    # a PROXY-protocol header and a spoofed X-Forwarded-For: both mere bytes to the tunnel
+    s.sendall(b"PROXY TCP4 6.6.6.6 10.0.0.1 4444 443\\r\\nX-Forwarded-For: 6.6.6.7\\r\\n")
+    s.sendall(b"SSH-2.0-forger\\r\\n" + bytes(range(256)) * 8)
+    s.settimeout(10)
+    try:
+        while s.recv(4096):
+            pass
+    except OSError:
+        pass
+""")
+
+
+def test_a_device_cannot_forge_its_address(site: _Site, tmp_path: Path) -> None:
+    """A client through the edge that sends address headers, then a wrong password:
+    the tunnel's lines name its real address only."""
+    st = site.stack
+    ca = st.dir / "tls" / "ca.crt"  # the stack's broker CA, which the edge's certificate chains to
+    host, port = site.edge.rsplit(":", 1)
+    script = tmp_path / "forger.py"
+    script.write_text(_FORGER)
+    _in_site(site, str(script), host, port, str(ca))
+    bad = tmp_path / "badpw.py"
+    bad.write_text(textwrap.dedent(f"""
+        import asyncio, ssl, asyncssh
+        class T:
+            async def create_connection(self, factory, _h, _p):
+                ctx = ssl.create_default_context(cafile={str(ca)!r})
+                ctx.check_hostname = False
+                ctx.set_alpn_protocols(["dpanel-ssh"])
+                loop = asyncio.get_running_loop()
+                return await loop.create_connection(factory, {host!r}, {port}, ssl=ctx)
+        async def main():
+            try:
+                await asyncssh.connect("x", tunnel=T(), username={DEVICE!r}, password="wrong",
+                                       known_hosts=None, client_keys=None, agent_path=None,
+                                       preferred_auth="password", config=None)
+            except asyncssh.Error:
+                pass
+        asyncio.run(main())
+    """))
+    _in_site(site, str(bad))
+    pattern = rf"auth failed for device {DEVICE} from {re.escape(site.dev_ip)}:\d+ \(via edge"
+    wait_for(lambda: re.search(pattern, st.log()), "the failed login logged", 30)
+    assert "6.6.6.6" not in st.log() and "6.6.6.7" not in st.log()

@@ -106,12 +106,19 @@ def demo(c: Context, dir: str = "") -> None:
 
 
 @task(help={"out": "directory for bench.json and bench.png"})
-def bench(c: Context, out: str = "out/bench", wan: bool = False) -> None:
+def bench(c: Context, out: str = "out/bench", wan: bool = False, wan_section: str = "all") -> None:
     """Benchmark against OpenSSH on this machine; writes JSON + PNG and prints ratios.
-    ``--wan``: instead, idle bytes on the wire and presence per link profile, counted
-    on the device's veth in network namespaces (root; about 30 minutes)."""
+    ``--wan``: instead, network namespaces (root): ``emulated`` = dPanel against OpenSSH
+    on three emulated WANs (tests/bench/wan.py, ~15 min), ``idle`` = idle bytes on the wire
+    and presence per link profile (tests/bench/wire.py, ~30 min); ``--wan-section`` picks
+    one (default ``all``: both)."""
     if wan:
-        c.run(f"{PY} -m tests.bench.wire --out {out}-wire", pty=False)
+        if wan_section not in ("all", "emulated", "idle"):
+            raise SystemExit(f"--wan-section: {wan_section!r} is not all, emulated or idle")
+        if wan_section in ("all", "emulated"):
+            c.run(f"{PY} -m tests.bench.wan --out {out}-wan", pty=False)
+        if wan_section in ("all", "idle"):
+            c.run(f"{PY} -m tests.bench.wire --out {out}-wire", pty=False)
         return
     c.run(f"{PY} -m tests.bench.run --out {out}", pty=False)
 

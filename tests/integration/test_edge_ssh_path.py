@@ -11,8 +11,11 @@ from __future__ import annotations
 import os
 import random
 import re
+import shutil
+import signal
 import subprocess
 import sys
+import tempfile
 import textwrap
 from pathlib import Path
 from typing import Iterator
@@ -20,7 +23,7 @@ from typing import Iterator
 import pytest
 
 from stackfix import Stack
-from support import free_port, wait_for
+from support import free_port, stop_proc, wait_for
 
 pytestmark = [pytest.mark.root]
 
@@ -165,3 +168,58 @@ def test_a_device_cannot_forge_its_address(site: _Site, tmp_path: Path) -> None:
     pattern = rf"auth failed for device {DEVICE} from {re.escape(site.dev_ip)}:\d+ \(via edge"
     wait_for(lambda: re.search(pattern, st.log()), "the failed login logged", 30)
     assert "6.6.6.6" not in st.log() and "6.6.6.7" not in st.log()
+
+
+def _tinyproxy(site: _Site, port: int, conf_dir: Path) -> subprocess.Popen[bytes]:
+    """A real tinyproxy in the device's netns (the site's proxy), as nobody."""
+    conf_dir.mkdir(parents=True, exist_ok=True)
+    os.chmod(conf_dir, 0o755)
+    conf = conf_dir / "tinyproxy.conf"
+    conf.write_text("\n".join([f"Port {port}", "Listen 127.0.0.1", "Timeout 600",
+                               "Allow 127.0.0.1", "LogLevel Info", "DisableViaHeader Yes", ""]))
+    conf.chmod(0o644)
+    exe = shutil.which("tinyproxy") or "/usr/bin/tinyproxy"
+    with (conf_dir / "tinyproxy.log").open("ab") as log:
+        proc = subprocess.Popen(
+            ["ip", "netns", "exec", site.ns, "setpriv", "--reuid=nobody", "--regid=nogroup",
+             "--clear-groups", exe, "-d", "-c", str(conf)],
+            stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
+
+    def listening() -> bool:
+        if proc.poll() is not None:
+            raise RuntimeError((conf_dir / "tinyproxy.log").read_text())
+        return bool(subprocess.run(["ip", "netns", "exec", site.ns, "ss", "-Htln", "sport",
+                                    f"= :{port}"], capture_output=True, text=True).stdout.strip())
+
+    wait_for(listening, "tinyproxy listening", 15)
+    return proc
+
+
+def test_a_proxy_that_dies_mid_connection(site: _Site, tmp_path: Path) -> None:
+    """The site's proxy is killed under a live MQTT session and tunnel: the device shows
+    offline and an exec fails with a clear error, at once; when the proxy is back, the
+    agent redials through it by itself and exec works again."""
+    if shutil.which("tinyproxy") is None and not Path("/usr/bin/tinyproxy").exists():
+        pytest.skip("tinyproxy is not installed (tasks.py APT_PACKAGES)")
+    st, name, port = site.stack, "edge-ssh-px", free_port()
+    px = Path(tempfile.mkdtemp(prefix="dpes-tinyproxy-"))  # nobody must read its config
+    proxy = _tinyproxy(site, port, px)
+    try:
+        conf = tmp_path / "agent.toml"
+        conf.write_text(f'proxy = "http://127.0.0.1:{port}"\nreconnect_max = 5\n')
+        st.start_agent(st.enrol(name), tmp_path / "agent", netns=site.ns,
+                       extra=("--config", str(conf), "--log-level", "info"))
+        st.wait_online(name, 60)
+        out = st.cli("exec", name, "--", "echo", "before", timeout=90)
+        assert out.returncode == 0 and out.stdout == b"before\n", out
+        stop_proc(proxy, signal.SIGKILL)
+        st.wait_offline(name, 60)  # the edge saw both relayed connections end
+        out = st.cli("exec", name, "--", "echo", "during", timeout=90)
+        assert out.returncode != 0 and b"offline" in out.stderr, out
+        proxy = _tinyproxy(site, port, px)
+        st.wait_online(name, 90)
+        out = st.cli("exec", name, "--", "echo", "after", timeout=90)
+        assert out.returncode == 0 and out.stdout == b"after\n", out
+    finally:
+        stop_proc(proxy, signal.SIGKILL)
+        shutil.rmtree(px, ignore_errors=True)

@@ -307,7 +307,9 @@ def _push_rate(argv: list[str], nbytes: int) -> float:
         proc.stdin.write(zeros[:n])
         left -= n
     proc.stdin.close()
-    out, err = proc.communicate(timeout=900)
+    out = proc.stdout.read()
+    err = proc.stderr.read() if proc.stderr else b""
+    proc.wait(60)
     stamps = out.split()
     if proc.returncode != 0 or len(stamps) != 2:
         raise RuntimeError(f"push: exit {proc.returncode}, {out[-200:]!r} {err[-300:]!r}")

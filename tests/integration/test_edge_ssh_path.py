@@ -223,3 +223,71 @@ def test_a_proxy_that_dies_mid_connection(site: _Site, tmp_path: Path) -> None:
     finally:
         stop_proc(proxy, signal.SIGKILL)
         shutil.rmtree(px, ignore_errors=True)
+
+
+_FLOOD = textwrap.dedent("""
+    # many addresses each holding connections that never send a ClientHello, redialling
+    # whatever the edge drops, until stdin closes
+    import selectors, socket, sys, threading
+    host, port, per = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
+    sources = sys.argv[4:]
+    sel = selectors.DefaultSelector()
+    def dial(src):
+        s = socket.socket()
+        s.setblocking(False)
+        s.bind((src, 0))
+        try:
+            s.connect((host, port))
+        except BlockingIOError:
+            pass
+        sel.register(s, selectors.EVENT_READ, src)
+    for src in sources:
+        for _ in range(per):
+            dial(src)
+    print("flooding", flush=True)
+    stop = threading.Event()
+    threading.Thread(target=lambda: (sys.stdin.read(), stop.set()), daemon=True).start()
+    while not stop.is_set():
+        for key, _ in sel.select(0.5):
+            try:
+                data = key.fileobj.recv(4096)
+            except OSError:
+                data = b""
+            if not data:  # refused, evicted or timed out: come straight back
+                sel.unregister(key.fileobj)
+                key.fileobj.close()
+                dial(key.data)
+""")
+
+
+def test_a_flood_from_many_addresses_does_not_lock_a_device_out(site: _Site,
+                                                                tmp_path: Path) -> None:
+    """30 addresses of the site each hold 20 connections to the edge that never start TLS
+    (600, over the edge's cap of 256 pending) and redial when dropped: the device still
+    opens a tunnel through the edge and an exec works."""
+    st = site.stack
+    a, b, _, _ = site.host_ip.split(".")
+    net = f"10.{int(a) + 1}.{b}"
+    sources = [f"{net}.{i}" for i in range(10, 40)]
+    for src in sources:
+        _run("ip", "-n", site.ns, "addr", "add", f"{src}/32", "dev", "eth0")
+    _run("ip", "route", "add", f"{net}.0/24", "via", site.dev_ip)
+    script = tmp_path / "flood.py"
+    script.write_text(_FLOOD)
+    host, port = site.edge.rsplit(":", 1)
+    flood = subprocess.Popen(["ip", "netns", "exec", site.ns, sys.executable, str(script),
+                              host, port, "20", *sources], stdin=subprocess.PIPE,
+                             stdout=subprocess.PIPE, stderr=subprocess.DEVNULL)
+    try:
+        assert flood.stdout is not None and flood.stdout.readline() == b"flooding\n"
+        st.cli_ok("tunnel", "close", DEVICE)
+        wait_for(lambda: not st.device(DEVICE).get("port"), "tunnel closed", 30)
+        wait_for(lambda: "edge: refused" in st.log() or "evict" in st.log(),
+                 "the edge's gate at work", 30)
+        out = st.cli("exec", DEVICE, "--", "echo", "through-the-flood", timeout=90)
+        assert out.returncode == 0 and out.stdout == b"through-the-flood\n", out
+    finally:
+        assert flood.stdin is not None
+        flood.stdin.close()
+        stop_proc(flood, signal.SIGKILL)
+        subprocess.run(["ip", "route", "del", f"{net}.0/24"], capture_output=True)

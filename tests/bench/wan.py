@@ -511,6 +511,26 @@ def _ratios(res: dict[str, Any], p: Profile) -> None:
     res["ratios"] = r
 
 
+def fit_round_trips(result: dict[str, Any]) -> dict[str, Any]:
+    """Per path, time to first output = fixed + k x RTT over the profiles (least squares):
+    k is the number of round trips on the critical path, the rest is local work."""
+    out: dict[str, Any] = {}
+    profiles = [r for r in result["profiles"].values() if r.get("first_output_s")]
+    if len(profiles) < 2:
+        return out
+    for key in profiles[0]["first_output_s"]:
+        pts = [((r["rtt_ms"] or r["profile"]["rtt_ms"]) / 1000, r["first_output_s"][key])
+               for r in profiles if key in r["first_output_s"]]
+        n = len(pts)
+        mx, my = sum(x for x, _ in pts) / n, sum(y for _, y in pts) / n
+        sxx = sum((x - mx) ** 2 for x, _ in pts)
+        if n < 2 or not sxx:
+            continue
+        k = sum((x - mx) * (y - my) for x, y in pts) / sxx
+        out[key] = {"round_trips": round(k, 1), "fixed_s": round(my - k * mx, 3)}
+    return out
+
+
 def table(result: dict[str, Any]) -> str:
     rows = ["| profile | TCP RTT | push / pull MB/s: plain, edge, proxy, OpenSSH | vs OpenSSH "
             "| vs link | cold exec s (RTTs): plain, edge, proxy | open / fresh ssh -R s (RTTs) "
@@ -566,10 +586,13 @@ def main(argv: Optional[list[str]] = None) -> int:
                       exec_reps=args.exec_reps)
     finally:
         shutil.rmtree(work, ignore_errors=True)
+    res["round_trips_fit"] = fit_round_trips(res)
     tmp = args.out / "wan.json.tmp"
     tmp.write_text(json.dumps(res, indent=2, default=str) + "\n")
     os.replace(tmp, args.out / "wan.json")
     print(table(res))
+    for key, f in res["round_trips_fit"].items():
+        print(f"first output {key}: {f['round_trips']} round trips + {f['fixed_s']} s")
     print(f"\nwrote {args.out / 'wan.json'}")
     return 0
 

@@ -94,7 +94,8 @@ class EdgeServer:
                                  penalty_noauth=1.0, penalty_min=30.0, penalty_max=60.0)
         self._rl = RateLimitedLog(log, burst=1, window=60.0)
         self._server: Optional[asyncio.Server] = None
-        self._pending: dict[int, asyncio.StreamWriter] = {}
+        #: handshakes in progress (an eviction cancels one)
+        self._pending: dict[int, asyncio.Task[None]] = {}
         self._tasks: set[asyncio.Task[None]] = set()
         self.spliced = 0
 
@@ -130,18 +131,27 @@ class EdgeServer:
         handle = id(writer)
         refusal, victim = self._gate.admit(handle, source)
         if victim is not None:
-            w = self._pending.pop(victim, None)  # type: ignore[call-overload]
-            if w is not None:
-                w.transport.abort()
+            # cancel the victim's handshake rather than abort its transport under
+            # start_tls (CPython then loses the transport and logs tracebacks per eviction)
+            t = self._pending.pop(victim, None)  # type: ignore[call-overload]
+            if t is not None:
+                t.cancel()
         if refusal is not None:
             self._rl.warning(f"refused {source}", "edge: refused %s: %s", source, refusal)
             writer.transport.abort()
             return
-        self._pending[handle] = writer
+        me = asyncio.current_task()
+        assert me is not None
+        self._pending[handle] = me
         outcome = "noauth"
         try:
             try:
                 await writer.start_tls(self._ctx, ssl_handshake_timeout=self._handshake_timeout)
+            except asyncio.CancelledError:
+                writer.transport.abort()
+                if handle in self._pending:  # not an eviction: the edge is closing
+                    raise
+                return
             except (OSError, asyncio.TimeoutError, ConnectionError) as exc:
                 # asyncio reports its ssl_handshake_timeout as ConnectionAbortedError
                 late = isinstance(exc, (asyncio.TimeoutError, ConnectionAbortedError))

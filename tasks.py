@@ -106,12 +106,18 @@ def demo(c: Context, dir: str = "") -> None:
 
 
 @task(help={"out": "directory for bench.json and bench.png"})
-def bench(c: Context, out: str = "out/bench", wan: bool = False, wan_section: str = "all") -> None:
+def bench(c: Context, out: str = "out/bench", wan: bool = False, wan_section: str = "all",
+          scale: bool = False) -> None:
     """Benchmark against OpenSSH on this machine; writes JSON + PNG and prints ratios.
     ``--wan``: instead, network namespaces (root): ``emulated`` = dPanel against OpenSSH
     on three emulated WANs (tests/bench/wan.py, ~15 min), ``idle`` = idle bytes on the wire
     and presence per link profile (tests/bench/wire.py, ~30 min); ``--wan-section`` picks
-    one (default ``all``: both)."""
+    one (default ``all``: both).
+    ``--scale``: instead, fleet size: devices per broker, a reconnect storm after a broker
+    restart, a manager with 10,000 devices, enrolment rates (tests/bench/scale_out.py)."""
+    if scale:
+        c.run(f"{PY} -m tests.bench.scale_out --out {out}-scale", pty=False)
+        return
     if wan:
         if wan_section not in ("all", "emulated", "idle"):
             raise SystemExit(f"--wan-section: {wan_section!r} is not all, emulated or idle")

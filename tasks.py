@@ -29,6 +29,7 @@ APT_PACKAGES = [
     "qemu-utils", "e2fsprogs", "mtools", "dosfstools", "fdisk", "bmap-tools",
     "systemd-container", "arch-test", "ca-certificates", "debian-archive-keyring",
     "tinyproxy", "nftables",  # field-network tests (only-443 netns, HTTP CONNECT proxy)
+    "ethtool",  # invoke bench --wan: offloads off on the netem veth
     "postgresql-15",
     "rabbitmq-server",  # tests/integration/test_broker_rabbitmq.py: a real 2-node cluster
     "chromium",  # tests/integration/test_web_panel.py: the web panel in a real browser
@@ -166,17 +167,25 @@ def demo(c: Context, dir: str = "") -> None:
 
 
 @task(help={"out": "directory for bench.json and bench.png"})
-def bench(c: Context, out: str = "out/bench", wan: bool = False, scale: bool = False) -> None:
+def bench(c: Context, out: str = "out/bench", wan: bool = False, wan_section: str = "all",
+          scale: bool = False) -> None:
     """Benchmark against OpenSSH on this machine; writes JSON + PNG and prints ratios.
-    ``--wan``: instead, idle bytes on the wire and presence per link profile, counted
-    on the device's veth in network namespaces (root; about 30 minutes).
+    ``--wan``: instead, network namespaces (root): ``emulated`` = dPanel against OpenSSH
+    on three emulated WANs (tests/bench/wan.py, ~15 min), ``idle`` = idle bytes on the wire
+    and presence per link profile (tests/bench/wire.py, ~30 min); ``--wan-section`` picks
+    one (default ``all``: both).
     ``--scale``: instead, fleet size: devices per broker, a reconnect storm after a broker
     restart, a manager with 10,000 devices, enrolment rates (tests/bench/scale_out.py)."""
     if scale:
         c.run(f"{PY} -m tests.bench.scale_out --out {out}-scale", pty=False)
         return
     if wan:
-        c.run(f"{PY} -m tests.bench.wire --out {out}-wire", pty=False)
+        if wan_section not in ("all", "emulated", "idle"):
+            raise SystemExit(f"--wan-section: {wan_section!r} is not all, emulated or idle")
+        if wan_section in ("all", "emulated"):
+            c.run(f"{PY} -m tests.bench.wan --out {out}-wan", pty=False)
+        if wan_section in ("all", "idle"):
+            c.run(f"{PY} -m tests.bench.wire --out {out}-wire", pty=False)
         return
     c.run(f"{PY} -m tests.bench.run --out {out}", pty=False)
 

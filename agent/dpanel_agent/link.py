@@ -77,9 +77,19 @@ class _Client(asyncssh.SSHClient):
 
     def connection_made(self, conn: asyncssh.SSHClientConnection) -> None:
         self._conn = conn
+        skip_none_auth(conn, b"password")
 
     def connection_lost(self, exc: Optional[Exception]) -> None:
         self._link._lost(self._conn, exc)
+
+
+def skip_none_auth(conn: asyncssh.SSHClientConnection, method: bytes) -> None:
+    """Start the login with ``method`` rather than asyncssh's ``none`` probe: one round trip
+    less per dial (300 ms on LTE), since we know what the tunnel accepts. RFC 4252 lets a
+    client open with any method. asyncssh keeps the list in a private attribute; if that
+    ever changes, this does nothing and the login keeps its extra round trip."""
+    if getattr(conn, "_auth_methods", None) == [b"none"]:
+        conn._auth_methods = [method]
 
 
 def _cpu_has_aes(cpuinfo: str = "/proc/cpuinfo") -> bool:
@@ -353,7 +363,11 @@ class TunnelLink:
         self._conn, self._listener = conn, listener
         self.port = listener.get_port()
         self._up_since = time.monotonic()
-        log.info("tunnel up: %s:%d port %d -> %s:%d", self.host, self.port_, self.port,
+        tls = ""
+        if self._via is not None and self.endpoint.tls:
+            self._via.remember()  # by now the edge's TLS 1.3 ticket has arrived
+            tls = " (TLS, resumed)" if self._via.resumed else " (TLS)"
+        log.info("tunnel up: %s:%d%s port %d -> %s:%d", self.host, self.port_, tls, self.port,
                  *self.target)
         self._on_port(self.port)
         return self.port

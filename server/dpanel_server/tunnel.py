@@ -53,6 +53,7 @@ from ._gate import Outcome, PreAuthGate, Startups, source_key
 from ._pool import PoolExhausted, PortPool
 from .errors import ConfigError
 from .metrics import AUTH_FAILURES
+from .relaypeers import RELAYS
 
 __all__ = [
     "ALLOWED_LISTEN_HOSTS",
@@ -257,7 +258,13 @@ class _Session(asyncssh.SSHServer):
     def connection_made(self, conn: asyncssh.SSHServerConnection) -> None:
         self._conn = conn
         peer = conn.get_extra_info("peername")
-        if isinstance(peer, tuple):
+        # a connection the TLS edge relays on loopback: the device's own address (the
+        # edge recorded it in-process; nothing a device sends can put it there)
+        device = RELAYS.lookup(peer)
+        if device is not None:
+            self.peer = f"{device[0]}:{device[1]} (via edge {peer[0]}:{peer[1]})"
+            self.source = source_key(device[0])
+        elif isinstance(peer, tuple):
             self.peer = f"{peer[0]}:{peer[1]}"
             self.source = source_key(str(peer[0]))
         srv = self._srv

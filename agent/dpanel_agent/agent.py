@@ -27,7 +27,7 @@ from .files import ensure_private_dir, load_or_create_host_key, read_public_key_
 from .guard import REPLAY_CACHE_NAME, RequestGuard
 from .mqtt import AgentMqtt
 from .tokensrc import resolve_token
-from .userca import load_user_ca, store_user_ca, valid_user_ca
+from .userca import load_user_ca, publish_for_sshd, store_user_ca, valid_user_ca
 
 if TYPE_CHECKING:
     from .link import TunnelLink
@@ -51,10 +51,11 @@ class _LazyLink:
         return self.real.port if self.real is not None else None
 
     async def open(self, ttl: float, idle_timeout: float, *,
-                   not_after: Optional[float] = None) -> int:
+                   not_after: Optional[float] = None,
+                   server: Optional[Tuple[str, str]] = None) -> int:
         if self.real is None:
             self.real = await self._agent._make_link()
-        return await self.real.open(ttl, idle_timeout, not_after=not_after)
+        return await self.real.open(ttl, idle_timeout, not_after=not_after, server=server)
 
     async def close(self, reason: str) -> bool:
         return await self.real.close(reason) if self.real is not None else False
@@ -129,6 +130,7 @@ class Agent:
         else:
             self.host_key_line = read_public_key_line(cfg.sshd_host_key)
         self.user_ca = load_user_ca(cfg.state_dir, token, cfg.pins_dir)
+        self._publish_for_sshd()
         # persisted, so that a restarted agent still refuses a request it already honoured
         guard = RequestGuard(token.device, ManagerKey(token.manager_key),
                              cfg.request_clock_skew, store=cfg.state_dir / REPLAY_CACHE_NAME)
@@ -201,7 +203,18 @@ class Agent:
         self.user_ca = line
         if self._sshd is not None:
             self._sshd.set_user_ca(line)
+        self._publish_for_sshd()
         self._publish_status()
+
+    def _publish_for_sshd(self) -> None:
+        """ssh_target = "sshd": the CA and principals for the device's own OpenSSH."""
+        if self.config.ssh_target != "sshd" or self.token is None:
+            return
+        try:
+            publish_for_sshd(self.config.state_dir, self.token.device, self.user_ca)
+        except OSError as exc:  # certificates then fail at sshd; the agent goes on
+            log.error("cannot write the SSH user CA for sshd under %s: %s",
+                      self.config.state_dir, exc)
 
     def _on_connected(self, up: bool) -> None:
         log.debug("broker connection %s", "up" if up else "down")

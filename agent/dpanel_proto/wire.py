@@ -33,6 +33,7 @@ __all__ = [
     "AUDIT_KINDS",
     "DEVICE_ACL",
     "DEVICE_ID_RE",
+    "MANAGER_SHARE_GROUP",
     "MANAGER_SUBSCRIPTIONS",
     "MANAGER_TOPICS",
     "MAX_AUDIT_COMMAND",
@@ -73,6 +74,10 @@ PROTOCOL_VERSION = 1
 TOPIC_ROOT = "dpanel/v1/dev"
 #: Everything the manager may read and write.
 MANAGER_TOPICS = "dpanel/v1/#"
+#: Manager replicas share a subscription (MQTT 5 ``$share``) under this group, where the
+#: broker has them; its ACL must grant the prefixed filter too (Mosquitto's plugin checks
+#: the whole ``$share/...`` string).
+MANAGER_SHARE_GROUP = "dpanel-managers"
 #: What the manager subscribes to.
 MANAGER_SUBSCRIPTIONS = (f"{TOPIC_ROOT}/+/status", f"{TOPIC_ROOT}/+/resp",
                          f"{TOPIC_ROOT}/+/audit")
@@ -187,6 +192,12 @@ class OpenRequest:
     #: a new SSH user CA for the device to trust from now on (covered by ``sig``); only
     #: sent when the device's status shows another one (CA migration and rotation)
     user_ca: Optional[str] = None
+    #: the tunnel server to dial, "host:port", and its host key (an Ed25519 public key
+    #: line) when the manager places tunnels on several servers; both covered by ``sig``.
+    #: Absent: the token's tunnel (agents that predate this refuse a request naming one,
+    #: since its signature covers fields they do not know)
+    tunnel: Optional[str] = None
+    tunnel_host_key: Optional[str] = None
     type: MsgType = field(default=MsgType.OPEN, init=False)
 
 
@@ -340,7 +351,27 @@ def _decode_open(d: Mapping[str, Any]) -> OpenRequest:
         target=cast(Target, target),
         sig=_short_str(d, "sig", 256),
         user_ca=_user_ca(d, allow_empty=False),
+        **_tunnel_server(d),
     )
+
+
+_TUNNEL_RE = re.compile(r"^[A-Za-z0-9.:\[\]-]{1,255}:[0-9]{1,5}\Z")
+_HOST_KEY_RE = re.compile(r"^ssh-ed25519 [A-Za-z0-9+/]{68}\Z")
+
+
+def _tunnel_server(d: Mapping[str, Any]) -> Dict[str, Optional[str]]:
+    """An open request's named tunnel server: both fields or neither."""
+    tunnel = _get(d, "tunnel", str, optional=True)
+    key = _get(d, "tunnel_host_key", str, optional=True)
+    if tunnel is None and key is None:
+        return {}
+    if tunnel is None or key is None:
+        raise DecodeError("tunnel/tunnel_host_key: give both or neither")
+    if not _TUNNEL_RE.fullmatch(tunnel) or not 1 <= int(tunnel.rsplit(":", 1)[1]) <= 65535:
+        raise DecodeError("tunnel: expected host:port")
+    if not _HOST_KEY_RE.fullmatch(key):
+        raise DecodeError("tunnel_host_key: expected 'ssh-ed25519 <base64>' and nothing else")
+    return {"tunnel": tunnel, "tunnel_host_key": key}
 
 
 def _decode_close(d: Mapping[str, Any]) -> CloseRequest:

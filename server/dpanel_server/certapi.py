@@ -109,8 +109,7 @@ def install(app: FastAPI, manager: Manager, auth: Callable[..., Principal]) -> N
                 dev = await manager.device(device)
                 require(p, "exec", device, dev.labels)
             port = await manager.open_tunnel(device)
-            reader, writer = await asyncio.wait_for(
-                asyncio.open_connection("127.0.0.1", port), 15)
+            reader, writer = await asyncio.wait_for(manager.open_stream(device, port), 15)
         except HTTPException as exc:
             await _deny(ws, exc.status_code, str(exc.detail),
                         ErrorCode.UNAUTHORIZED if exc.status_code == 401 else
@@ -123,6 +122,11 @@ def install(app: FastAPI, manager: Manager, auth: Callable[..., Principal]) -> N
             await _deny(ws, 502, f"device {device}: tunnel port unreachable ({exc})",
                         ErrorCode.INTERNAL)
             return
+        local, client = writer.get_extra_info("sockname"), ws.client
+        if isinstance(local, tuple) and client is not None:
+            # so the device's record of this stream names the operator's address
+            manager.audit.note_stream(device, f"{local[0]}:{local[1]}",
+                                      f"{client.host}:{client.port}")
         await ws.accept()
         log.info("proxy stream to %s opened by %s", device, printable(p.name))
         try:

@@ -354,7 +354,9 @@ def start_mosquitto(cfg: ServerConfig) -> subprocess.Popen[bytes]:
     conf = render_mosquitto_conf(passwd=Path(cfg.broker.passwd_path),
                                  acl=Path(cfg.broker.acl_path),
                                  pid_file=mdir / "mosquitto.pid",
-                                 listeners=broker_listeners(cfg), dynsec=dynsec)
+                                 listeners=broker_listeners(cfg), dynsec=dynsec,
+                                 # manager replicas: one client id each (see broker.py)
+                                 clientid_is_username=not cfg.manager.replica)
     atomic_write(mdir / "mosquitto.conf", conf, 0o600)
     log_path = mdir / "mosquitto.log"
     offset = log_path.stat().st_size if log_path.exists() else 0
@@ -409,23 +411,28 @@ async def _supervise(cfg: ServerConfig, holder: list[subprocess.Popen[bytes]]) -
         started = time.monotonic()
 
 
-async def _stack_main(cfg: ServerConfig, holder: list[subprocess.Popen[bytes]]) -> None:
+async def _stack_main(cfg: ServerConfig, holder: list[subprocess.Popen[bytes]],
+                      tunnel_servers: int = 0) -> None:
     services = asyncio.create_task(run_services(cfg))
     supervisor = asyncio.create_task(_supervise(cfg, holder))
+    tasks = [supervisor, services]
+    if tunnel_servers:  # --tunnel-servers N (see .stackfleet)
+        from .stackfleet import run_stack_fleet
+
+        tasks.append(asyncio.create_task(run_stack_fleet(cfg, tunnel_servers)))
     try:
-        done, _ = await asyncio.wait({services, supervisor},
-                                     return_when=asyncio.FIRST_COMPLETED)
+        done, _ = await asyncio.wait(set(tasks), return_when=asyncio.FIRST_COMPLETED)
     finally:
-        for task in (supervisor, services):
+        for task in tasks:
             task.cancel()
-        for task in (supervisor, services):
+        for task in tasks:
             with contextlib.suppress(asyncio.CancelledError):
                 await task
     for task in done:
         task.result()  # the broker's or the services' error, if any
 
 
-def stack_up(cfg: ServerConfig) -> int:
+def stack_up(cfg: ServerConfig, tunnel_servers: int = 0) -> int:
     holder = [start_mosquitto(cfg)]
     try:
         print(f"dpanel stack: broker {cfg.broker.url}, tunnel {cfg.tunnel.listen}, "
@@ -437,7 +444,7 @@ def stack_up(cfg: ServerConfig) -> int:
               + (f", or TLS edge {cfg.edge.public_address} (listening on {cfg.edge.listen})"
                  if cfg.edge.listen else "") + "\n"
               f"  use it with: export DPANEL_CONFIG={cfg.source}", flush=True)
-        asyncio.run(_stack_main(cfg, holder))
+        asyncio.run(_stack_main(cfg, holder, tunnel_servers))
     finally:
         broker = holder[0]
         broker.terminate()

@@ -24,8 +24,8 @@ from ._util import raise_nofile, section
 
 __all__ = ["SECTIONS", "main"]
 
-SECTIONS = ("throughput", "scp", "exec", "api_load", "memory", "agent_idle", "scale", "enrol",
-            "image")
+SECTIONS = ("throughput", "scp", "exec", "remote_exec", "api_load", "memory", "agent_idle",
+            "scale", "enrol", "image", "web")
 
 
 def _version(argv: list[str]) -> str:
@@ -124,9 +124,11 @@ def main(argv: Optional[list[str]] = None) -> int:
     from .enrol import run_enrol
     from .latency import run_latency
     from .memory import run_memory
+    from .remote_exec import run_remote_exec
     from .scale import run_scale
     from .scp_paths import run_scp_paths
     from .throughput import run_throughput
+    from .web import run_web
 
     runners: dict[str, Callable[[], dict[str, Any]]] = {
         "throughput": lambda: run_throughput(work, nbytes=s["bytes"], reps=s["tput_reps"],
@@ -136,6 +138,11 @@ def main(argv: Optional[list[str]] = None) -> int:
                                                                  else 128 << 20),
                                      reps=s["tput_reps"]),
         "exec": lambda: run_latency(work, reps=s["exec_reps"]),
+        # not in a --quick smoke run unless asked for: the smoke test's budget is spent
+        "remote_exec": lambda: (run_remote_exec(work, reps=1 if args.quick else
+                                                s["exec_reps"])
+                                if not args.quick or args.only else
+                                {"skipped": "--quick (use --only remote_exec)"}),
         "api_load": lambda: run_api_load(work, nbytes=(8 << 20) if args.quick else 100 << 20),
         "memory": lambda: run_memory(work, counts=s["counts"], sshd_conns=s["sshd_conns"]),
         "agent_idle": lambda: run_agent_idle(work, window=s["idle_window"]),
@@ -144,6 +151,10 @@ def main(argv: Optional[list[str]] = None) -> int:
                                    connect_rate=args.connect_rate),
         "enrol": lambda: run_enrol(work, n=s["enrol_devices"]),
         "image": lambda: _image(args),
+        # a browser and 3,000 devices: not part of the --quick smoke run unless asked for
+        "web": lambda: ({"skipped": "--quick: pass --only web"} if args.quick and not args.only
+                        else run_web(work, devices=40 if args.quick else 3000,
+                                     reps=5 if args.quick else 20)),
     }
     results: dict[str, Any] = {"meta": {**_meta(args), "settings": s, "nofile": fds,
                                         "workdir": str(work)}}

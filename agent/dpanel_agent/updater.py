@@ -105,7 +105,11 @@ class Updater:
             self.trial = True
             log.info("agent %s is on trial (slot %s, previous %s): commits once online",
                      self.version, pending.get("slot"), pending.get("previous"))
-        elif pending:
+        elif self.last.get("state") == "downloading":
+            # the previous run stopped mid-download; the part file is kept for a resume
+            self._set_last("failed", self.last.get("version", ""),
+                           "interrupted by an agent restart (offer it again to resume)")
+        if pending and pending.get("version") != self.version:
             # pending names another version, yet we run: the swap did not take
             self._set_last("rolled_back", pending.get("version", ""),
                            f"agent {self.version} is running, not the new one")
@@ -238,6 +242,8 @@ class Updater:
                     mode = "ab" if have and resp.status == 206 else "wb"
                     if have and resp.status != 206:
                         log.info("server ignored the range; fetching from the start")
+                    elif have:
+                        log.info("update download: resuming at %d bytes", have)
                     with part.open(mode) as f:
                         os.fchmod(f.fileno(), 0o600)
                         while True:

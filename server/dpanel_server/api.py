@@ -494,6 +494,9 @@ def create_app(manager: Manager, admin_token: str) -> FastAPI:
     from .jobs_api import add_job_routes
 
     add_job_routes(app, manager, _auth)  # /v1/jobs
+    from .updates_api import add_update_routes
+
+    add_update_routes(app, manager, _auth)  # /v1/agent
     return app
 
 

@@ -43,6 +43,7 @@ from .presence import Presence, PresenceTracker
 from .registry import Device, Registry
 from .requests import Requests
 from .sshpool import ExecEvent, Pooled, RemoteCommand, SshPool
+from .updates import Updates
 from .usercert import UserCA
 
 __all__ = ["ExecEvent", "Manager", "Presence", "fingerprint", "sync_broker_files"]
@@ -99,9 +100,11 @@ class Manager:
                             pinned_key=self._pinned_key, on_silent=self._not_answering)
         # jobs: parts for offline devices run when presence says they came online
         self.jobs = Jobs(self)
+        #: agent updates: rollouts offered to devices as they come online
+        self.updates = Updates(self)
         self._presence = PresenceTracker(self.registry, on_offline=self.pool.drop,
                                          on_pinned=self._known_hosts_changed,
-                                         on_online=self.jobs.kick)
+                                         on_online=self._came_online)
         #: device id -> Presence (read-only for callers; ``Presence.state`` is
         #: online | offline | not_answering)
         self.presence: dict[str, Presence] = self._presence.devices
@@ -124,6 +127,11 @@ class Manager:
         self._requests.start()
         self.pool.start()
         await self.jobs.start()
+        await self.updates.start()
+
+    def _came_online(self, device: str) -> None:
+        self.jobs.kick(device)
+        self.updates.kick(device)
 
     def _on_broker(self, up: bool) -> None:
         if up and self._broker_was_up:
@@ -173,6 +181,7 @@ class Manager:
 
     async def close(self) -> None:
         await self.jobs.close()
+        await self.updates.close()
         for task in list(self._tasks):
             task.cancel()
         self.pool.close()

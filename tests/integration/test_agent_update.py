@@ -140,8 +140,8 @@ def test_rollback_when_the_new_binary_exits_at_once(world: World, device: Any) -
                         "--max-failures", "0")
     part = world.wait_part(rid, "upd-1", "rolled_back")
     assert "did not come online in 3 starts" in part["reason"], part
-    assert sup.starts[starts:starts + 5] == ["slots/b"] + ["slots/a"] * 3 + ["slots/b"], \
-        sup.starts
+    # three starts of the new slot, then the hook's revert to the previous one
+    assert sup.starts[starts:starts + 4] == ["slots/a"] * 3 + ["slots/b"], sup.starts
     assert dev.current() == "slots/b"
     wait_for(lambda: world.show(rid)["state"] == "halted", "the rollout halted", 30)
     p2 = world.part(rid, "upd-2")

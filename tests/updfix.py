@@ -82,8 +82,10 @@ class SlotDevice:
 class Supervisor:
     """Restart loop standing in for systemd (see the module docstring)."""
 
-    def __init__(self, dev: SlotDevice, log: Path, restart_sec: float = 0.5) -> None:
+    def __init__(self, dev: SlotDevice, log: Path, restart_sec: float = 0.5,
+                 netns: Optional[str] = None) -> None:
         self.dev = dev
+        self.prefix = ["ip", "netns", "exec", netns] if netns else []
         self.log = log
         self.restart_sec = restart_sec
         self.starts: list[str] = []  # the slot each start ran
@@ -116,7 +118,7 @@ class Supervisor:
                             f"{self.dev.current()}\n".encode())
                 out = self.log.open("ab")
                 self.proc = subprocess.Popen(
-                    [str(self.dev.root / "current" / "dpanel-tunnel"), "--config",
+                    [*self.prefix, str(self.dev.root / "current" / "dpanel-tunnel"), "--config",
                      str(self.dev.config)], stdout=out, stderr=subprocess.STDOUT,
                     stdin=subprocess.DEVNULL, start_new_session=True)
                 out.close()

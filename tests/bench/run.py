@@ -25,7 +25,7 @@ from ._util import raise_nofile, section
 __all__ = ["SECTIONS", "main"]
 
 SECTIONS = ("throughput", "scp", "exec", "api_load", "memory", "agent_idle", "scale", "enrol",
-            "image")
+            "update", "image")
 
 
 def _version(argv: list[str]) -> str:
@@ -127,6 +127,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     from .scale import run_scale
     from .scp_paths import run_scp_paths
     from .throughput import run_throughput
+    from .update_link import run_update_link
 
     runners: dict[str, Callable[[], dict[str, Any]]] = {
         "throughput": lambda: run_throughput(work, nbytes=s["bytes"], reps=s["tput_reps"],
@@ -144,6 +145,8 @@ def main(argv: Optional[list[str]] = None) -> int:
                                    connect_rate=args.connect_rate),
         "enrol": lambda: run_enrol(work, n=s["enrol_devices"]),
         "image": lambda: _image(args),
+        # an agent update over a 5 Mbit/s, 300 ms RTT link (root: network namespaces)
+        "update": lambda: run_update_link(work / "update"),
     }
     results: dict[str, Any] = {"meta": {**_meta(args), "settings": s, "nofile": fds,
                                         "workdir": str(work)}}

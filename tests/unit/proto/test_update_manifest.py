@@ -33,8 +33,10 @@ def test_signature_covers_every_field() -> None:
     m = Manifest(version="1.2.3", arch="arm64", size=1000, sha256=SHA)
     sig = sign_manifest(m, key)
     assert verify_manifest(m, sig, pub)
-    for other in (Manifest("1.2.4", "arm64", 1000, SHA), Manifest("1.2.3", "amd64", 1000, SHA),
-                  Manifest("1.2.3", "arm64", 999, SHA), Manifest("1.2.3", "arm64", 1000, "cd" * 32)):
+    for other in (Manifest("1.2.4", "arm64", 1000, SHA),
+                  Manifest("1.2.3", "amd64", 1000, SHA),
+                  Manifest("1.2.3", "arm64", 999, SHA),
+                  Manifest("1.2.3", "arm64", 1000, "cd" * 32)):
         assert not verify_manifest(other, sig, pub)
     assert not verify_manifest(m, sign_manifest(m, _key()), pub)  # another key
     assert not verify_manifest(m, "not base64!", pub)
@@ -102,7 +104,7 @@ def test_status_update_fields_are_checked_and_escaped() -> None:
     s = wire.decode(json.dumps({**base, "arch": "arm64", "update_state": "rolled_back",
                                 "update_version": "2.0", "update_reason": "a\x1b[2Jb\nc"}))
     assert isinstance(s, wire.Status) and s.update_reason == "a\\x1b[2Jb\\nc"
-    with pytest.raises(wire.DecodeError, match="^update_state:"):
+    with pytest.raises(wire.DecodeError, match=r"^update_state:"):
         wire.decode(json.dumps({**base, "update_state": "pwned"}))
     old = wire.decode(json.dumps(base))  # an agent from before updates
     assert isinstance(old, wire.Status) and old.arch is None and old.update_state is None

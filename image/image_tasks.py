@@ -98,12 +98,14 @@ def _bundle(binary: Path, arch: str, mode: str, version: str, key_path: Path) ->
     "tunnel_host_key": "tunnel server public key file, copied to /etc/dpanel/pins/",
     "manager_key": "manager public key file, copied to /etc/dpanel/pins/",
     "user_ca": "manager's SSH user CA public key (STATE_DIR/user_ca.pub), copied to "
-               "/etc/dpanel/pins/"})
+               "/etc/dpanel/pins/",
+    "update_key": "the agent update key (the manager's STATE_DIR/update_key.pub), copied "
+                  "to /etc/dpanel/pins/"})
 @_clear_errors
 def build_image_task(c: Context, board: str = "rpi", base: str = "", out: str = "out",
                      arch: str = "", agent: str = "", mode: str = "onedir",
                      compress: str = "zst", tunnel_host_key: str = "",
-                     manager_key: str = "", user_ca: str = "") -> None:
+                     manager_key: str = "", user_ca: str = "", update_key: str = "") -> None:
     """Bake the agent into an SD image, rootless: outputs .img, .zst/.xz, .sha256, .bmap."""
     from dpanel_image.build import build_image
 
@@ -114,7 +116,8 @@ def build_image_task(c: Context, board: str = "rpi", base: str = "", out: str = 
                     compression=compress,  # type: ignore[arg-type]
                     tunnel_host_key=Path(tunnel_host_key) if tunnel_host_key else None,
                     manager_key=Path(manager_key) if manager_key else None,
-                    user_ca=Path(user_ca) if user_ca else None)
+                    user_ca=Path(user_ca) if user_ca else None,
+                    update_key=Path(update_key) if update_key else None)
     for p in (r.image, r.compressed, r.bmap, r.sha256):
         if p is not None:
             print(p)

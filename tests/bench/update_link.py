@@ -155,6 +155,11 @@ def run_update_link(work: Path) -> dict[str, Any]:
         wait_for(lambda: state() in ("updated", "failed", "rolled_back"), "the update", 600)
         secs = time.monotonic() - t0
         wire_bytes = _counters(veth) - before
+        part = json.loads(st.cli_ok("agent", "update", "status", rid, "--json"))["parts"][0]
+        res["download_s"] = _download_seconds(work / "dev" / "agent.log", part["offered"],
+                                              m.size)
+        if res["download_s"]:
+            res["download_mbit_s"] = round(m.size * 8 / res["download_s"] / 1e6, 2)
         res.update({"state": state(), "bundle_bytes": m.size, "seconds": round(secs, 1),
                     "effective_mbit_s": round(m.size * 8 / secs / 1e6, 2),
                     "wire_bytes": wire_bytes,
@@ -170,6 +175,17 @@ def run_update_link(work: Path) -> dict[str, Any]:
         subprocess.run(["ip", "netns", "del", ns], capture_output=True)
         subprocess.run(["ip", "addr", "del", f"{host}/32", "dev", "lo"], capture_output=True)
     return res
+
+
+def _download_seconds(log: Path, offered: float, size: int) -> Optional[float]:
+    """From the offer (registry) to the agent's "N of N bytes" log line (same clock)."""
+    import datetime
+
+    for line in log.read_text(errors="replace").splitlines():
+        if f"update download: {size} of {size} bytes" in line:
+            when = datetime.datetime.strptime(line[:23], "%Y-%m-%d %H:%M:%S,%f").timestamp()
+            return round(when - offered, 1)
+    return None
 
 
 def main(argv: Optional[list[str]] = None) -> int:

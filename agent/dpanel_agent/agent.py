@@ -169,6 +169,8 @@ class Agent:
 
     async def _shutdown(self) -> None:
         log.info("stopping")
+        if self.updater is not None:
+            self.updater.stop()
         if self.dispatcher is not None:
             try:
                 await asyncio.wait_for(self.dispatcher.drain(), 5)

@@ -29,6 +29,7 @@ import logging
 import os
 import shutil
 import ssl
+import threading
 import time
 import urllib.error
 import urllib.request
@@ -90,6 +91,9 @@ class Updater:
         self._publish = publish_status
         self._restart = restart
         self._task: Optional[asyncio.Task[None]] = None
+        #: set at shutdown: a download in its worker thread stops at the next chunk (the
+        #: default executor's threads would otherwise hold the agent's exit for minutes)
+        self._stopping = threading.Event()
         self.trial = False
         #: what the status says of the last update (state, version, reason)
         self.last: Dict[str, str] = {}
@@ -124,6 +128,10 @@ class Updater:
         self._set_last("committed", self.version, "")
         log.info("agent update to %s committed", self.version)
         self._publish()
+
+    def stop(self) -> None:
+        """The agent is stopping: abandon a download (its part file stays, to resume)."""
+        self._stopping.set()
 
     def status_fields(self) -> Dict[str, Optional[str]]:
         return {"arch": self.arch,
@@ -229,6 +237,9 @@ class Updater:
         ctx = self._tls()
         last_error = ""
         for attempt in range(_ATTEMPTS):
+            if self._stopping.is_set():
+                raise _Refused(ErrorCode.INTERNAL, "interrupted by an agent restart (offer "
+                               "it again to resume)")
             have = part.stat().st_size if part.exists() else 0
             if have >= m.size:
                 break
@@ -238,7 +249,7 @@ class Updater:
             if have:
                 r.add_header("Range", f"bytes={have}-")
             try:
-                with urllib.request.urlopen(r, timeout=60, context=ctx) as resp:  # noqa: S310
+                with urllib.request.urlopen(r, timeout=30, context=ctx) as resp:  # noqa: S310
                     mode = "ab" if have and resp.status == 206 else "wb"
                     if have and resp.status != 206:
                         log.info("server ignored the range; fetching from the start")
@@ -246,7 +257,7 @@ class Updater:
                         log.info("update download: resuming at %d bytes", have)
                     with part.open(mode) as f:
                         os.fchmod(f.fileno(), 0o600)
-                        while True:
+                        while not self._stopping.is_set():
                             chunk = resp.read(_CHUNK)
                             if not chunk:
                                 break
@@ -268,7 +279,10 @@ class Updater:
             got = part.stat().st_size if part.exists() else 0
             log.info("update download: %d of %d bytes (attempt %d)%s", got, m.size,
                      attempt + 1, f": {last_error}" if last_error else "")
-            time.sleep(min(30.0, 0.5 * 2 ** attempt))
+            self._stopping.wait(min(30.0, 0.5 * 2 ** attempt))
+        if self._stopping.is_set():
+            raise _Refused(ErrorCode.INTERNAL, "interrupted by an agent restart (offer it "
+                           "again to resume)")
         got = part.stat().st_size if part.exists() else 0
         if got != m.size:
             raise _Refused(ErrorCode.INVALID, f"truncated download: got {got} of {m.size} "

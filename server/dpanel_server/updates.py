@@ -414,12 +414,13 @@ class Updates:
                     await asyncio.to_thread(self.store.set_state, rid, "halted")
                 continue
             if now >= r["expires"]:
-                if pending:
-                    await asyncio.to_thread(self.store.settle, rid, "pending", "skipped",
-                                            "the rollout expired before the device came "
-                                            "online")
-                if not offered:
-                    await asyncio.to_thread(self.store.set_state, rid, "expired")
+                await asyncio.to_thread(self.store.settle, rid, "pending", "skipped",
+                                        "the rollout expired before the device came online")
+                # an offer the device never reported back on (gone offline for good)
+                await asyncio.to_thread(self.store.settle, rid, "offered", "failed",
+                                        "no result from the device before the rollout "
+                                        "expired")
+                await asyncio.to_thread(self.store.set_state, rid, "expired")
                 continue
             if not pending and not offered:
                 await asyncio.to_thread(self.store.set_state, rid, "finished")
@@ -427,6 +428,7 @@ class Updates:
             canaries_open = any(p["canary"] and p["state"] in ("pending", "offered")
                                 for p in parts)
             room = r["max_concurrency"] - offered
+            batch = []
             for p in pending:
                 if room <= 0:
                     break
@@ -435,11 +437,19 @@ class Updates:
                 if (rid, p["device"]) in self._offering or not self._ready(p["device"]):
                     continue
                 room -= 1
-                self._offering.add((rid, p["device"]))
-                try:
-                    await self._offer(r, p["device"])
-                finally:
-                    self._offering.discard((rid, p["device"]))
+                batch.append(p["device"])
+            # offers in parallel: each waits up to a request timeout for its answer
+            await asyncio.gather(*(self._offer_once(r, d) for d in batch))
+
+    async def _offer_once(self, r: dict[str, Any], device: str) -> None:
+        key = (r["id"], device)
+        self._offering.add(key)
+        try:
+            await self._offer(r, device)
+        except Exception:
+            log.exception("rollout %s: offer to %s", r["id"], device)
+        finally:
+            self._offering.discard(key)
 
     def _ready(self, device: str) -> bool:
         p = self._m.presence.get(device)

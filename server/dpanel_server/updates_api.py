@@ -14,6 +14,7 @@ from dpanel_proto.update import BINARY_NAME
 
 from .authz import Principal, require
 from .manager import Manager
+from .metrics import AUTH_FAILURES
 from .updates import RolloutSpec, UpdateError
 
 __all__ = ["add_update_routes"]
@@ -94,6 +95,7 @@ def add_update_routes(app: FastAPI, manager: Manager,
         device, secret = _basic(request.headers.get("authorization", ""))
         ok = bool(device) and await asyncio.to_thread(manager.registry.verify, device, secret)
         if not ok:
+            AUTH_FAILURES.labels("bundles").inc()
             return JSONResponse({"error": "device credentials required",
                                  "code": ErrorCode.UNAUTHORIZED.value}, status_code=401)
         got = await asyncio.to_thread(updates.bundles.get, arch, version)

@@ -261,6 +261,12 @@ def test_a_hostile_device_sees_no_other_devices_offer_and_cannot_fetch_without_s
         # foreign signature): offer and answer both crossed the broker once it failed
         rid = world.rollout("upd-1", "--version", "0.9.13-bad-signature")
         world.wait_part(rid, "upd-1", "failed", 60)
+        # and a job on upd-1 (its open request, status with the port, the output)
+        job = json.loads(world.stack.cli_ok("job", "run", "upd-1", "--json", "--",
+                                            "echo", "upd-1-secret-output"))["id"]
+        wait_for(lambda: json.loads(world.stack.cli_ok("job", "show", job, "--json"))[
+            "parts"][0]["state"] == "succeeded", "the job on upd-1", 60)
+        assert "upd-1-secret-output" in world.stack.cli_ok("job", "logs", job)
         assert not [t for t in seen if "/upd-1/" in t], seen
     finally:
         c.disconnect()

@@ -94,7 +94,7 @@ def test(c: Context, k: str = "", fast: bool = False) -> None:
     args = ["-m", "not slow"] if fast else []
     if k:
         args += ["-k", k]
-    c.run(f"{PY} -m pytest -p no:cacheprovider {shlex.join(args)}", pty=False)
+    c.run(f"{PY} -m pytest -p no:cacheprovider --durations=40 {shlex.join(args)}", pty=False)
 
 
 @task(help={"dir": "state directory for the demo stack (default: a temp dir)"})

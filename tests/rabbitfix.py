@@ -9,7 +9,6 @@ node scripts are run directly (Debian's /usr/sbin wrappers switch to the rabbitm
 from __future__ import annotations
 
 import os
-import random
 import secrets
 import shutil
 import signal
@@ -18,28 +17,16 @@ import subprocess
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from support import stop_proc, wait_for
+from support import free_port, stop_proc, wait_for
 
 
 def _ports(n: int) -> list[int]:
-    """n distinct free ports, below the kernel's ephemeral range (32768-60999).
-
-    A node binds its ports seconds after they are picked; a port from the ephemeral range
-    can be taken meanwhile by any outgoing connection on the machine (a CI run died on
-    ``dist_port_already_used``). Below that range only a listener can take one.
-    """
-    rng = random.Random()
+    """n distinct free ports (support.free_port keeps below the ephemeral range)."""
     out: list[int] = []
     while len(out) < n:
-        port = rng.randrange(20000, 32768)
-        if port in out:
-            continue
-        with socket.socket() as s:
-            try:
-                s.bind(("", port))  # every address: epmd listens on all of them
-            except OSError:
-                continue
-        out.append(port)
+        port = free_port()
+        if port not in out:
+            out.append(port)
     return out
 
 

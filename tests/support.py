@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import random
 import signal
 import socket
 import subprocess
@@ -12,11 +13,32 @@ from typing import Any, Callable
 __all__ = ["free_port", "read_pid", "stop_proc", "wait_for", "wait_port"]
 
 
+def _ephemeral_low() -> int:
+    try:
+        return int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
+    except (OSError, ValueError, IndexError):
+        return 32768
+
+
 def free_port() -> int:
-    """A currently free TCP port on 127.0.0.1 (the kernel picks; tiny race accepted)."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
+    """A currently free TCP port, below the kernel's ephemeral range.
+
+    Services bind the port a moment (for RabbitMQ, seconds) after it is picked. A port from
+    the ephemeral range can be taken meanwhile by any outgoing connection on the machine; a
+    CI run lost a port that way. Below that range only another listener can take it, and
+    the random pick makes two parallel runs colliding unlikely.
+    """
+    top = _ephemeral_low()
+    bottom = max(1024, top - 12000)
+    rng = random.SystemRandom()
+    while True:
+        port = rng.randrange(bottom, top)
+        with socket.socket() as s:
+            try:
+                s.bind(("", port))  # all addresses: a listener on any of them counts
+            except OSError:
+                continue
+        return port
 
 
 def read_pid(path: Path) -> int | None:

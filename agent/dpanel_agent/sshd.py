@@ -133,7 +133,7 @@ _PTY_DRAIN = 2.0
 ENV_OPERATOR = "DPANEL_OPERATOR"
 ENV_SOURCE = "DPANEL_SOURCE"
 ENV_AUDIT_ID = "DPANEL_AUDIT_ID"
-_HEX_ID = re.compile(r"^[0-9a-f]{16,64}$")
+_HEX_ID = re.compile(r"^[0-9a-f]{16,64}\Z")
 
 
 def _child_setup(pty: bool, parent: int) -> Callable[[], None]:

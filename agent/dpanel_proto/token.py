@@ -25,8 +25,8 @@ __all__ = ["TOKEN_PREFIX", "DeviceToken", "parse_token"]
 
 TOKEN_PREFIX = "dpt1"
 _MAX_TOKEN = 16 * 1024
-_SECRET_RE = re.compile(r"^[A-Za-z0-9_-]{32,128}$")
-_PUBKEY_RE = re.compile(r"^(ssh-ed25519|ecdsa-sha2-nistp256|ssh-rsa) [A-Za-z0-9+/=]+( .*)?$")
+_SECRET_RE = re.compile(r"^[A-Za-z0-9_-]{32,128}\Z")
+_PUBKEY_RE = re.compile(r"^(ssh-ed25519|ecdsa-sha2-nistp256|ssh-rsa) [A-Za-z0-9+/=]+( .*)?\Z")
 
 #: Fields a token may leave out (tokens of older servers have none of them).
 _OPTIONAL = frozenset({"broker_ca", "edge", "proxy", "user_ca"})

@@ -94,11 +94,11 @@ MAX_PAYLOAD = 16 * 1024
 #: useless after a few minutes even if the replay cache was lost (agent restart).
 MAX_REQUEST_LIFETIME = 300
 
-DEVICE_ID_RE = re.compile(r"^[a-z0-9][a-z0-9-]{0,62}$")
+DEVICE_ID_RE = re.compile(r"^[a-z0-9][a-z0-9-]{0,62}\Z")
 #: What an agent version may look like (PEP 440 / semver / git describe): it is shown in
 #: terminals, logs and web pages, so nothing else gets through.
-_VERSION_RE = re.compile(r"^[A-Za-z0-9._+~:-]{0,64}$")
-_REQ_ID_RE = re.compile(r"^[0-9a-f]{16,64}$")
+_VERSION_RE = re.compile(r"^[A-Za-z0-9._+~:-]{0,64}\Z")
+_REQ_ID_RE = re.compile(r"^[0-9a-f]{16,64}\Z")
 
 Target = Literal["builtin", "sshd"]
 _TARGETS = ("builtin", "sshd")
@@ -324,7 +324,7 @@ def _version(d: Mapping[str, Any]) -> str:
     return value
 
 
-_USER_CA_RE = re.compile(r"^ssh-ed25519 [A-Za-z0-9+/]{68}$")
+_USER_CA_RE = re.compile(r"^ssh-ed25519 [A-Za-z0-9+/]{68}\Z")
 
 
 def _user_ca(d: Mapping[str, Any], allow_empty: bool) -> Optional[str]:
@@ -532,7 +532,7 @@ MAX_AUDIT_COMMAND = 2048
 MAX_RECORDING_CHUNK = 16 * 1024
 #: The audit topic's payload cap (the broker's own packet cap is 64 KiB).
 MAX_AUDIT_PAYLOAD = 48 * 1024
-_AUDIT_ID_RE = re.compile(r"^[0-9a-f]{16,64}$")
+_AUDIT_ID_RE = re.compile(r"^[0-9a-f]{16,64}\Z")
 _NAME_LIMIT = 64
 
 
@@ -633,7 +633,7 @@ def _decode_audit_record(d: Mapping[str, Any]) -> AuditRecord:
 
 def _sha256(d: Mapping[str, Any]) -> str:
     value = _get(d, "recording_sha256", str, optional=True) or ""
-    if value and not re.match(r"^[0-9a-f]{64}$", value):
+    if value and not re.match(r"^[0-9a-f]{64}\Z", value):
         raise DecodeError("recording_sha256: expected 64 lowercase hex characters")
     return cast(str, value)
 

@@ -43,12 +43,12 @@ SCHEMA = [
 ]
 
 #: lowercase letters, digits, '-' and '_' (no '.', which separates the token's parts)
-_NAME_RE = re.compile(r"^[a-z0-9][a-z0-9_-]{0,62}$")
+_NAME_RE = re.compile(r"^[a-z0-9][a-z0-9_-]{0,62}\Z")
 #: the built-in admin token's principal is called this; no account may take the name
 RESERVED = frozenset({"admin"})
 #: selectors one account may have (each widens the scope)
 MAX_SELECTORS = 64
-_SECRET_RE = re.compile(r"^[A-Za-z0-9_-]{43}$")  # token_urlsafe(32)
+_SECRET_RE = re.compile(r"^[A-Za-z0-9_-]{43}\Z")  # token_urlsafe(32)
 
 
 class UnknownUser(RegistryError):

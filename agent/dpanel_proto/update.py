@@ -44,8 +44,8 @@ MANIFEST_NAME = "manifest.json"
 BINARY_NAME = "dpanel-tunnel"
 #: a frozen agent is ~10-15 MB; anything far bigger is refused before it is fetched
 MAX_SIZE = 256 << 20
-_VERSION_RE = re.compile(r"^[A-Za-z0-9._+~:-]{1,64}$")
-_SHA_RE = re.compile(r"^[0-9a-f]{64}$")
+_VERSION_RE = re.compile(r"^[A-Za-z0-9._+~:-]{1,64}\Z")
+_SHA_RE = re.compile(r"^[0-9a-f]{64}\Z")
 #: ELF e_machine -> our arch names (EM_X86_64, EM_AARCH64, EM_ARM)
 _ELF_MACHINES = {62: "amd64", 183: "arm64", 40: "armhf"}
 _MACHINES = {"x86_64": "amd64", "amd64": "amd64", "aarch64": "arm64", "arm64": "arm64",

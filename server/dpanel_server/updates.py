@@ -62,7 +62,7 @@ _DONE = frozenset({"updated", "rolled_back", "failed", "skipped"})
 ROLLOUT_STATES = ("running", "finished", "halted", "cancelled", "expired")
 _TICK = 1.0
 _RETRY = 15.0
-_VERSION_RE = re.compile(r"^[A-Za-z0-9._+~:-]{1,64}$")
+_VERSION_RE = re.compile(r"^[A-Za-z0-9._+~:-]{1,64}\Z")
 
 _SCHEMA = [
     """CREATE TABLE IF NOT EXISTS agent_rollouts (

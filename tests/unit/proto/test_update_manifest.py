@@ -45,6 +45,7 @@ def test_signature_covers_every_field() -> None:
 
 @pytest.mark.parametrize("kw, field", [
     ({"version": "1 2"}, "version"), ({"version": "a\nb"}, "version"),
+    ({"version": "1.0\n"}, "version"), ({"sha256": SHA + "\n"}, "sha256"),
     ({"arch": "mips"}, "arch"), ({"size": 0}, "size"), ({"size": True}, "size"),
     ({"sha256": "AB" * 32}, "sha256")])
 def test_bad_manifest_fields_name_the_field(kw: dict[str, object], field: str) -> None:

@@ -140,10 +140,16 @@ def _scp(r: dict[str, Any]) -> list[Row]:
     return list(rows(r))
 
 
+def _update(r: dict[str, Any]) -> list[Row]:
+    from .update_link import rows
+
+    return list(rows(r))
+
+
 _SECTIONS: dict[str, Callable[[dict[str, Any]], list[Row]]] = {
     "throughput": _throughput, "scp": _scp, "exec": _exec, "api_load": _api_load, "memory": _memory,
     "agent_idle": _agent,
-    "scale": _scale, "enrol": _enrol, "image": _image,
+    "scale": _scale, "enrol": _enrol, "image": _image, "update": _update,
 }
 
 

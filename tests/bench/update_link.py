@@ -160,7 +160,7 @@ def run_update_link(work: Path) -> dict[str, Any]:
                                               m.size)
         if res["download_s"]:
             res["download_mbit_s"] = round(m.size * 8 / res["download_s"] / 1e6, 2)
-        res.update({"state": state(), "bundle_bytes": m.size, "seconds": round(secs, 1),
+        res.update({"state": state(), "bundle_bytes": m.size, "update_s": round(secs, 1),
                     "effective_mbit_s": round(m.size * 8 / secs / 1e6, 2),
                     "wire_bytes": wire_bytes,
                     "wire_overhead": round(wire_bytes / m.size, 3)})
@@ -175,6 +175,25 @@ def run_update_link(work: Path) -> dict[str, Any]:
         subprocess.run(["ip", "netns", "del", ns], capture_output=True)
         subprocess.run(["ip", "addr", "del", f"{host}/32", "dev", "lo"], capture_output=True)
     return res
+
+
+def rows(r: dict[str, Any]) -> list[Any]:
+    """The bench table's rows: the link's use (download vs its rate) and bytes per byte."""
+    from .report import Row
+
+    if "bundle_bytes" not in r:
+        return []
+    link = float(RATE.removesuffix("mbit"))
+    out = [Row("update over 5 Mbit/s + 300 ms RTT: download", r.get("download_s"), "s",
+               goal="report"),
+           Row("update: rollout start to committed", r.get("update_s"), "s", goal="report"),
+           Row("update: wire bytes per bundle byte", r.get("wire_overhead"), "x",
+               goal="report")]
+    if r.get("download_mbit_s"):
+        out.append(Row("update: download rate / link rate", r["download_mbit_s"], "Mbit/s",
+                       baseline=link, ratio=round(r["download_mbit_s"] / link, 2),
+                       goal="report"))
+    return out
 
 
 def _download_seconds(log: Path, offered: float, size: int) -> Optional[float]:

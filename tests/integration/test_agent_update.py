@@ -124,6 +124,8 @@ def test_a_running_frozen_agent_updates_to_a_newer_one(world: World, device: Any
     status = world.stack.cli_ok("agent", "update", "status", rid)
     assert "summary: 1 updated" in status, status
     assert world.show(rid)["state"] == "finished"
+    assert any(line.startswith(rid) and "finished" in line and "1 updated" in line
+               for line in world.stack.cli_ok("agent", "update", "list").splitlines())
 
 
 def test_rollback_when_the_new_binary_exits_at_once(world: World, device: Any) -> None:

@@ -358,18 +358,21 @@ class Updates:
 
     async def list(self, principal: Principal) -> list[dict[str, Any]]:
         require(principal, "read")
-        return [r for r in await asyncio.to_thread(self.store.rollouts)
+        return [self._annotate(r) for r in await asyncio.to_thread(self.store.rollouts)
                 if principal.role == "admin" or r["created_by"] == principal.name]
 
-    async def get(self, principal: Principal, rid: str) -> dict[str, Any]:
-        require(principal, "read")
-        r = await asyncio.to_thread(self.store.rollout, rid)
-        self._visible(principal, r)
+    def _annotate(self, r: dict[str, Any]) -> dict[str, Any]:
         for p in r["parts"]:  # what the device runs now, from presence
             pr = self._m.presence.get(p["device"])
             p["agent_version"] = pr.agent_version if pr else ""
             p["online"] = bool(pr and pr.online)
         return r
+
+    async def get(self, principal: Principal, rid: str) -> dict[str, Any]:
+        require(principal, "read")
+        r = await asyncio.to_thread(self.store.rollout, rid)
+        self._visible(principal, r)
+        return self._annotate(r)
 
     async def cancel(self, principal: Principal, rid: str) -> dict[str, Any]:
         require(principal, "exec")

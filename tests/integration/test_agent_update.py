@@ -280,3 +280,22 @@ def test_a_hostile_device_sees_no_other_devices_offer_and_cannot_fetch_without_s
         with pytest.raises(urllib.error.HTTPError) as exc:
             urllib.request.urlopen(req, timeout=10)
         assert exc.value.code == 401
+
+
+def test_an_offline_device_is_pending_then_updated_when_it_comes_online(
+        world: World) -> None:
+    token = world.stack.enrol("upd-late")
+    # (again: a re-import of the same bundle is harmless, and this test stands alone)
+    world.stack.cli_ok("agent", "import",
+                       str(world.bundle(world.agents[NEW_VERSION], NEW_VERSION)))
+    rid = world.rollout("upd-late", "--version", NEW_VERSION, "--canary", "0")
+    status = world.stack.cli_ok("agent", "update", "status", rid)
+    assert "summary: 1 pending (1 offline)" in status, status
+    assert world.part(rid, "upd-late")["state"] == "pending"
+    dev = SlotDevice(world.tmp / "upd-late", token, world.agents[OLD], world.pub)
+    sup = Supervisor(dev, world.tmp / "upd-late" / "agent.log")
+    world.sups.append(sup)
+    sup.start()  # it comes online with the old agent and gets its offer then
+    world.wait_part(rid, "upd-late", "updated")
+    assert dev.current() == "slots/b"
+    assert world.stack.device("upd-late")["agent_version"] == NEW_VERSION

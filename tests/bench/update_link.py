@@ -10,7 +10,7 @@ Counted: the veth's rx+tx bytes from the rollout's start until the new agent com
 agent's reconnect), against the bundle's size.
 
     python -m tests.bench.update_link --out out/bench-update
-    invoke bench --only update   (root only)
+    python -m tests.bench.run --out DIR --only update   (a section of invoke bench; root)
 """
 
 from __future__ import annotations

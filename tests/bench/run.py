@@ -25,7 +25,7 @@ from ._util import raise_nofile, section
 __all__ = ["SECTIONS", "main"]
 
 SECTIONS = ("throughput", "scp", "exec", "api_load", "memory", "agent_idle", "scale", "enrol",
-            "update", "image")
+            "update", "jobs", "image")
 
 
 def _version(argv: list[str]) -> str:
@@ -85,6 +85,7 @@ def _parser() -> argparse.ArgumentParser:
                    help="memory: comma-separated tunnel counts (100,1000)")
     p.add_argument("--sshd-conns", type=int, help="memory: ssh -R connections (30)")
     p.add_argument("--enrol-devices", type=int, help="enrol: devices per run (1000)")
+    p.add_argument("--jobs-agents", type=int, help="jobs: simulated agents (1000)")
     p.add_argument("--with-image", action="store_true",
                    help="also run tests.bench.image.run_bench() (slow)")
     p.add_argument("--keep-work", action="store_true",
@@ -122,6 +123,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     from .agent_idle import run_agent_idle
     from .api_load import run_api_load
     from .enrol import run_enrol
+    from .jobs_rate import run_jobs_rate
     from .latency import run_latency
     from .memory import run_memory
     from .scale import run_scale
@@ -147,6 +149,8 @@ def main(argv: Optional[list[str]] = None) -> int:
         "image": lambda: _image(args),
         # an agent update over a 5 Mbit/s, 300 ms RTT link (root: network namespaces)
         "update": lambda: run_update_link(work / "update"),
+        "jobs": lambda: run_jobs_rate(work, agents=args.jobs_agents or (20 if args.quick
+                                                                        else 1000)),
     }
     results: dict[str, Any] = {"meta": {**_meta(args), "settings": s, "nofile": fds,
                                         "workdir": str(work)}}

@@ -28,7 +28,7 @@ from .guard import REPLAY_CACHE_NAME, RequestGuard
 from .mqtt import AgentMqtt
 from .tokensrc import resolve_token
 from .updater import Updater
-from .userca import load_user_ca, store_user_ca, valid_user_ca
+from .userca import load_user_ca, publish_for_sshd, store_user_ca, valid_user_ca
 
 if TYPE_CHECKING:
     from .link import TunnelLink
@@ -133,6 +133,7 @@ class Agent:
         else:
             self.host_key_line = read_public_key_line(cfg.sshd_host_key)
         self.user_ca = load_user_ca(cfg.state_dir, token, cfg.pins_dir)
+        self._publish_for_sshd()
         self.updater = Updater(state_dir=cfg.state_dir, update_root=cfg.update_root,
                                update_key=_update_key(cfg), token=token,
                                version=__version__, publish_status=self._publish_status,
@@ -219,7 +220,18 @@ class Agent:
         self.user_ca = line
         if self._sshd is not None:
             self._sshd.set_user_ca(line)
+        self._publish_for_sshd()
         self._publish_status()
+
+    def _publish_for_sshd(self) -> None:
+        """ssh_target = "sshd": the CA and principals for the device's own OpenSSH."""
+        if self.config.ssh_target != "sshd" or self.token is None:
+            return
+        try:
+            publish_for_sshd(self.config.state_dir, self.token.device, self.user_ca)
+        except OSError as exc:  # certificates then fail at sshd; the agent goes on
+            log.error("cannot write the SSH user CA for sshd under %s: %s",
+                      self.config.state_dir, exc)
 
     def _on_connected(self, up: bool) -> None:
         log.debug("broker connection %s", "up" if up else "down")

@@ -56,6 +56,25 @@ _IN_FLIGHT = 20
 _FLUSH_EVERY = 2.0
 
 
+#: Connections the tunnel forwarded to this device's built-in SSH server: the agent's own
+#: local address ("127.0.0.1:PORT", which the server sees as its peer) -> the origin the
+#: tunnel reported for it (the manager-side "host:port" that connected to the tunnel
+#: port). The server takes its entry at connect; bounded in case it never does (target
+#: "sshd": OpenSSH serves those connections and never asks).
+_ORIGINS: Dict[str, str] = {}
+_MAX_ORIGINS = 1024
+
+
+def note_origin(local: str, origin: str) -> None:
+    while len(_ORIGINS) >= _MAX_ORIGINS:
+        _ORIGINS.pop(next(iter(_ORIGINS)))
+    _ORIGINS[local] = origin
+
+
+def take_origin(peer: str) -> Optional[str]:
+    return _ORIGINS.pop(peer, None)
+
+
 def cap_command(command: str, limit: int = wire.MAX_AUDIT_COMMAND) -> str:
     """A command line cut to ``limit`` characters, saying how much was cut."""
     if len(command) <= limit:

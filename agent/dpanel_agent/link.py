@@ -31,8 +31,9 @@ from asyncssh.forward import SSHForwarder
 from dpanel_proto.proxy import ProxyError
 from dpanel_proto.token import DeviceToken
 from dpanel_proto.util import Backoff
-from dpanel_proto.wire import ErrorCode
+from dpanel_proto.wire import ErrorCode, printable
 
+from .audit import note_origin
 from .errors import TunnelError
 from .netpath import TlsTunnel, ssh_endpoint
 
@@ -263,13 +264,18 @@ class TunnelLink:
         if conn is not None and conn is self._conn:
             self._wake.set()
 
-    async def _forward(self, _orig_host: str, _orig_port: int) -> SSHForwarder:
+    async def _forward(self, orig_host: str, orig_port: int) -> SSHForwarder:
         loop = asyncio.get_running_loop()
         try:
-            _, peer = await loop.create_connection(SSHForwarder, *self.target)
+            transport, peer = await loop.create_connection(SSHForwarder, *self.target)
         except OSError as exc:
             log.warning("tunnel: cannot reach %s:%d on this device: %s", *self.target, exc)
             raise asyncssh.ChannelOpenError(asyncssh.OPEN_CONNECT_FAILED, str(exc)) from None
+        local = transport.get_extra_info("sockname")
+        if isinstance(local, tuple):
+            # the built-in SSH server's audit names where the connection came from on the
+            # tunnel side, not this loopback hop (the manager maps it to its operator)
+            note_origin(f"{local[0]}:{local[1]}", f"{printable(orig_host[:64])}:{orig_port}")
         return _CountingForwarder(peer, self)
 
     async def _dial_retrying(self, until: float) -> int:

@@ -73,7 +73,7 @@ import asyncssh
 from dpanel_proto.ratelog import RateLimitedLog
 from dpanel_proto.wire import printable
 
-from .audit import AuditShipper, Recorder, RecordingFailed, SessionAudit
+from .audit import AuditShipper, Recorder, RecordingFailed, SessionAudit, take_origin
 from .pumps import copy_from_fd, feed_fd
 
 __all__ = ["HANGUP_GRACE", "PRINCIPAL_ALL", "PRINCIPAL_PREFIX", "ROOT_PATH", "SESSION_UMASK",
@@ -190,6 +190,7 @@ class _Server(asyncssh.SSHServer):
     def __init__(self, owner: BuiltinSSHServer) -> None:
         self._owner = owner
         self._peer = "?"
+        self._origin_checked = False
         self._conn: Optional[asyncssh.SSHServerConnection] = None
         #: the key id of the OpenSSH certificate the client authenticated with; set by
         #: the certificate check. None = the pinned manager key.
@@ -198,6 +199,7 @@ class _Server(asyncssh.SSHServer):
     def connection_made(self, conn: asyncssh.SSHServerConnection) -> None:
         peer = conn.get_extra_info("peername")
         self._peer = f"{peer[0]}:{peer[1]}" if isinstance(peer, tuple) else "?"
+        self._origin_checked = False
         self._conn = conn
         self._owner._conns.add(conn)
         self._owner._servers[conn] = self
@@ -234,6 +236,13 @@ class _Server(asyncssh.SSHServer):
         get_env = getattr(chan, "get_environment", None)  # a TCP channel has none
         raw = get_env() if get_env is not None else {}
         env = {str(k): str(v) for k, v in (raw or {}).items()}
+        if not self._origin_checked:
+            # looked up here, not at connect: the link notes the origin once its own
+            # connect returned, which may come after this side's accept
+            self._origin_checked = True
+            origin = take_origin(self._peer)
+            if origin is not None:
+                self._peer = f"tunnel {origin}"  # the tunnel's side of this connection
         source, correlation = self._peer, ""
         if self.cert_key_id is not None:
             operator, via = self.cert_key_id, "cert"

@@ -19,7 +19,8 @@ from dpanel_proto.token import DeviceToken
 from dpanel_proto.util import atomic_write
 from dpanel_proto.wire import DecodeError
 
-__all__ = ["USER_CA_NAME", "load_user_ca", "store_user_ca", "valid_user_ca"]
+__all__ = ["SSHD_DIR", "USER_CA_NAME", "load_user_ca", "publish_for_sshd", "store_user_ca",
+           "valid_user_ca"]
 
 log = logging.getLogger("dpanel.agent")
 
@@ -68,3 +69,21 @@ def load_user_ca(state_dir: Path, token: DeviceToken, pins_dir: Path) -> str:
 def store_user_ca(state_dir: Path, line: str) -> None:
     """Persist a CA received in a verified request (atomic: old or new, never half)."""
     atomic_write(state_dir / USER_CA_NAME, line + "\n", 0o644)
+
+
+#: With ``ssh_target = "sshd"``: what the device's own OpenSSH server reads, under
+#: ``<state_dir>/sshd/`` (see agent/README.md, "Certificates with ssh_target = sshd").
+SSHD_DIR = "sshd"
+
+
+def publish_for_sshd(state_dir: Path, device: str, ca_line: str) -> None:
+    """Write the user CA (``TrustedUserCAKeys``) and the principals this device accepts
+    (``AuthorizedPrincipalsFile``: ``dpanel:*`` for an unscoped operator's certificate,
+    ``dpanel:<device>`` for one naming this device) where the device's sshd can read
+    them; sshd re-reads both at every login, so a rotated CA applies at once. No CA:
+    the files are emptied, and sshd accepts no certificate (keys only, as before)."""
+    d = state_dir / SSHD_DIR
+    d.mkdir(mode=0o755, exist_ok=True)
+    # the state dir is 0700: sshd runs as root and reads through it; nothing here is secret
+    atomic_write(d / "user_ca.pub", (ca_line + "\n") if ca_line else "", 0o644)
+    atomic_write(d / "principals", f"dpanel:*\ndpanel:{device}\n" if ca_line else "", 0o644)

@@ -215,12 +215,42 @@ def completion_script(shell: str) -> str:
 {table("_dpanel_flags", flags)}
 _dpanel_device_cmds={json.dumps(devices)}
 
+_dpanel_context() {{
+    # the context the command being completed would use, resolved as the CLI does
+    # (--context, --config, $DPANEL_CONTEXT, $DPANEL_CONFIG, the login file's
+    # current-context, server.toml), read without starting Python
+    local i w conf
+    for ((i = 1; i < COMP_CWORD; i++)); do
+        w="${{COMP_WORDS[i]}}"
+        case $w in
+            --context) echo "ctx:${{COMP_WORDS[i+1]}}"; return ;;
+            --context=*) echo "ctx:${{w#*=}}"; return ;;
+            --config) echo "cfg:${{COMP_WORDS[i+1]}}"; return ;;
+            --config=*) echo "cfg:${{w#*=}}"; return ;;
+        esac
+    done
+    [[ -n $DPANEL_CONTEXT ]] && {{ echo "ctx:$DPANEL_CONTEXT"; return; }}
+    [[ -n $DPANEL_CONFIG ]] && {{ echo "cfg:$DPANEL_CONFIG"; return; }}
+    conf="${{XDG_CONFIG_HOME:-$HOME/.config}}/dpanel/config.toml"
+    w=$(sed -n 's/^current-context *= *["'"'"']\\(.*\\)["'"'"'] *$/\\1/p' "$conf" 2>/dev/null)
+    [[ -n $w ]] && {{ echo "ctx:$w"; return; }}
+    echo "server"
+}}
+
 _dpanel_devices() {{
-    # device names, cached for a minute per context (only ever run while completing)
-    local cache="${{XDG_CACHE_HOME:-$HOME/.cache}}/dpanel/devices-${{DPANEL_CONTEXT:-current}}"
+    # device names, cached for a minute per resolved context (only ever run while
+    # completing): after `dpanel context use` the other context's names never show
+    local key cache
+    key=$(_dpanel_context)
+    cache="${{XDG_CACHE_HOME:-$HOME/.cache}}/dpanel/devices-${{key//[^A-Za-z0-9._-]/_}}"
     if [[ ! -s $cache || -n $(find "$cache" -mmin +1 2>/dev/null) ]]; then
         mkdir -p "${{cache%/*}}" 2>/dev/null
-        if dpanel device list --names >"$cache.$$" 2>/dev/null; then
+        local -a pass=()
+        case $key in
+            ctx:*) pass=(--context "${{key#ctx:}}") ;;
+            cfg:*) pass=(--config "${{key#cfg:}}") ;;
+        esac
+        if dpanel "${{pass[@]}}" device list --names >"$cache.$$" 2>/dev/null; then
             mv -f "$cache.$$" "$cache"
         else
             rm -f "$cache.$$"

@@ -24,8 +24,15 @@ names the first row that was edited, deleted or inserted. (Whoever can rewrite t
 file can rebuild a consistent chain; pin the head that ``dpanel audit verify`` prints
 somewhere else to catch that too.)
 
-Recordings (asciicast v2, from the device in parts) go in ``audit_recordings``, keyed by
-device and session id; they are joined on demand.
+Recordings (asciicast v2, from the device in parts) are staged in ``audit_recordings``
+(keyed by device, session id and part, so a resent part is kept once and parts may come
+in any order) and, once the last part is in and none is missing, written as one file
+``STATE_DIR/recordings/<device>/<session>.cast`` (0600, atomically: a reader never sees
+half a file) and their staged rows deleted. The device's record names that file
+(``recording_file``, relative to the state directory) and carries the SHA-256 the device
+computed (``recording_sha256``), both inside the chained body: an edited file shows at
+``dpanel audit play`` and ``audit verify``. A recording still staged (or one from before
+the files, or when the file cannot be written) is read from the table as before.
 
 Plain SQL (``?`` placeholders, no SQLite-only syntax) so that it also runs on PostgreSQL.
 """
@@ -36,13 +43,17 @@ import base64
 import hashlib
 import json
 import logging
+import re
 import secrets
 import time
+from collections import OrderedDict
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Optional
 
 from dpanel_proto import wire
 from dpanel_proto.ratelog import Budget, RateLimitedLog
+from dpanel_proto.util import atomic_write
 
 from .db import IntegrityError
 from .registry import Registry
@@ -86,6 +97,12 @@ _SCHEMA = [
         PRIMARY KEY (device, rid, seq)
     )""",
 ]
+
+#: recordings under the state directory; session ids are what wire accepts
+_REC_DIR = "recordings"
+#: proxy streams remembered for attributing device records (oldest forgotten first)
+_MAX_STREAMS = 4096
+_RID = re.compile(r"[0-9a-f]{16,64}")
 
 #: The columns copied out of the body (for filtering), and the body key of each.
 _COPIED = (("origin", "origin"), ("rid", "rid"), ("device", "device"),
@@ -139,10 +156,43 @@ class Row:
 class AuditLog:
     """The audit table on the registry's database (the same transactions and lock)."""
 
-    def __init__(self, registry: Registry) -> None:
+    def __init__(self, registry: Registry, state_dir: Optional[Path] = None) -> None:
         self._reg = registry
         self._budgets: dict[str, Budget] = {}
+        #: where recordings/<device>/<session>.cast go (None: kept in the table only)
+        self.state_dir = state_dir
+        #: (device, our "host:port" toward its tunnel port) -> the operator's address as
+        #: the API saw it, for the proxy streams we bridged (see :meth:`note_stream`)
+        self._streams: OrderedDict[tuple[str, str], str] = OrderedDict()
         registry.db.ensure("audit", _SCHEMA)
+
+    def note_stream(self, device: str, tunnel_side: str, client: str) -> None:
+        """A proxy stream (``GET /v1/devices/{d}/proxy``) from ``client`` reaches the
+        device's tunnel port from our ``tunnel_side`` address. The device's SSH server
+        reports that address as ``source = "tunnel HOST:PORT"`` for what a certificate
+        holder ran through it; :meth:`ingest` then names the operator's own address,
+        which only the manager saw (the device never can, and cannot forge it: a source
+        that matches no stream of its own device stays as the device reported it)."""
+        key = (device, tunnel_side)
+        self._streams.pop(key, None)
+        self._streams[key] = client
+        while len(self._streams) > _MAX_STREAMS:
+            self._streams.popitem(last=False)
+
+    def _source(self, device: str, reported: str) -> str:
+        if reported.startswith("tunnel "):
+            client = self._streams.get((device, reported[7:]))
+            if client is not None:
+                return f"{client} (proxy, {reported})"
+        return reported
+
+    def recording_path(self, device: str, rid: str) -> Optional[Path]:
+        """The .cast file of a session (both names are validated before, and again here:
+        they become a path)."""
+        if self.state_dir is None or not (wire.DEVICE_ID_RE.fullmatch(device)
+                                          and _RID.fullmatch(rid)):
+            return None
+        return self.state_dir / _REC_DIR / device / f"{rid}.cast"
 
     # ------------------------------------------------------------------ writing
     def append(self, body: dict[str, Any]) -> Optional[int]:
@@ -217,10 +267,15 @@ class AuditLog:
             _rl.warning(f"audit forged {device}", "device %s sent an audit record claiming "
                         "to be from %s; kept as its own", device, msg.device)
             note = (f"claimed device {msg.device}; " + note)[:256]
+        extra: dict[str, Any] = {}
+        path = self.recording_path(device, msg.id) if msg.recording else None
+        if path is not None and self.state_dir is not None:
+            extra["recording_file"] = str(path.relative_to(self.state_dir))
         self.append({
+            **extra,
             "origin": "device", "rid": msg.id, "device": device, "user": msg.operator,
             "via": msg.via, "kind": msg.kind, "command": msg.command, "exit": msg.exit,
-            "signal": msg.signal, "result": "", "source": msg.source,
+            "signal": msg.signal, "result": "", "source": self._source(device, msg.source),
             "started": msg.started, "ended": msg.ended, "bytes_in": msg.bytes_in,
             "bytes_out": msg.bytes_out, "correlation": msg.correlation,
             "recording": msg.recording, "note": note,
@@ -232,6 +287,9 @@ class AuditLog:
             _rl.warning(f"audit rec {device}", "device %s: recording %s is over %d parts; "
                         "the rest is dropped", device, chunk.id, MAX_RECORDING_PARTS)
             return
+        done = self.recording_path(device, chunk.id)
+        if done is not None and done.exists():
+            return  # a part resent after its recording was complete and written
         with self._reg.db.tx() as cur:
             if cur.execute("SELECT 1 FROM audit_recordings WHERE device = ? AND rid = ? AND "
                            "seq = ?", (device, chunk.id, chunk.seq)).fetchone():
@@ -239,6 +297,33 @@ class AuditLog:
             cur.execute("INSERT INTO audit_recordings (device, rid, seq, data, last_part) "
                         "VALUES (?, ?, ?, ?, ?)",
                         (device, chunk.id, chunk.seq, chunk.data, 1 if chunk.last else 0))
+            parts = cur.execute("SELECT seq, data, last_part FROM audit_recordings WHERE "
+                                "device = ? AND rid = ? ORDER BY seq",
+                                (device, chunk.id)).fetchall()
+        if not parts or not int(parts[-1][2]) or [int(p[0]) for p in parts] != list(
+                range(len(parts))):
+            return  # not complete yet: the last part, or one before it, is still missing
+        self._to_file(device, chunk.id, b"".join(base64.b64decode(p[1]) for p in parts))
+
+    def _to_file(self, device: str, rid: str, data: bytes) -> None:
+        """Write a complete recording to its file, then drop its staged parts (a crash
+        in between leaves both: the file wins, the parts are removed next time)."""
+        path = self.recording_path(device, rid)
+        if path is None:
+            return
+        try:
+            path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+            if path.exists():
+                return  # a duplicate last part: the file is written once, never replaced
+            atomic_write(path, data, 0o600)
+        except OSError as exc:
+            # the parts stay in the table and are served from there: nothing is lost
+            _rl.error(f"audit file {device}", "recording %s of %s: cannot write %s: %s; "
+                      "kept in the registry", rid, device, path, exc)
+            return
+        with self._reg.db.tx() as cur:
+            cur.execute("DELETE FROM audit_recordings WHERE device = ? AND rid = ?",
+                        (device, rid))
 
     # ------------------------------------------------------------------ reading
     def _rows(self, where: str = "", args: tuple[Any, ...] = (),
@@ -320,6 +405,15 @@ class AuditLog:
         return data, "verified" if hashlib.sha256(data).hexdigest() == want else "mismatch"
 
     def _joined(self, row: dict[str, Any]) -> Optional[bytes]:
+        path = self.recording_path(str(row["device"]), str(row["rid"]))
+        if path is not None:
+            try:
+                return path.read_bytes()
+            except FileNotFoundError:
+                pass  # still staged, or recorded before recordings were files
+            except OSError as exc:
+                _rl.error("audit file read", "recording %s: cannot read %s: %s",
+                          row["rid"], path, exc)
         with self._reg.db.tx() as cur:
             parts = cur.execute("SELECT data FROM audit_recordings WHERE device = ? AND "
                                 "rid = ? ORDER BY seq", (row["device"], row["rid"])).fetchall()
@@ -328,6 +422,31 @@ class AuditLog:
         return b"".join(base64.b64decode(p[0]) for p in parts)
 
     # ------------------------------------------------------------------ verifying
+    def _check_file(self, seq: int, body: dict[str, Any]) -> None:
+        """A recording file that is there must match the SHA-256 in its chained record
+        (one not there yet is not an error: its last part may still be on the way)."""
+        want = body.get("recording_sha256") or ""
+        name = body.get("recording_file") or ""
+        if not want or not name or self.state_dir is None:
+            return
+        path = self.recording_path(str(body.get("device")), str(body.get("rid")))
+        if path is None or str(path.relative_to(self.state_dir)) != name:
+            raise ChainError(f"row {seq}: recording_file {name!r} is not where its "
+                             "session's recording goes")
+        h = hashlib.sha256()
+        try:
+            with path.open("rb") as f:
+                for block in iter(lambda: f.read(1 << 20), b""):
+                    h.update(block)
+        except FileNotFoundError:
+            return
+        except OSError as exc:
+            raise ChainError(f"row {seq}: cannot read its recording {path}: "
+                             f"{exc.strerror}") from None
+        if h.hexdigest() != want:
+            raise ChainError(f"row {seq}: its recording {path} was edited (its SHA-256 "
+                             "does not match the chained record)")
+
     def verify_chain(self) -> dict[str, Any]:
         """Walk the whole chain; raises :class:`ChainError` naming the first bad row."""
         with self._reg.db.tx() as cur:
@@ -354,6 +473,7 @@ class AuditLog:
                 if body.get(key) != r[i]:
                     raise ChainError(f"row {seq} was edited: column {_col} does not match "
                                      "its record")
+            self._check_file(seq, body)
             prev, expect = r[10], seq + 1
         last = expect - 1
         if head is not None:

@@ -123,6 +123,11 @@ def install(app: FastAPI, manager: Manager, auth: Callable[..., Principal]) -> N
             await _deny(ws, 502, f"device {device}: tunnel port unreachable ({exc})",
                         ErrorCode.INTERNAL)
             return
+        local, client = writer.get_extra_info("sockname"), ws.client
+        if isinstance(local, tuple) and client is not None:
+            # so the device's record of this stream names the operator's address
+            manager.audit.note_stream(device, f"{local[0]}:{local[1]}",
+                                      f"{client.host}:{client.port}")
         await ws.accept()
         log.info("proxy stream to %s opened by %s", device, printable(p.name))
         try:

@@ -109,7 +109,7 @@ class Manager:
         #: online | offline | not_answering)
         self.presence: dict[str, Presence] = self._presence.devices
         #: the audit trail (devices' records over MQTT, the API's own; see audit.py)
-        self.audit = AuditLog(self.registry)
+        self.audit = AuditLog(self.registry, Path(cfg.state_dir))
         self._requests = Requests(cfg, self.key, self._broker_password,
                                   on_status=self._on_status, on_broker=self._on_broker,
                                   on_alive=self._presence.alive,

@@ -1,9 +1,13 @@
 """The operator's side of SSH certificates: their own key, a cached certificate for it.
 
 ``dpanel ssh``, ``dpanel proxy`` and ``dpanel ssh-config`` use the operator's key, not
-the manager's: ``$DPANEL_SSH_KEY`` if set, else ``~/.ssh/id_ed25519`` if present, else
-one generated once under ``~/.config/dpanel/`` (0600). The certificate the API signs
-for it (``POST /v1/certs``) is cached next to the key as
+the manager's: ``$DPANEL_SSH_KEY`` if set, else a key held by ssh-agent
+(``$SSH_AUTH_SOCK``, listed with OpenSSH's ``ssh-add -L``; Ed25519 preferred), else
+``~/.ssh/id_ed25519`` if present, else one generated once under ``~/.config/dpanel/``
+(0600). An agent's key never touches the disk: its public half is written to
+``~/.config/dpanel/agent-<hash>.pub``, which is the ``IdentityFile`` (OpenSSH then asks
+the agent for the matching private key, and pairs it with the certificate).
+The certificate the API signs for it (``POST /v1/certs``) is cached next to the key as
 ``<key>-dpanel-<manager>-cert.pub`` (one per manager, and never over an
 ``id_ed25519-cert.pub`` the operator may have from another CA) and fetched again when
 less than half of its life is left, so that OpenSSH, which reads it before the
@@ -52,10 +56,47 @@ def operator_key() -> OperatorKey:
     env = os.environ.get("DPANEL_SSH_KEY")
     if env:
         return _load_or_create(Path(env))
+    agent = agent_key()
+    if agent is not None:
+        return agent
     default = Path.home() / ".ssh" / "id_ed25519"
     if default.exists():
         return _load_or_create(default)
     return _load_or_create(_config_home() / "id_ed25519")
+
+
+#: key types the user CA signs, in order of preference
+_AGENT_TYPES = ("ssh-ed25519", "ecdsa-sha2-nistp256", "ecdsa-sha2-nistp384",
+                "ecdsa-sha2-nistp521", "ssh-rsa")
+
+
+def agent_key() -> Optional[OperatorKey]:
+    """A key held by the running ssh-agent, or None (no agent, no key, no ssh-add)."""
+    if not os.environ.get("SSH_AUTH_SOCK"):
+        return None
+    import subprocess
+
+    try:
+        out = subprocess.run(["ssh-add", "-L"], capture_output=True, timeout=10,
+                             stdin=subprocess.DEVNULL)
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+    if out.returncode != 0:  # 1: the agent has no identities; 2: no agent there
+        return None
+    keys = [ln.split() for ln in out.stdout.decode(errors="replace").splitlines()]
+    usable = [k for k in keys if len(k) >= 2 and k[0] in _AGENT_TYPES]
+    if not usable:
+        return None
+    usable.sort(key=lambda k: _AGENT_TYPES.index(k[0]))
+    line = f"{usable[0][0]} {usable[0][1]}"
+    tag = hashlib.sha256(line.encode()).hexdigest()[:12]
+    pub = _config_home() / f"agent-{tag}.pub"
+    try:
+        if not pub.exists():
+            atomic_write(pub, line + " dpanel-agent-key\n", 0o644, make_parents=True)
+    except OSError as exc:
+        raise ApiError(f"cannot write {pub}: {exc.strerror}") from None
+    return OperatorKey(pub, line)
 
 
 def _load_or_create(path: Path) -> OperatorKey:
@@ -182,10 +223,11 @@ def refresh_if_cached(api: ApiClient, ttl: Optional[int] = None) -> None:
     env = os.environ.get("DPANEL_SSH_KEY")
     candidates = [Path(env)] if env else [Path.home() / ".ssh" / "id_ed25519",
                                           _config_home() / "id_ed25519"]
-    for path in candidates:
+    agent = None if env else agent_key()
+    for path in ([agent.key] if agent is not None else []) + candidates:
         if not path.exists():
             continue
-        key = _load_or_create(path)
+        key = agent if agent is not None and path == agent.key else _load_or_create(path)
         cert = key.cert_path(api)
         if cert.exists():
             try:

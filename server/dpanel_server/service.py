@@ -6,6 +6,7 @@ import asyncio
 import contextlib
 import logging
 import signal
+import socket
 from pathlib import Path
 from typing import AsyncIterator, Callable, Iterator, Optional
 
@@ -143,7 +144,8 @@ async def _serve_api(cfg: ServerConfig, manager: Manager,
 
         cert, key = await asyncio.to_thread(https_files, cfg)
         h_host, h_port = _hostport(cfg.manager.https_listen, "manager.https_listen", 443)
-        servers.append(_api_server(app, h_host, h_port, ssl_certfile=cert, ssl_keyfile=key))
+        servers.append(_api_server(app, h_host, h_port, ssl_certfile=cert, ssl_keyfile=key,
+                                   cls=_HttpsServer))
         log.info("manager API over HTTPS on https://%s:%d", h_host, h_port)
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
@@ -170,8 +172,39 @@ def _stop_all(servers: list[uvicorn.Server]) -> None:
         s.should_exit = True
 
 
-def _api_server(app: object, host: str, port: int, **ssl: str) -> uvicorn.Server:
-    return _ApiServer(uvicorn.Config(
+class _HttpsServer(_ApiServer):
+    """The public HTTPS listener: our own accept loop with a TLS handshake deadline and
+    a bounded pre-handshake set (:mod:`._tlsgate`) instead of asyncio's create_server."""
+
+    async def startup(self, sockets: Optional[list[socket.socket]] = None) -> None:
+        from ._tlsgate import TlsGateServer, listen_socket
+
+        config = self.config
+        assert config.ssl is not None
+        await self.lifespan.startup()
+
+        def protocol() -> asyncio.Protocol:
+            return config.http_protocol_class(  # type: ignore[call-arg]
+                config=config, server_state=self.server_state,
+                app_state=self.lifespan.state)
+
+        try:
+            sock = listen_socket(config.host, config.port, config.backlog)
+        except OSError as exc:
+            log.error("manager.https_listen %s:%d: %s", config.host, config.port,
+                      exc.strerror)
+            self.should_exit = True
+            return
+        gate = TlsGateServer(sock, config.ssl, protocol)
+        gate.start()
+        # uvicorn's shutdown only calls close() and wait_closed() on these
+        self.servers = [gate]  # type: ignore[list-item]
+        self.started = True
+
+
+def _api_server(app: object, host: str, port: int, cls: type[_ApiServer] = _ApiServer,
+                **ssl: str) -> uvicorn.Server:
+    return cls(uvicorn.Config(
         app, host=host, port=port, log_level="warning", lifespan="off", access_log=False,  # type: ignore[arg-type]
         # uvicorn has no request-read deadline: without this a slowloris client holds its
         # connection forever and limit_concurrency then turns away /v1/health (503)
@@ -180,6 +213,9 @@ def _api_server(app: object, host: str, port: int, **ssl: str) -> uvicorn.Server
         # connections still sending their request can never fill it
         limit_concurrency=API_LIMIT_CONCURRENCY,
         timeout_keep_alive=5,                     # idle keep-alive connections, seconds
+        # the audit's source is the socket's peer: never an X-Forwarded-For a client
+        # (on loopback, which uvicorn trusts by default) made up
+        proxy_headers=False,
         h11_max_incomplete_event_size=16 * 1024,  # request line + headers, bytes
         backlog=1024,
         **ssl,  # type: ignore[arg-type]

@@ -26,7 +26,7 @@ class Sshd:
     """``sshd -D`` as root with its own host key, authorized_keys and config; no PAM, no
     pid file, loopback only. One client key is generated for the bench's ``ssh``."""
 
-    def __init__(self, max_startups: int = 200) -> None:
+    def __init__(self, max_startups: int = 200, extra_config: str = "") -> None:
         if not os.path.exists(SSHD):
             raise RuntimeError(f"{SSHD} not found (apt-get install openssh-server)")
         if os.geteuid() != 0:
@@ -36,6 +36,7 @@ class Sshd:
         self.proc: Optional[subprocess.Popen[bytes]] = None
         self.client_key = self.dir / "client_key"
         self._max_startups = max_startups
+        self._extra = extra_config  # more sshd_config lines (a test's TrustedUserCAKeys)
 
     def start(self) -> Sshd:
         d = self.dir
@@ -46,7 +47,8 @@ class Sshd:
         host_pub = (d / "host_key.pub").read_text().split()
         (d / "known_hosts").write_text(f"[127.0.0.1]:{self.port} {host_pub[0]} {host_pub[1]}\n")
         n = self._max_startups
-        (d / "sshd_config").write_text(f"""\
+        # extra lines first: for each keyword sshd keeps the first value it reads
+        (d / "sshd_config").write_text(f"""{self._extra}\
 ListenAddress 127.0.0.1
 HostKey {d / 'host_key'}
 PidFile none

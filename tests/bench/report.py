@@ -154,8 +154,15 @@ def _update(r: dict[str, Any]) -> list[Row]:
     return list(rows(r))
 
 
+def _remote_exec(r: dict[str, Any]) -> list[Row]:
+    from .remote_exec import rows
+
+    return list(rows(r))
+
+
 _SECTIONS: dict[str, Callable[[dict[str, Any]], list[Row]]] = {
-    "throughput": _throughput, "scp": _scp, "exec": _exec, "api_load": _api_load, "memory": _memory,
+    "throughput": _throughput, "scp": _scp, "exec": _exec, "remote_exec": _remote_exec,
+    "api_load": _api_load, "memory": _memory,
     "agent_idle": _agent,
     "scale": _scale, "enrol": _enrol, "image": _image, "update": _update,
     "jobs": _jobs,

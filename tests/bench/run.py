@@ -24,8 +24,8 @@ from ._util import raise_nofile, section
 
 __all__ = ["SECTIONS", "main"]
 
-SECTIONS = ("throughput", "scp", "exec", "api_load", "memory", "agent_idle", "scale", "enrol",
-            "update", "jobs", "image")
+SECTIONS = ("throughput", "scp", "exec", "remote_exec", "api_load", "memory", "agent_idle",
+            "scale", "enrol", "update", "jobs", "image")
 
 
 def _version(argv: list[str]) -> str:
@@ -130,6 +130,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     from .jobs_rate import run_jobs_rate
     from .latency import run_latency
     from .memory import run_memory
+    from .remote_exec import run_remote_exec
     from .scale import run_scale
     from .scp_paths import run_scp_paths
     from .throughput import run_throughput
@@ -143,6 +144,11 @@ def main(argv: Optional[list[str]] = None) -> int:
                                                                  else 128 << 20),
                                      reps=s["tput_reps"]),
         "exec": lambda: run_latency(work, reps=s["exec_reps"]),
+        # not in a --quick smoke run unless asked for: the smoke test's budget is spent
+        "remote_exec": lambda: (run_remote_exec(work, reps=1 if args.quick else
+                                                s["exec_reps"])
+                                if not args.quick or args.only else
+                                {"skipped": "--quick (use --only remote_exec)"}),
         "api_load": lambda: run_api_load(work, nbytes=(8 << 20) if args.quick else 100 << 20),
         "memory": lambda: run_memory(work, counts=s["counts"], sshd_conns=s["sshd_conns"]),
         "agent_idle": lambda: run_agent_idle(work, window=s["idle_window"]),

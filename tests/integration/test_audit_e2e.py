@@ -88,19 +88,39 @@ def test_sessions_are_audited_and_chained(stack: Stack, device: str, tmp_path: P
     play = stack.cli("audit", "play", str(shell["id"]), "--raw")
     assert play.returncode == 0 and b"warning" not in play.stderr, play  # hash matches
     assert b"audit-42" in play.stdout and b"echo audit-$((6*7))" in play.stdout
-    # a recording edited in the database no longer matches its chained record
+    # the recording is a .cast file in the state dir, named in the chained row, 0600,
+    # and no longer staged in the table
+    cast = stack.dir / shell["recording_file"]
+    assert shell["recording_file"] == f"recordings/{device}/{shell['rid']}.cast"
+    assert cast.stat().st_mode & 0o777 == 0o600
+    assert json.loads(cast.read_bytes().splitlines()[0])["version"] == 2
+    assert b"audit-42" in cast.read_bytes()
+    assert (cast.parent.stat().st_mode & 0o777) == 0o700
+    db = sqlite3.connect(str(stack.dir / "registry.db"), isolation_level=None)
+    try:
+        assert db.execute("SELECT COUNT(*) FROM audit_recordings").fetchone()[0] == 0
+    finally:
+        db.close()
+    # an edited file no longer matches its chained record: play warns, verify names it
+    original = cast.read_bytes()
+    cast.write_bytes(original.replace(b"audit-42", b"nothing!"))
+    play = stack.cli("audit", "play", str(shell["id"]), "--raw")
+    assert b"is mismatch" in play.stderr and b"audit-42" not in play.stdout, play
+    bad = stack.cli("audit", "verify")
+    assert bad.returncode == 1 and b"was edited" in bad.stderr and b".cast" in bad.stderr
+    # a recording stored the old way (parts in the table, no file) still replays
+    cast.unlink()
     db = sqlite3.connect(str(stack.dir / "registry.db"), isolation_level=None)
     try:
         import base64
-        for rid, seq, part in db.execute("SELECT rid, seq, data FROM audit_recordings"
-                                         ).fetchall():
-            forged = base64.b64decode(part).replace(b"audit-42", b"nothing!")
-            db.execute("UPDATE audit_recordings SET data = ? WHERE rid = ? AND seq = ?",
-                       (base64.b64encode(forged).decode(), rid, seq))
+        db.execute("INSERT INTO audit_recordings (device, rid, seq, data, last_part) "
+                   "VALUES (?, ?, 0, ?, 1)",
+                   (device, shell["rid"], base64.b64encode(original).decode()))
     finally:
         db.close()
     play = stack.cli("audit", "play", str(shell["id"]), "--raw")
-    assert b"is mismatch" in play.stderr and b"audit-42" not in play.stdout, play
+    assert play.returncode == 0 and b"warning" not in play.stderr, play
+    assert b"audit-42" in play.stdout
     # 3. scp (SFTP)
     src = tmp_path / "payload.bin"
     src.write_bytes(b"z" * 300000)

@@ -11,8 +11,10 @@ import hashlib
 import json
 import os
 import re
+import socket
 import ssl
 import subprocess
+import time
 import urllib.error
 import urllib.request
 from pathlib import Path
@@ -21,7 +23,7 @@ from typing import Any, Iterator
 import pytest
 
 from stackfix import BIN, Stack
-from support import free_port
+from support import free_port, wait_for
 
 #: every operator token made here, for the last test's look at the log
 OPERATOR_TOKENS: list[str] = []
@@ -337,6 +339,105 @@ def test_trust_on_first_use_shows_the_fingerprint_and_asks(world: Stack,
     assert f'fingerprint = "{fp}"' in conf.read_text()
     out = _remote(home, "whoami")
     assert out.returncode == 0 and out.stdout.startswith(b"tofu (viewer"), out
+
+
+def _login(world: Stack, home: Path, name: str, role: str = "operator") -> None:
+    home.mkdir()
+    out = _remote(home, "login", _url(world), "--token", _user(world, name, role),
+                  "--fingerprint", _server_fingerprint(world))
+    assert out.returncode == 0, out.stderr
+
+
+def _still_open(socks: list[socket.socket]) -> list[socket.socket]:
+    alive = []
+    for s in socks:
+        try:
+            if s.recv(1, socket.MSG_DONTWAIT | socket.MSG_PEEK):
+                alive.append(s)  # (a TLS server never speaks first; not expected)
+        except BlockingIOError:
+            alive.append(s)
+        except OSError:
+            pass  # reset: closed by the server
+    return alive
+
+
+def test_a_tls_handshake_flood_does_not_starve_operators(world: Stack, tmp_path: Path) -> None:
+    """Connections that never send a ClientHello, from 12 addresses (loopback answers for
+    all of 127/8): the listener holds at most its cap, closes them at the handshake
+    deadline (not asyncio's 60 s), and an operator's `device list` meanwhile works."""
+    from dpanel_server._tlsgate import HANDSHAKE_TIMEOUT, MAX_PENDING, PER_SOURCE
+
+    home = tmp_path / "flo"
+    _login(world, home, "flo", "viewer")
+    assert world.https_port is not None
+    flood: list[socket.socket] = []
+    try:
+        for i in range(12):
+            for _ in range(40):
+                s = socket.socket()
+                s.bind((f"127.0.0.{i + 2}", 0))
+                s.settimeout(10)
+                s.connect(("127.0.0.1", world.https_port))
+                flood.append(s)
+        started = time.monotonic()
+        # the per-source and global caps: the rest were closed at accept, not kept
+        wait_for(lambda: len(_still_open(flood)) <= MAX_PENDING, timeout=60,
+                 what=f"at most {MAX_PENDING} pre-handshake connections held")
+        held = _still_open(flood)
+        per_source: dict[str, int] = {}
+        for s in held:
+            per_source[s.getsockname()[0]] = per_source.get(s.getsockname()[0], 0) + 1
+        assert max(per_source.values(), default=0) <= PER_SOURCE.full, per_source
+        # an operator gets through while they are held
+        out = _remote(home, "device", "list", "--names")
+        assert out.returncode == 0 and set(out.stdout.split()) == {b"dev-a", b"dev-b"}, out
+        # and the held ones end at the deadline
+        wait_for(lambda: not _still_open(flood), timeout=60,
+                 what="the flood closed at the handshake deadline")
+        assert time.monotonic() - started < HANDSHAKE_TIMEOUT + 30  # far below asyncio's 60 s
+    finally:
+        for s in flood:
+            s.close()
+    out = _remote(home, "device", "list", "--names")
+    assert out.returncode == 0, out
+
+
+def test_a_forwarded_for_header_cannot_forge_the_audit_source(world: Stack) -> None:
+    """uvicorn trusts X-Forwarded-For from loopback by default; the API must not: the
+    audit's source is the socket's peer."""
+    req = urllib.request.Request(
+        f"http://127.0.0.1:{world.api_port}/v1/devices/dev-a/exec", method="POST",
+        data=json.dumps({"command": "echo forged-source", "stream": False}).encode(),
+        headers={"Authorization": f"Bearer {_admin(world)}",
+                 "Content-Type": "application/json", "X-Forwarded-For": "203.0.113.7",
+                 "X-Real-IP": "203.0.113.8", "Forwarded": "for=203.0.113.9"})
+    with urllib.request.urlopen(req, timeout=60) as r:
+        assert json.loads(r.read())["exit"] == 0
+
+    def row() -> Any:
+        rows = json.loads(world.cli_ok("audit", "--json", "--device", "dev-a"))
+        return next((x for x in rows if x["command"] == "echo forged-source"
+                     and x.get("api")), None)
+
+    found = wait_for(row, "the exec's audit row", 60)
+    assert found["api"]["source"] == "127.0.0.1", found
+    assert "203.0.113" not in json.dumps(found), found
+
+
+def test_a_wrong_pin_is_refused_on_the_relay_paths(world: Stack, tmp_path: Path) -> None:
+    """`exec -i` and `proxy` go through the TLS relay thread; a pin that does not match
+    must stop them before the token is sent, with the same clear error as the rest."""
+    home = tmp_path / "pin"
+    _login(world, home, "pinny")
+    conf = home / ".config" / "dpanel" / "config.toml"
+    conf.write_text(conf.read_text().replace(_server_fingerprint(world), "ab" * 32))
+    for argv in (("exec", "-i", "dev-a", "--", "cat"), ("proxy", "dev-a")):
+        out = subprocess.run([str(BIN / "dpanel"), *argv], env=_remote_env(home),
+                             input=b"hello\n", capture_output=True, timeout=120, cwd=home)
+        err = out.stderr.decode()
+        assert out.returncode != 0 and "is not the pinned" in err, (argv, out)
+        assert b"hello" not in out.stdout
+        assert len(err.strip().splitlines()) == 1, err  # one line, no traceback
 
 
 def test_no_operator_token_in_the_stack_log(world: Stack) -> None:

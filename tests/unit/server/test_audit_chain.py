@@ -123,6 +123,73 @@ def test_recording_parts_join(log: AuditLog) -> None:
     assert log.recording(1) == b"hello world"
 
 
+def _chunk(rid: str, seq: int, part: bytes, last: bool = False) -> bytes:
+    import base64
+
+    return wire.encode_audit(wire.RecordingChunk(device="dev-1", id=rid, seq=seq,
+                                                 data=base64.b64encode(part).decode(),
+                                                 last=last))
+
+
+def test_a_complete_recording_becomes_one_cast_file(tmp_path: Path) -> None:
+    import hashlib
+
+    log = AuditLog(Registry(tmp_path / "reg.db"), tmp_path / "state")
+    rid, data = "ef" * 16, b"hello world"
+    # parts out of order and resent; the file appears only when none is missing
+    log.ingest("dev-1", _chunk(rid, 2, b"ld", last=True))
+    log.ingest("dev-1", _chunk(rid, 0, b"hello "))
+    path = tmp_path / "state" / "recordings" / "dev-1" / f"{rid}.cast"
+    assert not path.exists()
+    log.ingest("dev-1", _chunk(rid, 1, b"wor"))
+    assert path.read_bytes() == data and path.stat().st_mode & 0o777 == 0o600
+    assert _db(log).execute("SELECT COUNT(*) FROM audit_recordings").fetchone()[0] == 0
+    log.ingest("dev-1", _chunk(rid, 1, b"wor"))  # resent after the file: no stray part
+    assert _db(log).execute("SELECT COUNT(*) FROM audit_recordings").fetchone()[0] == 0
+    log.ingest("dev-1", wire.encode_audit(wire.AuditRecord(
+        device="dev-1", id=rid, kind="shell", operator="alice", command="shell",
+        recording="ok", recording_sha256=hashlib.sha256(data).hexdigest())))
+    row = log.query()[0]
+    assert row["recording_file"] == f"recordings/dev-1/{rid}.cast"
+    assert log.checked_recording(row["id"]) == (data, "verified")
+    assert log.verify_chain()["ok"]
+    path.write_bytes(b"hello w0rld")
+    assert log.checked_recording(row["id"]) == (b"hello w0rld", "mismatch")
+    with pytest.raises(ChainError, match=r"row 1: its recording .* was edited"):
+        log.verify_chain()
+
+
+def test_an_unwritable_recordings_dir_keeps_the_parts(tmp_path: Path) -> None:
+    state = tmp_path / "state"
+    state.mkdir()
+    (state / "recordings").write_text("not a directory")
+    log = AuditLog(Registry(tmp_path / "reg.db"), state)
+    rid = "cd" * 16
+    log.ingest("dev-1", _chunk(rid, 0, b"kept", last=True))
+    log.ingest("dev-1", wire.encode_audit(wire.AuditRecord(
+        device="dev-1", id=rid, kind="shell", operator="alice", command="shell",
+        recording="ok")))
+    assert log.recording(log.query()[0]["id"]) == b"kept"
+
+
+def test_a_proxy_stream_names_the_operators_address(log: AuditLog) -> None:
+    log.note_stream("dev-1", "127.0.0.1:40000", "198.51.100.7:5555")
+    for rid, src in (("a1" * 16, "tunnel 127.0.0.1:40000"),  # ours: the operator's
+                     ("a2" * 16, "tunnel 127.0.0.1:40001"),  # no such stream: as reported
+                     ("a3" * 16, "198.51.100.9:1")):          # the device's word, kept
+        log.ingest("dev-1", wire.encode_audit(wire.AuditRecord(
+            device="dev-1", id=rid, kind="exec", operator="alice", command="id", exit=0,
+            via="cert", source=src)))
+    got = [r["source"] for r in log.query()]
+    assert got == ["198.51.100.7:5555 (proxy, tunnel 127.0.0.1:40000)",
+                   "tunnel 127.0.0.1:40001", "198.51.100.9:1"]
+    # another device's record cannot take this device's stream
+    log.ingest("dev-2", wire.encode_audit(wire.AuditRecord(
+        device="dev-2", id="a4" * 16, kind="exec", operator="x", command="id", exit=0,
+        via="cert", source="tunnel 127.0.0.1:40000")))
+    assert log.query(device="dev-2")[0]["source"] == "tunnel 127.0.0.1:40000"
+
+
 def test_parse_since() -> None:
     assert parse_since("1h", now=10000.0) == 6400.0
     assert parse_since("2026-12-01T00:00:00Z") == 1796083200.0

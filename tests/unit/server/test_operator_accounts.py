@@ -142,7 +142,11 @@ def test_help_does_not_import_the_server_stack() -> None:
     assert out.returncode == 0, out.stderr
 
 
-def test_bash_completion_covers_commands_flags_and_devices(tmp_path: Path) -> None:
+def test_bash_completion_covers_commands_flags_and_devices(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("XDG_CONFIG_HOME", str(tmp_path / "xdg"))
+    monkeypatch.delenv("DPANEL_CONFIG", raising=False)
+    monkeypatch.delenv("DPANEL_CONTEXT", raising=False)
     script = subprocess.run([_bin(), "completion", "bash"], capture_output=True, check=True,
                             timeout=60).stdout.decode()
     # a fake dpanel on PATH answers the device-name query and counts its calls
@@ -173,6 +177,22 @@ def test_bash_completion_covers_commands_flags_and_devices(tmp_path: Path) -> No
     assert complete("exec", "--all", "la") == ["lab"]
     # cached: the second device completion did not ask again
     assert (tmp_path / "calls").read_text().count("call") == 1
+    # keyed by the resolved context: after `context use b` the names are b's, not a's
+    # (the key once was $DPANEL_CONTEXT alone, so both shared the "current" cache)
+    (fake / "dpanel").write_text("#!/bin/sh\necho \"$*\" >> \"$CALLS\"\n"
+                                 "case \"$*\" in\n"
+                                 "'--context a device list --names') echo alpha-1 ;;\n"
+                                 "'--context b device list --names') echo beta-1 ;;\n"
+                                 "esac\n")
+    conf = tmp_path / "xdg" / "dpanel" / "config.toml"
+    conf.parent.mkdir(parents=True)
+    conf.write_text('current-context = "a"\n\n[contexts.a]\nserver = "x"\n')
+    assert complete("exec", "") == ["alpha-1"]
+    conf.write_text('current-context = "b"\n\n[contexts.b]\nserver = "x"\n')
+    assert complete("exec", "") == ["beta-1"]
+    assert complete("--context", "a", "ssh", "") == ["alpha-1"]
+    monkeypatch.setenv("DPANEL_CONTEXT", "a")
+    assert complete("ssh", "") == ["alpha-1"]
     zsh = subprocess.run([_bin(), "completion", "zsh"], capture_output=True, check=True,
                          timeout=60).stdout.decode()
     assert zsh.startswith("#compdef dpanel") and "bashcompinit" in zsh

@@ -105,10 +105,15 @@ def demo(c: Context, dir: str = "") -> None:
 
 
 @task(help={"out": "directory for bench.json and bench.png"})
-def bench(c: Context, out: str = "out/bench", wan: bool = False) -> None:
+def bench(c: Context, out: str = "out/bench", wan: bool = False, scale: bool = False) -> None:
     """Benchmark against OpenSSH on this machine; writes JSON + PNG and prints ratios.
     ``--wan``: instead, idle bytes on the wire and presence per link profile, counted
-    on the device's veth in network namespaces (root; about 30 minutes)."""
+    on the device's veth in network namespaces (root; about 30 minutes).
+    ``--scale``: instead, fleet size: devices per broker, a reconnect storm after a broker
+    restart, a manager with 10,000 devices, enrolment rates (tests/bench/scale_out.py)."""
+    if scale:
+        c.run(f"{PY} -m tests.bench.scale_out --out {out}-scale", pty=False)
+        return
     if wan:
         c.run(f"{PY} -m tests.bench.wire --out {out}-wire", pty=False)
         return

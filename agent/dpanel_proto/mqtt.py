@@ -168,6 +168,9 @@ class MqttSession:
         self._client.on_disconnect = self._on_disconnect
         self._client.on_connect_fail = self._on_connect_fail
         self._client.on_message = self._on_message
+        self._client.on_subscribe = self._on_subscribe
+        #: message id -> topic of our subscriptions awaiting their SUBACK
+        self._subscribing: dict[int, str] = {}
         self._client.reconnect_delay_set(_secs(spec.backoff.lo), _secs(spec.backoff.hi))
 
     # ------------------------------------------------------------------ control (asyncio)
@@ -245,7 +248,9 @@ class MqttSession:
             # TLS 1.3 tickets arrive after the handshake: by CONNACK we have one
             self._client.dpanel_session = sock.session
         for topic in self.spec.subscriptions:
-            client.subscribe(topic, qos=self.spec.subscribe_qos)
+            _rc, mid = client.subscribe(topic, qos=self.spec.subscribe_qos)
+            if mid is not None:
+                self._subscribing[mid] = topic
         with self._retained_lock:
             self.connected.set()
             if self.retained and self.spec.retained_topic:
@@ -298,6 +303,15 @@ class MqttSession:
         then = f" on {self.host}:{self.port}" if (host, port) != (self.host, self.port) else ""
         log.warning("%s cannot reach broker %s:%s%s%s; retrying%s in %.1f s", self.spec.who,
                     host, port, via, f": {why}" if why else "", then, delay)
+
+    def _on_subscribe(self, _c: mqtt.Client, _u: object, mid: int, codes: Any,
+                      _p: object) -> None:
+        # a refused subscription is silent otherwise: its messages just never come
+        topic = self._subscribing.pop(mid, "?")
+        for rc in codes:
+            if getattr(rc, "is_failure", False):
+                log.error("broker %s:%s refused %s's subscription to %s: %s", self.host,
+                          self.port, self.spec.who, topic, rc)
 
     def _on_message(self, _c: mqtt.Client, _u: object, msg: mqtt.MQTTMessage) -> None:
         self._call(self._on_message_cb, msg.topic, bytes(msg.payload))

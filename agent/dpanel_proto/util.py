@@ -67,8 +67,12 @@ def atomic_write(path: Union[str, Path], data: Union[str, bytes], mode: int = 0o
 
 
 class Backoff:
-    """Exponential backoff with full jitter in [d/2, d]: thousands of devices behind one
-    broker that restarts do not all come back in the same second."""
+    """Exponential backoff with full jitter: the n-th wait is uniform in [0, d], where d =
+    lo * 2**n capped at hi. Thousands of devices behind one broker that restarts do not
+    all come back in the same second: each retry spreads the herd over its whole window
+    (the "equal jitter" [d/2, d] used before packs twice as many into each second), and
+    no wait is ever longer than ``hi``. tests/unit/proto/test_backoff_spread.py checks
+    the spread of 10,000 schedules."""
 
     def __init__(self, lo: float, hi: float) -> None:
         self.lo, self.hi = lo, hi
@@ -77,7 +81,7 @@ class Backoff:
     def next(self) -> float:
         d = min(self.hi, self.lo * (2 ** min(self.failures, 30)))
         self.failures += 1
-        return random.uniform(d / 2, d)  # noqa: S311 (jitter, not crypto)
+        return random.uniform(0.0, d)  # noqa: S311 (jitter, not crypto)
 
     def reset(self) -> None:
         self.failures = 0

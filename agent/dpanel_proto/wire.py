@@ -33,6 +33,7 @@ __all__ = [
     "AUDIT_KINDS",
     "DEVICE_ACL",
     "DEVICE_ID_RE",
+    "MANAGER_SHARE_GROUP",
     "MANAGER_SUBSCRIPTIONS",
     "MANAGER_TOPICS",
     "MAX_AUDIT_COMMAND",
@@ -75,6 +76,10 @@ PROTOCOL_VERSION = 1
 TOPIC_ROOT = "dpanel/v1/dev"
 #: Everything the manager may read and write.
 MANAGER_TOPICS = "dpanel/v1/#"
+#: Manager replicas share a subscription (MQTT 5 ``$share``) under this group, where the
+#: broker has them; its ACL must grant the prefixed filter too (Mosquitto's plugin checks
+#: the whole ``$share/...`` string).
+MANAGER_SHARE_GROUP = "dpanel-managers"
 #: What the manager subscribes to.
 MANAGER_SUBSCRIPTIONS = (f"{TOPIC_ROOT}/+/status", f"{TOPIC_ROOT}/+/resp",
                          f"{TOPIC_ROOT}/+/audit")

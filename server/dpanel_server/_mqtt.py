@@ -25,12 +25,14 @@ class ManagerMqtt(MqttSession):
                  on_connected: Optional[Callable[[bool], None]] = None,
                  tls: bool = False, tls_ca: Optional[str] = None,
                  keepalive: int = 10,
-                 alternates: Sequence[tuple[str, int]] = ()) -> None:
+                 alternates: Sequence[tuple[str, int]] = (),
+                 client_id: str = "") -> None:
         # A manager does not need the agents' long backoff: it is one client, and the
         # API answers "broker unreachable" meanwhile. 1-3 s first, at most 30 s.
         super().__init__(loop, SessionSpec(
             host=host, port=port, username=username, password=password,
             keepalive=keepalive, backoff=Backoff(2.0, 30.0), who="the manager",
+            client_id=client_id,
             tls=tls, ca_file=tls_ca, subscriptions=tuple(subscriptions),
             max_queued=10000, alternates=tuple(alternates),
             subscribe_qos=0 if alternates else 1,  # a cluster: see SessionSpec

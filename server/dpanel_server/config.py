@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import ipaddress
+import re
 from dataclasses import dataclass, field, fields, is_dataclass
 from pathlib import Path
 from typing import Any, Optional, get_args, get_type_hints
@@ -146,6 +147,9 @@ _DEFAULT_LIFETIME_MARGIN = 5.0
 _LIFETIME_SLACK = 30.0
 
 
+_REPLICA = re.compile(r"[a-z0-9][a-z0-9-]{0,31}")
+
+
 @dataclass
 class ManagerConfig:
     api_listen: str = f"127.0.0.1:{API_PORT}"
@@ -178,8 +182,23 @@ class ManagerConfig:
     #: the manager's own CA in STATE_DIR/https (CA certificate: STATE_DIR/https/ca.crt).
     https_cert: Optional[str] = None
     https_key: Optional[str] = None
+    #: this manager's name among replicas sharing one database and broker (see
+    #: docs/scale.md): "" for a lone manager. Its broker client id becomes
+    #: "<broker.username>-<replica>" (one id each, or the broker kicks the other), and the
+    #: job parts it runs are tagged with it (a replica restarting cuts only its own).
+    replica: str = ""
+    #: audit messages through an MQTT shared subscription ($share/...), so each lands on
+    #: one replica: "auto" (on for replicas on one Mosquitto, off on a cluster: RabbitMQ
+    #: 3.10 has none), "on" or "off" (every replica takes every record; the database's
+    #: unique key keeps one). Statuses and answers always reach every replica.
+    shared_subscriptions: str = "auto"
 
     def validate(self) -> None:
+        if self.replica and not _REPLICA.fullmatch(self.replica):
+            raise ConfigError(f"manager.replica: {self.replica!r} is not 1-32 of a-z 0-9 -")
+        if self.shared_subscriptions not in ("auto", "on", "off"):
+            raise ConfigError(f"manager.shared_subscriptions: {self.shared_subscriptions!r} "
+                              "is not 'auto', 'on' or 'off'")
         if self.https_listen is not None:
             _hostport(self.https_listen, "manager.https_listen", HTTPS_PORT)
         if (self.https_cert is None) != (self.https_key is None):
@@ -273,6 +292,10 @@ class ServerConfig:
         self.tunnel.validate()
         self.broker.validate()
         self.manager.validate()
+        if self.manager.replica and self.broker.auth == "files":
+            raise ConfigError("manager.replica: replicas need broker.auth = 'dynsec' or "
+                              "'http' (with files, Mosquitto sets every client id to its "
+                              "username, so two replicas would kick each other off)")
         self.edge.validate()
         self.registry.validate()
 

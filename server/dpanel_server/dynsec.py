@@ -25,7 +25,7 @@ import secrets
 from pathlib import Path
 from typing import Any, Callable, Iterable, Optional, Sequence, Union
 
-from dpanel_proto.wire import DEVICE_ACL, MANAGER_TOPICS
+from dpanel_proto.wire import DEVICE_ACL, MANAGER_SHARE_GROUP, MANAGER_TOPICS
 
 from ._files import atomic_write
 from .errors import BrokerError
@@ -77,7 +77,8 @@ def device_acls(device: str) -> list[dict[str, Any]]:
 
 def _manager_role() -> dict[str, Any]:
     acls = []
-    for topic in (MANAGER_TOPICS, CONTROL_TOPIC + "/#"):
+    for topic in (MANAGER_TOPICS, f"$share/{MANAGER_SHARE_GROUP}/{MANAGER_TOPICS}",
+                  CONTROL_TOPIC + "/#"):
         acls += [{"acltype": kind, "topic": topic, "allow": True}
                  for kind in ("publishClientSend", "publishClientReceive", "subscribePattern",
                               "unsubscribePattern")]
@@ -154,6 +155,14 @@ def merge_missing(path: Union[str, Path], manager_user: str, manager_password: s
         changed.append(manager_user)
     if MANAGER_ROLE not in role_names:
         roles.append(_manager_role())
+    else:
+        # a file from an older dPanel: the manager's role gains what this one needs
+        # (the replicas' shared subscription)
+        for role in roles:
+            if role.get("rolename") == MANAGER_ROLE and role.get("acls") != \
+                    _manager_role()["acls"]:
+                role["acls"] = _manager_role()["acls"]
+                changed.append(MANAGER_ROLE)
     for device, stored in sorted(devices):
         if device not in by_name:
             clients.append(_device_client(device, stored))

@@ -92,6 +92,11 @@ _SCHEMA = [
     "CREATE INDEX IF NOT EXISTS job_parts_state ON job_parts (state)",
 ]
 
+#: Numbered schema steps (see Database.migrate). 1: which manager replica runs a part.
+_MIGRATIONS: list[list[str]] = [
+    ["ALTER TABLE job_parts ADD COLUMN runner VARCHAR(32)"],
+]
+
 _DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([smhd]?)\s*$")
 _UNIT = {"": 1, "s": 1, "m": 60, "h": 3600, "d": 86400}
 
@@ -182,10 +187,12 @@ def _matches(filters: tuple[str, ...], device: str, labels: dict[str, str]) -> b
 class JobStore:
     """The jobs tables, on the registry's database and lock (one transaction each)."""
 
-    def __init__(self, registry: Registry) -> None:
+    def __init__(self, registry: Registry, runner: str = "") -> None:
         self._reg = registry
+        #: this manager's replica name ("" alone): claimed parts carry it
+        self.runner = runner
         # under the schema lock: manager replicas may open one PostgreSQL at once
-        registry.db.ensure("jobs", _SCHEMA)
+        registry.db.ensure("jobs", _SCHEMA, _MIGRATIONS)
 
     def _tx(self) -> Any:
         # the registry's own transaction: the jobs tables live in the same database
@@ -260,10 +267,10 @@ class JobStore:
         """pending -> running, once: the compare-and-set that makes a part at-most-once."""
         with self._tx() as cur:
             # the job's own state is part of the check: a cancel that committed first wins
-            cur.execute("UPDATE job_parts SET state = 'running', started = ? "
+            cur.execute("UPDATE job_parts SET state = 'running', started = ?, runner = ? "
                         "WHERE job = ? AND device = ? AND state = 'pending' AND EXISTS "
                         "(SELECT 1 FROM jobs WHERE id = ? AND state = 'running')",
-                        (time.time(), job_id, device, job_id))
+                        (time.time(), self.runner, job_id, device, job_id))
             return bool(cur.rowcount == 1)
 
     def unclaim(self, job_id: str, device: str) -> None:
@@ -299,21 +306,26 @@ class JobStore:
             return bool(cur.rowcount == 1)
 
     def cut_by_restart(self) -> int:
-        """Parts left ``running`` by a manager that stopped: failed, never re-run."""
+        """Parts left ``running`` by this manager when it stopped: failed, never re-run.
+        A replica cuts only its own: the others' are running right now."""
+        reason = "the manager restarted while it ran; not re-run (a part runs at most once)"
         with self._tx() as cur:
-            cur.execute("UPDATE job_parts SET state = 'failed', ended = ?, reason = ? "
-                        "WHERE state = 'running'",
-                        (time.time(), "the manager restarted while it ran; not re-run "
-                         "(a part runs at most once)"))
+            if self.runner:
+                cur.execute("UPDATE job_parts SET state = 'failed', ended = ?, reason = ? "
+                            "WHERE state = 'running' AND runner = ?",
+                            (time.time(), reason, self.runner))
+            else:
+                cur.execute("UPDATE job_parts SET state = 'failed', ended = ?, reason = ? "
+                            "WHERE state = 'running'", (time.time(), reason))
             return int(cur.rowcount)
 
 
 class Jobs:
     """The scheduler: dispatches pending parts to online devices, in the manager's loop."""
 
-    def __init__(self, manager: Manager) -> None:
+    def __init__(self, manager: Manager, runner: str = "") -> None:
         self._m = manager
-        self.store = JobStore(manager.registry)
+        self.store = JobStore(manager.registry, runner)
         self._wake = asyncio.Event()
         self._task: Optional[asyncio.Task[None]] = None
         #: (job, device) -> the task running that part

@@ -99,8 +99,9 @@ class Manager:
         self.pool = SshPool(cfg, self.key, open_tunnel=self.open_tunnel,
                             pinned_key=self._pinned_key, on_silent=self._not_answering)
         # jobs: parts for offline devices run when presence says they came online
-        self.jobs = Jobs(self)
-        #: agent updates: rollouts offered to devices as they come online
+        self.jobs = Jobs(self, runner=cfg.manager.replica)
+        #: agent updates: rollouts offered to devices as they come online (replicas may
+        #: all schedule: a part moves pending -> offered by compare-and-set, once)
         self.updates = Updates(self)
         self._presence = PresenceTracker(self.registry, on_offline=self.pool.drop,
                                          on_pinned=self._known_hosts_changed,

@@ -25,7 +25,7 @@ from .config import ServerConfig
 from .errors import BrokerError, RequestTimeout
 from .metrics import DEVICE_REQUESTS, label
 
-__all__ = ["Requests"]
+__all__ = ["Requests", "client_id", "subscriptions"]
 
 log = logging.getLogger("dpanel.manager")
 
@@ -33,6 +33,40 @@ log = logging.getLogger("dpanel.manager")
 #: a request up to its clock-skew tolerance late), and at most this many of them.
 _ABANDONED_GRACE = 150.0
 _ABANDONED_MAX = 10000
+
+
+#: The shared-subscription group of manager replicas (MQTT 5; Mosquitto 2 also grants it
+#: to 3.1.1 clients, which the manager is).
+SHARE_GROUP = wire.MANAGER_SHARE_GROUP
+
+
+def client_id(cfg: ServerConfig) -> str:
+    """One broker client id per replica: two sessions under one id kick each other off."""
+    user = cfg.broker.username
+    return f"{user}-{cfg.manager.replica}" if cfg.manager.replica else user
+
+
+def shared(cfg: ServerConfig) -> bool:
+    """Whether audit messages come through a shared subscription (see
+    ``manager.shared_subscriptions``): auto = replicas on one broker that is not RabbitMQ
+    (its HTTP auth backend, ``broker.auth = "http"``, and a cluster both mean RabbitMQ
+    or another broker we cannot assume has them)."""
+    mode = cfg.manager.shared_subscriptions
+    if mode != "auto":
+        return mode == "on"
+    return (bool(cfg.manager.replica) and cfg.broker.auth != "http"
+            and len(cfg.broker.host_ports) == 1)
+
+
+def subscriptions(cfg: ServerConfig) -> list[str]:
+    """Statuses and answers reach every replica (each keeps the whole fleet's presence
+    from the retained statuses, and the replica that asked takes the answer by its id,
+    which is MQTT 3.1.1-portable); audit records, which must be stored once, go to one
+    replica when the broker shares subscriptions."""
+    subs = list(wire.MANAGER_SUBSCRIPTIONS)
+    if shared(cfg):
+        subs = [f"$share/{SHARE_GROUP}/{t}" if t.endswith("/audit") else t for t in subs]
+    return subs
 
 
 @dataclass
@@ -80,7 +114,8 @@ class Requests:
         host, port = self._cfg.broker.host_port
         self._mqtt = ManagerMqtt(
             asyncio.get_running_loop(), host, port, self._cfg.broker.username,
-            self._password, [*wire.MANAGER_SUBSCRIPTIONS, *self.extra], self._dispatch,
+            self._password, [*subscriptions(self._cfg), *self.extra], self._dispatch,
+            client_id=client_id(self._cfg),
             on_connected=self._on_broker,
             tls=self._cfg.broker.url.startswith("mqtts://"), tls_ca=self._cfg.broker.ca_file,
             keepalive=self._cfg.manager.mqtt_keepalive,
@@ -144,7 +179,9 @@ class Requests:
                             "given up", device, msg.id)
                 self._on_late_open(device)
             return
-        log.info("unsolicited response %s from %s ignored", msg.id, device)
+        # with replicas, every answer reaches every replica: the others' are routine
+        log.log(logging.DEBUG if self._cfg.manager.replica else logging.INFO,
+                "unsolicited response %s from %s ignored", msg.id, device)
 
     # -- abandoned open requests
     def abandoned_open(self, device: str) -> bool:

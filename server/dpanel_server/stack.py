@@ -354,7 +354,9 @@ def start_mosquitto(cfg: ServerConfig) -> subprocess.Popen[bytes]:
     conf = render_mosquitto_conf(passwd=Path(cfg.broker.passwd_path),
                                  acl=Path(cfg.broker.acl_path),
                                  pid_file=mdir / "mosquitto.pid",
-                                 listeners=broker_listeners(cfg), dynsec=dynsec)
+                                 listeners=broker_listeners(cfg), dynsec=dynsec,
+                                 # manager replicas: one client id each (see broker.py)
+                                 clientid_is_username=not cfg.manager.replica)
     atomic_write(mdir / "mosquitto.conf", conf, 0o600)
     log_path = mdir / "mosquitto.log"
     offset = log_path.stat().st_size if log_path.exists() else 0

@@ -16,7 +16,6 @@ from __future__ import annotations
 import asyncio
 import json
 import os
-import random
 import struct
 import sys
 import time
@@ -25,6 +24,8 @@ from typing import Any, Optional
 import asyncssh
 
 from dpanel_proto import wire
+from dpanel_proto.mqtt import STABLE_AFTER
+from dpanel_proto.util import Backoff
 
 from ._util import rss_kb
 from .fwd_clients import dial_forward
@@ -82,6 +83,11 @@ class Sim:
         self.host_key = str(spec.get("host_key", ""))
         self.concurrency = int(spec.get("connect_concurrency", 100))
         self.rate = float(spec.get("connect_rate", 0))
+        #: reconnect schedule: the real agent's Backoff (reconnect_min, reconnect_max)
+        self.backoff = tuple(spec.get("backoff", (1.0, 120.0)))
+        #: spread connections over this many loopback source addresses (127.0.N.1):
+        #: one source address has ~28k ephemeral ports towards one broker port
+        self.sources = int(spec.get("sources", 1))
         # [device, secret] or, for the jobs bench, [device, secret, target port, host key]
         self.agents = [Agent(self, *dev) for dev in spec["devices"]]
         self.connected = 0
@@ -93,6 +99,7 @@ class Sim:
         self.requests = 0
         self.t_start = time.monotonic()
         self.t_all: Optional[float] = None
+        self.t_full_wall: Optional[float] = None
         self.tasks: set[asyncio.Future[None]] = set()
 
     def status(self) -> dict[str, Any]:
@@ -101,7 +108,8 @@ class Sim:
                 "disconnects": self.disconnects, "tunnels": self.tunnels,
                 "tunnel_errors": len(self.tunnel_errors),
                 "tunnel_error_sample": self.tunnel_errors[:3], "requests": self.requests,
-                "all_connected_s": self.t_all, "rss_kb": rss_kb(os.getpid())}
+                "all_connected_s": self.t_all, "all_connected_at": self.t_full_wall,
+                "rss_kb": rss_kb(os.getpid())}
 
     async def connect_all(self) -> None:
         sem = asyncio.Semaphore(self.concurrency)
@@ -147,13 +155,18 @@ class Agent(asyncio.Protocol):
         self.ssh: Optional[asyncssh.SSHClientConnection] = None
         self.port: Optional[int] = None
         self.req_topic = wire.req_topic(device)
+        self.backoff = Backoff(*sim.backoff)
+        self.up_since = 0.0
 
     # ------------------------------------------------------------ connection
     async def connect(self) -> None:
         loop = asyncio.get_running_loop()
         self.connack = loop.create_future()
         try:
-            await loop.create_connection(lambda: self, *self.sim.broker)
+            local = None
+            if self.sim.sources > 1:
+                local = (f"127.0.{1 + hash(self.device) % self.sim.sources}.1", 0)
+            await loop.create_connection(lambda: self, *self.sim.broker, local_addr=local)
             rc = await asyncio.wait_for(self.connack, 60)
         except (OSError, asyncio.TimeoutError):
             self.sim.connect_errors += 1
@@ -163,8 +176,12 @@ class Agent(asyncio.Protocol):
             self.sim.refused[str(rc)] = self.sim.refused.get(str(rc), 0) + 1
 
     def _retry(self) -> None:
-        # like the real agent: come back after a jittered delay
-        asyncio.get_running_loop().call_later(random.uniform(1, 5), self._reconnect)
+        # like the real agent (dpanel_proto.mqtt): the session's Backoff, reset once a
+        # connection had lived STABLE_AFTER seconds
+        if self.up_since and time.monotonic() - self.up_since > STABLE_AFTER:
+            self.backoff.reset()
+        self.up_since = 0.0
+        asyncio.get_running_loop().call_later(self.backoff.next(), self._reconnect)
 
     def _reconnect(self) -> None:
         task = asyncio.ensure_future(self.connect())
@@ -223,9 +240,13 @@ class Agent(asyncio.Protocol):
             rc = body[1]
             if rc == 0:
                 self.up = True
+                self.up_since = time.monotonic()
                 self.sim.connected += 1
-                if self.sim.connected == len(self.sim.agents) and self.sim.t_all is None:
-                    self.sim.t_all = round(time.monotonic() - self.sim.t_start, 2)
+                if self.sim.connected == len(self.sim.agents):
+                    # wall clock: the bench compares it with when it restarted the broker
+                    self.sim.t_full_wall = time.time()
+                    if self.sim.t_all is None:
+                        self.sim.t_all = round(time.monotonic() - self.sim.t_start, 2)
                 self.send(subscribe_packet(self.req_topic, self._next_pid()))
                 online = wire.encode(wire.Status(device=self.device, state="online",
                                                  ts=time.time(), agent_version="sim",

@@ -41,10 +41,15 @@ def build_deb_task(c: Context, out: str = "dist") -> None:
     "identity": "ssh private key to use (ssh -i)",
     "deb": "install this dpanel-server .deb instead of building one",
     "out": "where to write the server's pins for build-image (default out/server-HOST)",
+    "https_listen": "operators' HTTPS (e.g. 0.0.0.0:443; \"off\": off; kept if omitted)",
+    "edge_listen": "devices' one-port TLS edge (e.g. 0.0.0.0:8443; \"off\": off; kept)",
+    "edge_public": "HOST:PORT device tokens name for the edge (default PUBLIC_HOST:PORT)",
+    "broker_auth": "dynsec or files (default: dynsec on a fresh install, else kept)",
 })
 def deploy(c: Context, host: str = "", local: bool = False, public_host: str = "",
            tunnel_public: str = "", broker_public: str = "", ssh_config: str = "",
-           identity: str = "", deb: str = "", out: str = "") -> None:
+           identity: str = "", deb: str = "", out: str = "", https_listen: str = "",
+           edge_listen: str = "", edge_public: str = "", broker_auth: str = "") -> None:
     """Turn a fresh Debian 12 host into a dPanel server (idempotent; upgrades keep state)."""
     from dpanel_deploy.debpkg import read_deb
     from dpanel_deploy.deploy import deploy as run_deploy
@@ -61,7 +66,12 @@ def deploy(c: Context, host: str = "", local: bool = False, public_host: str = "
         build = read_deb(Path(deb)) if deb else None
         result = run_deploy(target, deb=build, public_host=public_host,
                             tunnel_public=tunnel_public, broker_public=broker_public,
-                            default_public_host=default_public)
+                            default_public_host=default_public,
+                            configure_args=[a for flag, v in (
+                                ("--https-listen", https_listen),
+                                ("--edge-listen", edge_listen), ("--edge-public", edge_public),
+                                ("--broker-auth", broker_auth)) if v
+                                for a in (flag, "" if v == "off" else v)])
     except (DeployError, RuntimeError) as exc:
         sys.exit(f"deploy: {exc}")
     finally:
@@ -76,6 +86,11 @@ dPanel server on {target.name}
   broker            {e['broker']}
   broker CA SHA256  {e['broker_ca_sha256']}
   manager key       {e['manager_key']}
+  broker auth       {e.get('broker_auth', 'files')}
+  edge              {e.get('edge', 'off')}
+  operators' HTTPS  {e.get('https_listen', 'off')}{(
+      '  (CA SHA256 ' + e['https_ca_sha256'] + ', ' + str(outdir) + '/https-ca.crt)')
+      if e.get('https_ca_sha256') else ''}
 Pins for images written to {outdir}/ (tunnel_host_key.pub, manager_key.pub, broker-ca.crt,
 server.json): invoke build-image --tunnel-host-key {outdir}/tunnel_host_key.pub \\
     --manager-key {outdir}/manager_key.pub

@@ -52,10 +52,11 @@ class _LazyLink:
         return self.real.port if self.real is not None else None
 
     async def open(self, ttl: float, idle_timeout: float, *,
-                   not_after: Optional[float] = None) -> int:
+                   not_after: Optional[float] = None,
+                   server: Optional[Tuple[str, str]] = None) -> int:
         if self.real is None:
             self.real = await self._agent._make_link()
-        return await self.real.open(ttl, idle_timeout, not_after=not_after)
+        return await self.real.open(ttl, idle_timeout, not_after=not_after, server=server)
 
     async def close(self, reason: str) -> bool:
         return await self.real.close(reason) if self.real is not None else False

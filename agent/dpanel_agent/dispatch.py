@@ -18,7 +18,7 @@ import asyncio
 import contextvars
 import logging
 import time
-from typing import Awaitable, Callable, Dict, Optional, Protocol, Set
+from typing import Awaitable, Callable, Dict, Optional, Protocol, Set, Tuple
 
 from dpanel_proto.ratelog import Budget, RateLimitedLog
 from dpanel_proto.wire import (
@@ -56,7 +56,8 @@ class Link(Protocol):
     def port(self) -> Optional[int]: ...
 
     async def open(self, ttl: float, idle_timeout: float, *,
-                   not_after: Optional[float] = None) -> int: ...
+                   not_after: Optional[float] = None,
+                   server: Optional[Tuple[str, str]] = None) -> int: ...
 
     async def close(self, reason: str) -> bool: ...
 
@@ -171,7 +172,12 @@ class Dispatcher:
         ttl = min(req.ttl, self._ttl_max)
         idle = min(req.idle_timeout, self._idle_max)
         try:
-            port = await self.link.open(ttl, idle, not_after=NOT_AFTER.get(None))
+            if req.tunnel and req.tunnel_host_key:
+                # the manager placed this tunnel on one of its servers (signed, checked)
+                port = await self.link.open(ttl, idle, not_after=NOT_AFTER.get(None),
+                                            server=(req.tunnel, req.tunnel_host_key))
+            else:
+                port = await self.link.open(ttl, idle, not_after=NOT_AFTER.get(None))
         except TunnelError as exc:
             return Response(device=self.device, id=req.id, code=exc.code,
                             message=str(exc), ts=time.time())

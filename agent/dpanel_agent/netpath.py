@@ -62,19 +62,61 @@ def ssh_endpoint(token: DeviceToken, proxy_setting: Optional[str]) -> Endpoint:
                     select_proxy(host, configured=proxy_setting, from_token=token.proxy))
 
 
+class _ResumingContext(ssl.SSLContext):
+    """A client context that offers its last session on every new connection: asyncio
+    has no ``session=`` of its own, but its TLS layer goes through ``wrap_bio``."""
+
+    dpanel_session: Optional[ssl.SSLSession] = None
+
+    def wrap_bio(self, incoming: ssl.MemoryBIO, outgoing: ssl.MemoryBIO,  # type: ignore[override]
+                 server_side: bool = False, server_hostname: Optional[str] = None,
+                 session: Optional[ssl.SSLSession] = None) -> ssl.SSLObject:
+        session = session or self.dpanel_session
+        try:
+            return super().wrap_bio(incoming, outgoing, server_side, server_hostname,
+                                    session=session)
+        except ValueError:  # not a session of this context (cannot happen): start afresh
+            return super().wrap_bio(incoming, outgoing, server_side, server_hostname)
+
+
+def _client_context(ca_pem: Optional[str]) -> _ResumingContext:
+    """``ssl.create_default_context(cadata=...)``, as a :class:`_ResumingContext`."""
+    ctx = _ResumingContext(ssl.PROTOCOL_TLS_CLIENT)  # verifies the chain and host name
+    if ca_pem:
+        ctx.load_verify_locations(cadata=ca_pem)
+    else:
+        ctx.load_default_certs()
+    return ctx
+
+
 class TlsTunnel:
     """What asyncssh's ``tunnel=`` takes (an object with ``create_connection``): the SSH
     transport rides on a proxy socket and/or TLS to the edge. The CONNECT exchange is
-    blocking, so it runs in a worker thread; asyncio does the TLS handshake."""
+    blocking, so it runs in a worker thread; asyncio does the TLS handshake.
+
+    A redial resumes the last TLS session (as the MQTT path does): a full handshake sends
+    the certificate chain and a fresh key exchange (a few KB on a metered link), a resumed
+    one a ticket. :meth:`remember` keeps the session of a connection that came up (TLS 1.3
+    tickets arrive after the handshake, so it is read once SSH has logged in)."""
 
     def __init__(self, ep: Endpoint, ca_pem: Optional[str], timeout: float) -> None:
         self.ep = ep
         self._timeout = timeout
-        self._ctx: Optional[ssl.SSLContext] = None
+        self._ctx: Optional[_ResumingContext] = None
+        self._last: Optional[ssl.SSLObject] = None
+        #: whether the last connection resumed a session (for the "tunnel up" log line)
+        self.resumed = False
         if ep.tls:
-            self._ctx = ssl.create_default_context(cadata=ca_pem)
+            self._ctx = _client_context(ca_pem)
             if ep.alpn:
                 self._ctx.set_alpn_protocols([ep.alpn])
+
+    def remember(self) -> None:
+        """Keep the current connection's session for the next dial."""
+        if self._ctx is not None and self._last is not None:
+            session = self._last.session
+            if session is not None:
+                self._ctx.dpanel_session = session
 
     def __str__(self) -> str:
         return self.ep.describe()
@@ -93,7 +135,11 @@ class TlsTunnel:
         if self._ctx is not None:
             kwargs.update(ssl=self._ctx, server_hostname=ep.host,
                           ssl_handshake_timeout=self._timeout)
+        if self._ctx is not None and self._last is not None:
+            self.remember()  # a connection that ended before remember() was called
         transport, proto = await loop.create_connection(factory, **kwargs)
+        self._last = transport.get_extra_info("ssl_object")
+        self.resumed = bool(self._last is not None and self._last.session_reused)
         return transport, proto
 
     def close(self) -> None:

@@ -201,6 +201,12 @@ class OpenRequest:
     #: a new SSH user CA for the device to trust from now on (covered by ``sig``); only
     #: sent when the device's status shows another one (CA migration and rotation)
     user_ca: Optional[str] = None
+    #: the tunnel server to dial, "host:port", and its host key (an Ed25519 public key
+    #: line) when the manager places tunnels on several servers; both covered by ``sig``.
+    #: Absent: the token's tunnel (agents that predate this refuse a request naming one,
+    #: since its signature covers fields they do not know)
+    tunnel: Optional[str] = None
+    tunnel_host_key: Optional[str] = None
     type: MsgType = field(default=MsgType.OPEN, init=False)
 
 
@@ -415,7 +421,27 @@ def _decode_open(d: Mapping[str, Any]) -> OpenRequest:
         target=cast(Target, target),
         sig=_short_str(d, "sig", 256),
         user_ca=_user_ca(d, allow_empty=False),
+        **_tunnel_server(d),
     )
+
+
+_TUNNEL_RE = re.compile(r"^[A-Za-z0-9.:\[\]-]{1,255}:[0-9]{1,5}\Z")
+_HOST_KEY_RE = re.compile(r"^ssh-ed25519 [A-Za-z0-9+/]{68}\Z")
+
+
+def _tunnel_server(d: Mapping[str, Any]) -> Dict[str, Optional[str]]:
+    """An open request's named tunnel server: both fields or neither."""
+    tunnel = _get(d, "tunnel", str, optional=True)
+    key = _get(d, "tunnel_host_key", str, optional=True)
+    if tunnel is None and key is None:
+        return {}
+    if tunnel is None or key is None:
+        raise DecodeError("tunnel/tunnel_host_key: give both or neither")
+    if not _TUNNEL_RE.fullmatch(tunnel) or not 1 <= int(tunnel.rsplit(":", 1)[1]) <= 65535:
+        raise DecodeError("tunnel: expected host:port")
+    if not _HOST_KEY_RE.fullmatch(key):
+        raise DecodeError("tunnel_host_key: expected 'ssh-ed25519 <base64>' and nothing else")
+    return {"tunnel": tunnel, "tunnel_host_key": key}
 
 
 def _decode_close(d: Mapping[str, Any]) -> CloseRequest:

@@ -40,12 +40,13 @@ BUILD_ID_PATH = f"{PREFIX}/BUILD-ID"
 #: The target's interpreter: Debian 12 ships 3.11; wheels with C code are cp311.
 TARGET_PYTHON = (3, 11)
 #: Bump when the package layout changes, so cached packages are rebuilt.
-LAYOUT_VERSION = "4"
+LAYOUT_VERSION = "5"
 
 #: Units installed into /lib/systemd/system (repo path -> package path).
 UNITS = {
     "dpanel-tunnel.service": "lib/systemd/system/dpanel-tunnel.service",
     "dpanel-manager.service": "lib/systemd/system/dpanel-manager.service",
+    "dpanel-edge.service": "lib/systemd/system/dpanel-edge.service",
     "dpanel-broker-reload.path": "lib/systemd/system/dpanel-broker-reload.path",
     "dpanel-broker-reload.service": "lib/systemd/system/dpanel-broker-reload.service",
     "mosquitto.service.d/dpanel.conf": "lib/systemd/system/mosquitto.service.d/dpanel.conf",
@@ -71,7 +72,7 @@ PRERM = """#!/bin/sh
 set -e
 if [ "$1" = remove ] && [ -d /run/systemd/system ]; then
     systemctl disable --now dpanel-manager.service dpanel-tunnel.service \\
-        dpanel-broker-reload.path >/dev/null 2>&1 || true
+        dpanel-edge.service dpanel-broker-reload.path >/dev/null 2>&1 || true
 fi
 exit 0
 """
@@ -85,6 +86,11 @@ if [ "$1" = purge ]; then
     # keys, registry and config are the operator's data: purge removes them only when
     # asked to, explicitly (apt purge dpanel-server)
     rm -rf /etc/dpanel /var/lib/dpanel /var/cache/dpanel
+    # the listen drop-ins dpanel-configure wrote for public/privileged ports
+    rm -f /etc/systemd/system/dpanel-manager.service.d/50-dpanel-listen.conf \
+        /etc/systemd/system/dpanel-edge.service.d/50-dpanel-listen.conf
+    rmdir /etc/systemd/system/dpanel-manager.service.d \
+        /etc/systemd/system/dpanel-edge.service.d 2>/dev/null || true
 fi
 exit 0
 """

@@ -13,7 +13,7 @@ import subprocess
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Optional, Sequence
 
 from dpanel_proto.result import parse_result
 from dpanel_proto.util import atomic_write
@@ -81,7 +81,10 @@ def _local_arch() -> str:
 
 def deploy(target: Target, *, deb: Optional[DebBuild] = None, public_host: str = "",
            tunnel_public: str = "", broker_public: str = "",
-           default_public_host: str = "") -> DeployResult:
+           default_public_host: str = "",
+           configure_args: Sequence[str] = ()) -> DeployResult:
+    """``configure_args``: further dpanel-configure options (--https-listen, --edge-listen,
+    --broker-auth ...); re-runs without them keep what an earlier run set."""
     t0 = time.monotonic()
     print(f"deploy: checking {target.name}", flush=True)
     facts = parse_facts(target.run(FACTS_SCRIPT, timeout=60).stdout)
@@ -114,6 +117,7 @@ def deploy(target: Target, *, deb: Optional[DebBuild] = None, public_host: str =
                         ("--broker-public", broker_public)):
         if value:
             args += [flag, value]
+    args += list(configure_args)
     if package_changed:
         args.append("--package-changed")
     print("deploy: configuring", flush=True)
@@ -145,6 +149,8 @@ def write_handover(enrolment: dict[str, str], out: Path) -> list[Path]:
         "manager_key.pub": enrolment["manager_key"] + "\n",
         "broker-ca.crt": enrolment["broker_ca"],
         "server.json": json.dumps(enrolment, indent=2, sort_keys=True) + "\n",
+        # what operators pin for `dpanel login --ca-file` (the manager's own HTTPS CA)
+        **({"https-ca.crt": enrolment["https_ca"]} if enrolment.get("https_ca") else {}),
     }
     written = []
     for name, text in files.items():

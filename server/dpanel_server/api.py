@@ -125,6 +125,9 @@ class TunnelOut(BaseModel):
     port: int
     host: str = "127.0.0.1"
     host_key: Optional[str] = None
+    #: the tunnel server holding it, when not this host's (then ``host`` is that
+    #: server's loopback: reach it through the API's WebSocket proxy)
+    tunnel_server: Optional[str] = None
 
 
 class ExecIn(BaseModel):
@@ -184,6 +187,12 @@ def _auth(request: Request, cred: _Credentials) -> Principal:
     """The caller, from the app's authenticator (``app.state.authenticate``, which a
     WebSocket route can call with the token it got)."""
     authenticate = request.app.state.authenticate
+    web = getattr(request.app.state, "web_principal", None)
+    if cred is None and web is not None:
+        # the web panel's session cookie (webpanel.py: CSRF-checked for state changes)
+        who = web(request)
+        if who is not None:
+            return who  # type: ignore[no-any-return]
     return authenticate(cred.credentials if cred is not None else "")  # type: ignore[no-any-return]
 
 
@@ -404,8 +413,11 @@ def create_app(manager: Manager, admin_token: str) -> FastAPI:
             raise
         await record_call(manager, who, device, "tunnel-open", "tunnel open",
                           f"ok port {port}", request)
+        server = manager.fleet.server_of(device) if manager.fleet.active() else None
         return TunnelOut(device=device, port=port,
-                         host_key=(await manager.device(device)).host_key)
+                         host_key=(await manager.device(device)).host_key,
+                         **({"host": server.bind_host, "tunnel_server": server.name}
+                            if server is not None else {}))
 
     @app.delete("/v1/devices/{device}/tunnel")
     async def close_tunnel(who: Who, device: str, request: Request) -> dict[str, Any]:
@@ -497,6 +509,12 @@ def create_app(manager: Manager, admin_token: str) -> FastAPI:
     from .updates_api import add_update_routes
 
     add_update_routes(app, manager, _auth)  # /v1/agent
+    from .fleet_api import add_fleet_routes
+
+    add_fleet_routes(app, manager, _auth)  # /v1/tunnel-servers (remote tunnel servers)
+    from . import webpanel
+
+    webpanel.install(app, manager)  # the fleet web panel: /, /web/* (issue 10)
     return app
 
 

@@ -109,8 +109,7 @@ def install(app: FastAPI, manager: Manager, auth: Callable[..., Principal]) -> N
                 dev = await manager.device(device)
                 require(p, "exec", device, dev.labels)
             port = await manager.open_tunnel(device)
-            reader, writer = await asyncio.wait_for(
-                asyncio.open_connection("127.0.0.1", port), 15)
+            reader, writer = await asyncio.wait_for(manager.open_stream(device, port), 15)
         except HTTPException as exc:
             await _deny(ws, exc.status_code, str(exc.detail),
                         ErrorCode.UNAUTHORIZED if exc.status_code == 401 else

@@ -226,7 +226,10 @@ def cmd_proxy(args: argparse.Namespace) -> int:
     via = os.environ.get("DPANEL_PROXY", "auto")
     if via == "websocket" or (via == "auto" and (api.remote or not is_local(api))):
         return ws_proxy(api, device)
-    sock = socket.create_connection(("127.0.0.1", _open_port(api, device)), timeout=10)
+    opened = api.call("POST", f"/v1/devices/{device}/tunnel", {})
+    if opened.get("tunnel_server"):
+        return ws_proxy(api, device)  # on another host's loopback: only the API reaches it
+    sock = socket.create_connection(("127.0.0.1", int(opened["port"])), timeout=10)
     sock.settimeout(None)
     sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
 
@@ -401,7 +404,9 @@ def cmd_ssh(args: argparse.Namespace) -> int:
 def cmd_tunnel_open(args: argparse.Namespace) -> int:
     body = {"ttl": args.ttl} if args.ttl else {}
     out = _client(args).call("POST", f"/v1/devices/{_device_name(args.device)}/tunnel", body)
-    print(f"{args.device}: tunnel open on 127.0.0.1:{out['port']}")
+    where = (f" of tunnel server {out['tunnel_server']}" if out.get("tunnel_server")
+             else "")
+    print(f"{args.device}: tunnel open on {out.get('host', '127.0.0.1')}:{out['port']}{where}")
     return 0
 
 
@@ -412,12 +417,17 @@ def cmd_tunnel_close(args: argparse.Namespace) -> int:
 
 
 def cmd_tunnel_list(args: argparse.Namespace) -> int:
-    tunnels = _client(args).call("GET", "/v1/tunnels")
+    api = _client(args)
+    tunnels = api.call("GET", "/v1/tunnels")
     if args.json:
         _print_json(tunnels)
     else:
+        # tunnels on tunnel servers elsewhere: that server's loopback, and its name
+        where = {d: (s["bind_host"], f"  ({s['name']})")
+                 for s in api.call("GET", "/v1/tunnel-servers") for d in s["devices"]}
         for device, port in sorted(tunnels.items()):
-            print(f"{device:<24} 127.0.0.1:{port}")
+            host, name = where.get(device, ("127.0.0.1", ""))
+            print(f"{device:<24} {host}:{port}{name}")
     return 0
 
 
@@ -444,7 +454,7 @@ def cmd_stack_up(args: argparse.Namespace) -> int:
                         tls=args.tls, registry=args.registry,
                         https_listen=args.https_listen, edge_listen=args.edge_listen,
                         broker_auth=args.broker_auth)
-    return stack_up(cfg)
+    return stack_up(cfg, tunnel_servers=args.tunnel_servers)
 
 
 def cmd_manager_run(args: argparse.Namespace) -> int:
@@ -464,6 +474,16 @@ def cmd_tunnel_run(args: argparse.Namespace) -> int:
 
     _logging(args.log_level)
     asyncio.run(run_tunnel(find_config(args.config)))
+    return 0
+
+
+def cmd_edge_run(args: argparse.Namespace) -> int:
+    import asyncio
+
+    from .edge_service import run_edge
+
+    _logging(args.log_level)
+    asyncio.run(run_edge(find_config(args.config)))
     return 0
 
 
@@ -567,15 +587,26 @@ def _parser() -> argparse.ArgumentParser:
                                                                         action="store_true")
     a = add(tun, "run", cmd_tunnel_run, "run the public tunnel server (systemd service)")
     a.add_argument("--log-level", default="info")
+    from ._fleetcli import add_fleet_parser
+
+    add_fleet_parser(sub, tun, add)  # dpanel tunnel-server ..., dpanel tunnel serve
 
     mgr = sub.add_parser("manager", help="run the manager").add_subparsers(dest="sub",
                                                                            required=True)
     add(mgr, "run", cmd_manager_run, "run the manager + API (systemd service)").add_argument(
         "--log-level", default="info")
 
+    edg = sub.add_parser("edge", help="run the one-port TLS edge").add_subparsers(
+        dest="sub", required=True)
+    add(edg, "run", cmd_edge_run, "run the device edge alone (systemd service)").add_argument(
+        "--log-level", default="info")
+
     st = sub.add_parser("stack", help="all services on loopback").add_subparsers(
         dest="sub", required=True)
     a = add(st, "up", cmd_stack_up, "run broker + tunnel + manager in the foreground")
+    a.add_argument("--tunnel-servers", type=int, default=0, metavar="N",
+                   help="also run N tunnel servers as on other hosts (`dpanel tunnel "
+                   "serve`, each on its own loopback address); placement then uses them")
     # Defaults are None: for an existing --dir only the flags given change its server.toml.
     a.add_argument("--dir", required=True, help="state directory (created; reused, and "
                    "the flags given are applied to it)")

@@ -247,10 +247,20 @@ class EdgeConfig:
     http_upstream: Optional[str] = None
     handshake_timeout: float = 10.0
     max_pending: int = 256
+    #: what ALPN dpanel-mqtt is spliced to (mqtt:// or mqtts://HOST:PORT); unset: broker.url.
+    #: The appliance names the broker's device listener (8883: its limits), not the
+    #: manager's loopback one.
+    broker_upstream: Optional[str] = None
 
     def validate(self) -> None:
         if self.listen is None:
             return
+        if self.broker_upstream is not None:
+            if not self.broker_upstream.startswith(("mqtt://", "mqtts://")):
+                raise ConfigError(f"edge.broker_upstream: {self.broker_upstream!r} is not "
+                                  "mqtt://HOST:PORT or mqtts://HOST:PORT")
+            _hostport(self.broker_upstream.split("://", 1)[1], "edge.broker_upstream",
+                      BROKER_PORT)
         _hostport(self.listen, "edge.listen", 443)
         if self.public_address is None or not self.cert_file or not self.key_file:
             raise ConfigError("edge: listen needs public_address, cert_file and key_file")

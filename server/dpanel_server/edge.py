@@ -24,7 +24,9 @@ rate-limited log. Splicing honours backpressure (``drain``) both ways.
 The tunnel then sees every edge connection coming from loopback, which would put all
 edge devices into one source for its per-source limits: the edge therefore connects to a
 loopback tunnel from ``127.x.y.z`` derived from the device's address (Linux routes all
-of 127/8 to lo), so the tunnel's limits still tell sources apart.
+of 127/8 to lo), so the tunnel's limits still tell sources apart, and records which
+device address each relay socket stands for in :data:`~dpanel_server.relaypeers.RELAYS`,
+where the tunnel (in the same process) finds it for its logs and its per-source gate.
 """
 
 from __future__ import annotations
@@ -33,6 +35,7 @@ import asyncio
 import contextlib
 import hashlib
 import logging
+import socket
 import ssl
 from dataclasses import dataclass
 from typing import Optional
@@ -43,6 +46,7 @@ from dpanel_proto.util import parse_hostport
 from ._gate import PreAuthGate, Startups, source_key
 from .config import ServerConfig
 from .errors import ConfigError
+from .relaypeers import RELAYS
 
 __all__ = ["ALPN_HTTP", "ALPN_MQTT", "ALPN_SSH", "EdgeServer", "Upstream", "edge_from_config",
            "loopback_source"]
@@ -64,6 +68,8 @@ class Upstream:
     ca_file: Optional[str] = None
     #: connect from a per-source loopback address (the tunnel's per-source limits)
     spread_source: bool = False
+    #: record who each relay socket stands for (:data:`RELAYS`, read by the tunnel)
+    relay_peers: bool = False
 
 
 def loopback_source(source: str) -> str:
@@ -88,7 +94,8 @@ class EdgeServer:
                                  penalty_noauth=1.0, penalty_min=30.0, penalty_max=60.0)
         self._rl = RateLimitedLog(log, burst=1, window=60.0)
         self._server: Optional[asyncio.Server] = None
-        self._pending: dict[int, asyncio.StreamWriter] = {}
+        #: handshakes in progress (an eviction cancels one)
+        self._pending: dict[int, asyncio.Task[None]] = {}
         self._tasks: set[asyncio.Task[None]] = set()
         self.spliced = 0
 
@@ -124,18 +131,27 @@ class EdgeServer:
         handle = id(writer)
         refusal, victim = self._gate.admit(handle, source)
         if victim is not None:
-            w = self._pending.pop(victim, None)  # type: ignore[call-overload]
-            if w is not None:
-                w.transport.abort()
+            # cancel the victim's handshake rather than abort its transport under
+            # start_tls (CPython then loses the transport and logs tracebacks per eviction)
+            t = self._pending.pop(victim, None)  # type: ignore[call-overload]
+            if t is not None:
+                t.cancel()
         if refusal is not None:
             self._rl.warning(f"refused {source}", "edge: refused %s: %s", source, refusal)
             writer.transport.abort()
             return
-        self._pending[handle] = writer
+        me = asyncio.current_task()
+        assert me is not None
+        self._pending[handle] = me
         outcome = "noauth"
         try:
             try:
                 await writer.start_tls(self._ctx, ssl_handshake_timeout=self._handshake_timeout)
+            except asyncio.CancelledError:
+                writer.transport.abort()
+                if handle in self._pending:  # not an eviction: the edge is closing
+                    raise
+                return
             except (OSError, asyncio.TimeoutError, ConnectionError) as exc:
                 # asyncio reports its ssl_handshake_timeout as ConnectionAbortedError
                 late = isinstance(exc, (asyncio.TimeoutError, ConnectionAbortedError))
@@ -167,23 +183,36 @@ class EdgeServer:
         ctx: Optional[ssl.SSLContext] = None
         if up.ca_file:
             ctx = ssl.create_default_context(cafile=up.ca_file)
-        local = (loopback_source(source), 0) if up.spread_source else None
+        peer = writer.get_extra_info("peername")
+        device: Optional[tuple[str, int]] = (
+            (str(peer[0]), int(peer[1])) if isinstance(peer, tuple) else None)
+        relay: Optional[tuple[str, int]] = None
         try:
-            ur, uw = await asyncio.wait_for(asyncio.open_connection(
-                up.host, up.port, ssl=ctx, local_addr=local,
-                server_hostname=up.host if ctx else None), 10)
+            if up.relay_peers:
+                # bind first, so that the tunnel finds who this socket stands for from
+                # its very first callback (RELAYS: the edge and the tunnel share a process);
+                # the tunnel listens on an address of this host, so that is a valid source
+                local = loopback_source(source) if up.spread_source else up.host
+                ur, uw, relay = await asyncio.wait_for(_open_relay(up, local, device), 10)
+            else:
+                ur, uw = await asyncio.wait_for(asyncio.open_connection(
+                    up.host, up.port, ssl=ctx, server_hostname=up.host if ctx else None), 10)
         except (OSError, asyncio.TimeoutError) as exc:
             self._rl.error(f"upstream {alpn}", "edge: cannot reach %s upstream %s:%d: %s",
                            alpn, up.host, up.port, exc)
             writer.transport.abort()
             return
         self.spliced += 1
-        log.debug("edge: %s %s -> %s:%d", source, alpn, up.host, up.port)
+        here = uw.get_extra_info("sockname")
+        self._rl.info(f"relay {source} {alpn}", "edge: %s %s -> %s:%d from %s",
+                      _addr(device), alpn, up.host, up.port, _addr(here))
         pumps = [asyncio.ensure_future(_pump(reader, uw)),
                  asyncio.ensure_future(_pump(ur, writer))]
         try:
             await asyncio.wait(pumps, return_when=asyncio.FIRST_COMPLETED)
         finally:
+            if relay is not None:
+                RELAYS.discard(relay)
             for p in pumps:
                 p.cancel()
             for w in (uw, writer):
@@ -193,6 +222,35 @@ class EdgeServer:
                     await asyncio.wait_for(w.wait_closed(), 5)
                 except (OSError, asyncio.TimeoutError, ConnectionError):
                     w.transport.abort()
+
+
+def _addr(a: object) -> str:
+    return f"{a[0]}:{a[1]}" if isinstance(a, tuple) and len(a) >= 2 else "?"
+
+
+async def _open_relay(up: Upstream, local_ip: str, device: Optional[tuple[str, int]]
+                      ) -> tuple[asyncio.StreamReader, asyncio.StreamWriter, tuple[str, int]]:
+    """A plain connection to ``up`` from ``local_ip``, recorded in :data:`RELAYS` as
+    standing for ``device`` before it connects (the entry goes when the caller is done)."""
+    loop = asyncio.get_running_loop()
+    family = socket.AF_INET6 if ":" in local_ip else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    relay: Optional[tuple[str, int]] = None
+    try:
+        sock.setblocking(False)
+        sock.bind((local_ip, 0))
+        name = sock.getsockname()
+        relay = (str(name[0]), int(name[1]))
+        if device is not None:
+            RELAYS.add(relay, device)
+        await loop.sock_connect(sock, (up.host, up.port))
+        reader, writer = await asyncio.open_connection(sock=sock)
+    except BaseException:
+        if relay is not None:
+            RELAYS.discard(relay)
+        sock.close()
+        raise
+    return reader, writer, relay
 
 
 async def _pump(src: asyncio.StreamReader, dst: asyncio.StreamWriter) -> None:
@@ -214,13 +272,15 @@ def edge_from_config(cfg: ServerConfig) -> EdgeServer:
     e = cfg.edge
     assert e.listen and e.cert_file and e.key_file
     host, port = parse_hostport(e.listen, "edge.listen", 443)
-    bhost, bport = cfg.broker.host_port
+    burl = e.broker_upstream or cfg.broker.url.split(",")[0]
+    bhost, bport = parse_hostport(burl.split("://", 1)[1], "edge.broker_upstream", 1883)
     mqtt = Upstream(_dialable(bhost), bport, ca_file=cfg.broker.ca_file
-                    if cfg.broker.url.startswith("mqtts://") else None)
+                    if burl.startswith("mqtts://") else None)
     thost, tport = parse_hostport(cfg.tunnel.listen, "tunnel.listen", 2220)
     thost = _dialable(thost)
     routes = {ALPN_MQTT: mqtt,
-              ALPN_SSH: Upstream(thost, tport, spread_source=thost == "127.0.0.1")}
+              ALPN_SSH: Upstream(thost, tport, spread_source=thost == "127.0.0.1",
+                                 relay_peers=True)}
     if e.http_upstream:
         hhost, hport = parse_hostport(e.http_upstream, "edge.http_upstream", 80)
         routes[ALPN_HTTP] = Upstream(hhost, hport)

@@ -15,6 +15,8 @@ import time
 from pathlib import Path
 from typing import Any, AsyncIterator, Callable, Coroutine, Optional
 
+import asyncssh
+
 from dpanel_proto import wire
 from dpanel_proto.token import DeviceToken
 
@@ -36,6 +38,7 @@ from .errors import (
     RequestTimeout,
     TunnelRefused,
 )
+from .fleet import Fleet
 from .hostkeys import InvalidHostKey, fingerprint, normalize_host_key
 from .jobs import Jobs
 from .metrics import BROKER_RECONNECTS, exec_timer, register_manager_metrics
@@ -96,8 +99,11 @@ class Manager:
         self._broker_was_up = False
         self._tasks: set[asyncio.Task[None]] = set()
         self._probing: set[str] = set()
+        #: enrolled tunnel servers on other hosts, and placement (empty: the built-in one)
+        self.fleet = Fleet(self.registry, self.key)
         self.pool = SshPool(cfg, self.key, open_tunnel=self.open_tunnel,
-                            pinned_key=self._pinned_key, on_silent=self._not_answering)
+                            pinned_key=self._pinned_key, on_silent=self._not_answering,
+                            route=self.route)
         # jobs: parts for offline devices run when presence says they came online
         self.jobs = Jobs(self, runner=cfg.manager.replica)
         #: agent updates: rollouts offered to devices as they come online (replicas may
@@ -127,6 +133,7 @@ class Manager:
         await asyncio.to_thread(self.sync_broker_files)
         self._requests.start()
         self.pool.start()
+        self.fleet.start()
         await self.jobs.start()
         await self.updates.start()
 
@@ -183,6 +190,7 @@ class Manager:
     async def close(self) -> None:
         await self.jobs.close()
         await self.updates.close()
+        await self.fleet.close()
         for task in list(self._tasks):
             task.cancel()
         self.pool.close()
@@ -191,6 +199,10 @@ class Manager:
         if self._known_hosts_due is not None:
             self._known_hosts_due.cancel()
         self.registry.close()
+
+    def on_presence(self, listener: Callable[[str], None]) -> None:
+        """Call ``listener(device)`` ("*": every device) when a presence may have changed."""
+        self._presence.listeners.append(listener)
 
     def broker_connected(self) -> bool:
         return self._requests.connected()
@@ -258,6 +270,7 @@ class Manager:
         await self._broker_cut(name, delete=False)
         if self._kick:
             self._kick(name)  # the tunnel drops it too
+        await self.fleet.kick(name)  # and every remote tunnel server, pushed now
         self.pool.drop(name)
         self._presence.forget(name)
         log.warning("revoked device %s", name)
@@ -422,6 +435,7 @@ class Manager:
                           idle_timeout: Optional[int] = None) -> int:
         """Ask the device to dial the tunnel; returns the loopback port of its forward."""
         p = await self._check_reachable(device)
+        server = self.fleet.place(device) if self.fleet.active() else None
         issued, expires = self._times()
         resp = await self._request(wire.OpenRequest(
             device=device, id=secrets.token_hex(16), issued_at=issued, expires_at=expires,
@@ -431,13 +445,24 @@ class Manager:
             # of old-token devices and CA rotation; never sent to agents that predate it
             user_ca=(self.user_ca.public_line if p.user_ca is not None
                      and p.user_ca != self.user_ca.public_line else None),
+            tunnel=server.public if server else None,
+            tunnel_host_key=server.host_key if server else None,
         ))
         if resp.code == wire.ErrorCode.OK:
             self._requests.forget_abandoned(device)  # the tunnel has a caller again
+        at = f" on tunnel server {server.name} ({server.public})" if server else ""
         if resp.code != wire.ErrorCode.OK or resp.port is None:
-            raise TunnelRefused(f"device {device}: tunnel refused ({resp.code.value}: "
+            raise TunnelRefused(f"device {device}: tunnel refused{at} ({resp.code.value}: "
                                 f"{resp.message or 'no detail'})", resp.code)
-        if self._tunnel_sessions is not None:
+        if server is not None:
+            # that server's own allocation, asked over the manager's channel to it
+            owned = await self.fleet.port_of(server, device)
+            if owned != resp.port:
+                raise TunnelRefused(f"device {device} reported port {resp.port}, but tunnel "
+                                    f"server {server.name} gave it {owned or 'no port'}; "
+                                    "refused", wire.ErrorCode.WRONG_PORT)
+            self.fleet.placed(device, server, resp.port)
+        elif self._tunnel_sessions is not None:
             owned = self._tunnel_sessions().get(device)
             if owned != resp.port:
                 raise TunnelRefused(f"device {device} reported port {resp.port}, but the tunnel "
@@ -459,6 +484,8 @@ class Manager:
         """Open tunnels, device -> loopback port: the tunnel's own allocations when it can
         be asked (a device may report another's port), else what the devices last
         reported; empty if the tunnel cannot be asked."""
+        if self.fleet.active():
+            return self.fleet.tunnels()
         if self._tunnel_sessions is not None:
             try:
                 return dict(self._tunnel_sessions())
@@ -468,6 +495,23 @@ class Manager:
         return {d: p.port for d, p in self.presence.items() if p.online and p.port}
 
     # ------------------------------------------------------------------ SSH
+    def route(self, device: str) -> tuple[str, Optional[asyncssh.SSHClientConnection]]:
+        """Where the device's tunnel port is: (host, None) on this host's loopback, or
+        (the server's bind address, the manager's SSH connection to that server)."""
+        if self.fleet.active():
+            st = self.fleet.server_of(device)
+            if st is not None:
+                return st.bind_host, self.fleet.via(device)
+        return "127.0.0.1", None
+
+    async def open_stream(self, device: str, port: int) -> tuple[Any, Any]:
+        """A byte stream to the device's tunnel port (the WebSocket proxy's), wherever
+        its tunnel server is."""
+        host, via = self.route(device)
+        if via is None:
+            return await asyncio.open_connection(host, port)
+        return await via.open_connection(host, port, encoding=None)
+
     async def connection(self, device: str) -> Pooled:
         """The pooled SSH connection to the device, opening its tunnel if needed."""
         return await self.pool.connection(device)

@@ -35,7 +35,7 @@ RENEW_BEFORE = dt.timedelta(days=30)
 CA_NAME = "dPanel Edge broker CA"
 
 #: Which of the four files is being written (the writer picks owner and mode from it).
-TlsFile = Literal["ca.key", "ca.crt", "server.key", "server.crt"]
+TlsFile = Literal["ca.key", "ca.crt", "server.key", "server.crt", "edge.key", "edge.crt"]
 Writer = Callable[[Path, bytes, TlsFile], None]
 
 
@@ -138,14 +138,17 @@ def _reissue_reason(crt_p: Path, key_p: Path, ca: x509.Certificate, want: list[s
 def ensure_broker_tls(directory: Path, names: Sequence[str], *,
                       writer: Optional[Writer] = None,
                       now: Optional[dt.datetime] = None,
-                      ca_name: str = CA_NAME) -> list[TlsChange]:
+                      ca_name: str = CA_NAME,
+                      leaf: Literal["server", "edge"] = "server") -> list[TlsChange]:
     """Make sure ``directory`` holds ca.key, ca.crt, server.key and server.crt, the server
     certificate valid for exactly ``names`` (first = subject CN) and not close to expiry.
 
     Returns what changed. The CA is created only when there is none; a CA certificate
     whose key is gone is never replaced (devices pinned it), which is an error only when
     the server certificate has to be re-issued. ``ca_name`` names a new CA (the HTTPS
-    listener has a CA of its own, see :mod:`.https_listener`).
+    listener has a CA of its own, see :mod:`.https_listener`). ``leaf="edge"`` makes
+    edge.key/edge.crt from the same CA instead (the appliance's edge runs as another user
+    than the broker, so it gets a key of its own).
     """
     write = writer or _default_writer
     now = now or dt.datetime.now(dt.timezone.utc)
@@ -153,7 +156,7 @@ def ensure_broker_tls(directory: Path, names: Sequence[str], *,
     if not want:
         raise ConfigError("broker TLS: no name to put in the server certificate")
     ca_key_p, ca_crt_p = directory / "ca.key", directory / "ca.crt"
-    key_p, crt_p = directory / "server.key", directory / "server.crt"
+    key_p, crt_p = directory / f"{leaf}.key", directory / f"{leaf}.crt"
     changes: list[TlsChange] = []
     ca_key: Optional[ec.EllipticCurvePrivateKey] = None
     if not ca_crt_p.exists():
@@ -177,8 +180,9 @@ def ensure_broker_tls(directory: Path, names: Sequence[str], *,
             raise ConfigError(f"{ca_key_p}: not an EC private key")
         ca_key = loaded
     key, crt = _make_server(ca_key, ca, want, now)
-    write(key_p, _pem_key(key), "server.key")
-    write(crt_p, crt.public_bytes(serialization.Encoding.PEM), "server.crt")
+    write(key_p, _pem_key(key), "edge.key" if leaf == "edge" else "server.key")
+    write(crt_p, crt.public_bytes(serialization.Encoding.PEM),
+          "edge.crt" if leaf == "edge" else "server.crt")
     changes.append(TlsChange("created" if reason == "missing" else "updated", crt_p,
                              "" if reason == "missing" else reason))
     return changes

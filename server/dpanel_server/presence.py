@@ -73,6 +73,16 @@ class PresenceTracker:
         self._on_pinned = on_pinned
         self.devices: dict[str, Presence] = {}
         self._tasks: set[asyncio.Task[None]] = set()
+        #: called with a device id (or "*" for all) after its presence may have changed
+        #: (the web panel's live fan-out; callers compare, so a spurious call is harmless)
+        self.listeners: list[Callable[[str], None]] = []
+
+    def _changed(self, device: str) -> None:
+        for listener in self.listeners:
+            try:
+                listener(device)
+            except Exception:  # a listener's bug must not stop presence
+                log.exception("bug: presence listener failed")
 
     def get(self, device: str) -> Optional[Presence]:
         return self.devices.get(device)
@@ -82,6 +92,7 @@ class PresenceTracker:
         if p is not None and p.online and p.not_answering_since is None:
             p.not_answering_since = time.time()
             log.warning("device %s is connected but not answering", device)
+            self._changed(device)
 
     def alive(self, device: str) -> None:
         """Something well-formed came from ``device`` itself: it answers again."""
@@ -89,14 +100,17 @@ class PresenceTracker:
         if p is not None and p.not_answering_since is not None:
             p.not_answering_since = None
             log.info("device %s answers again", device)
+            self._changed(device)
 
     def forget(self, device: str) -> None:
         self.devices.pop(device, None)
+        self._changed(device)
 
     def clear(self) -> None:
         # A broker that restarted without persistence has forgotten devices that died
         # meanwhile: they must not stay "online"; retained statuses rebuild the rest.
         self.devices.clear()
+        self._changed("*")
 
     def on_status(self, device: str, payload: bytes) -> None:
         """Handle one status payload (raises wire.DecodeError for a bad one)."""
@@ -137,6 +151,7 @@ class PresenceTracker:
             # broker restart is thousands of statuses in seconds
             self._spawn(self._update_registry(device, p, host_key if new_key else "",
                                               p.online != was_online))
+        self._changed(device)
 
     def _spawn(self, coro: Coroutine[Any, Any, None]) -> None:
         task = asyncio.ensure_future(coro)
@@ -166,6 +181,7 @@ class PresenceTracker:
         except RegistryError:  # unknown device (e.g. revoked and deleted)
             return
         p.host_key_ok = pinned == key
+        self._changed(device)
         if p.host_key_ok:
             self._on_pinned()
         elif pinned is None:

@@ -411,23 +411,28 @@ async def _supervise(cfg: ServerConfig, holder: list[subprocess.Popen[bytes]]) -
         started = time.monotonic()
 
 
-async def _stack_main(cfg: ServerConfig, holder: list[subprocess.Popen[bytes]]) -> None:
+async def _stack_main(cfg: ServerConfig, holder: list[subprocess.Popen[bytes]],
+                      tunnel_servers: int = 0) -> None:
     services = asyncio.create_task(run_services(cfg))
     supervisor = asyncio.create_task(_supervise(cfg, holder))
+    tasks = [supervisor, services]
+    if tunnel_servers:  # --tunnel-servers N (see .stackfleet)
+        from .stackfleet import run_stack_fleet
+
+        tasks.append(asyncio.create_task(run_stack_fleet(cfg, tunnel_servers)))
     try:
-        done, _ = await asyncio.wait({services, supervisor},
-                                     return_when=asyncio.FIRST_COMPLETED)
+        done, _ = await asyncio.wait(set(tasks), return_when=asyncio.FIRST_COMPLETED)
     finally:
-        for task in (supervisor, services):
+        for task in tasks:
             task.cancel()
-        for task in (supervisor, services):
+        for task in tasks:
             with contextlib.suppress(asyncio.CancelledError):
                 await task
     for task in done:
         task.result()  # the broker's or the services' error, if any
 
 
-def stack_up(cfg: ServerConfig) -> int:
+def stack_up(cfg: ServerConfig, tunnel_servers: int = 0) -> int:
     holder = [start_mosquitto(cfg)]
     try:
         print(f"dpanel stack: broker {cfg.broker.url}, tunnel {cfg.tunnel.listen}, "
@@ -439,7 +444,7 @@ def stack_up(cfg: ServerConfig) -> int:
               + (f", or TLS edge {cfg.edge.public_address} (listening on {cfg.edge.listen})"
                  if cfg.edge.listen else "") + "\n"
               f"  use it with: export DPANEL_CONFIG={cfg.source}", flush=True)
-        asyncio.run(_stack_main(cfg, holder))
+        asyncio.run(_stack_main(cfg, holder, tunnel_servers))
     finally:
         broker = holder[0]
         broker.terminate()

@@ -53,9 +53,11 @@ from ._gate import Outcome, PreAuthGate, Startups, source_key
 from ._pool import PoolExhausted, PortPool
 from .errors import ConfigError
 from .metrics import AUTH_FAILURES
+from .relaypeers import RELAYS
 
 __all__ = [
     "ALLOWED_LISTEN_HOSTS",
+    "MANAGER_USER",
     "MAX_AUTH_FAILURES",
     "VERIFY_CONCURRENCY",
     "TunnelServer",
@@ -79,6 +81,9 @@ Allowed = Callable[[str], bool]
 #: Wrong passwords allowed per connection before it is dropped (OpenSSH MaxAuthTries is 6;
 #: a device knows its secret, so a second wrong one is already an attack or a bad token).
 MAX_AUTH_FAILURES = 3
+#: The SSH user name of the manager on a tunnel server: not a device id (a dot), so no
+#: device can ever be it; it logs in by key only (``TunnelServer.manager_keys``).
+MANAGER_USER = "dpanel.manager"
 #: verify() calls running at once; the rest queue, so a reconnect storm of thousands of
 #: devices cannot take every thread of the default executor.
 VERIFY_CONCURRENCY = 8
@@ -240,6 +245,8 @@ class _Session(asyncssh.SSHServer):
         self.forward: ForwardState = "none"
         self.port: Optional[int] = None
         self._listener: Optional[asyncssh.SSHListener] = None
+        #: a manager logged in with a trusted key (remote tunnel servers, see .tsrv)
+        self.manager = False
 
     @property
     def log_key(self) -> str:
@@ -251,7 +258,13 @@ class _Session(asyncssh.SSHServer):
     def connection_made(self, conn: asyncssh.SSHServerConnection) -> None:
         self._conn = conn
         peer = conn.get_extra_info("peername")
-        if isinstance(peer, tuple):
+        # a connection the TLS edge relays on loopback: the device's own address (the
+        # edge recorded it in-process; nothing a device sends can put it there)
+        device = RELAYS.lookup(peer)
+        if device is not None:
+            self.peer = f"{device[0]}:{device[1]} (via edge {peer[0]}:{peer[1]})"
+            self.source = source_key(device[0])
+        elif isinstance(peer, tuple):
             self.peer = f"{peer[0]}:{peer[1]}"
             self.source = source_key(str(peer[0]))
         srv = self._srv
@@ -307,9 +320,11 @@ class _Session(asyncssh.SSHServer):
         self.release_port("disconnected")
         srv = self._srv
         srv._sessions.discard(self)
-        if self.authed and srv._by_device.get(self.username) is self:
+        if self.manager:
+            srv._rlog.info(self.source, "manager disconnected from %s", self.peer)
+        elif self.authed and srv._by_device.get(self.username) is self:
             del srv._by_device[self.username]
-        if self.authed:
+        if self.authed and not self.manager:
             srv._rlog.info(self.log_key, "device %s disconnected from %s (%s)", self.username,
                            self.peer, exc or "closed")
         self._conn = None
@@ -339,7 +354,21 @@ class _Session(asyncssh.SSHServer):
         return True
 
     def password_auth_supported(self) -> bool:
-        return True
+        return self.username != MANAGER_USER
+
+    def public_key_auth_supported(self) -> bool:
+        # only the manager, only by key; devices never (their secret is their identity)
+        return self.username == MANAGER_USER and bool(self._srv.manager_keys)
+
+    def validate_public_key(self, username: str, key: asyncssh.SSHKey) -> bool:
+        if username != MANAGER_USER:
+            return False
+        ok = any(key == k for k in self._srv.manager_keys)
+        if not ok:
+            self._srv._rlog.warning(self.source, "manager login from %s with an untrusted "
+                                    "key refused", self.peer)
+            self._count_failure()
+        return ok
 
     def kbdint_auth_supported(self) -> bool:
         return False  # else asyncssh emulates it on top of password auth
@@ -383,6 +412,10 @@ class _Session(asyncssh.SSHServer):
         self._end_pending("auth")
         self.authed = True
         srv = self._srv
+        if self.username == MANAGER_USER:
+            self.manager = True
+            srv._rlog.info(self.source, "manager connected from %s", self.peer)
+            return
         old = srv._by_device.get(self.username)
         if old is not None and old is not self:
             srv._rlog.info(self.log_key, "device %s reconnected from %s; evicting its stale "
@@ -398,11 +431,21 @@ class _Session(asyncssh.SSHServer):
                                 self.username or "?", self.peer, what)
         return False
 
-    def session_requested(self) -> Literal[False]:
+    def session_requested(self) -> Union[Literal[False], asyncssh.SSHServerSession[str]]:
+        if self.manager and self._srv.control is not None:
+            return self._srv.control()  # the manager's control commands (.tsrv)
         return self._refuse("a session (shell/exec/subsystem)")
 
     def connection_requested(self, dest_host: str, dest_port: int, orig_host: str,
-                             orig_port: int) -> Literal[False]:
+                             orig_port: int) -> bool:
+        if self.manager:
+            # the manager reaches device ports through us, and nothing else: exactly our
+            # bind address (loopback), exactly a port we allocated to a bound forward
+            srv = self._srv
+            if dest_host == srv.settings.bind_host and dest_port in srv.sessions().values():
+                return True
+            return self._refuse(f"manager direct-tcpip to {dest_host[:80]!r}:{dest_port} "
+                                "(not a device port of this tunnel server)")
         return self._refuse(f"direct-tcpip to {dest_host[:80]!r}:{dest_port}")
 
     def unix_connection_requested(self, dest_path: str) -> Literal[False]:
@@ -423,6 +466,8 @@ class _Session(asyncssh.SSHServer):
                          ) -> Union[bool, Awaitable[Union[bool, asyncssh.SSHListener]]]:
         if not self.authed or self.gone:
             return False
+        if self.manager:
+            return self._refuse("a port forward by the manager")
         if self.forward != "none":
             return self._refuse(f"a second port forward ({listen_host[:80]!r}:{listen_port})")
         if listen_host not in ALLOWED_LISTEN_HOSTS:
@@ -552,6 +597,10 @@ class TunnelServer:
                  allowed: Optional[Allowed] = None,
                  rng: Optional[random.Random] = None) -> None:
         self.settings = settings
+        #: public keys of managers allowed in as MANAGER_USER (empty: none; see .tsrv)
+        self.manager_keys: list[asyncssh.SSHKey] = []
+        #: makes the session of a manager's control command (set by .tsrv)
+        self.control: Optional[Callable[[], asyncssh.SSHServerSession[str]]] = None
         self._verify = verify
         self._allowed = allowed
         self._key = load_host_key(settings.host_key_path)
@@ -660,7 +709,9 @@ class TunnelServer:
         self._acceptor = await asyncssh.create_server(
             lambda: _Session(self), s.listen_host, s.listen_port,
             server_host_keys=[self._key],
-            password_auth=True, kbdint_auth=False, public_key_auth=False,
+            password_auth=True, kbdint_auth=False,
+            # the manager's key login on a remote tunnel server; devices: password only
+            public_key_auth=self.control is not None,
             host_based_auth=False, gss_host=None,
             allow_pty=False, agent_forwarding=False, x11_forwarding=False,
             login_timeout=s.login_timeout,

@@ -104,8 +104,17 @@ def _answer(tunnel: TunnelServer, line: bytes) -> dict[str, Any]:
         return {"ok": True, "sessions": tunnel.sessions()}
     if op == "stats":
         return {"ok": True, "stats": tunnel.stats()}
+    if op == "port":  # one device's port (the fleet's check at every open: O(1), not O(n))
+        device = req.get("device")
+        try:
+            validate_device_id(device if isinstance(device, str) else "")
+        except DecodeError as exc:
+            return {"ok": False, "error": str(exc)}
+        return {"ok": True, "port": tunnel.sessions().get(str(device))}
+    if op == "devices":  # every authenticated device (the manager's revoke reconcile)
+        return {"ok": True, "devices": sorted(tunnel.devices())}
     return {"ok": False, "error": f"op: unknown operation {str(op)[:40]!r} "
-                                  "(kick, sessions, stats)"}
+                                  "(kick, sessions, port, devices, stats)"}
 
 
 def _listen(path: Path) -> socket.socket:

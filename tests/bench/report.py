@@ -154,6 +154,12 @@ def _update(r: dict[str, Any]) -> list[Row]:
     return list(rows(r))
 
 
+def _web(r: dict[str, Any]) -> list[Row]:
+    from .web import rows
+
+    return list(rows(r))
+
+
 def _remote_exec(r: dict[str, Any]) -> list[Row]:
     from .remote_exec import rows
 
@@ -165,7 +171,7 @@ _SECTIONS: dict[str, Callable[[dict[str, Any]], list[Row]]] = {
     "api_load": _api_load, "memory": _memory,
     "agent_idle": _agent,
     "scale": _scale, "enrol": _enrol, "image": _image, "update": _update,
-    "jobs": _jobs,
+    "jobs": _jobs, "web": _web,
 }
 
 

@@ -25,7 +25,7 @@ from ._util import raise_nofile, section
 __all__ = ["SECTIONS", "main"]
 
 SECTIONS = ("throughput", "scp", "exec", "remote_exec", "api_load", "memory", "agent_idle",
-            "scale", "enrol", "update", "jobs", "image")
+            "scale", "enrol", "update", "jobs", "image", "web")
 
 
 def _version(argv: list[str]) -> str:
@@ -135,6 +135,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     from .scp_paths import run_scp_paths
     from .throughput import run_throughput
     from .update_link import run_update_link
+    from .web import run_web
 
     runners: dict[str, Callable[[], dict[str, Any]]] = {
         "throughput": lambda: run_throughput(work, nbytes=s["bytes"], reps=s["tput_reps"],
@@ -163,6 +164,10 @@ def main(argv: Optional[list[str]] = None) -> int:
             work / "update"),
         "jobs": lambda: _skipped("not in --quick") if args.quick else run_jobs_rate(
             work, agents=args.jobs_agents or 1000),
+        # a browser and 3,000 devices: not part of the --quick smoke run unless asked for
+        "web": lambda: ({"skipped": "--quick: pass --only web"} if args.quick and not args.only
+                        else run_web(work, devices=40 if args.quick else 3000,
+                                     reps=5 if args.quick else 20)),
     }
     results: dict[str, Any] = {"meta": {**_meta(args), "settings": s, "nofile": fds,
                                         "workdir": str(work)}}

@@ -10,6 +10,7 @@ Two modes:
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import os
@@ -26,12 +27,13 @@ from typing import Any, Iterator, Optional
 
 import pytest
 import testinfra
-from appliance_vm import Guest, build_base_image, kvm_works
+from appliance_vm import EDGE_GUEST_PORT, HTTPS_GUEST_PORT, Guest, build_base_image, kvm_works
 
 from dpanel_deploy.debpkg import DebBuild, build_deb
 from dpanel_deploy.deploy import DeployResult, deploy
 from dpanel_deploy.target import SshTarget
 from dpanel_proto.token import DeviceToken, parse_token
+from dpanel_proto.util import parse_hostport
 
 __all__ = [
     "KEY_FILES",
@@ -54,6 +56,14 @@ KEY_FILES = [
     "/etc/dpanel/admin.token", "/etc/dpanel/broker-manager.secret",
     "/etc/dpanel/tls/ca.key", "/etc/dpanel/tls/ca.crt",
 ]
+#: ... and those of the optional parts, where they are on (the HTTPS CA operators pinned,
+#: the edge's key)
+OPTIONAL_KEY_FILES = ["/var/lib/dpanel/https/ca.key", "/var/lib/dpanel/https/ca.crt",
+                      "/etc/dpanel/tls/edge.key"]
+#: dpanel-configure options of the test guest's first deploy; later deploys give none
+#: (re-runs keep them)
+GUEST_CONFIGURE = ["--https-listen", f"0.0.0.0:{HTTPS_GUEST_PORT}",
+                   "--edge-listen", f"0.0.0.0:{EDGE_GUEST_PORT}"]
 
 
 def wait_until(what: str, fn: Any, timeout: float = 180, interval: float = 2) -> Any:
@@ -79,6 +89,12 @@ class Appliance:
     tunnel_public: str  # what a device on this machine dials
     broker_public: str
     guest: Optional[Guest] = None
+    #: HOST:PORT operators dial for HTTPS, and the edge devices dial (None: off)
+    https_public: Optional[str] = None
+    edge_public: Optional[str] = None
+    #: the HTTPS CA operators pin (the hand-over's https-ca.crt), when it is our own
+    https_ca: Optional[str] = None
+    broker_auth: str = "files"
     deb: Optional[DebBuild] = None
     deploys: list[DeployResult] = field(default_factory=list)
     timings: dict[str, float] = field(default_factory=dict)
@@ -105,7 +121,8 @@ class Appliance:
         return {d["id"]: d for d in json.loads(out)}
 
     def key_digests(self) -> dict[str, str]:
-        out = self.check("sha256sum " + " ".join(KEY_FILES))
+        optional = [f for f in OPTIONAL_KEY_FILES if self.host.file(f).exists]
+        out = self.check("sha256sum " + " ".join(KEY_FILES + optional))
         return {line.split()[1]: line.split()[0] for line in out.splitlines()}
 
     def main_pid(self, unit: str) -> int:
@@ -115,12 +132,13 @@ class Appliance:
         assert self.guest is not None
         return SshTarget(self.guest.alias, ssh_config=str(self.guest.ssh_config))
 
-    def deploy(self, deb: Optional[DebBuild] = None) -> DeployResult:
+    def deploy(self, deb: Optional[DebBuild] = None,
+               configure_args: tuple[str, ...] = ()) -> DeployResult:
         assert self.guest is not None, "deploys only run against the test guest"
         target = self.ssh_target()
         try:
             result = deploy(target, deb=deb or self.deb, tunnel_public=self.tunnel_public,
-                            broker_public=self.broker_public)
+                            broker_public=self.broker_public, configure_args=configure_args)
         finally:
             target.close()
         self.deploys.append(result)
@@ -218,7 +236,16 @@ def appliance(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathF
 
         conf = tomllib.loads(cfg.stdout)
         app = Appliance(host=host, tunnel_public=conf["tunnel"]["public_address"],
-                        broker_public=conf["broker"]["public_url"].split("://", 1)[1])
+                        broker_public=conf["broker"]["public_url"].split("://", 1)[1],
+                        broker_auth=conf["broker"].get("auth", "files"),
+                        edge_public=conf.get("edge", {}).get("public_address")
+                        if conf.get("edge", {}).get("listen") else None)
+        https = conf["manager"].get("https_listen")
+        if https:
+            server = parse_hostport(app.tunnel_public, "tunnel", 2220)[0]
+            app.https_public = f"{server}:{parse_hostport(https, 'https', 443)[1]}"
+            if not conf["manager"].get("https_cert"):
+                app.https_ca = host.run("cat /var/lib/dpanel/https/ca.crt").stdout
         yield app
         subprocess.run(["ssh", "-o", f"ControlPath={ctl}", "-O", "exit", "x"],
                        capture_output=True)
@@ -229,8 +256,13 @@ def appliance(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathF
     t_deb = time.monotonic() - t0
     app = Appliance(host=_host(f"ssh://{guest.alias}", ctl, str(guest.ssh_config)),
                     tunnel_public=f"127.0.0.1:{guest.tunnel_port}",
-                    broker_public=f"127.0.0.1:{guest.broker_port}", guest=guest, deb=deb)
-    first = app.deploy()
+                    broker_public=f"127.0.0.1:{guest.broker_port}", guest=guest, deb=deb,
+                    https_public=f"127.0.0.1:{guest.https_port}",
+                    edge_public=f"127.0.0.1:{guest.edge_port}")
+    first = app.deploy(configure_args=(*GUEST_CONFIGURE, "--edge-public",
+                                       str(app.edge_public)))
+    app.https_ca = first.enrolment.get("https_ca")
+    app.broker_auth = first.enrolment.get("broker_auth", "files")
     app.timings.update(guest.timings)
     app.timings.update(build_deb_s=t_deb, first_deploy_s=first.seconds,
                        first_configure_s=first.configure_seconds)
@@ -266,10 +298,14 @@ class Device:
         self.proc = None
 
 
-def enrol(app: Appliance, name: str, workdir: Path) -> Device:
+def enrol(app: Appliance, name: str, workdir: Path, plain: bool = False) -> Device:
+    """``plain``: the device dials the broker and tunnel ports, not the edge its token
+    names (what an agent from before the edge does), so both paths stay covered."""
     res = app.dpanel("device", "add", name, "--print-token")
     assert res.rc == 0, f"dpanel device add {name} failed: {res.stderr}"
     text = res.stdout.strip()
+    if plain:
+        text = dataclasses.replace(parse_token(text), edge=None).encode()
     workdir.mkdir(parents=True, exist_ok=True)
     token_file = workdir / "token"
     token_file.write_text(text + "\n")
@@ -288,7 +324,8 @@ def device(appliance: Appliance, tmp_path_factory: pytest.TempPathFactory,
            ) -> Iterator[Device]:
     """A device agent on this machine, enrolled on the appliance and online."""
     suffix = hashlib.sha256(os.urandom(8)).hexdigest()[:6]
-    dev = enrol(appliance, f"appl-test-{suffix}", tmp_path_factory.mktemp("device"))
+    dev = enrol(appliance, f"appl-test-{suffix}", tmp_path_factory.mktemp("device"),
+                plain=True)
     dev.start()
     try:
         wait_online(appliance, dev.name)

@@ -22,7 +22,8 @@ from typing import Optional
 
 from support import free_port
 
-__all__ = ["BaseImage", "Guest", "build_base_image", "kvm_works"]
+__all__ = ["EDGE_GUEST_PORT", "HTTPS_GUEST_PORT", "BaseImage", "Guest", "build_base_image",
+           "kvm_works"]
 
 MIRROR = "http://deb.debian.org/debian"
 SUITE = "bookworm"
@@ -33,6 +34,10 @@ PACKAGES = [
 #: The initramfs only needs to find a virtio disk: MODULES=list keeps mkinitramfs fast.
 INITRAMFS_MODULES = ["virtio_pci", "virtio_blk", "virtio_net", "ext4"]
 DISK_SIZE = "3G"
+#: What the test guest is configured with: operators' HTTPS on the privileged 443 (the
+#: capability drop-in), the device edge on 8443 (a public port that needs none).
+HTTPS_GUEST_PORT = 443
+EDGE_GUEST_PORT = 8443
 #: Bump when the customisation below changes.
 RECIPE = "2"
 
@@ -171,8 +176,8 @@ def kvm_works(image: BaseImage, timeout: float = 20) -> bool:
 
 @dataclass
 class Guest:
-    """One running QEMU guest with ssh, tunnel (2220) and broker (8883) forwarded to
-    127.0.0.1 on free ports."""
+    """One running QEMU guest with ssh, tunnel (2220), broker (8883), operators' HTTPS
+    (443) and the device edge (8443) forwarded to 127.0.0.1 on free ports."""
 
     image: BaseImage
     workdir: Path
@@ -180,6 +185,8 @@ class Guest:
     ssh_port: int = field(default_factory=free_port)
     tunnel_port: int = field(default_factory=free_port)
     broker_port: int = field(default_factory=free_port)
+    https_port: int = field(default_factory=free_port)
+    edge_port: int = field(default_factory=free_port)
     alias: str = "dpanel-appliance"
     proc: Optional[subprocess.Popen[bytes]] = None
     timings: dict[str, float] = field(default_factory=dict)
@@ -218,7 +225,8 @@ Host {self.alias}
         accel = ["-enable-kvm", "-cpu", "host"] if self.kvm else [
             "-accel", "tcg,thread=multi", "-cpu", "max"]
         fwd = ",".join(f"hostfwd=tcp:127.0.0.1:{h}-:{g}" for h, g in (
-            (self.ssh_port, 22), (self.tunnel_port, 2220), (self.broker_port, 8883)))
+            (self.ssh_port, 22), (self.tunnel_port, 2220), (self.broker_port, 8883),
+            (self.https_port, HTTPS_GUEST_PORT), (self.edge_port, EDGE_GUEST_PORT)))
         self.proc = subprocess.Popen(
             ["qemu-system-x86_64", *accel, "-smp", "2", "-m", "1536",
              "-kernel", str(self.image.kernel), "-initrd", str(self.image.initrd),

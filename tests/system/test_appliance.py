@@ -15,9 +15,15 @@ included, restarted afterwards).
 from __future__ import annotations
 
 import json
+import os
 import re
 import shlex
+import shutil
+import socket
 import ssl
+import subprocess
+import sys
+import tempfile
 import threading
 from pathlib import Path
 from typing import Any
@@ -43,11 +49,16 @@ from support import free_port
 pytestmark = [pytest.mark.system, pytest.mark.slow, pytest.mark.root, pytest.mark.timeout(1200)]
 
 SERVICES = ["mosquitto.service", "dpanel-tunnel.service", "dpanel-manager.service"]
+EDGE = "dpanel-edge.service"
 OUR_UNITS = ["dpanel-tunnel.service", "dpanel-manager.service", "dpanel-broker-reload.path",
-             "dpanel-broker-reload.service"]
+             "dpanel-broker-reload.service", EDGE]
+#: CAP_NET_BIND_SERVICE in /proc/PID/status's CapEff bit mask
+CAP_NET_BIND_SERVICE = 1 << 10
 #: systemd-analyze security "exposure" (0 = locked down, 10 = none). Ours score ~1;
 #: Debian's stock units score 9.6 (mosquitto) and 9.6 (sshd).
 MAX_EXPOSURE = 2.0
+#: the unprivileged operator (nobody:nogroup on Debian)
+NOBODY = 65534
 #: paho's name for CONNACK 5 (MQTT 3.1.1) / 135 (MQTT 5)
 NOT_AUTHORIZED = "Not authorized"
 
@@ -109,18 +120,43 @@ def test_second_deploy_changes_nothing(appliance: Appliance) -> None:
     assert appliance.deploys[0].package_changed and appliance.deploys[0].changes, (
         "the first deploy installed nothing?")
     first = appliance.deploys[-1]  # the latest: a refusal test may have redeployed
-    pids = {u: appliance.main_pid(u) for u in SERVICES}
+    pids = {u: appliance.main_pid(u) for u in _services(appliance)}
     keys = appliance.key_digests()
-    second = appliance.deploy()
+    second = appliance.deploy()  # no options: HTTPS, the edge and dynsec are kept
     appliance.timings["second_deploy_s"] = second.seconds
     assert not second.changed, f"second run changed {second.changes}"
-    assert {u: appliance.main_pid(u) for u in SERVICES} == pids, "a service was restarted"
+    assert {u: appliance.main_pid(u) for u in _services(appliance)} == pids, (
+        "a service was restarted")
     assert appliance.key_digests() == keys
     assert second.enrolment == first.enrolment
 
 
-@pytest.mark.parametrize("unit", [*SERVICES, "dpanel-broker-reload.path"])
+def _edge_on(app: Appliance) -> bool:
+    return app.edge_public is not None
+
+
+def _port(hostport: str) -> int:
+    return int(hostport.rpartition(":")[2])
+
+
+def _guest_port(app: Appliance, what: str) -> int | None:
+    """The port a listener of server.toml binds on the server (not the forwarded one)."""
+    import tomllib
+
+    conf = tomllib.loads(app.check("cat /etc/dpanel/server.toml"))
+    value = conf["manager"].get("https_listen") if what == "https" else (
+        conf.get("edge", {}).get("listen"))
+    return _port(value) if value else None
+
+
+def _services(app: Appliance) -> list[str]:
+    return [*SERVICES, *([EDGE] if _edge_on(app) else [])]
+
+
+@pytest.mark.parametrize("unit", [*SERVICES, "dpanel-broker-reload.path", EDGE])
 def test_services_enabled_and_running(appliance: Appliance, unit: str) -> None:
+    if unit == EDGE and not _edge_on(appliance):
+        pytest.skip("the edge is off on this server")
     svc = appliance.host.service(unit)
     assert svc.is_enabled
     assert svc.is_running
@@ -136,7 +172,7 @@ def test_systemd_analyze_verify_is_clean(appliance: Appliance) -> None:
 
 def test_systemd_analyze_security_scores(appliance: Appliance) -> None:
     scores = {}
-    for unit in [*SERVICES, "dpanel-broker-reload.service"]:
+    for unit in [*_services(appliance), "dpanel-broker-reload.service"]:
         out = appliance.check(f"systemd-analyze security --no-pager {unit} | tail -1")
         m = re.search(r"exposure level for \S+: ([\d.]+) (\w+)", out)
         assert m, out
@@ -158,8 +194,16 @@ def test_dpanel_user(appliance: Appliance) -> None:
 
 @pytest.mark.parametrize("unit,user", [("dpanel-tunnel.service", "dpanel"),
                                        ("dpanel-manager.service", "dpanel"),
-                                       ("mosquitto.service", "mosquitto")])
+                                       ("mosquitto.service", "mosquitto"),
+                                       (EDGE, "dpanel")])
 def test_no_service_runs_as_root(appliance: Appliance, unit: str, user: str) -> None:
+    """No root, and no capability but CAP_NET_BIND_SERVICE where a listener is below
+    port 1024 (operators' HTTPS on 443 in the manager; the edge's, were it on 443)."""
+    if unit == EDGE and not _edge_on(appliance):
+        pytest.skip("the edge is off on this server")
+    port = _guest_port(appliance, "https" if unit == "dpanel-manager.service" else "edge"
+                       ) if unit in ("dpanel-manager.service", EDGE) else None
+    want_caps = CAP_NET_BIND_SERVICE if port is not None and port < 1024 else 0
     cgroup = appliance.check(f"systemctl show -p ControlGroup --value {unit}").strip()
     pids = appliance.check(f"cat /sys/fs/cgroup{cgroup}/cgroup.procs").split()
     assert pids, f"{unit} has no processes"
@@ -168,7 +212,11 @@ def test_no_service_runs_as_root(appliance: Appliance, unit: str, user: str) -> 
         uids = re.search(r"^Uid:\s+(.*)$", status, re.M)
         assert uids and all(u != "0" for u in uids.group(1).split()), f"{unit} pid {pid}: {uids}"
         caps = re.search(r"^CapEff:\s+(\w+)$", status, re.M)
-        assert caps and int(caps.group(1), 16) == 0, f"{unit} pid {pid} has capabilities"
+        assert caps and int(caps.group(1), 16) == want_caps, (
+            f"{unit} pid {pid} has capabilities {caps.group(1) if caps else '?'}, "
+            f"want {want_caps:#x}")
+        bound = re.search(r"^CapBnd:\s+(\w+)$", status, re.M)
+        assert bound and int(bound.group(1), 16) == want_caps, f"{unit} pid {pid}: {bound}"
     owner = appliance.check(f"ps -o user= -p {pids[0]}").strip()
     assert owner == user
 
@@ -192,6 +240,23 @@ def test_no_service_runs_as_root(appliance: Appliance, unit: str, user: str) -> 
 def test_file_modes_and_owners(appliance: Appliance, path: str, user: str, group: str,
                                mode: int) -> None:
     f = appliance.host.file(path)
+    assert f.exists
+    assert (f.user, f.group, oct(f.mode)) == (user, group, oct(mode))
+
+
+@pytest.mark.parametrize("path,user,group,mode", [
+    ("/etc/dpanel/tls/edge.key", "dpanel", "dpanel", 0o600),
+    ("/var/lib/dpanel/https", "dpanel", "dpanel", 0o700),
+    ("/var/lib/dpanel/https/ca.key", "dpanel", "dpanel", 0o600),
+    ("/var/lib/dpanel/https/server.key", "dpanel", "dpanel", 0o600),
+    ("/var/lib/dpanel/dynsec", "mosquitto", "mosquitto", 0o700),
+    ("/var/lib/dpanel/dynsec/dynamic-security.json", "mosquitto", "mosquitto", 0o600),
+])
+def test_file_modes_of_the_optional_parts(appliance: Appliance, path: str, user: str,
+                                          group: str, mode: int) -> None:
+    f = appliance.host.file(path)
+    if not f.exists and appliance.operator_mode:
+        pytest.skip(f"{path}: that part is off on this server")
     assert f.exists
     assert (f.user, f.group, oct(f.mode)) == (user, group, oct(mode))
 
@@ -220,10 +285,14 @@ def _public(addr: str) -> bool:
 
 
 def test_only_tunnel_and_broker_listen_publicly(appliance: Appliance) -> None:
+    """... and operators' HTTPS and the device edge, where configured (the test guest:
+    443 and 8443)."""
     socks = _listeners(appliance)
     ours = [s for s in socks if s[3] in ("dpanel", "mosquitto")]
     public = {(proto, port) for proto, port, addr, _ in ours if _public(addr)}
-    assert public == {("tcp", 2220), ("tcp", 8883)}, ours
+    optional = {("tcp", p) for p in (_guest_port(appliance, "https"),
+                                      _guest_port(appliance, "edge")) if p is not None}
+    assert public == {("tcp", 2220), ("tcp", 8883)} | optional, ours
     loop = {port for proto, port, addr, _ in ours if not _public(addr)}
     assert {1883, 8780} <= loop, ours
     if not appliance.operator_mode:  # our guest runs nothing else but sshd
@@ -280,6 +349,11 @@ def test_mosquitto_refuses_anonymous_clients(appliance: Appliance, tmp_path: Pat
 def test_enrol_and_revoke_reach_the_broker(appliance: Appliance, tmp_path: Path) -> None:
     """Enrol/revoke rewrite the broker's files and dpanel-broker-reload.path has Mosquitto
     re-read them: a new device's credentials start working, a revoked one's stop."""
+    dynsec = appliance.broker_auth == "dynsec"
+    files = "/var/lib/dpanel/mosquitto/passwd /var/lib/dpanel/mosquitto/acl"
+    stamp = f"stat -c '%n %i %Y %s' {files}"
+    before = appliance.check(stamp)
+    broker_pid = appliance.main_pid("mosquitto.service")
     dev = enrol(appliance, "appl-probe", tmp_path)
     host, _, port = appliance.broker_public.rpartition(":")
     ca = tmp_path / "ca.crt"
@@ -299,6 +373,16 @@ def test_enrol_and_revoke_reach_the_broker(appliance: Appliance, tmp_path: Path)
                          lambda: (r := connack()) is not None and r.is_failure and r,
                          timeout=60)
     assert str(refused) == NOT_AUTHORIZED
+    if dynsec:
+        # O(1) over $CONTROL: the files were not rewritten, the broker not restarted,
+        # and the device is in the plugin's own state, disabled
+        assert "plugin " in appliance.check("cat /etc/dpanel/mosquitto.conf")
+        assert appliance.check(stamp) == before, "dynsec mode rewrote the broker files"
+        assert appliance.main_pid("mosquitto.service") == broker_pid
+        state = json.loads(appliance.check(
+            "cat /var/lib/dpanel/dynsec/dynamic-security.json"))
+        client = [c for c in state["clients"] if c.get("username") == dev.name]
+        assert client and client[0].get("disabled") is True, client
 
 
 def test_round_trip_exec_on_a_device(appliance: Appliance, device: Device) -> None:
@@ -316,6 +400,155 @@ def test_tunnel_ports_listen_on_loopback_only(appliance: Appliance, device: Devi
     socks = [s for s in _listeners(appliance) if s[1] == int(port)]
     assert socks, f"tunnel port {port} is not listening"
     assert all(not _public(addr) for _, _, addr, _ in socks), socks
+
+
+# ---------------------------------------------------------------------------- operators, edge
+
+
+def _https(app: Appliance) -> tuple[str, int]:
+    if app.https_public is None:
+        pytest.skip("operators' HTTPS is off on this server")
+    if app.https_ca is None:
+        pytest.skip("the server has an operator-supplied certificate (its CA is yours)")
+    host, _, port = app.https_public.rpartition(":")
+    return host, int(port)
+
+
+def test_https_listener_verifies_against_the_operators_ca(appliance: Appliance,
+                                                          tmp_path: Path) -> None:
+    """The HTTPS port: its chain verifies against the CA handed to operators (the same
+    as the manager's own), it speaks TLS only (no plain HTTP answer on it), and it is
+    the whole API."""
+    host, port = _https(appliance)
+    assert appliance.https_ca is not None
+    assert appliance.check("cat /var/lib/dpanel/https/ca.crt") == appliance.https_ca
+    ctx = ssl.create_default_context(cadata=appliance.https_ca)
+    with socket.create_connection((host, port), timeout=30) as raw, \
+            ctx.wrap_socket(raw, server_hostname=host) as tls:
+        tls.sendall(b"GET /v1/health HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+        reply = _read_all(tls)
+        assert tls.version() in ("TLSv1.2", "TLSv1.3")
+    assert reply.startswith(b"HTTP/1.1 200"), reply[:200]
+    # another CA (the broker's, which devices pin) does not verify it
+    other = ssl.create_default_context(cadata=appliance.check("cat /etc/dpanel/tls/ca.crt"))
+    with socket.create_connection((host, port), timeout=30) as raw, \
+            pytest.raises(ssl.SSLCertVerificationError):
+        other.wrap_socket(raw, server_hostname=host)
+    # plain HTTP on the HTTPS port: no HTTP answer, whatever comes back
+    with socket.create_connection((host, port), timeout=30) as raw:
+        raw.sendall(b"GET /v1/health HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+        plain = _read_all(raw)
+    assert not plain.startswith(b"HTTP/"), plain[:200]
+
+
+def _read_all(sock: Any) -> bytes:
+    out = b""
+    try:
+        while chunk := sock.recv(65536):
+            out += chunk
+    except (OSError, ssl.SSLError):
+        pass
+    return out
+
+
+def test_operator_needs_no_root_and_no_server_file(appliance: Appliance, device: Device,
+                                                   ) -> None:
+    """An operator on another host (this machine: the guest's outside), as an unprivileged
+    user whose HOME holds only the CA it was given, with the URL and a token: login,
+    device list, exec, `dpanel ssh`, and plain ssh through the generated ProxyCommand,
+    all through the HTTPS port."""
+    host, port = _https(appliance)
+    name = f"appl-op-{os.getpid()}"
+    token = appliance.check(f"dpanel user add {name} --role operator --print-token").strip()
+    top = Path(tempfile.mkdtemp(prefix="appl-operator-"))  # not under root's 0700 tmp
+    home = top / "home"
+    try:
+        home.mkdir()
+        (home / "ca.pem").write_text(str(appliance.https_ca))
+        os.chown(home, NOBODY, NOBODY)
+        os.chown(home / "ca.pem", NOBODY, NOBODY)
+        env = {"HOME": str(home), "PATH": f"{_operator_cli(top)}:/usr/bin:/bin",
+               "LANG": "C.UTF-8"}
+
+        def op(*argv: str, input: bytes | None = None) -> subprocess.CompletedProcess[bytes]:
+            return subprocess.run(
+                ["setpriv", f"--reuid={NOBODY}", f"--regid={NOBODY}", "--clear-groups",
+                 "env", "-i", *(f"{k}={v}" for k, v in env.items()), *argv],
+                input=input, capture_output=True, timeout=240, cwd=home,
+                stdin=None if input is not None else subprocess.DEVNULL)
+
+        def ok(*argv: str, input: bytes | None = None) -> bytes:
+            res = op(*argv, input=input)
+            assert res.returncode == 0, (argv, res)
+            return res.stdout
+
+        assert op("id", "-u").stdout.strip() == str(NOBODY).encode()
+        ok("dpanel", "login", f"https://{host}:{port}", "--token", token,
+           "--ca-file", str(home / "ca.pem"))
+        assert json.loads(ok("dpanel", "whoami", "--json"))["name"] == name
+        assert device.name in ok("dpanel", "device", "list").decode()
+        res = op("dpanel", "exec", "-i", device.name, "--", "sh", "-c", "tr a-z A-Z; exit 5",
+                 input=b"from an operator\n")
+        assert (res.returncode, res.stdout) == (5, b"FROM AN OPERATOR\n"), res
+        # `dpanel ssh` with a PTY (-tt: the test has no terminal of its own)
+        res = op("dpanel", "ssh", "-tt", device.name, input=b"echo ssh-$((6*7)); exit 3\n")
+        assert res.returncode == 3 and b"ssh-42" in res.stdout, res
+        conf = home / "ssh_config"
+        conf.write_bytes(ok("dpanel", "ssh-config"))
+        assert b"Linux" in ok("ssh", "-F", str(conf), "-o", "BatchMode=yes", device.name,
+                              "uname -s")
+        # what it holds: its login file, its own key (and certificate), the CA it was given
+        held = {p.relative_to(home).as_posix() for p in home.rglob("*") if p.is_file()}
+        assert not any(h.endswith((".toml", ".token")) and "config/dpanel" not in h
+                       for h in held), held
+    finally:
+        shutil.rmtree(top, ignore_errors=True)
+        appliance.dpanel("user", "revoke", name)
+
+
+def _operator_cli(top: Path) -> Path:
+    """A bin directory with a `dpanel` that an unprivileged user can run: the test venv's
+    interpreter may live under root's 0700 home, so this is Debian's python3 (3.11, the
+    same ABI) with the test venv's site-packages, which are world-readable."""
+    venv = top / "venv"
+    subprocess.run(["/usr/bin/python3", "-m", "venv", "--without-pip", str(venv)], check=True)
+    site = next((venv / "lib").glob("python3*/site-packages"))
+    dev_site = next(Path(sys.prefix).glob("lib/python3*/site-packages"))
+    (site / "dpanel-dev.pth").write_text(f"import site; site.addsitedir({str(dev_site)!r})\n")
+    script = venv / "bin" / "dpanel"
+    script.write_text(f"#!{venv / 'bin' / 'python'}\nimport sys\n"
+                      "from dpanel_server.cli import main\nsys.exit(main())\n")
+    script.chmod(0o755)
+    top.chmod(0o755)
+    subprocess.run(["chmod", "-R", "a+rX", str(venv)], check=True)
+    return venv / "bin"
+
+
+def test_device_with_an_edge_token_comes_online_through_the_edge(
+        appliance: Appliance, tmp_path: Path) -> None:
+    """Tokens issued once the edge is on name it; the agent then speaks MQTT and SSH
+    inside TLS to that one port (ALPN), and the device is online and reachable."""
+    if appliance.edge_public is None:
+        pytest.skip("the edge is off on this server")
+    dev = enrol(appliance, f"appl-edge-{os.getpid()}", tmp_path)
+    assert dev.token.edge == appliance.edge_public
+    dev.start()
+    try:
+        wait_online(appliance, dev.name)
+        log = dev.log.read_text()
+        assert f"broker {appliance.edge_public} (edge, ALPN dpanel-mqtt)" in log, log[-2000:]
+        edge_port = _guest_port(appliance, "edge")
+        # the server end: the device's MQTT is a connection into the edge's port
+        conns = appliance.check(f"ss -Htn state established '( sport = :{edge_port} )'")
+        assert conns.strip(), "no connection on the edge port"
+        res = appliance.dpanel("exec", dev.name, "--", "sh", "-c", "echo via-edge; exit 4")
+        assert (res.rc, res.stdout.strip()) == (4, "via-edge"), res.stderr
+        # ... and its tunnel (open now, for the exec) is a second one there (ALPN dpanel-ssh)
+        conns = appliance.check(f"ss -Htn state established '( sport = :{edge_port} )'")
+        assert len(conns.strip().splitlines()) >= 2, conns
+    finally:
+        dev.stop()
+        appliance.dpanel("device", "revoke", dev.name)
 
 
 # ---------------------------------------------------------------------------- faults
@@ -372,7 +605,7 @@ def test_reboot_brings_everything_back(appliance: Appliance, device: Device) -> 
         appliance.run("systemctl reboot", timeout=10)
         wait_until("the server to come back", lambda: appliance.check(
             "cat /proc/sys/kernel/random/boot_id") != boot, timeout=600, interval=5)
-    for unit in [*SERVICES, "dpanel-broker-reload.path"]:
+    for unit in [*_services(appliance), "dpanel-broker-reload.path"]:
         wait_until(f"{unit} after the reboot", lambda u=unit: appliance.host.service(u)
                    .is_running, timeout=180)
     assert appliance.key_digests() == keys

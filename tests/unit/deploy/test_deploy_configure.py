@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -145,3 +146,122 @@ def test_operator_listener_is_off_until_asked_and_kept_on_reruns(tmp_path: Path)
     assert "https_listen =" not in off and "https_cert =" not in off
     with pytest.raises(SystemExit, match="--https-listen: port"):
         _desired_config(lay, Options(https_listen="0.0.0.0:99999"))
+
+
+def test_listen_dropin_adds_only_what_the_address_needs() -> None:
+    from dpanel_deploy.configure import listen_dropin
+
+    public_443 = listen_dropin("0.0.0.0:443", "--https-listen")
+    assert public_443 is not None
+    body = [ln for ln in public_443.splitlines() if ln and not ln.startswith("#")]
+    assert body == ["[Service]", "IPAddressAllow=any",
+                    "CapabilityBoundingSet=CAP_NET_BIND_SERVICE",
+                    "AmbientCapabilities=CAP_NET_BIND_SERVICE"]
+    high = listen_dropin("0.0.0.0:8443", "--edge-listen")
+    assert high is not None and "CAP_NET_BIND_SERVICE" not in high
+    assert "IPAddressAllow=any" in high
+    low_loop = listen_dropin("127.0.0.1:443", "--https-listen")
+    assert low_loop is not None and "IPAddressAllow" not in low_loop
+    assert listen_dropin("127.0.0.1:8443", "--https-listen") is None  # the unit suffices
+    assert listen_dropin(None, "--https-listen") is None
+
+
+def test_edge_is_off_until_asked_kept_and_names_its_public_address(tmp_path: Path) -> None:
+    lay = _layout(tmp_path)
+    first = _desired_config(lay, Options(public_host="dp.example.com"))
+    assert load_config_text(lay, first).edge.listen is None
+    cfg = load_config_text(lay, _desired_config(lay, Options(edge_listen="0.0.0.0:443")))
+    assert cfg.edge.listen == "0.0.0.0:443"
+    assert cfg.edge.public_address == "dp.example.com:443"  # the advertised host
+    assert cfg.edge.cert_file == str(lay.tls / "edge.crt")
+    assert cfg.edge.broker_upstream == "mqtts://127.0.0.1:8883"  # the device listener
+    again = load_config_text(lay, _desired_config(lay, Options()))
+    assert again.edge.listen == "0.0.0.0:443"
+    nat = load_config_text(lay, _desired_config(lay, Options(edge_public="1.2.3.4:10443")))
+    assert nat.edge.public_address == "1.2.3.4:10443" and nat.edge.listen == "0.0.0.0:443"
+    off = load_config_text(lay, _desired_config(lay, Options(edge_listen="")))
+    assert off.edge.listen is None and off.edge.public_address is None
+
+
+def test_edge_and_https_cannot_share_a_port(tmp_path: Path) -> None:
+    lay = _layout(tmp_path)
+    lay.config.write_text(_desired_config(lay, Options(public_host="dp.example.com",
+                                                       https_listen="0.0.0.0:443")))
+    with pytest.raises(SystemExit, match=r"--edge-listen 0\.0\.0\.0:443 and --https-listen "
+                       r"0\.0\.0\.0:443 share port 443.*ALPN"):
+        _desired_config(lay, Options(edge_listen="0.0.0.0:443"))
+    with pytest.raises(SystemExit, match="--edge-public needs --edge-listen"):
+        _desired_config(lay, Options(edge_public="h:443"))
+
+
+def test_broker_auth_dynsec_on_fresh_installs_files_kept_on_upgrades(tmp_path: Path) -> None:
+    from dpanel_deploy import configure
+
+    lay = _layout(tmp_path)
+    fresh = load_config_text(lay, _desired_config(lay, Options(public_host="dp.example.com")))
+    assert fresh.broker.auth == configure._default_broker_auth()
+    assert fresh.broker.dynsec_path == str(lay.dynsec_dir / "dynamic-security.json")
+    # an appliance from before: its file says files (the old default), and stays so
+    lay.config.write_text(lay.config.read_text().replace('auth = "dynsec"', 'auth = "files"'))
+    assert load_config_text(lay, _desired_config(lay, Options())).broker.auth == "files"
+    switched = load_config_text(lay, _desired_config(lay, Options(broker_auth="dynsec")))
+    assert switched.broker.auth == "dynsec"
+
+
+def test_dynsec_mosquitto_conf_names_the_plugin_not_the_files(tmp_path: Path) -> None:
+    pytest.importorskip("dpanel_server.dynsec")
+    from dpanel_server.dynsec import find_plugin
+
+    try:
+        plugin = find_plugin()
+    except Exception:
+        pytest.skip("mosquitto's dynamic-security plugin is not installed")
+    lay = _layout(tmp_path)
+    text = render_mosquitto_conf(lay, dynsec=True)
+    assert f"plugin {plugin}\n" in text
+    assert f"plugin_opt_config_file {lay.dynsec_dir / 'dynamic-security.json'}" in text
+    assert "password_file" not in text and "acl_file" not in text
+    assert "allow_anonymous false" in text
+
+
+def test_https_cert_needs_its_key_and_is_copied_to_etc(tmp_path: Path) -> None:
+    lay = _layout(tmp_path)
+    lay.config.write_text(_desired_config(lay, Options(public_host="dp.example.com",
+                                                       https_listen="0.0.0.0:443")))
+    with pytest.raises(SystemExit, match="--https-cert, --https-key: give both"):
+        _desired_config(lay, Options(https_cert="/root/c.pem"))
+    own = load_config_text(lay, _desired_config(lay, Options(https_cert="/root/c.pem",
+                                                             https_key="/root/k.pem")))
+    assert own.manager.https_cert == str(lay.operator_https / "server.crt")
+    assert own.manager.https_key == str(lay.operator_https / "server.key")
+    back = load_config_text(lay, _desired_config(lay, Options(https_cert="", https_key="")))
+    assert back.manager.https_cert is None and back.manager.https_listen == "0.0.0.0:443"
+
+
+def test_handover_has_the_operators_https_ca(tmp_path: Path) -> None:
+    e = {"tunnel": "h:2220", "tunnel_host_key": "ssh-ed25519 AAAA h",
+         "manager_key": "ssh-ed25519 BBBB m", "broker_ca": "-----BEGIN CERTIFICATE-----\n",
+         "broker": "mqtts://h:8883", "https_ca": "-----BEGIN CERTIFICATE-----\nX\n"}
+    write_handover(e, tmp_path / "out")
+    assert (tmp_path / "out" / "https-ca.crt").read_text() == e["https_ca"]
+
+
+def load_config_text(lay: Layout, text: str) -> Any:
+    lay.config.write_text(text)
+    return load_config(lay.config)
+
+
+def test_appliance_edge_splices_mqtt_to_the_device_listener(tmp_path: Path) -> None:
+    """The appliance's edge: MQTT to the broker's TLS device listener (its limits),
+    verified against the broker CA; SSH to the tunnel from per-source loopback addresses."""
+    from dpanel_server.edge import ALPN_MQTT, ALPN_SSH, edge_from_config
+    from dpanel_server.pki import ensure_broker_tls
+
+    lay = _layout(tmp_path)
+    cfg = load_config_text(lay, _desired_config(lay, Options(public_host="dp.example.com",
+                                                             edge_listen="127.0.0.1:8443")))
+    ensure_broker_tls(lay.tls, ["dp.example.com"], leaf="edge")
+    edge = edge_from_config(cfg)
+    mqtt, ssh = edge._routes[ALPN_MQTT], edge._routes[ALPN_SSH]
+    assert (mqtt.host, mqtt.port, mqtt.ca_file) == ("127.0.0.1", 8883, cfg.broker.ca_file)
+    assert (ssh.host, ssh.port, ssh.spread_source) == ("127.0.0.1", 2220, True)

@@ -46,19 +46,45 @@ def _mode(mode: str) -> Any:
 
 @task(help={"arch": "arm64, armhf or amd64 (repeat for several); default arm64",
             "mode": "onefile (one binary, default) or onedir (a folder; starts faster)",
-            "dist": "output directory (default: dist/)"}, iterable=["arch"])
+            "dist": "output directory (default: dist/)",
+            "version": "stamp this agent version (default: the sources')",
+            "update_key": "also write a signed update bundle (onefile), signed with this "
+                          "Ed25519 key (the manager's STATE_DIR/update_key)"},
+      iterable=["arch"])
 @_clear_errors
 def build(c: Context, arch: Optional[list[str]] = None, mode: str = "onefile",
-          dist: str = "") -> None:
+          dist: str = "", version: str = "", update_key: str = "") -> None:
     """Freeze dpanel-tunnel with PyInstaller for ARM (under qemu-user), cached."""
     from dpanel_image.arches import parse_arch
     from dpanel_image.freeze import build_agent
 
     for a in arch or ["arm64"]:
-        r = build_agent(parse_arch(a), _mode(mode), Path(dist) if dist else None)
+        r = build_agent(parse_arch(a), _mode(mode), Path(dist) if dist else None,
+                        version=version or None)
         size = r.path.stat().st_size
         print(f"{r.path}  {a} {mode} {size / 1e6:.1f} MB  "
               f"{'cached' if r.cached else 'built'} in {r.seconds:.1f} s")
+        if update_key:
+            print(_bundle(r.path, parse_arch(a), mode, version, Path(update_key)))
+
+
+def _bundle(binary: Path, arch: str, mode: str, version: str, key_path: Path) -> Path:
+    """``dist/<arch>/update/<version>/``: the binary + its signed manifest."""
+    import asyncssh
+
+    from dpanel_proto import __version__
+    from dpanel_proto.update import write_bundle
+
+    if mode != "onefile":
+        raise ImageError("--update-key: update bundles hold the onefile binary")
+    try:
+        key = asyncssh.read_private_key(str(key_path))
+    except (OSError, asyncssh.KeyImportError) as exc:
+        raise ImageError(f"--update-key: {key_path}: {exc}") from None
+    v = version or __version__
+    out = binary.parent / "update" / v
+    m = write_bundle(out, binary, v, arch, key)
+    return Path(f"{out}  (bundle: {m.version} {m.arch} {m.size} bytes, sha256 {m.sha256})")
 
 
 @task(name="build", help={
@@ -72,12 +98,14 @@ def build(c: Context, arch: Optional[list[str]] = None, mode: str = "onefile",
     "tunnel_host_key": "tunnel server public key file, copied to /etc/dpanel/pins/",
     "manager_key": "manager public key file, copied to /etc/dpanel/pins/",
     "user_ca": "manager's SSH user CA public key (STATE_DIR/user_ca.pub), copied to "
-               "/etc/dpanel/pins/"})
+               "/etc/dpanel/pins/",
+    "update_key": "the agent update key (the manager's STATE_DIR/update_key.pub), copied "
+                  "to /etc/dpanel/pins/"})
 @_clear_errors
 def build_image_task(c: Context, board: str = "rpi", base: str = "", out: str = "out",
                      arch: str = "", agent: str = "", mode: str = "onedir",
                      compress: str = "zst", tunnel_host_key: str = "",
-                     manager_key: str = "", user_ca: str = "") -> None:
+                     manager_key: str = "", user_ca: str = "", update_key: str = "") -> None:
     """Bake the agent into an SD image, rootless: outputs .img, .zst/.xz, .sha256, .bmap."""
     from dpanel_image.build import build_image
 
@@ -88,7 +116,8 @@ def build_image_task(c: Context, board: str = "rpi", base: str = "", out: str = 
                     compression=compress,  # type: ignore[arg-type]
                     tunnel_host_key=Path(tunnel_host_key) if tunnel_host_key else None,
                     manager_key=Path(manager_key) if manager_key else None,
-                    user_ca=Path(user_ca) if user_ca else None)
+                    user_ca=Path(user_ca) if user_ca else None,
+                    update_key=Path(update_key) if update_key else None)
     for p in (r.image, r.compressed, r.bmap, r.sha256):
         if p is not None:
             print(p)

@@ -27,6 +27,7 @@ from .files import ensure_private_dir, load_or_create_host_key, read_public_key_
 from .guard import REPLAY_CACHE_NAME, RequestGuard
 from .mqtt import AgentMqtt
 from .tokensrc import resolve_token
+from .updater import Updater
 from .userca import load_user_ca, publish_for_sshd, store_user_ca, valid_user_ca
 
 if TYPE_CHECKING:
@@ -79,6 +80,9 @@ class Agent:
         self._sshd: Optional[BuiltinSSHServer] = None
         self.dispatcher: Optional[Dispatcher] = None
         self.audit: Optional[AuditShipper] = None
+        self.updater: Optional[Updater] = None
+        #: set when the agent stops to be restarted into an update
+        self.restart_for_update = False
 
     # ------------------------------------------------------------------ observable state
 
@@ -131,13 +135,19 @@ class Agent:
             self.host_key_line = read_public_key_line(cfg.sshd_host_key)
         self.user_ca = load_user_ca(cfg.state_dir, token, cfg.pins_dir)
         self._publish_for_sshd()
+        self.updater = Updater(state_dir=cfg.state_dir, update_root=cfg.update_root,
+                               update_key=_update_key(cfg), token=token,
+                               version=__version__, publish_status=self._publish_status,
+                               restart=self._restart_for_update)
+        self.updater.startup()
         # persisted, so that a restarted agent still refuses a request it already honoured
         guard = RequestGuard(token.device, ManagerKey(token.manager_key),
                              cfg.request_clock_skew, store=cfg.state_dir / REPLAY_CACHE_NAME)
         self.dispatcher = Dispatcher(token.device, guard, self._link, self._respond,
                                      ttl_max=cfg.ttl_max, idle_timeout_max=cfg.idle_timeout_max,
                                      target=cfg.ssh_target, on_ping=self._publish_status,
-                                     on_user_ca=self._set_user_ca)
+                                     on_user_ca=self._set_user_ca,
+                                     on_update=self.updater.offer)
         self._mqtt = AgentMqtt(
             self._loop, token, offline_payload=encode(self._status("offline")),
             keepalive=cfg.mqtt_keepalive, protocol=cfg.mqtt_protocol,
@@ -161,6 +171,8 @@ class Agent:
 
     async def _shutdown(self) -> None:
         log.info("stopping")
+        if self.updater is not None:
+            self.updater.stop()
         if self.dispatcher is not None:
             try:
                 await asyncio.wait_for(self.dispatcher.drain(), 5)
@@ -181,11 +193,17 @@ class Agent:
     def _status(self, state: str) -> Status:
         assert self.token is not None
         online = state == "online"
+        upd = self.updater.status_fields() if (online and self.updater) else {}
         return Status(device=self.token.device, state="online" if online else "offline",
                       ts=time.time(), agent_version=__version__,
                       host_key=self.host_key_line if online else "",
                       port=self._link.port if online else None,
-                      user_ca=self.user_ca if online else None)
+                      user_ca=self.user_ca if online else None, **upd)
+
+    def _restart_for_update(self) -> None:
+        """The new binary is in place: exit, so the supervisor starts it."""
+        self.restart_for_update = True
+        self.stop()
 
     def _publish_status(self) -> None:
         if self._mqtt is not None:
@@ -220,6 +238,9 @@ class Agent:
         log.debug("broker connection %s", "up" if up else "down")
         if up and self.audit is not None:
             self.audit.kick()
+        if up and self.updater is not None and self._loop is not None:
+            # a new agent on trial commits once the broker acknowledged it
+            self._loop.call_soon_threadsafe(self.updater.on_online)
 
     def _respond(self, resp: Response) -> None:
         if self._mqtt is not None:
@@ -271,3 +292,14 @@ class Agent:
                           keepalive=cfg.tunnel_keepalive, window=cfg.ssh_window,
                           backoff=Backoff(cfg.reconnect_min, min(cfg.reconnect_max, 60.0)),
                           proxy_setting=cfg.proxy)
+
+
+def _update_key(cfg: AgentConfig) -> Optional[str]:
+    """The pinned update key: the config's, else the image's pin file, else none."""
+    if cfg.update_key:
+        return cfg.update_key.strip()
+    try:
+        line = (cfg.pins_dir / "update_key.pub").read_text().strip()
+    except OSError:
+        return None
+    return line or None

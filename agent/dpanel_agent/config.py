@@ -123,6 +123,10 @@ class AgentConfig:
     #: When a PTY shell's recording cannot be written: "refuse" the shell (the default:
     #: fail closed) or "allow" it unrecorded (its audit record says so).
     record_failure: str = "refuse"
+    #: Agent updates: the slots folder (``slots/{a,b}``, ``current`` symlink) and the
+    #: update public key (OpenSSH line); unset: ``<pins_dir>/update_key.pub``.
+    update_root: Path = Path("/opt/dpanel")
+    update_key: Optional[str] = None
     #: Where this config came from, for messages.
     source: str = "<defaults>"
 
@@ -254,6 +258,8 @@ _KEYS: Dict[str, Callable[[object], Any]] = {
     "proxy": _str,
     "profile": _choice(*PROFILES),
     "record_failure": _choice("refuse", "allow"),
+    "update_root": _path,
+    "update_key": _str,
 }
 assert set(_KEYS) <= {f.name for f in fields(AgentConfig)}
 

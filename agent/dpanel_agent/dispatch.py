@@ -30,6 +30,7 @@ from dpanel_proto.wire import (
     PingRequest,
     Request,
     Response,
+    UpdateRequest,
     decode,
 )
 
@@ -69,7 +70,9 @@ class Dispatcher:
                  respond: Callable[[Response], None], *, ttl_max: int,
                  idle_timeout_max: int, target: str = "builtin",
                  on_ping: Callable[[], None] = lambda: None,
-                 on_user_ca: Optional[Callable[[str], None]] = None) -> None:
+                 on_user_ca: Optional[Callable[[str], None]] = None,
+                 on_update: Optional[Callable[[UpdateRequest], Awaitable[Response]]] = None,
+                 ) -> None:
         self.device = device
         self._on_ping = on_ping
         self.guard = guard
@@ -87,6 +90,10 @@ class Dispatcher:
             MsgType.CLOSE: self._close,
             MsgType.PING: self._ping,
         }
+        if on_update is not None:
+            # the offer is a signed request like any other (guard: signature, expiry,
+            # replay); the updater checks the bundle's own signature on top
+            self._handlers[MsgType.UPDATE] = on_update  # type: ignore[assignment]
 
     def handle(self, payload: bytes) -> Optional[asyncio.Task[None]]:
         try:
@@ -96,7 +103,8 @@ class Dispatcher:
                              len(payload), exc)
             return None
         handler = self._handlers.get(msg.type)
-        if handler is None or not isinstance(msg, (OpenRequest, CloseRequest, PingRequest)):
+        if handler is None or not isinstance(msg, (OpenRequest, CloseRequest, PingRequest,
+                                                          UpdateRequest)):
             self._rl.warning("other messages", "ignored a %s message on the request topic",
                              msg.type.value)
             return None

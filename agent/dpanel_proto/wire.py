@@ -43,6 +43,7 @@ __all__ = [
     "MAX_REQUEST_LIFETIME",
     "PROTOCOL_VERSION",
     "TOPIC_ROOT",
+    "UPDATE_STATES",
     "AuditRecord",
     "CloseRequest",
     "DecodeError",
@@ -56,6 +57,7 @@ __all__ = [
     "Response",
     "Status",
     "Target",
+    "UpdateRequest",
     "audit_topic",
     "canonical_bytes",
     "decode",
@@ -116,6 +118,7 @@ class MsgType(str, Enum):
     OPEN = "open"
     CLOSE = "close"
     PING = "ping"
+    UPDATE = "update"
     RESPONSE = "response"
 
 
@@ -174,6 +177,12 @@ class Status:
     #: the SSH user CA the device trusts now ("" = none yet); None from agents that
     #: predate certificates, which must never be sent ``OpenRequest.user_ca``
     user_ca: Optional[str] = None
+    #: the device's architecture (amd64, arm64, armhf) and its last agent update: state
+    #: (one of UPDATE_STATES), the version it concerned, and why (device-supplied text)
+    arch: Optional[str] = None
+    update_state: Optional[str] = None
+    update_version: Optional[str] = None
+    update_reason: Optional[str] = None
     type: MsgType = field(default=MsgType.STATUS, init=False)
 
 
@@ -237,8 +246,33 @@ class Response:
     type: MsgType = field(default=MsgType.RESPONSE, init=False)
 
 
-Request = Union[OpenRequest, CloseRequest, PingRequest]
-Message = Union[Status, OpenRequest, CloseRequest, PingRequest, Response]
+@dataclass(frozen=True)
+class UpdateRequest:
+    """An agent update offer (signed with the manager key, as every request): fetch
+    ``url``, check it against the manifest fields, whose signature by the *update* key
+    is ``manifest_sig``, then swap. ``commit_timeout``: seconds the new agent has to come
+    back online before it is reverted."""
+
+    device: str
+    id: str
+    issued_at: float
+    expires_at: float
+    version: str
+    arch: str
+    size: int
+    sha256: str
+    manifest_sig: str
+    url: str
+    commit_timeout: int = 300
+    sig: str = ""
+    type: MsgType = field(default=MsgType.UPDATE, init=False)
+
+
+#: what a device says of its last update (Status.update_state)
+UPDATE_STATES = ("downloading", "failed", "installing", "committed", "rolled_back")
+
+Request = Union[OpenRequest, CloseRequest, PingRequest, UpdateRequest]
+Message = Union[Status, OpenRequest, CloseRequest, PingRequest, UpdateRequest, Response]
 
 
 # --------------------------------------------------------------------------- field readers
@@ -334,6 +368,42 @@ def _decode_status(d: Mapping[str, Any]) -> Status:
         host_key=_short_str(d, "host_key"),
         port=_port(d, optional=True),
         user_ca=_user_ca(d, allow_empty=True),
+        arch=_opt_word(d, "arch", ("amd64", "arm64", "armhf")),
+        update_state=_opt_word(d, "update_state", UPDATE_STATES),
+        update_version=_opt_version(d, "update_version"),
+        update_reason=printable(_short_str(d, "update_reason", 256)) or None,
+    )
+
+
+def _opt_word(d: Mapping[str, Any], key: str, words: tuple[str, ...]) -> Optional[str]:
+    value = _get(d, key, str, optional=True)
+    if value is not None and value not in words:
+        raise DecodeError(f"{key}: {value!r} is not one of {', '.join(words)}")
+    return cast(Optional[str], value)
+
+
+def _opt_version(d: Mapping[str, Any], key: str) -> Optional[str]:
+    value = _get(d, key, str, optional=True)
+    if value is not None and not (value and _VERSION_RE.match(value)):
+        raise DecodeError(f"{key}: only letters, digits and . _ + ~ : - are allowed")
+    return cast(Optional[str], value)
+
+
+def _decode_update(d: Mapping[str, Any]) -> UpdateRequest:
+    sha = _get(d, "sha256", str)
+    if not re.fullmatch(r"[0-9a-f]{64}", sha):
+        raise DecodeError("sha256: expected 64 lowercase hex characters")
+    url = _short_str(d, "url", 2048)
+    if not url.startswith(("http://", "https://")) or not url.isprintable() or " " in url:
+        raise DecodeError("url: expected an http:// or https:// URL")
+    return UpdateRequest(
+        **_plain_request(d),
+        version=cast(str, _opt_version(d, "version") or _get(d, "version", str)),
+        arch=cast(str, _opt_word(d, "arch", ("amd64", "arm64", "armhf"))
+                  or _get(d, "arch", str)),
+        size=_bounded_int(d, "size", 1, 1 << 30, 0) or _get(d, "size", int),
+        sha256=sha, manifest_sig=_short_str(d, "manifest_sig", 256), url=url,
+        commit_timeout=_bounded_int(d, "commit_timeout", 10, 86400, 300),
     )
 
 
@@ -414,6 +484,7 @@ _DECODERS: Dict[MsgType, Callable[[Mapping[str, Any]], Message]] = {
     MsgType.OPEN: _decode_open,
     MsgType.CLOSE: _decode_close,
     MsgType.PING: _decode_ping,
+    MsgType.UPDATE: _decode_update,
     MsgType.RESPONSE: _decode_response,
 }
 

@@ -48,8 +48,9 @@ IMAGE_INFO = "/etc/dpanel/image.toml"
 #: The agent reads these names; provision checks a token against them.
 #: user_ca.pub is the agent's first SSH user CA (operator certificates), not a strict pin:
 #: the manager may rotate it later with a request signed by the pinned manager key.
+#: update_key.pub verifies agent update bundles (the manager's STATE_DIR/update_key.pub).
 PINS = {"tunnel_host_key.pub": "--tunnel-host-key", "manager_key.pub": "--manager-key",
-        "user_ca.pub": "--user-ca"}
+        "user_ca.pub": "--user-ca", "update_key.pub": "--update-key"}
 PINS_DIR = "/etc/dpanel/pins"
 #: Where the agent looks for a token dropped by provisioning (FAT first, then ext4 /boot).
 TOKEN_IMPORTS = ("/boot/firmware/dpanel-token.txt", "/boot/dpanel-token.txt")
@@ -107,7 +108,8 @@ def build_image(board_name: str, out: Path, base: Optional[Path] = None,
                 arch: Optional[str] = None, agent: Optional[Path] = None,
                 mode: FreezeMode = "onedir", compression: Compression = "zst",
                 tunnel_host_key: Optional[Path] = None, manager_key: Optional[Path] = None,
-                user_ca: Optional[Path] = None) -> BuildResult:
+                user_ca: Optional[Path] = None,
+                update_key: Optional[Path] = None) -> BuildResult:
     """Build ``out/dpanel-<board>.img`` (+ compressed, .sha256, .bmap), all or nothing.
 
     ``mode`` onedir is the default for images: it starts faster than onefile (no unpack
@@ -116,7 +118,7 @@ def build_image(board_name: str, out: Path, base: Optional[Path] = None,
     t0 = time.monotonic()
     job = resolve(board_name, base, arch, agent, mode, compression,
                   {"tunnel_host_key.pub": tunnel_host_key, "manager_key.pub": manager_key,
-                   "user_ca.pub": user_ca})
+                   "user_ca.pub": user_ca, "update_key.pub": update_key})
     staging = AtomicDir(out)
     with staging.staged(), tempfile.TemporaryDirectory(prefix="dpanel-build-") as td:
         img = staging.path(job.name)

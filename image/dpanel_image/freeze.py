@@ -8,6 +8,7 @@ runs on bullseye and bookworm devices alike.
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import time
 from dataclasses import dataclass
@@ -93,19 +94,24 @@ def source_dirs() -> list[Path]:
     return dirs
 
 
-def agent_key(arch: Arch, mode: FreezeMode) -> str:
+def agent_key(arch: Arch, mode: FreezeMode, version: Optional[str] = None) -> str:
     srcs = source_dirs()
+    extra = (f"version={version}",) if version else ()
     return hash_text(build_root_spec(arch).key(), mode, RECIPE, *HIDDEN_IMPORTS,
-                     hash_paths(srcs, srcs[0].parent))
+                     hash_paths(srcs, srcs[0].parent), *extra)
 
 
 def build_agent(arch: Arch, mode: FreezeMode = "onefile", dist: Optional[Path] = None,
-                verify: bool = True) -> FreezeResult:
+                verify: bool = True, version: Optional[str] = None) -> FreezeResult:
     """Freeze ``dpanel_agent`` for ``arch``; cached by sources + lock + recipe.
 
-    ``dist`` defaults to ./dist (the tasks run from the checkout's top).
+    ``dist`` defaults to ./dist (the tasks run from the checkout's top). ``version``
+    stamps another ``__version__`` into the frozen copy (a release, or the update tests'
+    "newer" agent) and is part of the cache key.
     """
     t0 = time.monotonic()
+    if version is not None and not re.fullmatch(r"[A-Za-z0-9._+~:-]{1,64}", version):
+        raise ImageError(f"--version: {version!r}: 1-64 letters, digits and . _ + ~ : -")
     agent_src = source_dirs()[0]
     if not (agent_src / "__main__.py").exists():
         raise ImageError(f"agent entry point {agent_src / '__main__.py'} is missing")
@@ -113,14 +119,15 @@ def build_agent(arch: Arch, mode: FreezeMode = "onefile", dist: Optional[Path] =
     if verify:
         ensure_binfmt(arch)  # a cached binary is still run under qemu-user to check it
     spec = build_root_spec(arch)
-    cache = cache_root() / f"agent-{arch}-{mode}-{agent_key(arch, mode)}"
+    tag = f"{version}-" if version else ""
+    cache = cache_root() / f"agent-{arch}-{mode}-{tag}{agent_key(arch, mode, version)}"
     cached = (cache / ".dpanel-complete").exists()
     root = spec.path()
     if not cached:
         root = debian_root(spec, _setup_root)
         with locked(root):
-            _freeze(root, arch, mode, cache)
-        _prune(arch, mode, keep=3)
+            _freeze(root, arch, mode, cache, version)
+        _prune(arch, mode, keep=6)  # room for versioned builds (update tests)
     out = _output_path(dist, arch, mode)
     _publish(cache / "dpanel-tunnel", out.parent if mode == "onedir" else out)
     if verify:
@@ -128,13 +135,21 @@ def build_agent(arch: Arch, mode: FreezeMode = "onefile", dist: Optional[Path] =
     return FreezeResult(arch, mode, out, cached, time.monotonic() - t0, root)
 
 
-def _freeze(root: Path, arch: Arch, mode: FreezeMode, cache: Path) -> None:
+def _freeze(root: Path, arch: Arch, mode: FreezeMode, cache: Path,
+            version: Optional[str] = None) -> None:
     build = root / "build"
     shutil.rmtree(build, ignore_errors=True)
     (build / "src").mkdir(parents=True)
     for src in source_dirs():
         shutil.copytree(src, build / "src" / src.name,
                         ignore=shutil.ignore_patterns("__pycache__", "*.pyc"))
+    if version:
+        init = build / "src" / "dpanel_proto" / "__init__.py"
+        text, n = re.subn(r'^__version__ = ".*"$', f'__version__ = "{version}"',
+                          init.read_text(), flags=re.M)
+        if n != 1:
+            raise ImageError(f"{init}: no __version__ line to stamp {version!r} into")
+        init.write_text(text)
     argv = ["/opt/freeze/bin/pyinstaller", "--noconfirm", "--clean", "--log-level=WARN",
             f"--{mode}", "--name", "dpanel-tunnel", "--paths", "/build/src",
             "--collect-submodules", "dpanel_agent",

@@ -228,7 +228,7 @@ def check_pins(master: Master, tok: DeviceToken, what: str) -> None:
         if baked is None:
             continue
         field = name[:-len(".pub")]
-        given: Optional[str] = getattr(tok, field)
+        given: Optional[str] = getattr(tok, field, None)  # update_key: not in tokens
         if field == "user_ca" or given is None:
             continue  # the first user CA only: rotated later by signed request, not pinned
         if _key(given) != _key(baked):

@@ -506,6 +506,9 @@ def create_app(manager: Manager, admin_token: str) -> FastAPI:
     from .jobs_api import add_job_routes
 
     add_job_routes(app, manager, _auth)  # /v1/jobs
+    from .updates_api import add_update_routes
+
+    add_update_routes(app, manager, _auth)  # /v1/agent
     from .fleet_api import add_fleet_routes
 
     add_fleet_routes(app, manager, _auth)  # /v1/tunnel-servers (remote tunnel servers)

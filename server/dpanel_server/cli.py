@@ -573,6 +573,9 @@ def _parser() -> argparse.ArgumentParser:
     from ._jobcli import add_job_parser
 
     add_job_parser(sub, add)  # dpanel job ...
+    from ._updcli import add_agent_parser
+
+    add_agent_parser(sub, add)  # dpanel agent ...
 
     tun = sub.add_parser("tunnel", help="open/close/list tunnels, or run the tunnel server"
                          ).add_subparsers(dest="sub", required=True)

@@ -46,6 +46,7 @@ from .presence import Presence, PresenceTracker
 from .registry import Device, Registry
 from .requests import Requests
 from .sshpool import ExecEvent, Pooled, RemoteCommand, SshPool
+from .updates import Updates
 from .usercert import UserCA
 
 __all__ = ["ExecEvent", "Manager", "Presence", "fingerprint", "sync_broker_files"]
@@ -105,9 +106,12 @@ class Manager:
                             route=self.route)
         # jobs: parts for offline devices run when presence says they came online
         self.jobs = Jobs(self, runner=cfg.manager.replica)
+        #: agent updates: rollouts offered to devices as they come online (replicas may
+        #: all schedule: a part moves pending -> offered by compare-and-set, once)
+        self.updates = Updates(self)
         self._presence = PresenceTracker(self.registry, on_offline=self.pool.drop,
                                          on_pinned=self._known_hosts_changed,
-                                         on_online=self.jobs.kick)
+                                         on_online=self._came_online)
         #: device id -> Presence (read-only for callers; ``Presence.state`` is
         #: online | offline | not_answering)
         self.presence: dict[str, Presence] = self._presence.devices
@@ -131,6 +135,11 @@ class Manager:
         self.pool.start()
         self.fleet.start()
         await self.jobs.start()
+        await self.updates.start()
+
+    def _came_online(self, device: str) -> None:
+        self.jobs.kick(device)
+        self.updates.kick(device)
 
     def _on_broker(self, up: bool) -> None:
         if up and self._broker_was_up:
@@ -180,6 +189,7 @@ class Manager:
 
     async def close(self) -> None:
         await self.jobs.close()
+        await self.updates.close()
         await self.fleet.close()
         for task in list(self._tasks):
             task.cancel()

@@ -43,6 +43,11 @@ class Presence:
     user_ca: Optional[str] = None
     #: wall time of the first request it left unanswered; None while it answers
     not_answering_since: Optional[float] = None
+    #: agent updates (updates.py): the device's arch and what it says of its last update
+    arch: Optional[str] = None
+    update_state: Optional[str] = None
+    update_version: Optional[str] = None
+    update_reason: Optional[str] = None
 
     @property
     def state(self) -> Literal["online", "offline", "not_answering"]:
@@ -129,6 +134,8 @@ class PresenceTracker:
         p.port = msg.port  # the device's claim; Manager.tunnel_port prefers the tunnel's
         if p.online:
             p.user_ca = msg.user_ca
+            p.arch, p.update_state = msg.arch, msg.update_state
+            p.update_version, p.update_reason = msg.update_version, msg.update_reason
         if p.online and not was_online:
             p.since = time.time()
         if not p.online:

@@ -140,6 +140,20 @@ def _scp(r: dict[str, Any]) -> list[Row]:
     return list(rows(r))
 
 
+def _jobs(r: dict[str, Any]) -> list[Row]:
+    """Parts dispatched per second (cold tunnels: each part opens its device's tunnel)."""
+    if "parts_per_s" not in r:
+        return []
+    return [Row(f"jobs: parts per second, {r['agents']} simulated agents", r["parts_per_s"],
+                "/s", goal="report")]
+
+
+def _update(r: dict[str, Any]) -> list[Row]:
+    from .update_link import rows
+
+    return list(rows(r))
+
+
 def _web(r: dict[str, Any]) -> list[Row]:
     from .web import rows
 
@@ -156,7 +170,8 @@ _SECTIONS: dict[str, Callable[[dict[str, Any]], list[Row]]] = {
     "throughput": _throughput, "scp": _scp, "exec": _exec, "remote_exec": _remote_exec,
     "api_load": _api_load, "memory": _memory,
     "agent_idle": _agent,
-    "scale": _scale, "enrol": _enrol, "image": _image, "web": _web,
+    "scale": _scale, "enrol": _enrol, "image": _image, "update": _update,
+    "jobs": _jobs, "web": _web,
 }
 
 

@@ -25,7 +25,7 @@ from ._util import raise_nofile, section
 __all__ = ["SECTIONS", "main"]
 
 SECTIONS = ("throughput", "scp", "exec", "remote_exec", "api_load", "memory", "agent_idle",
-            "scale", "enrol", "image", "web")
+            "scale", "enrol", "update", "jobs", "image", "web")
 
 
 def _version(argv: list[str]) -> str:
@@ -65,6 +65,10 @@ def _image(args: argparse.Namespace) -> dict[str, Any]:
     return dict(image_bench.run_bench())
 
 
+def _skipped(why: str) -> dict[str, Any]:
+    return {"skipped": why}
+
+
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m tests.bench.run", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -85,6 +89,7 @@ def _parser() -> argparse.ArgumentParser:
                    help="memory: comma-separated tunnel counts (100,1000)")
     p.add_argument("--sshd-conns", type=int, help="memory: ssh -R connections (30)")
     p.add_argument("--enrol-devices", type=int, help="enrol: devices per run (1000)")
+    p.add_argument("--jobs-agents", type=int, help="jobs: simulated agents (1000)")
     p.add_argument("--with-image", action="store_true",
                    help="also run tests.bench.image.run_bench() (slow)")
     p.add_argument("--keep-work", action="store_true",
@@ -122,12 +127,14 @@ def main(argv: Optional[list[str]] = None) -> int:
     from .agent_idle import run_agent_idle
     from .api_load import run_api_load
     from .enrol import run_enrol
+    from .jobs_rate import run_jobs_rate
     from .latency import run_latency
     from .memory import run_memory
     from .remote_exec import run_remote_exec
     from .scale import run_scale
     from .scp_paths import run_scp_paths
     from .throughput import run_throughput
+    from .update_link import run_update_link
     from .web import run_web
 
     runners: dict[str, Callable[[], dict[str, Any]]] = {
@@ -151,6 +158,12 @@ def main(argv: Optional[list[str]] = None) -> int:
                                    connect_rate=args.connect_rate),
         "enrol": lambda: run_enrol(work, n=s["enrol_devices"]),
         "image": lambda: _image(args),
+        # an agent update over a 5 Mbit/s, 300 ms RTT link (root: network namespaces)
+        # both cost a minute or more even when small: not in --quick (the CI smoke run)
+        "update": lambda: _skipped("not in --quick") if args.quick else run_update_link(
+            work / "update"),
+        "jobs": lambda: _skipped("not in --quick") if args.quick else run_jobs_rate(
+            work, agents=args.jobs_agents or 1000),
         # a browser and 3,000 devices: not part of the --quick smoke run unless asked for
         "web": lambda: ({"skipped": "--quick: pass --only web"} if args.quick and not args.only
                         else run_web(work, devices=40 if args.quick else 3000,

@@ -78,6 +78,9 @@ class Sim:
         self.tunnel = (spec["tunnel"][0], int(spec["tunnel"][1]))
         self.keepalive = int(spec.get("keepalive", 60))
         self.target = int(spec.get("target_port", 9))
+        #: the SSH host key the forward's target serves (jobs bench), announced as a real
+        #: agent does, so that the manager can pin it and log in
+        self.host_key = str(spec.get("host_key", ""))
         self.concurrency = int(spec.get("connect_concurrency", 100))
         self.rate = float(spec.get("connect_rate", 0))
         #: reconnect schedule: the real agent's Backoff (reconnect_min, reconnect_max)
@@ -85,7 +88,8 @@ class Sim:
         #: spread connections over this many loopback source addresses (127.0.N.1):
         #: one source address has ~28k ephemeral ports towards one broker port
         self.sources = int(spec.get("sources", 1))
-        self.agents = [Agent(self, d, s) for d, s in spec["devices"]]
+        # [device, secret] or, for the jobs bench, [device, secret, target port, host key]
+        self.agents = [Agent(self, *dev) for dev in spec["devices"]]
         self.connected = 0
         self.refused: dict[str, int] = {}
         self.connect_errors = 0
@@ -137,8 +141,11 @@ class Sim:
 
 
 class Agent(asyncio.Protocol):
-    def __init__(self, sim: Sim, device: str, secret: str) -> None:
+    def __init__(self, sim: Sim, device: str, secret: str, target: int = 0,
+                 host_key: str = "") -> None:
         self.sim, self.device, self.secret = sim, device, secret
+        self.target = target or sim.target
+        self.host_key = host_key or sim.host_key
         self.transport: Optional[asyncio.Transport] = None
         self.buf = bytearray()
         self.up = False
@@ -242,7 +249,8 @@ class Agent(asyncio.Protocol):
                         self.sim.t_all = round(time.monotonic() - self.sim.t_start, 2)
                 self.send(subscribe_packet(self.req_topic, self._next_pid()))
                 online = wire.encode(wire.Status(device=self.device, state="online",
-                                                 ts=time.time(), agent_version="sim"))
+                                                 ts=time.time(), agent_version="sim",
+                                                 host_key=self.host_key))
                 self.send(publish_packet(wire.status_topic(self.device), online,
                                          self._next_pid(), retain=True))
             if self.connack is not None and not self.connack.done():
@@ -285,7 +293,7 @@ class Agent(asyncio.Protocol):
             return wire.ErrorCode.OK, ""
         try:
             self.ssh, self.port = await dial_forward(*self.sim.tunnel, self.device, self.secret,
-                                                     self.sim.target)
+                                                     self.target)
         except (OSError, asyncssh.Error) as exc:
             self.sim.tunnel_errors.append(f"{self.device}: {type(exc).__name__}: {exc}")
             return wire.ErrorCode.TUNNEL_UNREACHABLE, str(exc)[:200]

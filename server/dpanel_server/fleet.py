@@ -166,9 +166,9 @@ class Fleet:
                 raise RegistryError(f"tunnel server {name}: not enrolled")
         log.warning("removed tunnel server %s", name)
 
-    def heartbeat(self, name: str, secret: str, body: dict[str, Any]) -> dict[str, Any]:
-        """A tunnel server's announcement (run in a thread). Raises
-        :class:`RegistryError` (401) naming what is wrong."""
+    def authenticate(self, name: str, secret: str) -> str:
+        """The pinned host key of tunnel server ``name`` if ``secret`` is its own (run in a
+        thread); else :class:`RegistryError` (401). Checked before its body is even read."""
         try:
             validate_device_id(name, "tunnel server name")
         except DecodeError:
@@ -177,7 +177,12 @@ class Fleet:
             "SELECT secret_hash, host_key FROM tunnel_servers WHERE name = ?", (name,))
         if not rows or not hmac.compare_digest(hash_secret(secret), rows[0][0]):
             raise _Unauthorized("unknown tunnel server or wrong secret")
-        pinned = rows[0][1]
+        return str(rows[0][1] or "")
+
+    def heartbeat(self, name: str, secret: str, body: dict[str, Any]) -> dict[str, Any]:
+        """A tunnel server's announcement (run in a thread). Raises
+        :class:`RegistryError` (401) naming what is wrong."""
+        pinned = self.authenticate(name, secret)
         if pinned and pinned != body["host_key"]:
             raise RegistryError(f"tunnel server {name}: its host key changed; refused "
                                 f"(re-enrol it: dpanel tunnel-server remove {name}, add)")

@@ -4,14 +4,19 @@
 import asyncio
 from typing import Annotated, Any, Callable, Optional
 
-from fastapi import Depends, FastAPI, Header
-from pydantic import BaseModel, Field
+from fastapi import Depends, FastAPI, Header, Request
+from pydantic import BaseModel, Field, ValidationError
+
+from dpanel_proto.codes import ErrorCode
 
 from .authz import Principal, in_scope, require
 from .errors import DPanelError
 from .manager import Manager
 
 __all__ = ["Heartbeat", "add_fleet_routes"]
+
+#: a heartbeat lists the server's devices and ports: 1M of them fit in this
+MAX_HEARTBEAT = 64 * 1024 * 1024
 
 
 class Heartbeat(BaseModel):
@@ -60,18 +65,29 @@ def add_fleet_routes(app: FastAPI, manager: Manager,
         await asyncio.to_thread(fleet.remove, name)
         return {"name": name, "removed": True}
 
-    @app.post("/v1/tunnel-servers/{name}/heartbeat")
-    async def heartbeat(name: str, body: Heartbeat,
+    @app.post("/v1/tunnel-servers/{name}/heartbeat",
+              openapi_extra={"requestBody": {"content": {"application/json": {
+                  "schema": Heartbeat.model_json_schema()}}, "required": True}})
+    async def heartbeat(name: str, request: Request,
                         authorization: Optional[str] = Header(default=None)
                         ) -> dict[str, Any]:
-        """A tunnel server's announcement, under its own secret (not an operator's)."""
+        """A tunnel server's announcement, under its own secret (not an operator's).
+
+        The secret is checked before the body is read, so that a caller without it learns
+        nothing from validation errors and costs no parsing."""
         scheme, _, secret = (authorization or "").partition(" ")
         if scheme.lower() != "bearer" or not secret:
             from .fleet import _Unauthorized
 
             raise _Unauthorized("missing bearer secret of the tunnel server")
+        await asyncio.to_thread(fleet.authenticate, name, secret)
+        raw = await request.body()
+        if len(raw) > MAX_HEARTBEAT:
+            raise DPanelError(f"heartbeat: body over {MAX_HEARTBEAT} bytes", ErrorCode.INVALID)
         try:
-            return await asyncio.to_thread(fleet.heartbeat, name, secret,
-                                           body.model_dump())
-        except DPanelError:
-            raise
+            body = Heartbeat.model_validate_json(raw)
+        except ValidationError as exc:
+            first = exc.errors()[0]
+            where = ".".join(str(x) for x in first["loc"]) or "body"
+            raise DPanelError(f"heartbeat: {where}: {first['msg']}", ErrorCode.INVALID) from None
+        return await asyncio.to_thread(fleet.heartbeat, name, secret, body.model_dump())

@@ -123,6 +123,14 @@ def test_who_may_see_and_enrol_tunnel_servers(fleet: Fleet) -> None:
     for token in (viewer, admin, "x" * 43):
         code, out = _http(s, "POST", "/v1/tunnel-servers/ts-1/heartbeat", token, beat)
         assert code == 401 and out["code"] == "unauthorized", out
+        # a body that would not validate changes nothing: the secret is checked first
+        code, out = _http(s, "POST", "/v1/tunnel-servers/ts-1/heartbeat", token, {"x": 1})
+        assert code == 401 and out["code"] == "unauthorized", out
+    # with its own secret, a bad field is named (a newline in the loopback address)
+    secret = (s.dir / "tunnel-servers" / "ts-1" / "secret").read_text().strip()
+    code, out = _http(s, "POST", "/v1/tunnel-servers/ts-1/heartbeat", secret,
+                      {**beat, "bind_host": "127.0.0.9\n"})
+    assert code == 422 and "bind_host" in out["error"], out
     assert fleet.servers()["ts-1"]["public"].startswith(HOSTS["ts-1"])
 
 

@@ -4,7 +4,8 @@
 import asyncio
 from typing import Annotated, Any, Callable, Optional
 
-from fastapi import Depends, FastAPI, Header, Request
+from fastapi import Depends, FastAPI, Request, Security
+from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from pydantic import BaseModel, Field, ValidationError
 
 from dpanel_proto.codes import ErrorCode
@@ -14,6 +15,12 @@ from .errors import DPanelError
 from .manager import Manager
 
 __all__ = ["Heartbeat", "add_fleet_routes"]
+
+#: a tunnel server's own secret (``dpanel tunnel-server add``), declared in OpenAPI as a
+#: bearer scheme of its own; auto_error off, so that a missing one gets our 401 ErrorOut
+_SERVER_BEARER = HTTPBearer(scheme_name="TunnelServerSecret", auto_error=False,
+                            description="a tunnel server's own secret, never an operator's")
+_ServerCredentials = Annotated[Optional[HTTPAuthorizationCredentials], Security(_SERVER_BEARER)]
 
 #: a heartbeat lists the server's devices and ports: 1M of them fit in this
 MAX_HEARTBEAT = 64 * 1024 * 1024
@@ -68,15 +75,14 @@ def add_fleet_routes(app: FastAPI, manager: Manager,
     @app.post("/v1/tunnel-servers/{name}/heartbeat",
               openapi_extra={"requestBody": {"content": {"application/json": {
                   "schema": Heartbeat.model_json_schema()}}, "required": True}})
-    async def heartbeat(name: str, request: Request,
-                        authorization: Optional[str] = Header(default=None)
+    async def heartbeat(name: str, request: Request, cred: _ServerCredentials
                         ) -> dict[str, Any]:
         """A tunnel server's announcement, under its own secret (not an operator's).
 
         The secret is checked before the body is read, so that a caller without it learns
         nothing from validation errors and costs no parsing."""
-        scheme, _, secret = (authorization or "").partition(" ")
-        if scheme.lower() != "bearer" or not secret:
+        secret = cred.credentials if cred is not None else ""
+        if cred is None or cred.scheme.lower() != "bearer" or not secret:
             from .fleet import _Unauthorized
 
             raise _Unauthorized("missing bearer secret of the tunnel server")

@@ -27,6 +27,7 @@ from typing import TYPE_CHECKING, Any, Optional
 from dpanel_proto import wire
 from dpanel_proto.codes import ErrorCode
 
+from ._partstore import PartStore, count_states
 from .authz import Forbidden, Principal, in_scope, require
 from .errors import DPanelError, RequestTimeout, UnknownDevice
 
@@ -184,19 +185,17 @@ def _matches(filters: tuple[str, ...], device: str, labels: dict[str, str]) -> b
     return False
 
 
-class JobStore:
+class JobStore(PartStore):
     """The jobs tables, on the registry's database and lock (one transaction each)."""
 
+    PARENT, PARTS, PARENT_KEY = "jobs", "job_parts", "job"
+
     def __init__(self, registry: Registry, runner: str = "") -> None:
-        self._reg = registry
+        super().__init__(registry)
         #: this manager's replica name ("" alone): claimed parts carry it
         self.runner = runner
         # under the schema lock: manager replicas may open one PostgreSQL at once
         registry.db.ensure("jobs", _SCHEMA, _MIGRATIONS)
-
-    def _tx(self) -> Any:
-        # the registry's own transaction: the jobs tables live in the same database
-        return self._reg._tx()
 
     def add(self, job_id: str, spec: JobSpec, selector: dict[str, Any], created_by: str,
             devices: list[str]) -> None:
@@ -258,9 +257,7 @@ class JobStore:
         job["parts"] = [dict(zip(keys, p)) for p in parts]
         for p in job["parts"]:
             p["truncated"] = bool(p["truncated"])
-        job["counts"] = {}
-        for p in job["parts"]:
-            job["counts"][p["state"]] = job["counts"].get(p["state"], 0) + 1
+        job["counts"] = count_states(job["parts"])
         return job
 
     def claim(self, job_id: str, device: str) -> bool:
@@ -290,20 +287,6 @@ class JobStore:
                 (state, exit, out.text("stdout") if out else "",
                  out.text("stderr") if out else "", int(bool(out and out.truncated)),
                  time.time(), reason, job_id, device))
-
-    def settle(self, job_id: str, from_state: str, to_state: str, reason: str) -> int:
-        """Every part of the job in ``from_state`` moves to ``to_state``."""
-        with self._tx() as cur:
-            cur.execute("UPDATE job_parts SET state = ?, ended = ?, reason = ? "
-                        "WHERE job = ? AND state = ?",
-                        (to_state, time.time(), reason, job_id, from_state))
-            return int(cur.rowcount)
-
-    def set_state(self, job_id: str, state: str) -> bool:
-        with self._tx() as cur:
-            cur.execute("UPDATE jobs SET state = ?, ended = ? WHERE id = ? AND state = "
-                        "'running'", (state, time.time(), job_id))
-            return bool(cur.rowcount == 1)
 
     def cut_by_restart(self) -> int:
         """Parts left ``running`` by this manager when it stopped: failed, never re-run.

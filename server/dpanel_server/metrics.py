@@ -24,8 +24,9 @@ from prometheus_client import CONTENT_TYPE_LATEST, Counter, Histogram, generate_
 from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.registry import REGISTRY, Collector
 from starlette.responses import JSONResponse, Response
-from starlette.types import ASGIApp, Message, Receive, Scope, Send
+from starlette.types import Message
 
+from ._asgi import OnResponseStart
 from .db import Database
 
 if TYPE_CHECKING:
@@ -133,7 +134,7 @@ def install_observability(app: FastAPI, manager: Manager) -> None:
     device, and neither answer names a device (aggregates and booleans only). The API
     listens on loopback unless allow_public_api; a proxy in front decides who scrapes."""
 
-    app.add_middleware(_CountStatus)
+    app.add_middleware(OnResponseStart, hook=_count_status)
 
     @app.get("/metrics", include_in_schema=False)
     async def metrics() -> Response:
@@ -149,24 +150,9 @@ def install_observability(app: FastAPI, manager: Manager) -> None:
         return JSONResponse(doc, status_code=status)
 
 
-class _CountStatus:
-    """ASGI middleware: count each answer's status (the status line only; bodies and
-    streams pass through untouched)."""
-
-    def __init__(self, app: ASGIApp) -> None:
-        self.app = app
-
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http":
-            await self.app(scope, receive, send)
-            return
-
-        async def counted(message: Message) -> None:
-            if message["type"] == "http.response.start":
-                API_REQUESTS.labels(str(message["status"])).inc()
-            await send(message)
-
-        await self.app(scope, receive, counted)
+def _count_status(message: Message) -> None:
+    """Count each answer's status (the status line only)."""
+    API_REQUESTS.labels(str(message["status"])).inc()
 
 
 def render() -> bytes:

@@ -42,6 +42,7 @@ from dpanel_proto.update import (
 )
 
 from ._files import ensure_private_key
+from ._partstore import PartStore, count_states
 from .authz import Forbidden, Principal, in_scope, require
 from .errors import BrokerError, DPanelError, RequestTimeout, UnknownDevice
 from .jobs import JobError, _matches
@@ -185,13 +186,12 @@ class RolloutSpec:
     url_base: str = ""
 
 
-class RolloutStore:
-    def __init__(self, registry: Registry) -> None:
-        self._reg = registry
-        registry.db.ensure("agent_updates", _SCHEMA)
+class RolloutStore(PartStore):
+    PARENT, PARTS, PARENT_KEY = "agent_rollouts", "agent_rollout_parts", "rollout"
 
-    def _tx(self) -> Any:
-        return self._reg._tx()
+    def __init__(self, registry: Registry) -> None:
+        super().__init__(registry)
+        registry.db.ensure("agent_updates", _SCHEMA)
 
     _COLS = ("id, version, selector, created_by, created, expires, canary, max_failures, "
              "max_concurrency, commit_timeout, url_base, state, ended")
@@ -218,9 +218,7 @@ class RolloutStore:
         r["parts"] = [dict(zip(keys, p)) for p in parts]
         for p in r["parts"]:
             p["canary"] = bool(p["canary"])
-        r["counts"] = {}
-        for p in r["parts"]:
-            r["counts"][p["state"]] = r["counts"].get(p["state"], 0) + 1
+        r["counts"] = count_states(r["parts"])
         return r
 
     def rollouts(self, active_only: bool = False) -> list[dict[str, Any]]:
@@ -260,19 +258,6 @@ class RolloutStore:
                 cur.execute("UPDATE agent_rollout_parts SET state = ?, ended = ?, reason = ? "
                             "WHERE rollout = ? AND device = ? AND state = ?",
                             (to_state, ended, reason, rid, device, from_state))
-            return bool(cur.rowcount == 1)
-
-    def settle(self, rid: str, from_state: str, to_state: str, reason: str) -> int:
-        with self._tx() as cur:
-            cur.execute("UPDATE agent_rollout_parts SET state = ?, ended = ?, reason = ? "
-                        "WHERE rollout = ? AND state = ?",
-                        (to_state, time.time(), reason, rid, from_state))
-            return int(cur.rowcount)
-
-    def set_state(self, rid: str, state: str) -> bool:
-        with self._tx() as cur:
-            cur.execute("UPDATE agent_rollouts SET state = ?, ended = ? WHERE id = ? AND "
-                        "state = 'running'", (state, time.time(), rid))
             return bool(cur.rowcount == 1)
 
 

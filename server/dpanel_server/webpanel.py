@@ -40,11 +40,12 @@ from urllib.parse import urlsplit
 
 from fastapi import FastAPI, HTTPException, Request, WebSocket
 from fastapi.responses import JSONResponse, Response, StreamingResponse
-from starlette.types import ASGIApp, Message, Receive, Scope, Send
+from starlette.types import Message
 from starlette.websockets import WebSocketDisconnect, WebSocketState
 
 from dpanel_proto.wire import printable
 
+from ._asgi import OnResponseStart
 from .authz import Principal, in_scope, require
 from .errors import DPanelError
 from .hostkeys import fingerprint
@@ -167,26 +168,12 @@ def _check_origin(origin: Optional[str], host: Optional[str]) -> None:
         raise HTTPException(403, f"cross-origin request refused (Origin {printable(origin)[:80]})")
 
 
-class _SecurityHeaders:
-    """Pure ASGI (no BaseHTTPMiddleware: it would buffer the exec streams): the panel's
-    headers on every HTTP answer, the API's JSON included."""
-
-    def __init__(self, app: ASGIApp) -> None:
-        self.app = app
-
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http":
-            await self.app(scope, receive, send)
-            return
-
-        async def send_with(message: Message) -> None:
-            if message["type"] == "http.response.start":
-                have = {k.lower() for k, _ in message.get("headers", [])}
-                message["headers"] = [*message.get("headers", []),
-                                      *(h for h in _SECURITY_HEADERS if h[0] not in have)]
-            await send(message)
-
-        await self.app(scope, receive, send_with)
+def _security_headers(message: Message) -> None:
+    """The panel's headers on every HTTP answer, the API's JSON included (an answer's own
+    header of the same name wins)."""
+    have = {k.lower() for k, _ in message.get("headers", [])}
+    message["headers"] = [*message.get("headers", []),
+                          *(h for h in _SECURITY_HEADERS if h[0] not in have)]
 
 
 class Hub:
@@ -307,7 +294,7 @@ def install(app: FastAPI, manager: Manager) -> None:
     manager.on_presence(hub.changed)
     app.state.web_principal = sessions.principal
     app.state.web_hub = hub
-    app.add_middleware(_SecurityHeaders)
+    app.add_middleware(OnResponseStart, hook=_security_headers)
     files = _static_files()
     if "vendor/xterm.js" not in files:
         log.warning("web panel: xterm.js is missing from the package (run python3 tasks.py "

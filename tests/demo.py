@@ -19,7 +19,7 @@ import time
 from pathlib import Path
 from typing import Iterator, Optional, Sequence
 
-from support import free_port, stop_proc, wait_for
+from support import device_link, free_port, stop_proc, wait_for
 
 __all__ = ["main"]
 
@@ -63,13 +63,7 @@ def _namespace() -> Iterator[Optional[str]]:
     ns, veth = f"dpanel-demo-{os.getpid()}", f"dpd{os.getpid() % 100000}"
     try:
         _run("ip", "netns", "add", ns)
-        _run("ip", "link", "add", veth, "type", "veth", "peer", "name", "eth0", "netns", ns)
-        _run("ip", "addr", "add", f"{NS_HOST_IP}/30", "dev", veth)
-        _run("ip", "link", "set", veth, "up")
-        _run("ip", "-n", ns, "addr", "add", f"{NS_DEV_IP}/30", "dev", "eth0")
-        _run("ip", "-n", ns, "link", "set", "eth0", "up")
-        _run("ip", "-n", ns, "link", "set", "lo", "up")
-        _run("ip", "-n", ns, "route", "add", "default", "via", NS_HOST_IP)
+        device_link(ns, veth, NS_HOST_IP, NS_DEV_IP)
     except (subprocess.CalledProcessError, OSError) as exc:
         print(f"    (no network namespace: {exc}; the device runs on the host)")
         subprocess.run(["ip", "netns", "del", ns], capture_output=True)

@@ -10,7 +10,7 @@ import time
 from pathlib import Path
 from typing import Any, Callable
 
-__all__ = ["free_port", "read_pid", "stop_proc", "wait_for", "wait_port"]
+__all__ = ["device_link", "free_port", "read_pid", "stop_proc", "wait_for", "wait_port"]
 
 
 def _ephemeral_low() -> int:
@@ -87,3 +87,23 @@ def stop_proc(proc: subprocess.Popen[bytes], sig: int = signal.SIGTERM) -> None:
         except subprocess.TimeoutExpired:
             proc.kill()
             proc.wait()
+
+
+def device_link(ns: str, veth: str, host_ip: str, dev_ip: str, *,
+                no_ipv6: bool = False) -> None:
+    """A /30 veth from the host (``veth``, ``host_ip``) into the existing netns ``ns``
+    (``eth0``, ``dev_ip``, default route via the host). ``no_ipv6``: none on the link, so
+    that interface counters see only the device's own traffic. Raises CalledProcessError."""
+    def run(*argv: str) -> None:
+        subprocess.run(argv, check=True, capture_output=True)
+
+    run("ip", "link", "add", veth, "type", "veth", "peer", "name", "eth0", "netns", ns)
+    if no_ipv6:
+        run("sysctl", "-qw", f"net.ipv6.conf.{veth}.disable_ipv6=1")
+        run("ip", "netns", "exec", ns, "sysctl", "-qw", "net.ipv6.conf.all.disable_ipv6=1")
+    run("ip", "addr", "add", f"{host_ip}/30", "dev", veth)
+    run("ip", "link", "set", veth, "up")
+    run("ip", "-n", ns, "addr", "add", f"{dev_ip}/30", "dev", "eth0")
+    run("ip", "-n", ns, "link", "set", "eth0", "up")
+    run("ip", "-n", ns, "link", "set", "lo", "up")
+    run("ip", "-n", ns, "route", "add", "default", "via", host_ip)

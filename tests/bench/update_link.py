@@ -31,7 +31,7 @@ from typing import Any, Optional
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from stackfix import Stack
-from support import free_port, wait_for
+from support import device_link, free_port, wait_for
 
 RATE = "5mbit"
 ONE_WAY_S = 0.150
@@ -118,15 +118,7 @@ def run_update_link(work: Path) -> dict[str, Any]:
     relay: Optional[DelayRelay] = None
     try:
         _run("ip", "netns", "add", ns)
-        _run("ip", "link", "add", veth, "type", "veth", "peer", "name", "eth0", "netns", ns)
-        _run("sysctl", "-qw", f"net.ipv6.conf.{veth}.disable_ipv6=1")
-        _run("ip", "netns", "exec", ns, "sysctl", "-qw", "net.ipv6.conf.all.disable_ipv6=1")
-        _run("ip", "addr", "add", f"{hip}/30", "dev", veth)
-        _run("ip", "link", "set", veth, "up")
-        _run("ip", "-n", ns, "addr", "add", f"{dip}/30", "dev", "eth0")
-        _run("ip", "-n", ns, "link", "set", "eth0", "up")
-        _run("ip", "-n", ns, "link", "set", "lo", "up")
-        _run("ip", "-n", ns, "route", "add", "default", "via", hip)
+        device_link(ns, veth, hip, dip, no_ipv6=True)
         tbf = ("root", "tbf", "rate", RATE, "burst", "32kbit", "latency", "400ms")
         _run("tc", "qdisc", "add", "dev", veth, *tbf)  # to the device (download)
         _run("ip", "netns", "exec", ns, "tc", "qdisc", "add", "dev", "eth0", *tbf)  # upload

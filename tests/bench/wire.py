@@ -30,7 +30,7 @@ from typing import Any, Optional
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from stackfix import Stack
-from support import free_port
+from support import device_link, free_port
 
 #: (label, profile, transport): edge = TLS on the one port, plain = mqtt:// + ssh ports
 CASES = [("default/edge", "default", "edge"), ("metered/edge", "metered", "edge"),
@@ -71,19 +71,11 @@ def measure(out: Path, window: float, presence_cap: float, settle: float) -> dic
             ns, veth = f"dpw{tag}n{i}", f"dpw{tag}v{i}"
             _run("ip", "netns", "add", ns)
             namespaces.append(ns)
-            _run("ip", "link", "add", veth, "type", "veth", "peer", "name", "eth0", "netns", ns)
-            links.append(veth)
             hip, dip = f"10.{a}.{b}.{1 + 4 * i}", f"10.{a}.{b}.{2 + 4 * i}"
             # no IPv6 on the link: its router solicitations and MLD reports would be
             # counted as the agent's (the same ~140 bytes per minute for every profile)
-            _run("sysctl", "-qw", f"net.ipv6.conf.{veth}.disable_ipv6=1")
-            _run("ip", "netns", "exec", ns, "sysctl", "-qw", "net.ipv6.conf.all.disable_ipv6=1")
-            _run("ip", "addr", "add", f"{hip}/30", "dev", veth)
-            _run("ip", "link", "set", veth, "up")
-            _run("ip", "-n", ns, "addr", "add", f"{dip}/30", "dev", "eth0")
-            _run("ip", "-n", ns, "link", "set", "eth0", "up")
-            _run("ip", "-n", ns, "link", "set", "lo", "up")
-            _run("ip", "-n", ns, "route", "add", "default", "via", hip)
+            device_link(ns, veth, hip, dip, no_ipv6=True)
+            links.append(veth)
         for st in stacks:
             st.start()
         started: list[tuple[str, Stack, str, str]] = []

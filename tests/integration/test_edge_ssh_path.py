@@ -23,7 +23,7 @@ from typing import Iterator
 import pytest
 
 from stackfix import Stack
-from support import free_port, stop_proc, wait_for
+from support import device_link, free_port, stop_proc, wait_for
 
 pytestmark = [pytest.mark.root]
 
@@ -53,13 +53,7 @@ def site(tmp_path_factory: pytest.TempPathFactory) -> Iterator[_Site]:
     stack = None
     try:
         _run("ip", "netns", "add", ns)
-        _run("ip", "link", "add", veth, "type", "veth", "peer", "name", "eth0", "netns", ns)
-        _run("ip", "addr", "add", f"{host_ip}/30", "dev", veth)
-        _run("ip", "link", "set", veth, "up")
-        _run("ip", "-n", ns, "addr", "add", f"{dev_ip}/30", "dev", "eth0")
-        _run("ip", "-n", ns, "link", "set", "eth0", "up")
-        _run("ip", "-n", ns, "link", "set", "lo", "up")
-        _run("ip", "-n", ns, "route", "add", "default", "via", host_ip)
+        device_link(ns, veth, host_ip, dev_ip)
         edge = f"{host_ip}:{free_port()}"
         stack = Stack(dir=tmp / "stack", broker_port=free_port(), tunnel_port=free_port(),
                       api_port=free_port(), public_host=host_ip,

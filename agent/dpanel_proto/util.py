@@ -10,7 +10,7 @@ from typing import Optional, Union
 
 from .wire import DecodeError
 
-__all__ = ["Backoff", "atomic_write", "parse_hostport"]
+__all__ = ["Backoff", "atomic_write", "parse_hostport", "skip_none_auth"]
 
 
 def parse_hostport(value: str, what: str, default_port: int) -> tuple[str, int]:
@@ -85,3 +85,13 @@ class Backoff:
 
     def reset(self) -> None:
         self.failures = 0
+
+
+def skip_none_auth(conn: object, method: bytes) -> None:
+    """Start an asyncssh client's login with ``method`` rather than its ``none`` probe: one
+    round trip less per login (300 ms on LTE), where the caller knows what the server
+    accepts. RFC 4252 lets a client open with any method. asyncssh keeps the list in a
+    private attribute; if that ever changes, this does nothing and the login keeps its
+    extra round trip. Duck-typed, so that this package still imports no asyncssh."""
+    if getattr(conn, "_auth_methods", None) == [b"none"]:
+        conn._auth_methods = [method]  # type: ignore[attr-defined]

@@ -10,6 +10,7 @@ from typing import AsyncIterator, Awaitable, Callable, Optional, Union
 import asyncssh
 
 from dpanel_proto import wire
+from dpanel_proto.util import skip_none_auth
 
 from .config import ServerConfig
 from .errors import DeviceError, DeviceNotAnswering, HostKeyMismatch, RequestTimeout
@@ -32,12 +33,10 @@ ExecEvent = tuple[str, Union[bytes, int]]
 
 class _KeyFirst(asyncssh.SSHClient):
     """Open the login with publickey, not asyncssh's ``none`` probe: one round trip less
-    through the tunnel (every one crosses the device's link). RFC 4252 allows any first
-    method; asyncssh keeps the list privately, so a change there only costs the trip."""
+    through the tunnel (every one crosses the device's link)."""
 
     def connection_made(self, conn: asyncssh.SSHClientConnection) -> None:
-        if getattr(conn, "_auth_methods", None) == [b"none"]:
-            conn._auth_methods = [b"publickey"]
+        skip_none_auth(conn, b"publickey")
 
 
 @dataclass

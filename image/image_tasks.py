@@ -48,8 +48,9 @@ def _mode(mode: str) -> Any:
             "mode": "onefile (one binary, default) or onedir (a folder; starts faster)",
             "dist": "output directory (default: dist/)",
             "version": "stamp this agent version (default: the sources')",
-            "update_key": "also write a signed update bundle (onefile), signed with this "
-                          "Ed25519 key (the manager's STATE_DIR/update_key)"},
+            "update_key": "also write a signed update bundle (of the --mode layout: onedir "
+                          "is what images run), signed with this Ed25519 key (the "
+                          "manager's STATE_DIR/update_key)"},
       iterable=["arch"])
 @_clear_errors
 def build(c: Context, arch: Optional[list[str]] = None, mode: str = "onefile",
@@ -65,26 +66,18 @@ def build(c: Context, arch: Optional[list[str]] = None, mode: str = "onefile",
         print(f"{r.path}  {a} {mode} {size / 1e6:.1f} MB  "
               f"{'cached' if r.cached else 'built'} in {r.seconds:.1f} s")
         if update_key:
-            print(_bundle(r.path, parse_arch(a), mode, version, Path(update_key)))
+            print(_bundle(r, version, Path(update_key)))
 
 
-def _bundle(binary: Path, arch: str, mode: str, version: str, key_path: Path) -> Path:
-    """``dist/<arch>/update/<version>/``: the binary + its signed manifest."""
-    import asyncssh
+def _bundle(r: Any, version: str, key_path: Path) -> str:
+    """``dist/<arch>/update/<version>/``: the payload + its signed manifest."""
+    from dpanel_image.freeze import bundle_agent
+    from dpanel_proto.update import read_bundle
 
-    from dpanel_proto import __version__
-    from dpanel_proto.update import write_bundle
-
-    if mode != "onefile":
-        raise ImageError("--update-key: update bundles hold the onefile binary")
-    try:
-        key = asyncssh.read_private_key(str(key_path))
-    except (OSError, asyncssh.KeyImportError) as exc:
-        raise ImageError(f"--update-key: {key_path}: {exc}") from None
-    v = version or __version__
-    out = binary.parent / "update" / v
-    m = write_bundle(out, binary, v, arch, key)
-    return Path(f"{out}  (bundle: {m.version} {m.arch} {m.size} bytes, sha256 {m.sha256})")
+    out = bundle_agent(r, key_path, version or None)
+    m = read_bundle(out)[0]
+    return (f"{out}  (bundle: {m.version} {m.arch} {m.layout} {m.size} bytes, "
+            f"sha256 {m.sha256})")
 
 
 @task(name="build", help={

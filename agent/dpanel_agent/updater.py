@@ -4,7 +4,10 @@ Layout (``update_root``, ``/opt/dpanel`` in images)::
 
     slots/a/dpanel-tunnel   slots/b/dpanel-tunnel   current -> slots/a
 
-The unit runs ``current/dpanel-tunnel``. An update is written into the *other* slot,
+The unit runs ``current/dpanel-tunnel``. A bundle is either one onefile binary, or (the
+images' layout, ``layout="onedir"`` in the signed manifest) a plain tar of the
+PyInstaller folder, which is unpacked with :func:`.untar.unpack_tree` into a fresh
+copy of the inactive slot. An update is written into the *other* slot,
 then ``current`` is replaced by rename (atomic), the previous slot is kept, and the
 agent exits so that its supervisor (systemd, ``Restart=always``) starts the new one.
 Nothing is swapped before the download matched the manifest's size and SHA-256, its
@@ -29,6 +32,7 @@ import logging
 import os
 import shutil
 import ssl
+import stat
 import threading
 import time
 import urllib.error
@@ -38,7 +42,14 @@ from typing import Callable, Dict, Optional
 
 from dpanel_proto.signing import ManagerKey
 from dpanel_proto.token import DeviceToken
-from dpanel_proto.update import Manifest, elf_arch, machine_arch, verify_manifest
+from dpanel_proto.update import (
+    BINARY_NAME,
+    MAX_SIZE,
+    Manifest,
+    elf_arch,
+    machine_arch,
+    verify_manifest,
+)
 from dpanel_proto.util import atomic_write
 from dpanel_proto.wire import DecodeError, ErrorCode, Response, UpdateRequest, printable
 
@@ -172,7 +183,7 @@ class Updater:
                            "(pins_dir/update_key.pub or update_key)")
         try:
             m = Manifest(version=req.version, arch=req.arch, size=req.size,
-                         sha256=req.sha256)
+                         sha256=req.sha256, layout=req.layout or "onefile")
             key = ManagerKey(self.key_line)
         except DecodeError as exc:
             raise _Refused(ErrorCode.INVALID, f"bad offer: {exc}") from None
@@ -297,11 +308,15 @@ class Updater:
             part.unlink(missing_ok=True)
             raise _Refused(ErrorCode.INVALID, "sha256 of the download does not match the "
                            "signed manifest")
+        if m.layout == "onefile":  # a onedir's binary is checked once unpacked
+            self._check_elf(head)
+        return part
+
+    def _check_elf(self, head: bytes) -> None:
         arch = elf_arch(head)
         if arch != self.arch:
             raise _Refused(ErrorCode.INVALID, f"wrong architecture: the binary is "
                            f"{arch or 'not an ELF executable'}, this device is {self.arch}")
-        return part
 
     def _tls(self) -> Optional[ssl.SSLContext]:
         ctx = ssl.create_default_context()
@@ -319,13 +334,16 @@ class Updater:
             raise _Refused(ErrorCode.INVALID, f"{self.root}/current is not a slot symlink")
         new = "b" if cur == "a" else "a"
         slot = self.root / "slots" / new
-        slot.mkdir(parents=True, exist_ok=True)
-        tmp = slot / ".dpanel-tunnel.new"
-        shutil.copyfile(part, tmp)
-        with tmp.open("rb+") as f:
-            os.fsync(f.fileno())
-        tmp.chmod(0o755)
-        os.replace(tmp, slot / "dpanel-tunnel")
+        if m.layout == "onedir":
+            self._install_tree(part, slot)
+        else:
+            slot.mkdir(parents=True, exist_ok=True)
+            tmp = slot / ".dpanel-tunnel.new"
+            shutil.copyfile(part, tmp)
+            with tmp.open("rb+") as f:
+                os.fsync(f.fileno())
+            tmp.chmod(0o755)
+            os.replace(tmp, slot / "dpanel-tunnel")
         # the trial record first: from the swap on, the rollback hook can revert
         atomic_write(self.dir / "pending", _kv({
             "version": m.version, "slot": new, "previous": cur, "starts": "0",
@@ -338,3 +356,29 @@ class Updater:
         part.unlink(missing_ok=True)
         log.info("slot %s now holds %s; current -> slots/%s (previous slot %s kept)",
                  new, m.version, new, cur)
+
+    def _install_tree(self, part: Path, slot: Path) -> None:
+        """Unpack the onedir tar beside the inactive slot, check its binary, then put it
+        in that slot's place. The active slot is never touched."""
+        from .untar import UnpackError, unpack_tree  # only when updating: off the idle path
+
+        stage = slot.with_name(f".{slot.name}.new")
+        shutil.rmtree(stage, ignore_errors=True)
+        stage.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            try:
+                unpack_tree(part, stage, MAX_SIZE)
+            except UnpackError as exc:
+                raise _Refused(ErrorCode.INVALID, f"bundle refused: {exc}") from None
+            binary = stage / BINARY_NAME
+            st = os.lstat(binary) if os.path.lexists(binary) else None
+            if st is None or not stat.S_ISREG(st.st_mode) or not st.st_mode & 0o100:
+                raise _Refused(ErrorCode.INVALID, f"bundle refused: no executable "
+                               f"{BINARY_NAME} at the top of the tar")
+            with binary.open("rb") as f:
+                self._check_elf(f.read(64))
+            os.sync()  # the tree is on disk before current may point at it
+            shutil.rmtree(slot, ignore_errors=True)
+            os.replace(stage, slot)
+        finally:
+            shutil.rmtree(stage, ignore_errors=True)

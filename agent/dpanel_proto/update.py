@@ -28,7 +28,9 @@ from .wire import DecodeError
 __all__ = [
     "ARCHES",
     "BINARY_NAME",
+    "LAYOUTS",
     "MANIFEST_NAME",
+    "TAR_NAME",
     "Manifest",
     "elf_arch",
     "file_sha256",
@@ -42,6 +44,10 @@ __all__ = [
 ARCHES = ("amd64", "arm64", "armhf")
 MANIFEST_NAME = "manifest.json"
 BINARY_NAME = "dpanel-tunnel"
+#: a onedir bundle's payload: the PyInstaller folder as a plain tar (see payload_name)
+TAR_NAME = "dpanel-tunnel.tar"
+#: "onefile": the payload is the binary; "onedir": a tar of the folder that holds it
+LAYOUTS = ("onefile", "onedir")
 #: a frozen agent is ~10-15 MB; anything far bigger is refused before it is fetched
 MAX_SIZE = 256 << 20
 _VERSION_RE = re.compile(r"^[A-Za-z0-9._+~:-]{1,64}\Z")
@@ -60,6 +66,8 @@ class Manifest:
     arch: str
     size: int
     sha256: str
+    #: "onedir": size and sha256 are those of the tar (the bytes fetched)
+    layout: str = "onefile"
 
     def __post_init__(self) -> None:
         if not isinstance(self.version, str) or not _VERSION_RE.match(self.version):
@@ -71,11 +79,25 @@ class Manifest:
             raise DecodeError(f"size: {self.size!r} is not 1-{MAX_SIZE} bytes")
         if not isinstance(self.sha256, str) or not _SHA_RE.match(self.sha256):
             raise DecodeError("sha256: expected 64 lowercase hex characters")
+        if self.layout not in LAYOUTS:
+            raise DecodeError(f"layout: {self.layout!r} is not one of {', '.join(LAYOUTS)}")
 
     def signed_bytes(self) -> bytes:
-        """What the update key signs: a domain tag, then the canonical JSON."""
-        body = json.dumps(asdict(self), separators=(",", ":"), sort_keys=True)
+        """What the update key signs: a domain tag, then the canonical JSON.
+
+        ``layout`` is signed when it is not the default, so a onefile manifest signs
+        exactly as before the field existed (old bundles and agents stay valid), and a
+        onedir one cannot be passed off as a onefile or the other way round."""
+        d = asdict(self)
+        if self.layout == "onefile":
+            del d["layout"]
+        body = json.dumps(d, separators=(",", ":"), sort_keys=True)
         return b"dpanel-update-v1\0" + body.encode()
+
+    @property
+    def payload_name(self) -> str:
+        """The file of the bundle that is fetched and hashed."""
+        return BINARY_NAME if self.layout == "onefile" else TAR_NAME
 
 
 def sign_manifest(m: Manifest, key: SigningKey) -> str:
@@ -119,24 +141,56 @@ def file_sha256(path: Path) -> Tuple[int, str]:
     return n, h.hexdigest()
 
 
-def write_bundle(out: Path, binary: Path, version: str, arch: str, key: SigningKey) -> Manifest:
-    """``out/dpanel-tunnel`` + ``out/manifest.json`` (manifest and signature)."""
+def write_bundle(out: Path, binary: Path, version: str, arch: str, key: SigningKey,
+                 layout: str = "onefile") -> Manifest:
+    """``out/dpanel-tunnel`` (or, for ``layout="onedir"``, ``out/dpanel-tunnel.tar``: a
+    tar of ``binary``'s folder) + ``out/manifest.json`` (manifest and signature)."""
+    if layout not in LAYOUTS:
+        raise DecodeError(f"layout: {layout!r} is not one of {', '.join(LAYOUTS)}")
     out.mkdir(parents=True, exist_ok=True)
-    size, digest = file_sha256(binary)
-    m = Manifest(version=version, arch=arch, size=size, sha256=digest)
-    tmp = out / f".{BINARY_NAME}.tmp{os.getpid()}"
-    with binary.open("rb") as src, tmp.open("wb") as dst:
-        while True:
-            chunk = src.read(1 << 20)
-            if not chunk:
-                break
-            dst.write(chunk)
-    tmp.chmod(0o755)
-    os.replace(tmp, out / BINARY_NAME)
-    doc = dict(asdict(m), sig=sign_manifest(m, key))
+    name = BINARY_NAME if layout == "onefile" else TAR_NAME
+    tmp = out / f".{name}.tmp{os.getpid()}"
+    if layout == "onedir":
+        write_tree_tar(binary.parent, tmp)
+    else:
+        with binary.open("rb") as src, tmp.open("wb") as dst:
+            while True:
+                chunk = src.read(1 << 20)
+                if not chunk:
+                    break
+                dst.write(chunk)
+        tmp.chmod(0o755)
+    size, digest = file_sha256(tmp)
+    m = Manifest(version=version, arch=arch, size=size, sha256=digest, layout=layout)
+    os.replace(tmp, out / name)
+    doc = asdict(m)
+    if layout == "onefile":
+        del doc["layout"]  # as before the field existed
+    doc["sig"] = sign_manifest(m, key)
     atomic_write(out / MANIFEST_NAME, json.dumps(doc, indent=1, sort_keys=True).encode(),
                  0o644)
     return m
+
+
+def write_tree_tar(top: Path, dest: Path) -> None:
+    """A plain (uncompressed) tar of the folder ``top``: directories and regular files
+    only, named relative to it, owner root and modes 0755/0644, in sorted order (so the
+    same tree gives the same bytes). A frozen onedir is already compressed (.pyz, .so),
+    and a plain tar lets the device check it before it unpacks anything."""
+    import tarfile
+
+    def clean(ti: tarfile.TarInfo) -> tarfile.TarInfo:
+        ti.uid = ti.gid = 0
+        ti.uname = ti.gname = "root"
+        ti.mtime = 0
+        ti.mode = 0o755 if ti.isdir() or ti.mode & 0o111 else 0o644
+        return ti
+
+    with tarfile.open(dest, "w", format=tarfile.PAX_FORMAT) as tar:
+        for p in sorted(top.rglob("*")):
+            if p.is_symlink() or not (p.is_dir() or p.is_file()):
+                raise DecodeError(f"{p}: only directories and regular files go in a bundle")
+            tar.add(p, arcname=str(p.relative_to(top)), recursive=False, filter=clean)
 
 
 def parse_manifest(doc: object) -> Tuple[Manifest, str]:
@@ -144,7 +198,8 @@ def parse_manifest(doc: object) -> Tuple[Manifest, str]:
         raise DecodeError("manifest: expected a JSON object")
     try:
         m = Manifest(version=doc.get("version"), arch=doc.get("arch"),  # type: ignore[arg-type]
-                     size=doc.get("size"), sha256=doc.get("sha256"))  # type: ignore[arg-type]
+                     size=doc.get("size"), sha256=doc.get("sha256"),  # type: ignore[arg-type]
+                     layout=doc.get("layout", "onefile"))
     except TypeError as exc:
         raise DecodeError(f"manifest: {exc}") from None
     sig = doc.get("sig")
@@ -154,8 +209,8 @@ def parse_manifest(doc: object) -> Tuple[Manifest, str]:
 
 
 def read_bundle(d: Path) -> Tuple[Manifest, str, Path]:
-    """(manifest, signature, binary path) of a bundle directory; DecodeError names what
-    is wrong. The binary is not hashed here (the caller decides when)."""
+    """(manifest, signature, payload path) of a bundle directory; DecodeError names what
+    is wrong. The payload (binary or tar) is not hashed here (the caller decides when)."""
     try:
         raw = (d / MANIFEST_NAME).read_bytes()
     except OSError as exc:
@@ -167,4 +222,4 @@ def read_bundle(d: Path) -> Tuple[Manifest, str, Path]:
     except ValueError as exc:
         raise DecodeError(f"bundle {d}: {MANIFEST_NAME} is not JSON ({exc})") from None
     m, sig = parse_manifest(doc)
-    return m, sig, d / BINARY_NAME
+    return m, sig, d / m.payload_name

@@ -264,6 +264,9 @@ class UpdateRequest:
     manifest_sig: str
     url: str
     commit_timeout: int = 300
+    #: the manifest's layout; None (left out of the encoding) is "onefile", so a onefile
+    #: offer encodes and signs exactly as before the field existed
+    layout: Optional[str] = None
     sig: str = ""
     type: MsgType = field(default=MsgType.UPDATE, init=False)
 
@@ -404,6 +407,7 @@ def _decode_update(d: Mapping[str, Any]) -> UpdateRequest:
         size=_bounded_int(d, "size", 1, 1 << 30, 0) or _get(d, "size", int),
         sha256=sha, manifest_sig=_short_str(d, "manifest_sig", 256), url=url,
         commit_timeout=_bounded_int(d, "commit_timeout", 10, 86400, 300),
+        layout=_opt_word(d, "layout", ("onefile", "onedir")),
     )
 
 

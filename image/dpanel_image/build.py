@@ -37,11 +37,31 @@ from .layout import HeadCheck, check_layout
 from .postbuild import parse_post_build, post_build_ops, unit_links
 from .util import AtomicDir, log, package_dir, run, sha256_file
 
-__all__ = ["AGENT_BIN", "AGENT_CONFIG", "IMAGE_INFO", "PINS", "BuildResult", "Job",
-           "agent_config", "build_image", "find_root", "image_arch", "read_image_info"]
+__all__ = [
+    "AGENT_BIN",
+    "AGENT_CONFIG",
+    "AGENT_CURRENT",
+    "AGENT_SLOT",
+    "IMAGE_INFO",
+    "PINS",
+    "UPDATE_ROOT",
+    "BuildResult",
+    "Job",
+    "agent_config",
+    "build_image",
+    "find_root",
+    "image_arch",
+    "read_image_info",
+]
 
 AGENT_BIN = "/usr/local/bin/dpanel-tunnel"
-AGENT_ONEDIR = "/opt/dpanel-tunnel"
+#: The agent's update slots (dpanel_agent/updater.py): the image fills slot a and points
+#: current at it; an update unpacks into slot b and swaps the link. The unit runs
+#: current/dpanel-tunnel (overlay: dpanel-agent.service.d/slots.conf), AGENT_BIN links
+#: there too, so a shell on the device runs whatever version is current.
+UPDATE_ROOT = "/opt/dpanel"
+AGENT_SLOT = f"{UPDATE_ROOT}/slots/a"
+AGENT_CURRENT = f"{UPDATE_ROOT}/current"
 AGENT_CONFIG = "/etc/dpanel/agent.toml"
 IMAGE_INFO = "/etc/dpanel/image.toml"
 #: Baked pins: file name in /etc/dpanel/pins/ -> the build-image option that gives it.
@@ -67,7 +87,8 @@ SHARED_IDENTITY = ("/etc/ssh/ssh_host_rsa_key", "/etc/ssh/ssh_host_rsa_key.pub",
 ARCH_PROBES = ("/usr/bin/env", "/usr/bin/ls", "/bin/ls")
 #: Directories this builder owns in the root: (re)set to 0755 root:root. Others that
 #: already exist (/etc, /usr/local, ...) keep the vendor's mode and owner.
-OWNED_DIRS = ("/etc/dpanel", PINS_DIR, AGENT_ONEDIR, "/usr/local/lib/dpanel")
+OWNED_DIRS = ("/etc/dpanel", PINS_DIR, UPDATE_ROOT, f"{UPDATE_ROOT}/slots", AGENT_SLOT,
+              "/usr/local/lib/dpanel")
 
 
 def agent_config() -> str:
@@ -75,7 +96,11 @@ def agent_config() -> str:
     return ("# dPanel agent configuration, written by `invoke build-image`.\n" + tomli_w.dumps({
         "token_file": "/etc/dpanel/token",
         "import_token_from": list(TOKEN_IMPORTS),
-        "state_dir": "/var/lib/dpanel-tunnel"}))
+        "state_dir": "/var/lib/dpanel-tunnel",
+        # spelled out (they are the agent's defaults): updates verify bundles with
+        # pins_dir/update_key.pub (build-image --update-key) and swap slots here
+        "pins_dir": PINS_DIR,
+        "update_root": UPDATE_ROOT}))
 
 
 @dataclass(frozen=True)
@@ -155,6 +180,9 @@ def resolve(board_name: str, base: Optional[Path], arch: Optional[str],
     else:
         # A given binary decides the layout: PyInstaller onedir keeps _internal/ beside it.
         mode = "onedir" if (agent.parent / "_internal").is_dir() else "onefile"
+        if mode == "onedir" and agent.name != "dpanel-tunnel":
+            raise ImageError(f"--agent: {agent}: a onedir agent's executable must be named "
+                             "dpanel-tunnel (the unit runs slots/a/dpanel-tunnel)")
     agent_arch = elf_arch_of_file(agent)
     if agent_arch != a:
         raise ImageError(f"--agent: {agent} is an {agent_arch} binary, the image is {a}")
@@ -284,19 +312,23 @@ def image_info(job: Job) -> str:
 
 
 def _agent_ops(agent: Path, mode: FreezeMode) -> list[Op]:
-    if mode == "onefile":
-        return [Op("file", AGENT_BIN, src=agent, mode=0o755)]
+    """The agent in slot a (a onefile binary, or the onedir folder's contents), current
+    -> slots/a (relative, as the updater and the rollback hook write it), AGENT_BIN ->
+    current."""
+    ops = [Op("dir", d, mode=0o755) for d in (UPDATE_ROOT, f"{UPDATE_ROOT}/slots", AGENT_SLOT)]
+    ops += [Op("symlink", AGENT_CURRENT, target="slots/a"),
+            Op("symlink", AGENT_BIN, target=f"{AGENT_CURRENT}/dpanel-tunnel")]
+    if mode == "onefile":  # whatever its name on the build host: the unit runs this one
+        return [*ops, Op("file", f"{AGENT_SLOT}/dpanel-tunnel", src=agent, mode=0o755)]
     top = agent.parent
-    ops = [Op("dir", AGENT_ONEDIR, mode=0o755)]
     for p in sorted(top.rglob("*")):
-        dest = f"{AGENT_ONEDIR}/{p.relative_to(top)}"
+        dest = f"{AGENT_SLOT}/{p.relative_to(top)}"
         if p.is_symlink():
             ops.append(Op("symlink", dest, target=os.readlink(p)))
         elif p.is_dir():
             ops.append(Op("dir", dest, mode=0o755))
         else:
             ops.append(Op("file", dest, src=p, mode=0o755 if os.access(p, os.X_OK) else 0o644))
-    ops.append(Op("symlink", AGENT_BIN, target=f"{AGENT_ONEDIR}/{agent.name}"))
     return ops
 
 
@@ -365,8 +397,9 @@ def verify(job: Job, img: Path, parts: list[Part], root: Ext4) -> None:
         parse_config((conf or b"").decode(), AGENT_CONFIG)
     except (ConfigError, UnicodeDecodeError) as e:
         raise ImageError(f"the image's {AGENT_CONFIG} is refused by the agent: {e}") from None
-    if not root.exists(AGENT_BIN):
-        raise ImageError(f"{AGENT_BIN} is missing from the image after injection")
+    if not root.exists(f"{AGENT_SLOT}/dpanel-tunnel") or not root.exists(AGENT_BIN):
+        raise ImageError(f"{AGENT_SLOT}/dpanel-tunnel or {AGENT_BIN} is missing from the "
+                         "image after injection")
 
 
 # ------------------------------------------------------------------------------ 6. outputs

@@ -22,7 +22,8 @@ from .elf import elf_arch_of_file
 from .errors import ImageError
 from .util import cache_root, hash_paths, hash_text, log, need_tool, run
 
-__all__ = ["FreezeMode", "FreezeResult", "build_agent", "build_root_spec", "run_frozen"]
+__all__ = ["FreezeMode", "FreezeResult", "build_agent", "build_root_spec", "bundle_agent",
+           "run_frozen"]
 
 FreezeMode = Literal["onefile", "onedir"]
 SUITE = "bullseye"
@@ -133,6 +134,35 @@ def build_agent(arch: Arch, mode: FreezeMode = "onefile", dist: Optional[Path] =
     if verify:
         check_binary(out, arch, root)
     return FreezeResult(arch, mode, out, cached, time.monotonic() - t0, root)
+
+
+def bundle_agent(r: FreezeResult, key_path: Path, version: Optional[str] = None) -> Path:
+    """``dist/<arch>/update/<version>/``: the signed update bundle of a frozen agent.
+
+    onefile: the binary + manifest; onedir (the images' layout): a plain tar of the
+    folder + a manifest with ``layout = "onedir"`` (size and hash are the tar's), which
+    the agent unpacks into its inactive slot (dpanel_agent/untar.py).
+    """
+    import asyncssh
+
+    from dpanel_proto import __version__
+    from dpanel_proto.update import write_bundle
+    from dpanel_proto.wire import DecodeError
+
+    try:
+        key = asyncssh.read_private_key(str(key_path))
+    except (OSError, asyncssh.KeyImportError) as exc:
+        raise ImageError(f"--update-key: {key_path}: {exc}") from None
+    v = version or __version__
+    top = r.path.parent if r.mode == "onefile" else r.path.parent.parent
+    out = top / "update" / v
+    # one layout per bundle folder: a payload of the other layout would be stale
+    shutil.rmtree(out, ignore_errors=True)
+    try:
+        write_bundle(out, r.path, v, r.arch, key, layout=r.mode)
+    except DecodeError as exc:
+        raise ImageError(f"--update-key: {exc}") from None
+    return out
 
 
 def _freeze(root: Path, arch: Arch, mode: FreezeMode, cache: Path,

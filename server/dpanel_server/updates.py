@@ -133,14 +133,14 @@ class BundleStore:
         try:
             size, digest = file_sha256(binary)
         except OSError as exc:
-            raise UpdateError(f"bundle {src}: {BINARY_NAME}: {exc.strerror}") from None
+            raise UpdateError(f"bundle {src}: {binary.name}: {exc.strerror}") from None
         if (size, digest) != (m.size, m.sha256):
-            raise UpdateError(f"bundle {src}: {BINARY_NAME} does not match its manifest")
+            raise UpdateError(f"bundle {src}: {binary.name} does not match its manifest")
         dest = self.dir / m.arch / m.version
         tmp = dest.with_name(f".{m.version}.tmp{os.getpid()}")
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)
-        shutil.copy2(binary, tmp / BINARY_NAME)
+        shutil.copy2(binary, tmp / binary.name)  # the binary, or a onedir's tar
         shutil.copy2(src / MANIFEST_NAME, tmp / MANIFEST_NAME)
         shutil.rmtree(dest, ignore_errors=True)
         os.replace(tmp, dest)
@@ -165,7 +165,8 @@ class BundleStore:
                 got = self.get(arch, d.name)
                 if got:
                     out.append({"arch": arch, "version": got[0].version,
-                                "size": got[0].size, "sha256": got[0].sha256})
+                                "size": got[0].size, "sha256": got[0].sha256,
+                                "layout": got[0].layout})
         return out
 
 
@@ -475,7 +476,8 @@ class Updates:
         req = wire.UpdateRequest(device=device, id=secrets.token_hex(16), issued_at=issued,
                                  expires_at=expires, version=m.version, arch=m.arch,
                                  size=m.size, sha256=m.sha256, manifest_sig=sig, url=url,
-                                 commit_timeout=r["commit_timeout"])
+                                 commit_timeout=r["commit_timeout"],
+                                 layout=None if m.layout == "onefile" else m.layout)
         try:
             resp = await self._m._requests.request(req)
         except (RequestTimeout, BrokerError) as exc:

@@ -4,13 +4,16 @@ from __future__ import annotations
 
 import hashlib
 import os
+import re
 import subprocess
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
 from imagefix import base_image, boot_fs, fake_agent, listing, root_fs, stat_of
 
 from dpanel_image.build import agent_config, build_image
+from dpanel_image.disk import Ext4
 from dpanel_image.errors import ImageError
 
 ROOT = Path(__file__).resolve().parents[3]
@@ -27,10 +30,15 @@ def test_rpi_image_from_xz_has_agent_unit_config_and_no_identity(tmp_path: Path,
     assert listing(out) == ["dpanel-rpi.bmap", "dpanel-rpi.img", "dpanel-rpi.img.sha256",
                             "dpanel-rpi.img.zst"]
     root = root_fs(r.image)
-    assert root.cat("/usr/local/bin/dpanel-tunnel") == agent_arm64.read_bytes()
-    assert stat_of(root, "/usr/local/bin/dpanel-tunnel") == ("regular", 0o755, 0, 0)
+    # the update slots (issue 13): the agent in slot a, current -> slots/a, the PATH
+    # name through current (changed from a plain /usr/local/bin/dpanel-tunnel)
+    assert root.cat("/opt/dpanel/slots/a/dpanel-tunnel") == agent_arm64.read_bytes()
+    assert stat_of(root, "/opt/dpanel/slots/a/dpanel-tunnel") == ("regular", 0o755, 0, 0)
+    assert _link(root, "/opt/dpanel/current") == "slots/a"
+    assert _link(root, "/usr/local/bin/dpanel-tunnel") == "/opt/dpanel/current/dpanel-tunnel"
     assert root.cat("/etc/systemd/system/dpanel-agent.service") == \
         (ROOT / "systemd" / "dpanel-agent.service").read_bytes()
+    _check_slot_units(root)
     assert "Fast link dest: \"/etc/systemd/system/dpanel-agent.service\"" in subprocess.run(
         ["debugfs", "-R", "stat /etc/systemd/system/multi-user.target.wants/"
          "dpanel-agent.service", root.spec], capture_output=True, text=True).stdout
@@ -53,6 +61,34 @@ def test_rpi_image_from_xz_has_agent_unit_config_and_no_identity(tmp_path: Path,
     assert sums == {"dpanel-rpi.img": _sha(r.image), "dpanel-rpi.img.zst": _sha(r.compressed)}
     unz = subprocess.run(["zstd", "-dc", str(r.compressed)], capture_output=True, check=True)
     assert hashlib.sha256(unz.stdout).hexdigest() == sums["dpanel-rpi.img"]
+
+
+def _link(root: Ext4, path: str) -> str:
+    out = subprocess.run(["debugfs", "-R", f"stat {path}", root.spec], capture_output=True,
+                         text=True).stdout
+    m = re.search(r'Fast link dest: "([^"]*)"', out)
+    assert m, out
+    return m.group(1)
+
+
+def _check_slot_units(root: Ext4) -> None:
+    """The unit runs current/ (drop-in), with the rollback hook before each start and its
+    deadline timer enabled: the same files as systemd/ in the checkout."""
+    for img, src in (("/etc/systemd/system/dpanel-agent.service.d/slots.conf",
+                      "dpanel-agent.service.d/slots.conf"),
+                     ("/etc/systemd/system/dpanel-tunnel-rollback.service",
+                      "dpanel-tunnel-rollback.service"),
+                     ("/etc/systemd/system/dpanel-tunnel-rollback.timer",
+                      "dpanel-tunnel-rollback.timer"),
+                     ("/usr/local/lib/dpanel/dpanel-tunnel-rollback", "dpanel-tunnel-rollback")):
+        assert root.cat(img) == (ROOT / "systemd" / src).read_bytes(), img
+    conf = (root.cat("/etc/systemd/system/dpanel-agent.service.d/slots.conf") or b"").decode()
+    assert "ExecStart=/opt/dpanel/current/dpanel-tunnel --config" in conf
+    assert "ExecStartPre=-/usr/local/lib/dpanel/dpanel-tunnel-rollback pre" in conf
+    assert stat_of(root, "/usr/local/lib/dpanel/dpanel-tunnel-rollback")[1] == 0o755
+    assert _link(root, "/etc/systemd/system/timers.target.wants/"
+                 "dpanel-tunnel-rollback.timer") == \
+        "/etc/systemd/system/dpanel-tunnel-rollback.timer"
 
 
 def test_bmap_is_accepted_by_bmaptool(tmp_path: Path, agent_arm64: Path) -> None:
@@ -83,7 +119,7 @@ def test_armhf_image(tmp_path: Path) -> None:
     r = build_image("rpi", tmp_path / "o", base=base_image("rpi", "armhf"), arch="armhf",
                     agent=agent, compression="none")
     assert r.image.name == "dpanel-rpi-armhf.img"
-    assert root_fs(r.image).cat("/usr/local/bin/dpanel-tunnel") == agent.read_bytes()
+    assert root_fs(r.image).cat("/opt/dpanel/slots/a/dpanel-tunnel") == agent.read_bytes()
 
 
 def test_onedir_agent_installed_under_opt_with_symlink(tmp_path: Path) -> None:
@@ -95,9 +131,39 @@ def test_onedir_agent_installed_under_opt_with_symlink(tmp_path: Path) -> None:
     r = build_image("rpi", tmp_path / "o", base=base_image("rpi"), agent=d / "dpanel-tunnel",
                     compression="none")
     root = root_fs(r.image)
-    assert root.cat("/opt/dpanel-tunnel/dpanel-tunnel") == (d / "dpanel-tunnel").read_bytes()
-    assert stat_of(root, "/opt/dpanel-tunnel/_internal/lib/x.so")[1] == 0o644
-    assert stat_of(root, "/usr/local/bin/dpanel-tunnel")[0] == "symlink"
+    # slot a holds the folder (was /opt/dpanel-tunnel before the update slots)
+    assert root.cat("/opt/dpanel/slots/a/dpanel-tunnel") == (d / "dpanel-tunnel").read_bytes()
+    assert stat_of(root, "/opt/dpanel/slots/a/_internal/lib/x.so")[1] == 0o644
+    assert _link(root, "/usr/local/bin/dpanel-tunnel") == "/opt/dpanel/current/dpanel-tunnel"
+    assert _link(root, "/opt/dpanel/current") == "slots/a"
+    assert not root.exists("/opt/dpanel-tunnel")
+    _check_slot_units(root)
+
+
+def test_update_key_is_baked_and_the_agent_config_points_at_it(tmp_path: Path,
+                                                               agent_arm64: Path) -> None:
+    from dpanel_agent.agent import _update_key
+    from dpanel_agent.config import parse_config
+
+    uk = tmp_path / "update_key.pub"
+    uk.write_text("ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIUpdate dpanel-update\n")
+    r = build_image("rpi", tmp_path / "o", base=base_image("rpi"), agent=agent_arm64,
+                    compression="none", update_key=uk)
+    root = root_fs(r.image)
+    assert root.cat("/etc/dpanel/pins/update_key.pub") == uk.read_bytes()
+    assert stat_of(root, "/etc/dpanel/pins/update_key.pub")[:2] == ("regular", 0o644)
+    conf = parse_config((root.cat("/etc/dpanel/agent.toml") or b"").decode(), "agent.toml")
+    assert str(conf.pins_dir) == "/etc/dpanel/pins" and conf.update_key is None
+    assert str(conf.update_root) == "/opt/dpanel"
+    # the agent, given that config over a copy of the pins, pins exactly that key
+    pins = tmp_path / "pins"
+    pins.mkdir()
+    (pins / "update_key.pub").write_bytes(uk.read_bytes())
+    assert _update_key(replace(conf, pins_dir=pins)) == uk.read_text().strip()
+    with pytest.raises(ImageError, match=r"^--update-key: .* is not one OpenSSH public key"):
+        (tmp_path / "bad.pub").write_text("not a key\n")
+        build_image("rpi", tmp_path / "o2", base=base_image("rpi"), agent=agent_arm64,
+                    compression="none", update_key=tmp_path / "bad.pub")
 
 
 def test_rebuild_replaces_outputs_atomically(tmp_path: Path, agent_arm64: Path) -> None:

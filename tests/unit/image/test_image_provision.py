@@ -226,8 +226,8 @@ def test_to_flashes_master_then_writes_token_on_the_card(rpi_image: Path, tmp_pa
     [res] = provision(rpi_image, token=tok, to="/dev/sdx", yes=True)
     assert res.image == card and _sha(rpi_image) == before
     assert boot_fs(card).read("/dpanel-token.txt") == (tok + "\n").encode()
-    assert root_fs(card).cat("/usr/local/bin/dpanel-tunnel") == \
-        root_fs(rpi_image).cat("/usr/local/bin/dpanel-tunnel")
+    assert root_fs(card).cat("/opt/dpanel/slots/a/dpanel-tunnel") == \
+        root_fs(rpi_image).cat("/opt/dpanel/slots/a/dpanel-tunnel")
 
 
 # ------------------------------------------------------------------------------ secrets on disk

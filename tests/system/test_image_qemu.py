@@ -113,50 +113,7 @@ def test_rootfs_before_boot(rootfs: Path, update_key: Path) -> None:
     assert host.run("/usr/local/bin/dpanel-tunnel --version").stdout.startswith("dpanel-tunnel")
 
 
-@pytest.fixture
-def stack(tmp_path: Path) -> Iterator[Stack]:
-    # the guest reaches the host's loopback as 10.0.2.2 (qemu user networking): tokens
-    # name that, the stack still listens on 127.0.0.1
-    s = Stack(tmp_path / "stack", free_port(), free_port(), free_port(), advertise="10.0.2.2")
-    s.start()
-    try:
-        yield s
-    finally:
-        s.close()
-
-
-def test_qemu_device_phones_home(image: Path, stack: Stack, tmp_path: Path) -> None:
-    token = stack.enrol("qemu-dev")
-    [dev] = provision(image, token=token, out=tmp_path / "dev")
-    with QemuVM(dev.image, tmp_path / "console.log") as vm:
-        try:
-            vm.wait_for(r"Started .*dpanel-agent", 240)
-            stack.wait_online("qemu-dev", timeout=240)
-        except Exception:
-            print(vm.console()[-4000:])
-            print(stack.log()[-4000:])
-            raise
-        assert stack.cli_ok("exec", "qemu-dev", "--", "uname", "-m").strip() == "aarch64"
-        # First start moved the token off the FAT partition into the root fs, mode 0600,
-        # and left only a comment on the FAT partition.
-        mode = stack.cli_ok("exec", "qemu-dev", "--", "stat", "-c", "%a",
-                            "/etc/dpanel/token").strip()
-        assert mode == "600"
-        fat_copy = stack.cli_ok("exec", "qemu-dev", "--", "cat",
-                                "/boot/firmware/dpanel-token.txt")
-        assert "dpt1." not in fat_copy and fat_copy.lstrip().startswith("#"), fat_copy
-        # Each device made its own identity on first boot.
-        ident = stack.cli_ok("exec", "qemu-dev", "--", "sh", "-c",
-                             "cat /etc/machine-id; ls /var/lib/dpanel-tunnel").split()
-        assert len(ident[0]) == 32 and ident[0] != "uninitialized"
-        rss = stack.cli_ok("exec", "qemu-dev", "--", "sh", "-c",
-                           "for p in $(pidof dpanel-tunnel); do "
-                           "grep VmRSS /proc/$p/status; done")
-        print(f"agent VmRSS on the arm64 guest: {rss.split()}")
-    wait_for(lambda: not stack.device("qemu-dev")["online"], "qemu-dev offline", 120)
-
-
-# ------------------------------------------------------------------ agent updates (issue 13)
+# ------------------------------------------------------------------ the booted guest
 
 #: the newer agent rolled out to the guest (the sources' own version is the image's)
 NEW_VERSION = "0.2.0-qemu-upd"
@@ -164,25 +121,27 @@ CRASH_VERSION = "0.3.0-qemu-crash"
 
 
 class Guest:
-    """One booted, enrolled qemu device and its manager, shared by the update tests (the
-    boot is the slow part). The manager's update key is the one the image pins."""
+    """One booted, enrolled qemu device and its manager, shared by every test that needs
+    the guest (its boot is the slow part, 1.5-5 min on a loaded host): phoning home
+    first, then the updates, then the power-off. The manager's update key is the one the
+    image pins."""
 
     def __init__(self, stack: Stack, vm: QemuVM, tmp: Path) -> None:
         self.stack, self.vm, self.tmp = stack, vm, tmp
 
     def sh(self, cmd: str) -> str:
-        return self.stack.cli_ok("exec", "upd-dev", "--", "sh", "-c", cmd).strip()
+        return self.stack.cli_ok("exec", "qemu-dev", "--", "sh", "-c", cmd).strip()
 
     def rollout(self, version: str) -> str:
         # the guest reaches the manager's API at 10.0.2.2 (the CLI's own URL is loopback)
-        out = self.stack.cli_ok("agent", "update", "--json", "--filter", "upd-dev",
+        out = self.stack.cli_ok("agent", "update", "--json", "--filter", "qemu-dev",
                                 "--version", version, "--url",
                                 f"http://10.0.2.2:{self.stack.api_port}")
         return str(json.loads(out)["id"])
 
     def part(self, rid: str) -> dict[str, Any]:
         show = json.loads(self.stack.cli_ok("agent", "update", "status", rid, "--json"))
-        return dict(next(p for p in show["parts"] if p["device"] == "upd-dev"))
+        return dict(next(p for p in show["parts"] if p["device"] == "qemu-dev"))
 
     def wait_part(self, rid: str, state: str, timeout: float) -> dict[str, Any]:
         def done() -> Any:
@@ -190,11 +149,11 @@ class Guest:
             assert p["state"] not in {"updated", "failed", "rolled_back", "skipped"} - {
                 state}, p  # a wrong end fails at once
             return p if p["state"] == state else None
-        return dict(wait_for(done, f"upd-dev {state} in rollout {rid}", timeout))
+        return dict(wait_for(done, f"qemu-dev {state} in rollout {rid}", timeout))
 
     def wait_version(self, version: str, timeout: float) -> None:
         wait_for(lambda: (lambda d: d["online"] and d["agent_version"] == version)(
-            self.stack.device("upd-dev")), f"upd-dev online with {version}", timeout)
+            self.stack.device("qemu-dev")), f"qemu-dev online with {version}", timeout)
 
     def dump(self) -> None:
         print(self.vm.console()[-4000:])
@@ -204,17 +163,21 @@ class Guest:
 @pytest.fixture(scope="module")
 def guest(image: Path, update_key: Path, tmp_path_factory: pytest.TempPathFactory
           ) -> Iterator[Guest]:
-    tmp = tmp_path_factory.mktemp("qemu-upd")
+    tmp = tmp_path_factory.mktemp("qemu-guest")
+    # the guest reaches the host's loopback as 10.0.2.2 (qemu user networking): tokens
+    # name that, the stack still listens on 127.0.0.1
     s = Stack(tmp / "stack", free_port(), free_port(), free_port(), advertise="10.0.2.2")
     s.dir.mkdir(parents=True)
     for name in ("update_key", "update_key.pub"):
         shutil.copy2(update_key.with_name(name), s.dir / name)
     s.start()
     try:
-        [dev] = provision(image, token=s.enrol("upd-dev"), out=tmp / "dev")
+        [dev] = provision(image, token=s.enrol("qemu-dev"), out=tmp / "dev")
         with QemuVM(dev.image, tmp / "console.log") as vm:
             g = Guest(s, vm, tmp)
             try:
+                # only bounds a hang: a loaded 2-core host once took 5 min to boot it
+                vm.wait_for(r"Started .*dpanel-agent", 900)
                 g.wait_version(__version__, 300)
             except Exception:
                 g.dump()
@@ -223,6 +186,29 @@ def guest(image: Path, update_key: Path, tmp_path_factory: pytest.TempPathFactor
     finally:
         s.close()
 
+
+def test_qemu_device_phones_home(guest: Guest) -> None:
+    stack = guest.stack
+    assert stack.cli_ok("exec", "qemu-dev", "--", "uname", "-m").strip() == "aarch64"
+    # First start moved the token off the FAT partition into the root fs, mode 0600,
+    # and left only a comment on the FAT partition.
+    mode = stack.cli_ok("exec", "qemu-dev", "--", "stat", "-c", "%a",
+                        "/etc/dpanel/token").strip()
+    assert mode == "600"
+    fat_copy = stack.cli_ok("exec", "qemu-dev", "--", "cat",
+                            "/boot/firmware/dpanel-token.txt")
+    assert "dpt1." not in fat_copy and fat_copy.lstrip().startswith("#"), fat_copy
+    # Each device made its own identity on first boot.
+    ident = stack.cli_ok("exec", "qemu-dev", "--", "sh", "-c",
+                         "cat /etc/machine-id; ls /var/lib/dpanel-tunnel").split()
+    assert len(ident[0]) == 32 and ident[0] != "uninitialized"
+    rss = stack.cli_ok("exec", "qemu-dev", "--", "sh", "-c",
+                       "for p in $(pidof dpanel-tunnel); do "
+                       "grep VmRSS /proc/$p/status; done")
+    print(f"agent VmRSS on the arm64 guest: {rss.split()}")
+
+
+# ------------------------------------------------------------------ agent updates (issue 13)
 
 def _sha256(path: Path) -> str:
     return hashlib.sha256(path.read_bytes()).hexdigest()
@@ -239,8 +225,8 @@ def test_qemu_agent_updates_to_a_newer_onedir_bundle(guest: Guest, old_agent: Fr
     assert guest.sh("readlink /opt/dpanel/current") == "slots/a"
     rid = guest.rollout(NEW_VERSION)
     try:
-        guest.wait_part(rid, "updated", 600)
-        guest.wait_version(NEW_VERSION, 120)
+        guest.wait_part(rid, "updated", 900)
+        guest.wait_version(NEW_VERSION, 300)
     except Exception:
         guest.dump()
         raise
@@ -269,7 +255,7 @@ def test_qemu_update_whose_binary_exits_at_once_is_rolled_back(guest: Guest, roo
     from dpanel_proto.update import write_bundle
 
     before = guest.sh("readlink /opt/dpanel/current")
-    version = guest.stack.device("upd-dev")["agent_version"]
+    version = guest.stack.device("qemu-dev")["agent_version"]
     tree = guest.tmp / "crash" / "dpanel-tunnel.d"
     tree.mkdir(parents=True)
     shutil.copyfile(rootfs / "usr/bin/false", tree / "dpanel-tunnel")
@@ -279,8 +265,8 @@ def test_qemu_update_whose_binary_exits_at_once_is_rolled_back(guest: Guest, roo
     guest.stack.cli_ok("agent", "import", str(guest.tmp / "crash" / "bundle"))
     rid = guest.rollout(CRASH_VERSION)
     try:
-        part = guest.wait_part(rid, "rolled_back", 600)
-        guest.wait_version(version, 120)
+        part = guest.wait_part(rid, "rolled_back", 900)
+        guest.wait_version(version, 300)
     except Exception:
         guest.dump()
         raise
@@ -293,3 +279,9 @@ def test_qemu_update_whose_binary_exits_at_once_is_rolled_back(guest: Guest, roo
                        "grep dpanel-tunnel-rollback: | tail -1")
     assert f"current -> {before}" in journal and "3 starts" in journal, journal
     assert "state=rolled_back" in guest.sh("cat /var/lib/dpanel-tunnel/update/last")
+
+
+def test_qemu_device_goes_offline_when_powered_off(guest: Guest) -> None:
+    """Last in the module: the guest is stopped; the manager sees the device go."""
+    guest.vm.stop()
+    wait_for(lambda: not guest.stack.device("qemu-dev")["online"], "qemu-dev offline", 120)

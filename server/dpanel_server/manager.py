@@ -41,6 +41,7 @@ from .errors import (
 from .fleet import Fleet
 from .hostkeys import InvalidHostKey, fingerprint, normalize_host_key
 from .jobs import Jobs
+from .leases import Leases
 from .metrics import BROKER_RECONNECTS, exec_timer, register_manager_metrics
 from .presence import Presence, PresenceTracker
 from .registry import Device, Registry
@@ -109,6 +110,8 @@ class Manager:
         #: agent updates: rollouts offered to devices as they come online (replicas may
         #: all schedule: a part moves pending -> offered by compare-and-set, once)
         self.updates = Updates(self)
+        #: replicas: a lease each, so that a live one settles a dead one's parts
+        self.leases = Leases(self, cfg.manager.replica) if cfg.manager.replica else None
         self._presence = PresenceTracker(self.registry, on_offline=self.pool.drop,
                                          on_pinned=self._known_hosts_changed,
                                          on_online=self._came_online)
@@ -136,6 +139,8 @@ class Manager:
         self.fleet.start()
         await self.jobs.start()
         await self.updates.start()
+        if self.leases is not None:
+            await self.leases.start()
 
     def _came_online(self, device: str) -> None:
         self.jobs.kick(device)
@@ -188,6 +193,8 @@ class Manager:
                      done["enabled"])
 
     async def close(self) -> None:
+        if self.leases is not None:
+            await self.leases.close()
         await self.jobs.close()
         await self.updates.close()
         await self.fleet.close()

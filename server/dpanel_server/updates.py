@@ -341,7 +341,7 @@ class Updates:
                 done = ("pending", f"manager replica {runner} died before {device} took "
                         f"the offer (lease last renewed {since}); offered again")
             if done and await asyncio.to_thread(self.store.release, rid, device, runner,
-                                                *done):
+                                                done[0], done[1]):
                 log.warning("rollout %s: %s: %s", rid, device, done[1])
                 self.kick()
 

@@ -340,9 +340,12 @@ class Updates:
             elif p.online and p.update_version != version:
                 done = ("pending", f"manager replica {runner} died before {device} took "
                         f"the offer (lease last renewed {since}); offered again")
-            if done and await asyncio.to_thread(self.store.release, rid, device, runner,
-                                                done[0], done[1]):
-                log.warning("rollout %s: %s: %s", rid, device, done[1])
+            if done is None:
+                continue
+            to_state, reason = done
+            if await asyncio.to_thread(self.store.release, rid, device, runner, to_state,
+                                       reason):
+                log.warning("rollout %s: %s: %s", rid, device, reason)
                 self.kick()
 
     # ------------------------------------------------------------------ API side

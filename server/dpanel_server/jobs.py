@@ -321,19 +321,28 @@ class JobStore(PartStore):
                             "WHERE state = 'running'", (time.time(), reason))
             return int(cur.rowcount)
 
-    def settle_dead(self, runner: str, reason: str) -> tuple[int, int]:
-        """The parts a stopped runner left ``running``: (given back to pending, failed).
-        Compare-and-sets on state and runner, so replicas settling at once, or the
-        runner restarting meanwhile, move each part once."""
+    def settle_dead(self, runner: str, reason: str) -> tuple[int, int, int]:
+        """The parts a dead runner left ``running``: (given back to pending, failed,
+        cancelled). Maybe sent: failed with ``reason``, never re-run. Only claimed:
+        pending again if the job still runs, else cancelled. Compare-and-sets on state
+        and runner, so replicas settling at once move each part once."""
+        now = time.time()
         with self._tx() as cur:
             cur.execute("UPDATE job_parts SET state = 'pending', started = NULL, "
                         "runner = NULL, sent = NULL "
-                        "WHERE state = 'running' AND runner = ? AND sent = 0", (runner,))
+                        "WHERE state = 'running' AND runner = ? AND sent = 0 AND EXISTS "
+                        "(SELECT 1 FROM jobs WHERE jobs.id = job_parts.job AND "
+                        "jobs.state = 'running')", (runner,))
             requeued = int(cur.rowcount)
             cur.execute("UPDATE job_parts SET state = 'failed', ended = ?, reason = ? "
+                        "WHERE state = 'running' AND runner = ? AND "
+                        "(sent IS NULL OR sent <> 0)", (now, reason, runner))
+            failed = int(cur.rowcount)
+            cur.execute("UPDATE job_parts SET state = 'cancelled', ended = ?, reason = ? "
                         "WHERE state = 'running' AND runner = ?",
-                        (time.time(), reason, runner))
-            return requeued, int(cur.rowcount)
+                        (now, f"the job ended while manager replica {runner} (dead) had "
+                         "claimed this part; nothing was sent", runner))
+            return requeued, failed, int(cur.rowcount)
 
 
 class Jobs:

@@ -133,13 +133,14 @@ class Leases:
         beats = await asyncio.to_thread(self.store.beats)
         for dead in self.watch.update({k: v[0] for k, v in beats.items()}, time.monotonic()):
             since = time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime(beats[dead][1]))
-            requeued, failed = await asyncio.to_thread(
+            requeued, failed, cancelled = await asyncio.to_thread(
                 self._m.jobs.store.settle_dead, dead,
                 f"manager replica {dead} died while it ran this part (its lease stopped "
                 f"renewing at {since}); not re-run: the command may have run")
-            if requeued or failed:
+            if requeued or failed or cancelled:
                 log.warning("replica %s is dead (lease last renewed %s): %d job part(s) it "
-                            "ran marked failed, %d it had not started given back", dead,
-                            since, failed, requeued)
+                            "ran marked failed, %d it had claimed but not sent given back "
+                            "(%d of ended jobs cancelled)", dead, since, failed, requeued,
+                            cancelled)
                 self._m.jobs.kick()
             await self._m.updates.settle_dead(dead, since)

@@ -52,8 +52,8 @@ def test_a_dead_replicas_parts_fail_if_maybe_sent_and_go_back_if_only_claimed(
         assert a.claim("j1", "d1") and a.mark_sent("j1", "d1")  # the command went out
         assert a.claim("j1", "d2")  # claimed, tunnel still opening: nothing sent
         assert b.claim("j1", "d3") and b.mark_sent("j1", "d3")  # b's own, alive
-        assert b.settle_dead("a", "replica a died") == (1, 1)
-        assert b.settle_dead("a", "replica a died") == (0, 0)  # once
+        assert b.settle_dead("a", "replica a died") == (1, 1, 0)
+        assert b.settle_dead("a", "replica a died") == (0, 0, 0)  # once
         parts = {p["device"]: p for p in b.job("j1")["parts"]}
         assert (parts["d1"]["state"], parts["d1"]["reason"]) == ("failed", "replica a died")
         assert (parts["d2"]["state"], parts["d2"]["runner"]) == ("pending", None)
@@ -69,6 +69,11 @@ def test_a_dead_replicas_parts_fail_if_maybe_sent_and_go_back_if_only_claimed(
         assert (parts["d2"]["state"], parts["d2"]["runner"]) == ("running", "b")
         b.finish("j1", "d2", "succeeded", 0)
         assert b.job("j1")["parts"][1]["state"] == "succeeded"
+        # a claim never sent, of a job that ended meanwhile: cancelled, not pending
+        a.add("j2", JobSpec(command="true"), {}, "admin", ["d1"])
+        assert a.claim("j2", "d1") and a.set_state("j2", "cancelled")
+        assert b.settle_dead("a", "replica a died") == (0, 0, 1)
+        assert b.job("j2")["parts"][0]["state"] == "cancelled"
     finally:
         reg.close()
 

@@ -203,7 +203,7 @@ class RolloutStore(PartStore):
 
     _COLS = ("id, version, selector, created_by, created, expires, canary, max_failures, "
              "max_concurrency, commit_timeout, url_base, state, ended")
-    _PART_COLS = "device, canary, state, from_version, offered, ended, reason"
+    _PART_COLS = "device, canary, state, from_version, offered, ended, reason, runner"
 
     def add(self, rid: str, spec: RolloutSpec, selector: dict[str, Any], by: str,
             devices: list[tuple[str, str]]) -> None:
@@ -323,7 +323,8 @@ class Updates:
 
     async def settle_dead(self, runner: str, since: str) -> None:
         """Offers made by a dead replica (leases.py): the device's own report decides.
-        Running the target version: updated. Online with no word of this version (the
+        Running the target version: updated. Online and reporting that this version
+        failed or rolled back: that. Online with no word of this version (the
         offer was lost with the replica): pending, offered again (an update is
         idempotent: the agent answers an offer of what it runs or is fetching without a
         second swap). Anything else is left to :meth:`_follow` (a report on its way) or
@@ -337,6 +338,11 @@ class Updates:
                                                or p.update_state == "committed"):
                 done = ("updated", f"running {version} (offered by manager replica "
                         f"{runner}, which died; lease last renewed {since})")
+            elif p.online and p.update_version == version and p.update_state in (
+                    "failed", "rolled_back"):
+                # stale or not, a failure of this version: never offered again by us
+                done = (p.update_state, f"{p.update_reason or p.update_state} (offered by "
+                        f"manager replica {runner}, which died)")
             elif p.online and p.update_version != version:
                 done = ("pending", f"manager replica {runner} died before {device} took "
                         f"the offer (lease last renewed {since}); offered again")
@@ -568,7 +574,11 @@ class Updates:
         if state == "committed" and p.agent_version == version:
             await asyncio.to_thread(self.store.move, rid, device, "offered", "updated",
                                     f"running {version}")
-        elif state in ("failed", "rolled_back") and p.online:
+        elif state in ("failed", "rolled_back") and p.online and part.get("runner") in (
+                None, self.store.runner):
+            # a failure is judged by the replica that offered (it forgot the device's
+            # earlier report of this version when it offered; the others may still hold
+            # that stale one) or, once that replica is dead, by settle_dead
             await asyncio.to_thread(self.store.move, rid, device, "offered", state,
                                     p.update_reason or state)
             log.warning("rollout %s: %s %s: %s", rid, device, state, p.update_reason)

@@ -93,10 +93,10 @@ def test_a_dead_replicas_offers_settle_by_what_each_device_reports(
         mb = _Manager(registry_url, tmp_path, "b")
         try:
             ua, ub = Updates(ma), Updates(mb)  # type: ignore[arg-type]
-            devices = ["up", "lost", "busy", "away", "live"]
+            devices = ["up", "lost", "busy", "away", "crash", "live"]
             ua.store.add("r1", RolloutSpec(version="2.0", canary=0), {}, "admin",
                          [(d, "1.0") for d in devices])
-            for d in devices[:4]:
+            for d in devices[:5]:
                 assert ua.store.move("r1", d, "pending", "offered")
             assert ub.store.move("r1", "live", "pending", "offered")  # b's own offer
             mb.presence.update({
@@ -106,7 +106,21 @@ def test_a_dead_replicas_offers_settle_by_what_each_device_reports(
                 "busy": Presence(online=True, agent_version="1.0",
                                  update_state="downloading", update_version="2.0"),
                 "away": Presence(online=False, agent_version="1.0"),
+                "crash": Presence(online=True, agent_version="1.0",
+                                  update_state="rolled_back", update_version="2.0",
+                                  update_reason="exited at start"),
                 "live": Presence(online=True, agent_version="1.0")})
+            # a report of this version's failure (maybe one b holds from an earlier
+            # offer): judged by the replica that offered, not by b while a lives
+            mb.presence["live"] = Presence(online=True, agent_version="1.0",
+                                           update_state="failed", update_version="2.0")
+            live = next(p for p in ua.store.rollout("r1")["parts"] if p["device"] == "live")
+            crash = next(p for p in ua.store.rollout("r1")["parts"]
+                         if p["device"] == "crash")
+            await ub._follow("r1", "2.0", crash)  # a's offer: b keeps off
+            assert ub.store.rollout("r1")["counts"].get("rolled_back") is None
+            await ub._follow("r1", "2.0", live)  # b's own offer: b judges it
+            assert ub.store.rollout("r1")["counts"].get("failed") == 1
             await ub.settle_dead("a", "12:00")
             await ub.settle_dead("a", "12:00")  # twice: nothing more moves
             return {p["device"]: p for p in ub.store.rollout("r1")["parts"]}
@@ -117,5 +131,8 @@ def test_a_dead_replicas_offers_settle_by_what_each_device_reports(
     parts = asyncio.run(go())
     assert parts["up"]["state"] == "updated" and "replica a" in parts["up"]["reason"]
     assert parts["lost"]["state"] == "pending" and "offered again" in parts["lost"]["reason"]
-    # a report on its way, a device offline, another replica's offer: left as they are
-    assert [parts[d]["state"] for d in ("busy", "away", "live")] == ["offered"] * 3
+    assert parts["crash"]["state"] == "rolled_back"
+    assert parts["crash"]["reason"].startswith("exited at start"), parts["crash"]
+    # a report on its way, a device offline: left as they are
+    assert [parts[d]["state"] for d in ("busy", "away")] == ["offered"] * 2
+    assert parts["live"]["state"] == "failed" and parts["live"]["runner"] == "b"

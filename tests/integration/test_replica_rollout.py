@@ -7,7 +7,8 @@ slots under tests/updfix.Supervisor.
   the rollout reads the same whichever replica is asked.
 * A replica SIGKILLed while it runs a job part mid-command: the other settles that part
   as failed, naming the dead replica, within the lease bound (leases.WORST_CASE), and
-  never runs it again (a side-effect file on the device says the command ran once).
+  never runs it again (a side-effect file on the device says the command ran once). An
+  offer the dead replica made that the device never took is offered again.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ from __future__ import annotations
 import itertools
 import json
 import os
+import secrets
 import signal
 import time
 from pathlib import Path
@@ -28,6 +30,8 @@ from test_manager_replicas import Replicas
 from dpanel_proto import __version__ as OLD
 from dpanel_proto.update import write_bundle
 from dpanel_server.leases import LEASE_RENEW, WORST_CASE
+from dpanel_server.registry import Registry
+from dpanel_server.updates import RolloutSpec, RolloutStore
 from support import free_port, wait_for
 from updfix import NEW_VERSION, SlotDevice, Supervisor, frozen_agents
 
@@ -143,6 +147,18 @@ def test_a_killed_replicas_running_part_is_failed_by_the_other_and_not_rerun(
     other = "b" if runner == "a" else "a"
     proc = s.proc if runner == "a" else s.proc_b
     assert proc is not None
+    # and an offer the same replica made of a version rep-1 never heard of (as when it
+    # dies between the offer's claim and its publish): made through the replica's own
+    # store, since no timing makes a live replica lose an offer on cue
+    lost = secrets.token_hex(8)
+    reg = Registry(s.registry or "")
+    try:
+        store = RolloutStore(reg, runner)
+        store.add(lost, RolloutSpec(version="9.9-lost", canary=0), {"devices": ["rep-1"]},
+                  "admin", [("rep-1", NEW_VERSION)])
+        assert store.move(lost, "rep-1", "pending", "offered", "offered")
+    finally:
+        reg.close()
     os.kill(proc.pid, signal.SIGKILL)
     killed = time.monotonic()
     proc.wait(30)
@@ -159,6 +175,12 @@ def test_a_killed_replicas_running_part_is_failed_by_the_other_and_not_rerun(
     assert "not re-run" in part["reason"], part
     shown = s.on_ok(other, "job", "show", job)
     assert f"manager replica {runner} died" in shown, shown
+    # the lost offer went back to pending and the survivor offered it again (it then
+    # fails at once: no bundle of that version exists)
+    offer = dict(wait_for(lambda: (p := w.show(other, lost)["parts"][0])["state"] != "offered"
+                          and p, "the dead replica's offer settled", 60))
+    assert offer["state"] == "failed" and "no bundle of 9.9-lost" in offer["reason"], offer
+    assert f"manager replica {runner} died before rep-1 took the offer" in s.log()
     # nobody runs it again: two more lease rounds later, the device ran it once
     time.sleep(2 * LEASE_RENEW + 1)
     assert side.read_text() == "ran\n"

@@ -29,8 +29,8 @@ def test_reachable_urls_pass(base: str, devices: str) -> None:
 
 
 def test_update_url_is_checked_once_at_load() -> None:
-    with pytest.raises(ConfigError, match="manager.update_url: 'ftp://x' is not"):
+    with pytest.raises(ConfigError, match=r"manager\.update_url: 'ftp://x' is not"):
         ManagerConfig(update_url="ftp://x").validate()
-    with pytest.raises(ConfigError, match="manager.update_url"):
+    with pytest.raises(ConfigError, match=r"manager\.update_url"):
         ManagerConfig(update_url="https://a b").validate()
     ManagerConfig(update_url="https://dpanel.example.com").validate()

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import random
 import socket
 import ssl
@@ -356,7 +357,8 @@ class TunnelLink:
         except OSError as exc:
             if sock is not None:
                 sock.close()
-            message = f"cannot reach tunnel server {where} ({exc.strerror or exc})"
+            why = os.strerror(exc.errno) if exc.errno else str(exc)  # not asyncio's text
+            message = f"cannot reach tunnel server {where} ({why})"
             log.warning("tunnel %s", message)
             raise TunnelError(ErrorCode.TUNNEL_UNREACHABLE, message) from None
 

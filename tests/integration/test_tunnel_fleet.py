@@ -452,6 +452,13 @@ def test_a_site_that_cannot_reach_one_server_gets_the_other(fleet: Fleet) -> Non
         assert list(st[a]["unreachable_from"]) == [dev], st[a]
         assert "no TCP answer" in st[a]["unreachable_from"][dev], st[a]
         assert st[b]["unreachable_from"] == {}, st[b]
+        # a caller of another scope is not told of this device's network
+        admin = Path(load_config(s.config).manager.admin_token_file).read_text().strip()
+        code, user = _http(s, "POST", "/v1/users", admin, {
+            "name": "far-viewer-2", "role": "viewer", "scope": ["site=elsewhere"]})
+        assert code == 201, user
+        code, seen = _http(s, "GET", "/v1/tunnel-servers", user["token"])
+        assert code == 200 and all(x["unreachable_from"] == {} for x in seen), seen
         assert s.cli_ok("tunnel", "open", dev).strip().endswith(f"of tunnel server {b}")
         agent_log = (s.dir.parent / dev / "agent.log").read_text(errors="replace")
         assert f"cannot reach tunnel server {fleet.public[a]}" in agent_log

@@ -1,7 +1,8 @@
 """Two tunnel servers apart from the manager, as on other hosts: each ``dpanel tunnel
 serve`` in its own network namespace (device ports bound on that namespace's loopback
 only), each agent in its own namespace (a site), the manager on the host, all joined by
-one switch (a bridge in a namespace of its own), so that every hop is over the network.
+one switch (a bridge in a namespace of its own), so that every hop is over the network:
+the servers reach the manager's API over HTTPS and the registry on PostgreSQL over TCP.
 
 Placement spreads and sticks, the manager's SSH channel to a server reaches only that
 server's own device ports, a device's credentials open no such channel, revoke is pushed
@@ -15,9 +16,11 @@ import asyncio
 import json
 import os
 import random
+import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import urllib.error
 import urllib.request
 from pathlib import Path
@@ -25,6 +28,7 @@ from typing import Any, Iterator
 
 import asyncssh
 import pytest
+from pgfix import PG_USER, Postgres
 
 from dpanel_proto.token import parse_token
 from dpanel_server.config import load_config
@@ -55,6 +59,7 @@ class Net:
         self.switch = f"dpfw{tag}"
         self.host_veth = f"dpf{tag}h"
         net = f"10.{160 + os.getpid() % 40}.{random.randrange(256)}"
+        self.subnet = f"{net}.0/24"
         self.host_ip = f"{net}.1"
         self.ns = {name: f"dpft{tag}{i}" for i, name in enumerate(BIND, 1)}
         self.ns.update({dev: f"dpfd{tag}{i}" for i, dev in enumerate(DEVICES, 1)})
@@ -129,7 +134,7 @@ class Fleet:
 
     def start_server(self, name: str) -> None:
         """``dpanel tunnel serve`` in the server's own namespace: it reaches the manager
-        over HTTPS on the host's address, the registry through its URL."""
+        over HTTPS and the registry (PostgreSQL) on the host's address."""
         s, d = self.stack, self.dir(name)
         d.mkdir(parents=True, exist_ok=True)
         s.cli_ok("tunnel-server", "add", name, "--secret-file", str(d / "secret"))
@@ -183,13 +188,23 @@ def fleet(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Fleet]:
         pytest.skip("network namespaces need root (CI runs as root)")
     tmp = tmp_path_factory.mktemp("fleet")
     net = Net()
+    pg = Postgres(Path(tempfile.mkdtemp(prefix=f"dpanel-pg-{os.getpid()}-", dir="/tmp")))
     stack: Stack | None = None
     f: Fleet | None = None
     try:
         net.up()
+        # the registry on PostgreSQL on the host, reached by the manager and every tunnel
+        # server over the network (no shared file)
+        pg.init()
+        with (pg.data / "postgresql.conf").open("a") as conf_file:
+            conf_file.write(f"listen_addresses = '127.0.0.1,{net.host_ip}'\n")
+        with (pg.data / "pg_hba.conf").open("a") as hba:
+            hba.write(f"host all all {net.subnet} trust\n")  # the test's own switch only
+        pg.start()
         # broker, built-in tunnel and HTTPS API on the host's address on the switch
         stack = Stack(dir=tmp / "st", broker_port=free_port(), tunnel_port=free_port(),
                       api_port=free_port(), public_host=net.host_ip,
+                      registry=f"postgresql://{PG_USER}@{net.host_ip}:{pg.port}/postgres",
                       extra=("--https-listen", f"{net.host_ip}:{free_port()}"))
         stack.start()
         f = Fleet(stack, net)
@@ -210,6 +225,8 @@ def fleet(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Fleet]:
             f.close()
         if stack is not None:
             stack.close()
+        pg.stop("immediate")
+        shutil.rmtree(pg.dir, ignore_errors=True)
         net.down()
 
 

@@ -71,6 +71,17 @@ class _CountingForwarder(SSHForwarder):
         self._link: Optional[TunnelLink] = link
         link._conn_opened(self)
 
+    def eof_received(self) -> bool:
+        # asyncssh closes a forwarded pair only when its TCP side is the second to see
+        # EOF; when the device's local socket ended first and the tunnel's EOF arrives
+        # second, the channel stayed open with both directions at EOF, forever: the
+        # tunnel never counted as idle and each such connection leaked a socket. Both
+        # ends done means done.
+        keep_open = super().eof_received()
+        if not keep_open:
+            self.close()
+        return keep_open
+
     def connection_lost(self, exc: Optional[Exception]) -> None:
         link, self._link = self._link, None
         if link is not None:

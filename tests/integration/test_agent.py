@@ -195,11 +195,6 @@ async def test_ttl_closes_the_tunnel_even_when_in_use(world: World) -> None:
     assert world.tunnel.sessions() == {}
 
 
-@pytest.mark.xfail(strict=False, reason=(
-    "open defect, seen in about 1 run in 4 when the whole suite is collected: after the "
-    "client disconnects, the built-in SSH server logs 'Received disconnect' but never "
-    "'Connection closed', so the forwarded channel stays open, the tunnel never counts as "
-    "idle and closes only at its TTL (see the stop-16 note)"))
 async def test_idle_timeout_waits_for_connections_to_end(world: World) -> None:
     dev = world.device()
     agent = await dev.start()

@@ -442,19 +442,26 @@ class Manager:
                           idle_timeout: Optional[int] = None) -> int:
         """Ask the device to dial the tunnel; returns the loopback port of its forward."""
         p = await self._check_reachable(device)
-        server = self.fleet.place(device) if self.fleet.active() else None
-        issued, expires = self._times()
-        resp = await self._request(wire.OpenRequest(
-            device=device, id=secrets.token_hex(16), issued_at=issued, expires_at=expires,
-            ttl=ttl or self.cfg.manager.tunnel_ttl,
-            idle_timeout=idle_timeout or self.cfg.manager.tunnel_idle_timeout,
-            # a device that trusts another (or no) user CA learns ours, signed: migration
-            # of old-token devices and CA rotation; never sent to agents that predate it
-            user_ca=(self.user_ca.public_line if p.user_ca is not None
-                     and p.user_ca != self.user_ca.public_line else None),
-            tunnel=server.public if server else None,
-            tunnel_host_key=server.host_key if server else None,
-        ))
+        for _ in range(self.fleet.tries() if self.fleet.active() else 1):
+            server = self.fleet.place(device) if self.fleet.active() else None
+            issued, expires = self._times()
+            resp = await self._request(wire.OpenRequest(
+                device=device, id=secrets.token_hex(16), issued_at=issued,
+                expires_at=expires, ttl=ttl or self.cfg.manager.tunnel_ttl,
+                idle_timeout=idle_timeout or self.cfg.manager.tunnel_idle_timeout,
+                # a device that trusts another (or no) user CA learns ours, signed:
+                # migration of old-token devices and CA rotation; never sent to agents
+                # that predate it
+                user_ca=(self.user_ca.public_line if p.user_ca is not None
+                         and p.user_ca != self.user_ca.public_line else None),
+                tunnel=server.public if server else None,
+                tunnel_host_key=server.host_key if server else None,
+            ))
+            if server is None or resp.code != wire.ErrorCode.TUNNEL_UNREACHABLE:
+                break
+            # alive for us, not for the device's site (a partial partition): elsewhere
+            self.fleet.unreachable(device, server, resp.message or "no detail")
+            self.fleet.check_left(device)  # none left: each server named, with why
         if resp.code == wire.ErrorCode.OK:
             self._requests.forget_abandoned(device)  # the tunnel has a caller again
         at = f" on tunnel server {server.name} ({server.public})" if server else ""

@@ -41,15 +41,15 @@ import stat
 import threading
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Awaitable, Callable, Literal, Optional, Union, cast
+from typing import Awaitable, Callable, Literal, Optional, Union
 
 import asyncssh
-from asyncssh.forward import SSHForwarder
 
 from dpanel_proto.ratelog import REPORT_SOURCE, RateLimitedLog
 from dpanel_proto.wire import DecodeError, printable, validate_device_id
 
 from ._files import atomic_write, ensure_private_key
+from ._forwarding import forward_local_port, forward_to
 from ._gate import Outcome, PreAuthGate, Startups, source_key
 from ._pool import PoolExhausted, PortPool
 from .errors import ConfigError
@@ -75,7 +75,6 @@ log = logging.getLogger("dpanel.tunnel")
 ALLOWED_LISTEN_HOSTS = frozenset({"", "localhost", "127.0.0.1"})
 
 Verify = Callable[[str, str], bool]
-_TCPSession = asyncssh.SSHTCPSession[bytes]
 #: ``allowed(device)``: is the device still enrolled and not revoked? Called in a thread at
 #: every forward request, so it may read the registry.
 Allowed = Callable[[str], bool]
@@ -89,28 +88,6 @@ MANAGER_USER = "dpanel.manager"
 #: verify() calls running at once; the rest queue, so a reconnect storm of thousands of
 #: devices cannot take every thread of the default executor.
 VERIFY_CONCURRENCY = 8
-
-
-class _ClosingForwarder(SSHForwarder):
-    """The channel side of the manager's connection to a device port. asyncssh closes a
-    forwarded pair only when its TCP side is the second to see EOF; when the channel's
-    EOF comes second the pair stayed open with both directions done, leaking a socket
-    and a channel on the manager's long-lived login per exec. Both ends done is done."""
-
-    def eof_received(self) -> bool:
-        keep_open = super().eof_received()
-        if not keep_open:
-            self.close()
-        return keep_open
-
-
-async def _forward_to(host: str, port: int) -> asyncssh.SSHTCPSession[bytes]:
-    # a forwarder is what asyncssh's own forward_connection hands back as the session
-    try:
-        _, peer = await asyncio.get_running_loop().create_connection(SSHForwarder, host, port)
-    except OSError as exc:
-        raise asyncssh.ChannelOpenError(asyncssh.OPEN_CONNECT_FAILED, str(exc)) from None
-    return cast("asyncssh.SSHTCPSession[bytes]", _ClosingForwarder(peer))
 
 
 @dataclass(frozen=True)
@@ -461,13 +438,14 @@ class _Session(asyncssh.SSHServer):
         return self._refuse("a session (shell/exec/subsystem)")
 
     def connection_requested(self, dest_host: str, dest_port: int, orig_host: str,
-                             orig_port: int) -> Union[bool, Awaitable[_TCPSession]]:
+                             orig_port: int
+                             ) -> Union[bool, Awaitable[asyncssh.SSHTCPSession[bytes]]]:
         if self.manager:
             # the manager reaches device ports through us, and nothing else: exactly our
             # bind address (loopback), exactly a port we allocated to a bound forward
             srv = self._srv
             if dest_host == srv.settings.bind_host and dest_port in srv.sessions().values():
-                return _forward_to(dest_host, dest_port)
+                return forward_to(dest_host, dest_port)
             return self._refuse(f"manager direct-tcpip to {dest_host[:80]!r}:{dest_port} "
                                 "(not a device port of this tunnel server)")
         return self._refuse(f"direct-tcpip to {dest_host[:80]!r}:{dest_port}")
@@ -561,8 +539,8 @@ class _Session(asyncssh.SSHServer):
                 # Channel window/packet size stay at asyncssh's 2 MiB/32 KiB: measured, 8 MiB
                 # windows gained nothing and 128 KiB packets halved device->manager speed.
                 # The cipher is what matters (the device picks it; AES-GCM >> chacha20).
-                inner = await conn.forward_local_port(srv.settings.bind_host, port,
-                                                      listen_host, port)
+                inner = await forward_local_port(conn, srv.settings.bind_host, port,
+                                                 listen_host, port)
             except OSError as exc:
                 self.port = None
                 pool.release(port, sticky=exc.errno != errno.EADDRINUSE)

@@ -10,7 +10,7 @@ from typing import Any, cast
 
 from asyncssh.forward import SSHForwarder
 
-from dpanel_server.tunnel import _ClosingForwarder
+from dpanel_server._forwarding import ClosingForwarder as _ClosingForwarder
 
 
 class _Transport:

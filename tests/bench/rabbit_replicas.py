@@ -6,7 +6,10 @@ auth_http answered by replica a, a PostgreSQL registry.
 Functional first (two real agents, exec alternating between replicas, audit rows, kill
 replica b, a carries on); then ``n`` simulated devices (:mod:`.simagents`) half on each
 node, for RabbitMQ's memory per MQTT connection and its connect rate through the
-manager's HTTP auth backend.
+manager's HTTP auth backend; how long until both replicas show every device online
+(``online_timeline``: CONNACKs, statuses the broker acknowledged, online in a and b);
+then replica b restarted, which must not show the fleet offline (RabbitMQ sends it no
+retained status: presence comes from the shared store, then a resync ping per device).
 """
 
 from __future__ import annotations

@@ -62,6 +62,10 @@ _PROBE_INTERVAL = 5.0
 #: Presence resync after a broker connect (see presencesync.py).
 _SWEEP_SETTLE = 3.0
 _SWEEP_PARALLEL = 200
+#: A resync ping's wait: generous, since on RabbitMQ with the HTTP auth backend each ping
+#: and each answer waits for a topic check (one HTTP request each) behind the others;
+#: giving up too early would show a live device offline until its status arrives.
+_SWEEP_TIMEOUT = 10.0
 
 
 def sync_broker_files(cfg: ServerConfig, registry: Registry, manager_password: str,
@@ -188,7 +192,7 @@ class Manager:
         try:
             await self._requests.request(wire.PingRequest(
                 device=device, id=secrets.token_hex(16), issued_at=issued,
-                expires_at=expires), timeout=_PROBE_INTERVAL)
+                expires_at=expires), timeout=_SWEEP_TIMEOUT)
         except RequestTimeout:
             return False if self.broker_connected() else None
         except BrokerError:

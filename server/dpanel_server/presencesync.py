@@ -112,10 +112,12 @@ class Resync:
                  still_unverified: Callable[[str], bool],
                  give_up: Callable[[str], None],
                  settle: float = 3.0, parallel: int = 200, tries: int = 3,
-                 spread: float = 2.0) -> None:
+                 spread: float = 2.0, rate: float = 1000.0) -> None:
         self._targets, self._ping = targets, ping
         self._still_unverified, self._give_up = still_unverified, give_up
         self.settle, self.parallel, self.tries, self.spread = settle, parallel, tries, spread
+        #: first pings started per second at most (the spread grows with the fleet)
+        self.rate = rate
         self._task: Optional[asyncio.Task[None]] = None
         #: the last sweep's figures (logs, tests, the bench)
         self.last: dict[str, float] = {}
@@ -143,11 +145,12 @@ class Resync:
         sem = asyncio.Semaphore(self.parallel)
         targets = await self._targets()
         counts = {"pinged": 0, "answered": 0, "gave_up": 0}
+        spread = max(self.spread, len(targets) / self.rate)
 
         async def one(device: str, seeded_online: bool) -> None:
             # jitter: thousands of statuses at once are what the broker and every
             # replica would otherwise take in one burst
-            await asyncio.sleep(random.uniform(0, self.spread))  # noqa: S311 (jitter)
+            await asyncio.sleep(random.uniform(0, spread))  # noqa: S311 (jitter)
             for _ in range(self.tries if seeded_online else 1):
                 if not self._still_unverified(device):
                     return

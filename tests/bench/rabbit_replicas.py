@@ -193,6 +193,8 @@ def run_rabbit_replicas(workdir: Path, n: int = 2000) -> dict[str, Any]:
 
             # restart replica b: it must not show the fleet offline meanwhile (RabbitMQ
             # sends it no retained status: presence from the shared store + a resync)
+            blog_path = d / "manager-server-b.toml.log"
+            before = blog_path.read_text(errors="replace").count("presence resync:")
             stop_proc(procs[2])
             t0 = time.monotonic()
             procs[2] = launch("manager", "server-b.toml")
@@ -209,11 +211,22 @@ def run_rabbit_replicas(workdir: Path, n: int = 2000) -> dict[str, Any]:
             answering = [c for _, c in seen]
             out["restart_b_min_online"] = min(answering) if answering else None
             out["restart_b_all_online_s"] = next((t for t, c in seen if c >= n + 2), None)
+            def resynced() -> bool:
+                return blog_path.read_text(errors="replace").count("presence resync:") > before
+
+            try:  # its pings verified every device (or gave up on it)
+                wait_for(resynced, "replica b's resync", 600, 2.0)
+            except TimeoutError:
+                pass
+            # restart_b_online_timeline never went below all: the resync showed no one
+            # offline; its figures (pings, answers, marked offline, seconds):
+            out["restart_b_resync"] = next(
+                (line.split("presence resync: ", 1)[1] for line in reversed(
+                    blog_path.read_text(errors="replace").splitlines())
+                 if "presence resync:" in line), None)
+            out["restart_b_online_after_resync"] = online("b")
             st = [w.ask({"cmd": "status"}, 120) for w in sims]
             out["sim_pings_answered"] = sum(x["pings"] for x in st)
-            blog = (d / "manager-server-b.toml.log").read_text(errors="replace")
-            out["restart_b_resync_log"] = [line[24:] for line in blog.splitlines()
-                                           if "presence" in line][-3:]
 
             os.kill(procs[2].pid, signal.SIGKILL)
             after = [on("a", "exec", dev, "--", "echo", "after").stdout == b"after\n"

@@ -173,8 +173,9 @@ def test_devices_spread_over_both_nodes(rmq: Env, tmp_path_factory: pytest.TempP
 
 
 def test_retained_presence_and_wills_across_nodes(rmq: Env) -> None:
-    # What the manager relies on: a device's retained status reaches a subscriber on the
-    # *other* node. (RabbitMQ 3.10 keeps retained messages per node: see README.)
+    # What the manager cannot rely on: RabbitMQ 3.10 keeps retained messages per node and
+    # sends none to a wildcard subscription (this probe's dpanel/+/status gets nothing on
+    # either node; see README). Presence does without them (presencesync.py).
     seen_a = _retained(rmq.a.mqtt_port, "dpanel-manager", rmq.manager_password)
     seen_b = _retained(rmq.b.mqtt_port, "dpanel-manager", rmq.manager_password)
     topic = wire.status_topic

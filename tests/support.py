@@ -13,6 +13,11 @@ from typing import Any, Callable
 __all__ = ["device_link", "free_port", "read_pid", "stop_proc", "wait_for", "wait_port"]
 
 
+#: the tunnel servers' default device-port pool (tunnel.port_range): a port picked
+#: for a service there was once given to a device before the service bound it
+_POOL = (20000, 29999)
+
+
 def _ephemeral_low() -> int:
     try:
         return int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
@@ -26,13 +31,16 @@ def free_port() -> int:
     Services bind the port a moment (for RabbitMQ, seconds) after it is picked. A port from
     the ephemeral range can be taken meanwhile by any outgoing connection on the machine; a
     CI run lost a port that way. Below that range only another listener can take it, and
-    the random pick makes two parallel runs colliding unlikely.
+    the random pick makes two parallel runs colliding unlikely. Nor from the tunnel's
+    device-port pool, which tunnel servers of the same run allocate from.
     """
     top = _ephemeral_low()
-    bottom = max(1024, top - 12000)
+    bottom = max(1024, top - 22000)
     rng = random.SystemRandom()
     while True:
         port = rng.randrange(bottom, top)
+        if _POOL[0] <= port <= _POOL[1]:
+            continue  # a tunnel server of this run may hand it to a device meanwhile
         with socket.socket() as s:
             try:
                 s.bind(("", port))  # all addresses: a listener on any of them counts

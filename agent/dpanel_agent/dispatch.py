@@ -179,8 +179,10 @@ class Dispatcher:
             else:
                 port = await self.link.open(ttl, idle, not_after=NOT_AFTER.get(None))
         except TunnelError as exc:
+            # naming the server the manager placed us on, so that it can try another
             return Response(device=self.device, id=req.id, code=exc.code,
-                            message=str(exc), ts=time.time())
+                            message=str(exc), ts=time.time(),
+                            tunnel=req.tunnel if req.tunnel and req.tunnel_host_key else None)
         log.info("open request %s: tunnel port %d (ttl %d s, idle %d s)", req.id, port, ttl,
                  idle)
         return Response(device=self.device, id=req.id, code=ErrorCode.OK, port=port,

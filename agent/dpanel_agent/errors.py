@@ -13,8 +13,11 @@ class AgentError(Exception):
 
 class TunnelError(Exception):
     """Dialling the tunnel failed or was not attempted; ``code`` is TUNNEL_UNREACHABLE,
-    TUNNEL_REFUSED, or EXPIRED (the request asking for it expired first)."""
+    TUNNEL_REFUSED, or EXPIRED (the request asking for it expired first). ``final``: not
+    worth dialling again within this request (a named server that accepted no TCP
+    connection in time: the manager has others to try)."""
 
-    def __init__(self, code: ErrorCode, message: str) -> None:
+    def __init__(self, code: ErrorCode, message: str, final: bool = False) -> None:
         super().__init__(message)
         self.code = code
+        self.final = final

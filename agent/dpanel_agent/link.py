@@ -20,7 +20,9 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import random
+import socket
 import ssl
 import time
 from typing import Callable, List, Optional, Set, Tuple
@@ -49,6 +51,12 @@ _STABLE_AFTER = 30.0
 #: Dials per open request when the tunnel cannot be reached (see _dial_retrying).
 _OPEN_ATTEMPTS = 3
 
+#: Seconds a tunnel server named by an open request has to accept the TCP connection.
+#: A site whose firewall drops packets to that one server (it is alive, and the manager
+#: hears it) would otherwise hold the request until the manager gives up; answering
+#: "unreachable" early lets the manager place the tunnel on another server in time.
+NAMED_CONNECT_TIMEOUT = 5.0
+
 #: Backoff after the tunnel refused us (auth, host key, forward): a revoked device must
 #: settle to a slow retry, not hammer the tunnel and fill both sides' logs.
 REFUSED_BACKOFF = (5.0, 300.0)
@@ -62,6 +70,17 @@ class _CountingForwarder(SSHForwarder):
         super().__init__(peer)
         self._link: Optional[TunnelLink] = link
         link._conn_opened(self)
+
+    def eof_received(self) -> bool:
+        # asyncssh closes a forwarded pair only when its TCP side is the second to see
+        # EOF; when the device's local socket ended first and the tunnel's EOF arrives
+        # second, the channel stayed open with both directions at EOF, forever: the
+        # tunnel never counted as idle and each such connection leaked a socket. Both
+        # ends done means done.
+        keep_open = super().eof_received()
+        if not keep_open:
+            self.close()
+        return keep_open
 
     def connection_lost(self, exc: Optional[Exception]) -> None:
         link, self._link = self._link, None
@@ -316,7 +335,7 @@ class TunnelLink:
                 return await self._dial(max(0.1, left))
             except TunnelError as exc:
                 pause = random.uniform(0.3, 1.0) * (attempt + 1)  # noqa: S311 (jitter)
-                if (exc.code is not ErrorCode.TUNNEL_UNREACHABLE
+                if (exc.code is not ErrorCode.TUNNEL_UNREACHABLE or exc.final
                         or attempt + 1 == _OPEN_ATTEMPTS
                         or until - time.monotonic() < pause + 2.0):
                     raise
@@ -324,11 +343,44 @@ class TunnelLink:
                 await asyncio.sleep(pause)
         raise AssertionError("unreachable")  # pragma: no cover
 
+    async def _named_tcp(self, timeout: Optional[float]) -> socket.socket:
+        """The TCP connection to a server an open request named, within
+        :data:`NAMED_CONNECT_TIMEOUT`; a timeout is final for this request (see there)."""
+        loop = asyncio.get_running_loop()
+        budget = min(NAMED_CONNECT_TIMEOUT, timeout or NAMED_CONNECT_TIMEOUT)
+        where = f"{self.host}:{self.port_}"
+        sock: Optional[socket.socket] = None
+        try:
+            infos = await asyncio.wait_for(loop.getaddrinfo(
+                self.host, self.port_, type=socket.SOCK_STREAM), budget)
+            family, kind, proto, _, addr = infos[0]
+            sock = socket.socket(family, kind, proto)
+            sock.setblocking(False)
+            await asyncio.wait_for(loop.sock_connect(sock, addr), budget)
+            return sock
+        except asyncio.TimeoutError:
+            if sock is not None:
+                sock.close()
+            message = (f"cannot reach tunnel server {where}: no TCP answer within "
+                       f"{budget:g} s")
+            log.warning("tunnel %s", message)
+            raise TunnelError(ErrorCode.TUNNEL_UNREACHABLE, message, final=True) from None
+        except OSError as exc:
+            if sock is not None:
+                sock.close()
+            why = os.strerror(exc.errno) if exc.errno else str(exc)  # not asyncio's text
+            message = f"cannot reach tunnel server {where} ({why})"
+            log.warning("tunnel %s", message)
+            raise TunnelError(ErrorCode.TUNNEL_UNREACHABLE, message) from None
+
     async def _dial(self, timeout: Optional[float] = None) -> int:
         """Connect + request the forward. Caller holds the lock."""
         await self._teardown("")
         self.dials += 1
         t = self._token
+        sock = None
+        if self.server is not None and self._via is None:
+            sock = await self._named_tcp(timeout)
         try:
             conn, _ = await asyncio.wait_for(asyncssh.create_connection(
                 lambda: _Client(self), self.host, self.port_,
@@ -339,6 +391,7 @@ class TunnelLink:
                 window=self._window, compression_algs=None,
                 encryption_algs=_CIPHERS if _CIPHERS is not None else (),
                 **({"tunnel": self._via} if self._via is not None else {}),
+                **({"sock": sock} if sock is not None else {}),
             ), timeout if timeout is not None else self._connect_timeout)
         except Exception as exc:  # classified into an error code
             code, message = _classify(exc)

@@ -243,6 +243,10 @@ class Response:
     message: str = ""
     port: Optional[int] = None
     ts: float = 0.0
+    #: the tunnel server ("host:port", as the open request named it) that the device
+    #: could not reach or that refused it; absent otherwise and from older agents (older
+    #: managers ignore it). The manager then tries another server for this device.
+    tunnel: Optional[str] = None
     type: MsgType = field(default=MsgType.RESPONSE, init=False)
 
 
@@ -476,7 +480,15 @@ def _decode_response(d: Mapping[str, Any]) -> Response:
         message=printable(_short_str(d, "message", 1024)),
         port=_port(d, optional=True),
         ts=_get(d, "ts", float, optional=True) or 0.0,
+        tunnel=_response_tunnel(d),
     )
+
+
+def _response_tunnel(d: Mapping[str, Any]) -> Optional[str]:
+    tunnel = _get(d, "tunnel", str, optional=True)
+    if tunnel is not None and not _TUNNEL_RE.fullmatch(tunnel):
+        raise DecodeError("tunnel: expected host:port")
+    return cast(Optional[str], tunnel)
 
 
 _DECODERS: Dict[MsgType, Callable[[Mapping[str, Any]], Message]] = {

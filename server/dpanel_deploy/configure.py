@@ -335,6 +335,12 @@ def _desired_config(layout: Layout, opts: Options) -> str:
         cfg.manager.https_cert = str(layout.operator_https / "server.crt")
         cfg.manager.https_key = str(layout.operator_https / "server.key")
     _edge_config(cfg, old, opts, layout, bh)
+    # where devices fetch agent updates: the HTTPS listener at the host they already
+    # dial for the broker (its certificate is from the same CA); without the listener,
+    # rollouts name a URL with --url
+    if cfg.manager.https_listen:
+        hp = _split_hostport(cfg.manager.https_listen, "--https-listen", 443)[1]
+        cfg.manager.update_url = "https://" + _fmt_hostport(bh, hp)
     cfg.broker.auth = opts.broker_auth or (old.broker.auth if old is not None
                                            else _default_broker_auth())
     if cfg.broker.auth not in ("files", "dynsec"):

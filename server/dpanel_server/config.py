@@ -192,8 +192,18 @@ class ManagerConfig:
     #: 3.10 has none), "on" or "off" (every replica takes every record; the database's
     #: unique key keeps one). Statuses and answers always reach every replica.
     shared_subscriptions: str = "auto"
+    #: the base URL devices download agent updates from (the HTTPS listener's or the
+    #: edge's public name, e.g. "https://dpanel.example.com"). Unset: the URL the
+    #: operator's API call came in on, refused when that is loopback and the devices'
+    #: tunnel address is not (a rollout every device would fail to download).
+    update_url: Optional[str] = None
 
     def validate(self) -> None:
+        if self.update_url is not None and (
+                not self.update_url.startswith(("http://", "https://"))
+                or any(c.isspace() for c in self.update_url)):
+            raise ConfigError(f"manager.update_url: {self.update_url[:80]!r} is not an "
+                              "http:// or https:// URL")
         if self.replica and not _REPLICA.fullmatch(self.replica):
             raise ConfigError(f"manager.replica: {self.replica!r} is not 1-32 of a-z 0-9 -")
         if self.shared_subscriptions not in ("auto", "on", "off"):

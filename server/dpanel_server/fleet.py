@@ -19,6 +19,12 @@ Tunnel servers may run on other hosts (``dpanel tunnel serve --manager URL``). E
 Placement (:meth:`Fleet.place`): a device whose tunnel is up on a server stays there;
 otherwise the least-loaded up server takes it ((load + placed since its last
 heartbeat) / capacity). The open request names the server and its host key, signed.
+
+A partial partition (the server is up for the manager, but a device's site cannot reach
+it: a firewall, a broken route): the device answers ``tunnel_unreachable`` naming the
+server, :meth:`Fleet.unreachable` marks that server unusable *for that device* for
+:data:`UNREACHABLE_FOR` seconds, and the manager places the same open again elsewhere,
+at most :meth:`Fleet.tries` times. With no server left, the error names each one and why.
 """
 
 from __future__ import annotations
@@ -71,6 +77,10 @@ _REFRESH = 1.0
 _REDIAL = 3.0
 #: A placement counts as the device's tunnel for this long before a heartbeat lists it.
 _STICKY_GRACE = 30.0
+#: How long a server a device could not reach is skipped for that device.
+UNREACHABLE_FOR = 120.0
+#: Placements per open request at most (each one a signed request the device answers).
+MAX_TRIES = 3
 #: A control command (kick, sessions) over the manager's SSH channel.
 _CONTROL_TIMEOUT = 15.0
 
@@ -145,6 +155,9 @@ class Fleet:
         self.servers: dict[str, ServerState] = {}
         #: device -> (server name, monotonic time placed, port or 0 before it is known)
         self._placed: dict[str, tuple[str, float, int]] = {}
+        #: device -> {server name: (monotonic end of the mark, why)}: servers that this
+        #: device could not reach (a partial partition; see the module docstring)
+        self._unreach: dict[str, dict[str, tuple[float, str]]] = {}
         self._task: Optional[asyncio.Task[None]] = None
         self._bg: set[asyncio.Future[None]] = set()
         self._refresh_rows(self._rows())
@@ -373,18 +386,67 @@ class Fleet:
                 log.warning("kick %s: %s (reconciled when it is back)", device, exc)
         await asyncio.gather(*(one(st) for st in self.servers.values() if st.is_up()))
         self._placed.pop(device, None)
+        self._unreach.pop(device, None)
 
     # ------------------------------------------------------------------ placement
+    def tries(self) -> int:
+        """How many servers one open request may be placed on in turn."""
+        return max(1, min(MAX_TRIES, len(self.servers)))
+
+    def _marks(self, device: str) -> dict[str, tuple[float, str]]:
+        now = time.monotonic()
+        marks = self._unreach.get(device, {})
+        for name in [n for n, (until, _) in marks.items() if until <= now]:
+            del marks[name]
+        if not marks:
+            self._unreach.pop(device, None)
+        return marks
+
+    def unreachable(self, device: str, st: ServerState, why: str) -> None:
+        """``device`` could not reach ``st`` (it said so): skip it for this device for
+        :data:`UNREACHABLE_FOR` s, other devices still use it."""
+        why = printable(why)[:300]  # the device's own words
+        log.warning("device %s cannot reach tunnel server %s (%s): %s; placing it "
+                    "elsewhere for %g s", device, st.name, st.public, why, UNREACHABLE_FOR)
+        self._unreach.setdefault(device, {})[st.name] = (time.monotonic() + UNREACHABLE_FOR,
+                                                         why)
+        if len(self._unreach) > 10000:  # a bound, whatever devices do: the oldest go
+            for old in list(self._unreach)[:1000]:
+                del self._unreach[old]
+        placed = self._placed.get(device)
+        if placed is not None and placed[0] == st.name:
+            del self._placed[device]
+        st.devices.pop(device, None)
+        st.pending = max(0, st.pending - 1)
+
+    def unreachable_from(self, st: ServerState) -> dict[str, str]:
+        """device -> why, for the devices that cannot reach ``st`` now."""
+        return {d: marks[st.name][1] for d in list(self._unreach)
+                if st.name in (marks := self._marks(d))}
+
+    def check_left(self, device: str) -> None:
+        """Raise :class:`TunnelServerDown` naming every server and why, if none that is
+        up is left for ``device`` (some are, but it cannot reach them)."""
+        marks = self._marks(device)
+        up_all = [st for st in self.servers.values() if st.is_up()]
+        if up_all and all(st.name in marks for st in up_all):
+            raise TunnelServerDown(f"device {device} cannot reach any tunnel server: "
+                                   + "; ".join(self._why(st, marks) for st in
+                                               sorted(self.servers.values(),
+                                                      key=lambda s: s.name)))
+
     def place(self, device: str) -> ServerState:
         """The server the device's tunnel goes on (see the module docstring)."""
-        up = [st for st in self.servers.values() if st.is_up()]
+        self.check_left(device)
+        marks = self._marks(device)
+        up = [st for st in self.servers.values() if st.is_up() and st.name not in marks]
         for st in up:  # its tunnel lives there: sticky
             if device in st.devices:
                 return st
         placed = self._placed.get(device)
         if placed is not None:
             was = self.servers.get(placed[0])
-            if (was is not None and was.is_up()
+            if (was is not None and was.is_up() and was.name not in marks
                     and time.monotonic() - placed[1] < _STICKY_GRACE):
                 return was
             if was is not None and not was.is_up():
@@ -400,8 +462,18 @@ class Fleet:
         self._placed[device] = (best.name, time.monotonic(), 0)
         return best
 
+    @staticmethod
+    def _why(st: ServerState, marks: dict[str, tuple[float, str]]) -> str:
+        at = f"{st.name} ({st.public or 'never announced'})"
+        if st.is_up() and st.name in marks:
+            return f"{at}: up, but not reachable from the device: {marks[st.name][1]}"
+        return f"{at}: {st.state}" + (f", {st.reason}" if st.reason else "")
+
     def placed(self, device: str, st: ServerState, port: int) -> None:
         self._placed[device] = (st.name, time.monotonic(), port)
+        marks = self._unreach.get(device)
+        if marks:
+            marks.pop(st.name, None)  # reached after all (its site's network is back)
         st.devices[device] = port
 
     def server_of(self, device: str) -> Optional[ServerState]:
@@ -427,7 +499,8 @@ class Fleet:
         return out
 
     def list(self) -> list[dict[str, Any]]:
-        return [st.view() for st in sorted(self.servers.values(), key=lambda s: s.name)]
+        return [{**st.view(), "unreachable_from": self.unreachable_from(st)}
+                for st in sorted(self.servers.values(), key=lambda s: s.name)]
 
 
 class _Unauthorized(RegistryError):

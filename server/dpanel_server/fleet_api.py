@@ -56,6 +56,8 @@ def add_fleet_routes(app: FastAPI, manager: Manager,
             ids = {d.id for d in await manager.devices() if in_scope(p, d.labels)}
             for s in servers:
                 s["devices"] = [d for d in s["devices"] if d in ids]
+                s["unreachable_from"] = {d: why for d, why in s["unreachable_from"].items()
+                                         if d in ids}
                 s["tunnels"] = len(s["devices"])
         return servers
 

@@ -7,9 +7,13 @@ so a device that is online for minutes a day gets its part seconds after it conn
 
 At-most-once: a part moves ``pending -> running`` in one registry transaction (a
 compare-and-set on its state) before anything is sent to the device, so a job id plus a
-device id never runs twice, across reconnects and manager restarts. A part found
-``running`` when the manager starts was cut by the restart: it is marked ``failed`` with
-that reason, never re-run.
+device id never runs twice, across reconnects and manager restarts. A second
+compare-and-set (``sent = 1``, on ``runner`` = this replica) comes after the tunnel and
+SSH login and before the command is sent. A part found ``running`` when its manager
+starts again was cut by the restart: it is marked ``failed`` with that reason, never
+re-run. With replicas, a part whose replica died for good (its lease expired,
+leases.py) is settled by another replica: ``failed`` naming the dead one if the command
+may have been sent, back to ``pending`` if it was only claimed.
 """
 
 from __future__ import annotations
@@ -94,8 +98,11 @@ _SCHEMA = [
 ]
 
 #: Numbered schema steps (see Database.migrate). 1: which manager replica runs a part.
+#: 2: whether its command may have been sent (0: claimed only; 1 or NULL: maybe sent),
+#: so that a dead replica's unsent claims go back to pending and the rest never re-run.
 _MIGRATIONS: list[list[str]] = [
     ["ALTER TABLE job_parts ADD COLUMN runner VARCHAR(32)"],
+    ["ALTER TABLE job_parts ADD COLUMN sent INTEGER"],
 ]
 
 _DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([smhd]?)\s*$")
@@ -245,13 +252,14 @@ class JobStore(PartStore):
             row = cur.execute(f"SELECT {self._JOB_COLS} FROM jobs WHERE id = ?",  # noqa: S608
                               (job_id,)).fetchone()
             parts = cur.execute(
-                "SELECT device, state, exit, truncated, started, ended, reason"  # noqa: S608
-                f"{out_cols} FROM job_parts WHERE job = ? ORDER BY device",
+                "SELECT device, state, exit, truncated, started, ended, reason, "  # noqa: S608
+                f"runner{out_cols} FROM job_parts WHERE job = ? ORDER BY device",
                 (job_id,)).fetchall()
         if row is None:
             raise UnknownJob(f"unknown job {job_id!r}")
         job = self._job(row)
-        keys = ["device", "state", "exit", "truncated", "started", "ended", "reason"]
+        keys = ["device", "state", "exit", "truncated", "started", "ended", "reason",
+                "runner"]
         if with_output:
             keys += ["stdout", "stderr"]
         job["parts"] = [dict(zip(keys, p)) for p in parts]
@@ -264,18 +272,28 @@ class JobStore(PartStore):
         """pending -> running, once: the compare-and-set that makes a part at-most-once."""
         with self._tx() as cur:
             # the job's own state is part of the check: a cancel that committed first wins
-            cur.execute("UPDATE job_parts SET state = 'running', started = ?, runner = ? "
-                        "WHERE job = ? AND device = ? AND state = 'pending' AND EXISTS "
+            cur.execute("UPDATE job_parts SET state = 'running', started = ?, runner = ?, "
+                        "sent = 0 WHERE job = ? AND device = ? AND state = 'pending' AND EXISTS "
                         "(SELECT 1 FROM jobs WHERE id = ? AND state = 'running')",
                         (time.time(), self.runner, job_id, device, job_id))
+            return bool(cur.rowcount == 1)
+
+    def mark_sent(self, job_id: str, device: str) -> bool:
+        """The command is about to be sent: from here a lost runner means 'maybe ran'.
+        False: this replica's claim was taken back (judged dead): send nothing."""
+        with self._tx() as cur:
+            cur.execute("UPDATE job_parts SET sent = 1 WHERE job = ? AND device = ? AND "
+                        "state = 'running' AND runner = ? AND sent = 0",
+                        (job_id, device, self.runner))
             return bool(cur.rowcount == 1)
 
     def unclaim(self, job_id: str, device: str) -> None:
         """running -> pending: only when nothing was sent (the tunnel or SSH login failed)."""
         with self._tx() as cur:
-            cur.execute("UPDATE job_parts SET state = 'pending', started = NULL "
-                        "WHERE job = ? AND device = ? AND state = 'running'",
-                        (job_id, device))
+            cur.execute("UPDATE job_parts SET state = 'pending', started = NULL, "
+                        "runner = NULL, sent = NULL WHERE job = ? AND device = ? AND "
+                        "state = 'running' AND runner = ? AND sent = 0",
+                        (job_id, device, self.runner))
 
     def finish(self, job_id: str, device: str, state: str, exit: Optional[int] = None,
                out: Optional[_Capped] = None, reason: Optional[str] = None) -> None:
@@ -283,14 +301,15 @@ class JobStore(PartStore):
             cur.execute(
                 "UPDATE job_parts SET state = ?, exit = ?, stdout = ?, stderr = ?, "
                 "truncated = ?, ended = ?, reason = ? "
-                "WHERE job = ? AND device = ? AND state = 'running'",
+                "WHERE job = ? AND device = ? AND state = 'running' AND runner = ?",
                 (state, exit, out.text("stdout") if out else "",
                  out.text("stderr") if out else "", int(bool(out and out.truncated)),
-                 time.time(), reason, job_id, device))
+                 time.time(), reason, job_id, device, self.runner))
 
     def cut_by_restart(self) -> int:
         """Parts left ``running`` by this manager when it stopped: failed, never re-run.
-        A replica cuts only its own: the others' are running right now."""
+        A replica cuts only its own: the others' are running right now. (Unlike a dead
+        replica's, even a claim never sent is failed here: the restart said so first.)"""
         reason = "the manager restarted while it ran; not re-run (a part runs at most once)"
         with self._tx() as cur:
             if self.runner:
@@ -301,6 +320,29 @@ class JobStore(PartStore):
                 cur.execute("UPDATE job_parts SET state = 'failed', ended = ?, reason = ? "
                             "WHERE state = 'running'", (time.time(), reason))
             return int(cur.rowcount)
+
+    def settle_dead(self, runner: str, reason: str) -> tuple[int, int, int]:
+        """The parts a dead runner left ``running``: (given back to pending, failed,
+        cancelled). Maybe sent: failed with ``reason``, never re-run. Only claimed:
+        pending again if the job still runs, else cancelled. Compare-and-sets on state
+        and runner, so replicas settling at once move each part once."""
+        now = time.time()
+        with self._tx() as cur:
+            cur.execute("UPDATE job_parts SET state = 'pending', started = NULL, "
+                        "runner = NULL, sent = NULL "
+                        "WHERE state = 'running' AND runner = ? AND sent = 0 AND EXISTS "
+                        "(SELECT 1 FROM jobs WHERE jobs.id = job_parts.job AND "
+                        "jobs.state = 'running')", (runner,))
+            requeued = int(cur.rowcount)
+            cur.execute("UPDATE job_parts SET state = 'failed', ended = ?, reason = ? "
+                        "WHERE state = 'running' AND runner = ? AND "
+                        "(sent IS NULL OR sent <> 0)", (now, reason, runner))
+            failed = int(cur.rowcount)
+            cur.execute("UPDATE job_parts SET state = 'cancelled', ended = ?, reason = ? "
+                        "WHERE state = 'running' AND runner = ?",
+                        (now, f"the job ended while manager replica {runner} (dead) had "
+                         "claimed this part; nothing was sent", runner))
+            return requeued, failed, int(cur.rowcount)
 
 
 class Jobs:
@@ -518,6 +560,11 @@ class Jobs:
                 log.info("job %s: %s not reachable yet (%s); waiting", job_id, device, exc)
                 self._retry_after[device] = time.monotonic() + _RETRY
                 await asyncio.to_thread(self.store.unclaim, job_id, device)
+                return
+            if not await asyncio.to_thread(self.store.mark_sent, job_id, device):
+                # another replica took this claim back (it judged us dead): it decides
+                log.warning("job %s: the claim on %s was taken back; not sent", job_id,
+                            device)
                 return
             state, exit_code, reason = "failed", None, None
             try:

@@ -41,6 +41,7 @@ from .errors import (
 from .fleet import Fleet
 from .hostkeys import InvalidHostKey, fingerprint, normalize_host_key
 from .jobs import Jobs
+from .leases import Leases
 from .metrics import BROKER_RECONNECTS, exec_timer, register_manager_metrics
 from .presence import Presence, PresenceTracker
 from .presencesync import PresenceStore, Resync, needs_resync
@@ -114,6 +115,8 @@ class Manager:
         #: agent updates: rollouts offered to devices as they come online (replicas may
         #: all schedule: a part moves pending -> offered by compare-and-set, once)
         self.updates = Updates(self)
+        #: replicas: a lease each, so that a live one settles a dead one's parts
+        self.leases = Leases(self, cfg.manager.replica) if cfg.manager.replica else None
         #: RabbitMQ or a broker cluster: presence from the shared store + a resync, not
         #: from retained statuses (presencesync.py)
         self._presence_store = (PresenceStore(self.registry.db) if needs_resync(cfg)
@@ -158,6 +161,8 @@ class Manager:
         self.fleet.start()
         await self.jobs.start()
         await self.updates.start()
+        if self.leases is not None:
+            await self.leases.start()
 
     def _came_online(self, device: str) -> None:
         self.jobs.kick(device)
@@ -214,6 +219,8 @@ class Manager:
                      done["enabled"])
 
     async def close(self) -> None:
+        if self.leases is not None:
+            await self.leases.close()
         await self.jobs.close()
         await self.updates.close()
         await self.fleet.close()
@@ -463,19 +470,26 @@ class Manager:
                           idle_timeout: Optional[int] = None) -> int:
         """Ask the device to dial the tunnel; returns the loopback port of its forward."""
         p = await self._check_reachable(device)
-        server = self.fleet.place(device) if self.fleet.active() else None
-        issued, expires = self._times()
-        resp = await self._request(wire.OpenRequest(
-            device=device, id=secrets.token_hex(16), issued_at=issued, expires_at=expires,
-            ttl=ttl or self.cfg.manager.tunnel_ttl,
-            idle_timeout=idle_timeout or self.cfg.manager.tunnel_idle_timeout,
-            # a device that trusts another (or no) user CA learns ours, signed: migration
-            # of old-token devices and CA rotation; never sent to agents that predate it
-            user_ca=(self.user_ca.public_line if p.user_ca is not None
-                     and p.user_ca != self.user_ca.public_line else None),
-            tunnel=server.public if server else None,
-            tunnel_host_key=server.host_key if server else None,
-        ))
+        for _ in range(self.fleet.tries() if self.fleet.active() else 1):
+            server = self.fleet.place(device) if self.fleet.active() else None
+            issued, expires = self._times()
+            resp = await self._request(wire.OpenRequest(
+                device=device, id=secrets.token_hex(16), issued_at=issued,
+                expires_at=expires, ttl=ttl or self.cfg.manager.tunnel_ttl,
+                idle_timeout=idle_timeout or self.cfg.manager.tunnel_idle_timeout,
+                # a device that trusts another (or no) user CA learns ours, signed:
+                # migration of old-token devices and CA rotation; never sent to agents
+                # that predate it
+                user_ca=(self.user_ca.public_line if p.user_ca is not None
+                         and p.user_ca != self.user_ca.public_line else None),
+                tunnel=server.public if server else None,
+                tunnel_host_key=server.host_key if server else None,
+            ))
+            if server is None or resp.code != wire.ErrorCode.TUNNEL_UNREACHABLE:
+                break
+            # alive for us, not for the device's site (a partial partition): elsewhere
+            self.fleet.unreachable(device, server, resp.message or "no detail")
+            self.fleet.check_left(device)  # none left: each server named, with why
         if resp.code == wire.ErrorCode.OK:
             self._requests.forget_abandoned(device)  # the tunnel has a caller again
         at = f" on tunnel server {server.name} ({server.public})" if server else ""

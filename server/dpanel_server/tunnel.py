@@ -49,6 +49,7 @@ from dpanel_proto.ratelog import REPORT_SOURCE, RateLimitedLog
 from dpanel_proto.wire import DecodeError, printable, validate_device_id
 
 from ._files import atomic_write, ensure_private_key
+from ._forwarding import forward_local_port, forward_to
 from ._gate import Outcome, PreAuthGate, Startups, source_key
 from ._pool import PoolExhausted, PortPool
 from .errors import ConfigError
@@ -437,13 +438,14 @@ class _Session(asyncssh.SSHServer):
         return self._refuse("a session (shell/exec/subsystem)")
 
     def connection_requested(self, dest_host: str, dest_port: int, orig_host: str,
-                             orig_port: int) -> bool:
+                             orig_port: int
+                             ) -> Union[bool, Awaitable[asyncssh.SSHTCPSession[bytes]]]:
         if self.manager:
             # the manager reaches device ports through us, and nothing else: exactly our
             # bind address (loopback), exactly a port we allocated to a bound forward
             srv = self._srv
             if dest_host == srv.settings.bind_host and dest_port in srv.sessions().values():
-                return True
+                return forward_to(dest_host, dest_port)
             return self._refuse(f"manager direct-tcpip to {dest_host[:80]!r}:{dest_port} "
                                 "(not a device port of this tunnel server)")
         return self._refuse(f"direct-tcpip to {dest_host[:80]!r}:{dest_port}")
@@ -537,8 +539,8 @@ class _Session(asyncssh.SSHServer):
                 # Channel window/packet size stay at asyncssh's 2 MiB/32 KiB: measured, 8 MiB
                 # windows gained nothing and 128 KiB packets halved device->manager speed.
                 # The cipher is what matters (the device picks it; AES-GCM >> chacha20).
-                inner = await conn.forward_local_port(srv.settings.bind_host, port,
-                                                      listen_host, port)
+                inner = await forward_local_port(conn, srv.settings.bind_host, port,
+                                                 listen_host, port)
             except OSError as exc:
                 self.port = None
                 pool.release(port, sticky=exc.errno != errno.EADDRINUSE)

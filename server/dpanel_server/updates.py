@@ -95,6 +95,12 @@ _SCHEMA = [
     "CREATE INDEX IF NOT EXISTS agent_rollout_parts_state ON agent_rollout_parts (state)",
 ]
 
+#: Numbered schema steps (Database.migrate). 1: which manager replica made an offer, so
+#: that a live replica settles the offers of a dead one (leases.py).
+_MIGRATIONS: list[list[str]] = [
+    ["ALTER TABLE agent_rollout_parts ADD COLUMN runner VARCHAR(32)"],
+]
+
 
 class UpdateError(DPanelError):
     code = ErrorCode.INVALID
@@ -189,13 +195,15 @@ class RolloutSpec:
 class RolloutStore(PartStore):
     PARENT, PARTS, PARENT_KEY = "agent_rollouts", "agent_rollout_parts", "rollout"
 
-    def __init__(self, registry: Registry) -> None:
+    def __init__(self, registry: Registry, runner: str = "") -> None:
         super().__init__(registry)
-        registry.db.ensure("agent_updates", _SCHEMA)
+        #: this manager's replica name ("" alone): its offers carry it
+        self.runner = runner
+        registry.db.ensure("agent_updates", _SCHEMA, _MIGRATIONS)
 
     _COLS = ("id, version, selector, created_by, created, expires, canary, max_failures, "
              "max_concurrency, commit_timeout, url_base, state, ended")
-    _PART_COLS = "device, canary, state, from_version, offered, ended, reason"
+    _PART_COLS = "device, canary, state, from_version, offered, ended, reason, runner"
 
     def add(self, rid: str, spec: RolloutSpec, selector: dict[str, Any], by: str,
             devices: list[tuple[str, str]]) -> None:
@@ -249,15 +257,39 @@ class RolloutStore(PartStore):
         now = time.time()
         with self._tx() as cur:
             if to_state == "offered":
-                cur.execute("UPDATE agent_rollout_parts SET state = ?, offered = ?, reason = ? "
-                            "WHERE rollout = ? AND device = ? AND state = ? AND EXISTS "
-                            "(SELECT 1 FROM agent_rollouts WHERE id = ? AND state = "
-                            "'running')", (to_state, now, reason, rid, device, from_state, rid))
+                cur.execute("UPDATE agent_rollout_parts SET state = ?, offered = ?, reason = ?, "
+                            "runner = ? WHERE rollout = ? AND device = ? AND state = ? AND "
+                            "EXISTS (SELECT 1 FROM agent_rollouts WHERE id = ? AND state = "
+                            "'running')", (to_state, now, reason, self.runner, rid, device,
+                                           from_state, rid))
             else:
                 ended = now if to_state in _DONE else None
                 cur.execute("UPDATE agent_rollout_parts SET state = ?, ended = ?, reason = ? "
                             "WHERE rollout = ? AND device = ? AND state = ?",
                             (to_state, ended, reason, rid, device, from_state))
+            return bool(cur.rowcount == 1)
+
+    def dead_offers(self, runner: str) -> list[tuple[str, str, str]]:
+        """(rollout, version, device) of the running rollouts' parts that ``runner``
+        offered and that no device report has settled yet."""
+        with self._tx() as cur:
+            rows = cur.execute(
+                "SELECT p.rollout, r.version, p.device FROM agent_rollout_parts p "
+                "JOIN agent_rollouts r ON r.id = p.rollout WHERE p.state = 'offered' AND "
+                "p.runner = ? AND r.state = 'running' ORDER BY p.rollout, p.device",
+                (runner,)).fetchall()
+        return [(str(a), str(b), str(c)) for a, b, c in rows]
+
+    def release(self, rid: str, device: str, runner: str, to_state: str,
+                reason: str) -> bool:
+        """A dead runner's offer: ``offered -> to_state`` (compare-and-set on the runner
+        too); back to pending drops the runner, so the next offer is anyone's."""
+        ended = time.time() if to_state in _DONE else None
+        with self._tx() as cur:
+            cur.execute("UPDATE agent_rollout_parts SET state = ?, ended = ?, reason = ?, "
+                        "runner = NULL WHERE rollout = ? AND device = ? AND state = "
+                        "'offered' AND runner = ?",
+                        (to_state, ended, reason, rid, device, runner))
             return bool(cur.rowcount == 1)
 
 
@@ -270,7 +302,7 @@ class Updates:
     def __init__(self, manager: Manager) -> None:
         self._m = manager
         self.bundles = BundleStore(Path(manager.cfg.state_dir))
-        self.store = RolloutStore(manager.registry)
+        self.store = RolloutStore(manager.registry, manager.cfg.manager.replica)
         self._wake = asyncio.Event()
         self._task: Optional[asyncio.Task[None]] = None
         self._offering: set[tuple[str, str]] = set()
@@ -288,6 +320,39 @@ class Updates:
         if device:
             self._retry_after.pop(device, None)
         self._wake.set()
+
+    async def settle_dead(self, runner: str, since: str) -> None:
+        """Offers made by a dead replica (leases.py): the device's own report decides.
+        Running the target version: updated. Online and reporting that this version
+        failed or rolled back: that. Online with no word of this version (the
+        offer was lost with the replica): pending, offered again (an update is
+        idempotent: the agent answers an offer of what it runs or is fetching without a
+        second swap). Anything else is left to :meth:`_follow` (a report on its way) or
+        to the rollout's expiry (the device stays offline)."""
+        for rid, version, device in await asyncio.to_thread(self.store.dead_offers, runner):
+            p = self._m.presence.get(device)
+            if p is None:
+                continue
+            done = None
+            if p.agent_version == version and (p.update_version != version
+                                               or p.update_state == "committed"):
+                done = ("updated", f"running {version} (offered by manager replica "
+                        f"{runner}, which died; lease last renewed {since})")
+            elif p.online and p.update_version == version and p.update_state in (
+                    "failed", "rolled_back"):
+                # stale or not, a failure of this version: never offered again by us
+                done = (p.update_state, f"{p.update_reason or p.update_state} (offered by "
+                        f"manager replica {runner}, which died)")
+            elif p.online and p.update_version != version:
+                done = ("pending", f"manager replica {runner} died before {device} took "
+                        f"the offer (lease last renewed {since}); offered again")
+            if done is None:
+                continue
+            to_state, reason = done
+            if await asyncio.to_thread(self.store.release, rid, device, runner, to_state,
+                                       reason):
+                log.warning("rollout %s: %s: %s", rid, device, reason)
+                self.kick()
 
     # ------------------------------------------------------------------ API side
     async def create(self, principal: Principal, spec: RolloutSpec) -> dict[str, Any]:
@@ -509,7 +574,11 @@ class Updates:
         if state == "committed" and p.agent_version == version:
             await asyncio.to_thread(self.store.move, rid, device, "offered", "updated",
                                     f"running {version}")
-        elif state in ("failed", "rolled_back") and p.online:
+        elif state in ("failed", "rolled_back") and p.online and part.get("runner") in (
+                None, self.store.runner):
+            # a failure is judged by the replica that offered (it forgot the device's
+            # earlier report of this version when it offered; the others may still hold
+            # that stale one) or, once that replica is dead, by settle_dead
             await asyncio.to_thread(self.store.move, rid, device, "offered", state,
                                     p.update_reason or state)
             log.warning("rollout %s: %s %s: %s", rid, device, state, p.update_reason)

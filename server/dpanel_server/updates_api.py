@@ -4,13 +4,16 @@
 import asyncio
 import base64
 import binascii
-from typing import Annotated, Any, Callable
+import ipaddress
+from typing import Annotated, Any, Callable, Optional
+from urllib.parse import urlsplit
 
 from fastapi import Body, Depends, FastAPI, Request
 from fastapi.responses import FileResponse, JSONResponse
 
 from dpanel_proto.codes import ErrorCode
 from dpanel_proto.update import BINARY_NAME
+from dpanel_proto.util import parse_hostport
 
 from .authz import Principal, require
 from .manager import Manager
@@ -20,7 +23,17 @@ from .updates import RolloutSpec, UpdateError
 __all__ = ["add_update_routes"]
 
 
-def _spec(body: dict[str, Any], url_base: str) -> RolloutSpec:
+def _loopback(host: str) -> bool:
+    if host.lower() == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def _spec(body: dict[str, Any], url_base: str,
+          devices_host: Optional[str] = None) -> RolloutSpec:
     """The body, checked after the caller's role (a viewer gets 403 whatever it sends)."""
     allowed = {"version", "devices", "filters", "all", "canary", "max_failures",
                "max_concurrency", "commit_timeout", "expires", "url_base"}
@@ -47,6 +60,12 @@ def _spec(body: dict[str, Any], url_base: str) -> RolloutSpec:
     base = body.get("url_base") or url_base
     if not isinstance(base, str) or not base.startswith(("http://", "https://")):
         raise UpdateError("url_base: expected an http:// or https:// URL")
+    if devices_host is not None and _loopback(urlsplit(base).hostname or "") \
+            and not _loopback(devices_host):
+        raise UpdateError(
+            f"url_base: {base} is loopback, which devices (they dial {devices_host}) cannot "
+            "reach; pass --url with the manager's public HTTPS address, or set "
+            "manager.update_url")
     expires = num("expires", 7 * 86400.0, float)
     if not 0 < expires <= 90 * 86400:
         raise UpdateError("expires: more than 0 and at most 90 days")
@@ -68,7 +87,10 @@ def add_update_routes(app: FastAPI, manager: Manager,
                              body: Annotated[dict[str, Any], Body()]) -> dict[str, Any]:
         """Roll an agent version out: canaries first, halted past max_failures."""
         require(p, "exec")
-        return await updates.create(p, _spec(body, str(request.base_url)))
+        cfg = manager.cfg
+        tunnel_host = parse_hostport(cfg.tunnel.public_address, "tunnel.public_address", 22)[0]
+        return await updates.create(p, _spec(body, cfg.manager.update_url
+                                             or str(request.base_url), tunnel_host))
 
     @app.get("/v1/agent/rollouts")
     async def list_rollouts(p: Caller) -> list[dict[str, Any]]:

@@ -1,16 +1,26 @@
-"""Two tunnel servers apart from the manager (``dpanel tunnel serve``, each on its own
-loopback address, its device ports bound there only) with one stack's manager: placement
-spreads and sticks, the manager's SSH channel to a server reaches only that server's own
-device ports, a device's credentials open no such channel, revoke is pushed to the remote
-server at once, and a killed server's devices land on the other one, which is named."""
+"""Two tunnel servers apart from the manager, as on other hosts: each ``dpanel tunnel
+serve`` in its own network namespace (device ports bound on that namespace's loopback
+only), each agent in its own namespace (a site), the manager on the host, all joined by
+one switch (a bridge in a namespace of its own), so that every hop is over the network:
+the servers reach the manager's API over HTTPS and the registry on PostgreSQL over TCP.
+
+Placement spreads and sticks, the manager's SSH channel to a server reaches only that
+server's own device ports, a device's credentials open no such channel, revoke is pushed
+to the remote server at once, a site that cannot reach one server (nftables drops its
+packets) gets its tunnel on the other within the same request, and a killed server's
+devices land on the other one, which is named."""
 
 from __future__ import annotations
 
 import asyncio
 import json
 import os
+import random
+import shutil
 import signal
 import subprocess
+import sys
+import tempfile
 import urllib.error
 import urllib.request
 from pathlib import Path
@@ -18,30 +28,138 @@ from typing import Any, Iterator
 
 import asyncssh
 import pytest
+from pgfix import PG_USER, Postgres
 
 from dpanel_proto.token import parse_token
 from dpanel_server.config import load_config
 from dpanel_server.tunnel import MANAGER_USER
-from stackfix import Stack
-from support import free_port, wait_for
+from stackfix import BIN, Stack
+from support import free_port, stop_proc, wait_for
 
-#: ``stack up --tunnel-servers 2``: each server on its own loopback address (devices dial
-#: it; its device ports are bound there), each a real ``dpanel tunnel serve`` process
-HOSTS = {"ts-1": "127.0.0.2", "ts-2": "127.0.0.3"}
+#: where each server binds its device ports: its own namespace's loopback (a distinct
+#: address each, so that "127.0.0.1 instead of the bind address" stays a refused case)
+BIND = {"ts-1": "127.0.0.2", "ts-2": "127.0.0.3"}
+HOSTS = BIND  # (the names the assertions below use)
+DEVICES = ("fl-1", "fl-2", "fl-3")
+#: inside each server's namespace: nothing else listens there, so fixed ports are safe
+SSH_PORT, METRICS_PORT = 2220, 9100
+PORTS = {"ts-1": "31000-31499", "ts-2": "31500-31999"}
+
+
+def _run(*argv: str) -> None:
+    subprocess.run(argv, check=True, capture_output=True, timeout=30)
+
+
+class Net:
+    """The switch, the manager host's link to it, and one namespace per server and site."""
+
+    def __init__(self) -> None:
+        tag = f"{os.getpid() % 10000}{random.randrange(100):02d}"
+        self.tag = tag
+        self.switch = f"dpfw{tag}"
+        self.host_veth = f"dpf{tag}h"
+        net = f"10.{160 + os.getpid() % 40}.{random.randrange(256)}"
+        self.subnet = f"{net}.0/24"
+        self.host_ip = f"{net}.1"
+        self.ns = {name: f"dpft{tag}{i}" for i, name in enumerate(BIND, 1)}
+        self.ns.update({dev: f"dpfd{tag}{i}" for i, dev in enumerate(DEVICES, 1)})
+        self.ip = {name: f"{net}.{10 + i}" for i, name in enumerate(BIND, 1)}
+        self.ip.update({dev: f"{net}.{20 + i}" for i, dev in enumerate(DEVICES, 1)})
+        self.made: list[str] = []
+
+    def up(self) -> None:
+        sw = self.switch
+        _run("ip", "netns", "add", sw)
+        self.made.append(sw)
+        _run("ip", "-n", sw, "link", "add", "br0", "type", "bridge")
+        _run("ip", "-n", sw, "link", "set", "br0", "up")
+        _run("ip", "link", "add", self.host_veth, "type", "veth", "peer", "name", "p0",
+             "netns", sw)
+        _run("ip", "addr", "add", f"{self.host_ip}/24", "dev", self.host_veth)
+        _run("ip", "link", "set", self.host_veth, "up")
+        _run("ip", "-n", sw, "link", "set", "p0", "master", "br0", "up")
+        for i, (who, ns) in enumerate(self.ns.items(), 1):
+            _run("ip", "netns", "add", ns)
+            self.made.append(ns)
+            _run("ip", "link", "add", f"p{i}", "netns", sw, "type", "veth", "peer", "name",
+                 "eth0", "netns", ns)
+            _run("ip", "-n", sw, "link", "set", f"p{i}", "master", "br0", "up")
+            _run("ip", "-n", ns, "addr", "add", f"{self.ip[who]}/24", "dev", "eth0")
+            _run("ip", "-n", ns, "link", "set", "eth0", "up")
+            _run("ip", "-n", ns, "link", "set", "lo", "up")
+
+    def down(self) -> None:
+        subprocess.run(["ip", "link", "del", self.host_veth], capture_output=True)
+        for ns in reversed(self.made):
+            subprocess.run(["ip", "netns", "del", ns], capture_output=True)
+
+    def block(self, site: str, server: str) -> None:
+        """The site's firewall drops every packet to ``server`` (which stays up for the
+        manager: a partial partition)."""
+        ns = self.ns[site]
+        # "add" is idempotent for the table and chain: a second block adds one rule
+        rules = ("add table inet dpfpart\n"
+                 "add chain inet dpfpart out { type filter hook output priority 0; }\n"
+                 f"add rule inet dpfpart out ip daddr {self.ip[server]} drop\n")
+        subprocess.run(["ip", "netns", "exec", ns, "nft", "-f", "-"], input=rules.encode(),
+                       check=True, capture_output=True, timeout=30)
+
+    def unblock(self, site: str) -> None:
+        subprocess.run(["ip", "netns", "exec", self.ns[site], "nft", "delete", "table",
+                        "inet", "dpfpart"], capture_output=True, timeout=30)
+
+    def connects(self, where: str | None, host: str, port: int) -> bool:
+        """Whether a TCP connection to host:port succeeds from ``where``'s namespace
+        (None: the manager's host)."""
+        code = ("import socket,sys\n"
+                "try:\n socket.create_connection((sys.argv[1], int(sys.argv[2])), 3)\n"
+                "except OSError:\n sys.exit(1)\n")
+        argv = [sys.executable, "-c", code, host, str(port)]
+        if where is not None:
+            argv = ["ip", "netns", "exec", self.ns[where], *argv]
+        return subprocess.run(argv, capture_output=True, timeout=30).returncode == 0
 
 
 class Fleet:
-    def __init__(self, stack: Stack) -> None:
-        self.stack = stack
+    def __init__(self, stack: Stack, net: Net) -> None:
+        self.stack, self.net = stack, net
+        self.procs: dict[str, subprocess.Popen[bytes]] = {}
 
-    def pid(self, name: str) -> int:
-        return int((self.stack.dir / "tunnel-servers" / name / "pid").read_text())
+    @property
+    def public(self) -> dict[str, str]:
+        return {name: f"{self.net.ip[name]}:{SSH_PORT}" for name in BIND}
+
+    def dir(self, name: str) -> Path:
+        return self.stack.dir / "tunnel-servers" / name
+
+    def start_server(self, name: str) -> None:
+        """``dpanel tunnel serve`` in the server's own namespace: it reaches the manager
+        over HTTPS and the registry (PostgreSQL) on the host's address."""
+        s, d = self.stack, self.dir(name)
+        d.mkdir(parents=True, exist_ok=True)
+        s.cli_ok("tunnel-server", "add", name, "--secret-file", str(d / "secret"))
+        cfg = load_config(s.config)
+        argv = ["ip", "netns", "exec", self.net.ns[name], str(BIN / "dpanel"), "tunnel",
+                "serve", "--manager", f"https://{cfg.manager.https_listen}",
+                "--manager-ca", str(s.dir / "https" / "ca.crt"), "--name", name,
+                "--secret-file", str(d / "secret"), "--registry", cfg.registry_url,
+                "--listen", self.public[name], "--bind-host", BIND[name],
+                "--ports", PORTS[name], "--state-dir", str(d),
+                "--metrics-listen", f"{self.net.ip[name]}:{METRICS_PORT}"]
+        # the 30 s safety poll is pushed out of reach: only the manager's push can cut off
+        env = dict(os.environ, DPANEL_TUNNEL_SAFETY_POLL="3600")
+        with (d / "tunnel.log").open("ab") as out:
+            self.procs[name] = subprocess.Popen(argv, stdout=out, stderr=subprocess.STDOUT,
+                                                stdin=subprocess.DEVNULL, env=env)
 
     def kill(self, name: str) -> None:
-        pid = self.pid(name)
-        os.kill(pid, signal.SIGKILL)
-        wait_for(lambda: not Path(f"/proc/{pid}").exists()
-                 or "zombie" in Path(f"/proc/{pid}/status").read_text(), f"{name} dead", 10)
+        proc = self.procs[name]
+        proc.send_signal(signal.SIGKILL)  # ip netns exec execs: this is the server itself
+        proc.wait(10)
+
+    def close(self) -> None:
+        for proc in self.procs.values():
+            stop_proc(proc, signal.SIGKILL)
 
     def servers(self) -> dict[str, dict[str, Any]]:
         out = json.loads(self.stack.cli_ok("tunnel-server", "list", "--json"))
@@ -61,32 +179,55 @@ class Fleet:
         return str(wait_for(find, f"{device}'s tunnel in a heartbeat", 30))
 
     def log(self, name: str) -> str:
-        return (self.stack.dir / "tunnel-servers" / name / "tunnel.log").read_text(
-            errors="replace")
+        return (self.dir(name) / "tunnel.log").read_text(errors="replace")
 
 
 @pytest.fixture(scope="module")
 def fleet(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Fleet]:
+    if os.geteuid() != 0:
+        pytest.skip("network namespaces need root (CI runs as root)")
     tmp = tmp_path_factory.mktemp("fleet")
-    # the 30 s safety poll is pushed out of reach: only the manager's push can cut off
-    os.environ["DPANEL_TUNNEL_SAFETY_POLL"] = "3600"
-    stack = Stack(dir=tmp / "st", broker_port=free_port(), tunnel_port=free_port(),
-                  api_port=free_port(), extra=("--tunnel-servers", "2"))
+    net = Net()
+    pg = Postgres(Path(tempfile.mkdtemp(prefix=f"dpanel-pg-{os.getpid()}-", dir="/tmp")))
+    stack: Stack | None = None
+    f: Fleet | None = None
     try:
+        net.up()
+        # the registry on PostgreSQL on the host, reached by the manager and every tunnel
+        # server over the network (no shared file)
+        pg.init()
+        with (pg.data / "postgresql.conf").open("a") as conf_file:
+            conf_file.write(f"listen_addresses = '127.0.0.1,{net.host_ip}'\n")
+        with (pg.data / "pg_hba.conf").open("a") as hba:
+            hba.write(f"host all all {net.subnet} trust\n")  # the test's own switch only
+        pg.start()
+        # broker, built-in tunnel and HTTPS API on the host's address on the switch
+        stack = Stack(dir=tmp / "st", broker_port=free_port(), tunnel_port=free_port(),
+                      api_port=free_port(), public_host=net.host_ip,
+                      registry=f"postgresql://{PG_USER}@{net.host_ip}:{pg.port}/postgres",
+                      extra=("--https-listen", f"{net.host_ip}:{free_port()}"))
         stack.start()
-    finally:
-        del os.environ["DPANEL_TUNNEL_SAFETY_POLL"]
-    f = Fleet(stack)
-    try:
-        for name in HOSTS:
+        f = Fleet(stack, net)
+        for name in BIND:
+            f.start_server(name)
+        for name in BIND:
             f.wait_up(name)
-        for dev in ("fl-1", "fl-2", "fl-3"):
-            stack.start_agent(stack.enrol(dev), tmp / dev)
-        for dev in ("fl-1", "fl-2", "fl-3"):
-            stack.wait_online(dev)
+        conf = tmp / "agent.toml"
+        conf.write_text('proxy = "none"\n')
+        for dev in DEVICES:
+            stack.start_agent(stack.enrol(dev), tmp / dev, netns=net.ns[dev],
+                              extra=("--config", str(conf)))
+        for dev in DEVICES:
+            stack.wait_online(dev, 60)
         yield f
     finally:
-        stack.close()
+        if f is not None:
+            f.close()
+        if stack is not None:
+            stack.close()
+        pg.stop("immediate")
+        shutil.rmtree(pg.dir, ignore_errors=True)
+        net.down()
 
 
 def _http(stack: Stack, method: str, path: str, token: str,
@@ -131,7 +272,7 @@ def test_who_may_see_and_enrol_tunnel_servers(fleet: Fleet) -> None:
     code, out = _http(s, "POST", "/v1/tunnel-servers/ts-1/heartbeat", secret,
                       {**beat, "bind_host": "127.0.0.9\n"})
     assert code == 422 and "bind_host" in out["error"], out
-    assert fleet.servers()["ts-1"]["public"].startswith(HOSTS["ts-1"])
+    assert fleet.servers()["ts-1"]["public"] == fleet.public["ts-1"]
 
 
 def _exec(stack: Stack, device: str) -> str:
@@ -161,16 +302,38 @@ def test_devices_are_placed_on_both_servers_and_stay(fleet: Fleet) -> None:
          "fl-2", "echo via-proxy"],
         env=s.env, capture_output=True, timeout=60)
     assert out.stdout.decode().strip() == "via-proxy", out.stderr.decode()[-2000:]
-    # each server's own /metrics counts its own tunnels
-    for name, host in HOSTS.items():
-        port = int((s.dir / "tunnel-servers" / name / "metrics_port").read_text())
-        with urllib.request.urlopen(f"http://{host}:{port}/metrics", timeout=10) as r:
+    # each server's own /metrics counts its own tunnels (fetched over the network)
+    for name in HOSTS:
+        url = f"http://{fleet.net.ip[name]}:{METRICS_PORT}/metrics"
+        with urllib.request.urlopen(url, timeout=10) as r:
             text = r.read().decode()
         line = next(x for x in text.splitlines() if x.startswith("dpanel_tunnel_ports_in_use"))
         assert float(line.split()[1]) >= 1, line
     # the device ports stay on each server's own loopback address
     for name, st in fleet.servers().items():
-        assert st["public"].startswith(HOSTS[name] + ":")
+        assert st["public"] == fleet.public[name] and st["bind_host"] == HOSTS[name], st
+
+
+def test_device_ports_are_reachable_only_inside_their_servers_namespace(
+        fleet: Fleet) -> None:
+    s, net = fleet.stack, fleet.net
+    _exec(s, "fl-1")
+    _exec(s, "fl-2")
+    tunnels = json.loads(s.cli_ok("tunnel", "list", "--json"))
+    checked = 0
+    for dev in ("fl-1", "fl-2"):
+        name, port = fleet.holder(dev), tunnels[dev]
+        # the port is there: inside the server's namespace, on its bind address
+        assert net.connects(name, HOSTS[name], port), (dev, name, port)
+        # and nowhere else: not from the manager's host, not from a device's site,
+        # neither at the server's address nor at the bind address
+        for where in (None, "fl-3"):
+            for host in (net.ip[name], HOSTS[name]):
+                assert not net.connects(where, host, port), (where, host, port)
+        # nor at the server's own address from inside (bound on loopback only)
+        assert not net.connects(name, net.ip[name], port), (name, port)
+        checked += 1
+    assert checked == 2
 
 
 async def _manager_channel(fleet: Fleet, name: str) -> asyncssh.SSHClientConnection:
@@ -211,6 +374,8 @@ def test_manager_channel_reaches_only_its_own_allocated_ports(fleet: Fleet) -> N
                 (HOSTS[b], port_a),            # a port B never allocated
                 (HOSTS[b], 30999 if port_b != 30999 else 30998),
                 ("127.0.0.1", s.api_port),     # the manager's API
+                (fleet.net.host_ip, s.api_port),  # ... over the network
+                (fleet.net.ip[b], port_b),     # B's device at B's network address
                 ("127.0.0.1", port_b),         # B's device, but not on B's bind address
                 ("localhost", port_b),
                 ("10.255.255.1", port_b),      # anything off loopback
@@ -281,6 +446,53 @@ def test_revoke_is_pushed_to_the_remote_server(fleet: Fleet) -> None:
         finally:
             conn.close()
     assert asyncio.run(gone())
+
+
+def test_a_site_that_cannot_reach_one_server_gets_the_other(fleet: Fleet) -> None:
+    """A partial partition: server A is up (the manager hears it), but fl-2's site drops
+    every packet to it. The open placed on A comes back naming A, and the same request is
+    placed on B; with B blocked too, the error names both and why."""
+    s, net, dev = fleet.stack, fleet.net, "fl-2"
+    # a fresh open: the device's tunnel is on A now, and its placement is sticky there
+    out = s.cli_ok("tunnel", "open", dev)
+    a = out.strip().rsplit(" ", 1)[1]
+    b = next(n for n in HOSTS if n != a)
+    s.cli_ok("tunnel", "close", dev)
+    net.block(dev, a)
+    try:
+        assert not net.connects(dev, net.ip[a], SSH_PORT)  # the rule holds
+        assert net.connects(dev, net.ip[b], SSH_PORT)
+        assert _exec(s, dev) == "hi-42"  # the operator's exec succeeds
+        st = fleet.servers()
+        assert st[a]["state"] == "up" and st[b]["state"] == "up", st
+        # A was tried first, and is marked unreachable for this device only
+        assert list(st[a]["unreachable_from"]) == [dev], st[a]
+        assert "no TCP answer" in st[a]["unreachable_from"][dev], st[a]
+        assert st[b]["unreachable_from"] == {}, st[b]
+        # a caller of another scope is not told of this device's network
+        admin = Path(load_config(s.config).manager.admin_token_file).read_text().strip()
+        code, user = _http(s, "POST", "/v1/users", admin, {
+            "name": "far-viewer-2", "role": "viewer", "scope": ["site=elsewhere"]})
+        assert code == 201, user
+        code, seen = _http(s, "GET", "/v1/tunnel-servers", user["token"])
+        assert code == 200 and all(x["unreachable_from"] == {} for x in seen), seen
+        assert s.cli_ok("tunnel", "open", dev).strip().endswith(f"of tunnel server {b}")
+        agent_log = (s.dir.parent / dev / "agent.log").read_text(errors="replace")
+        assert f"cannot reach tunnel server {fleet.public[a]}" in agent_log
+        # another site still uses A
+        assert _exec(s, "fl-1") == "hi-42"
+        # both blocked: one line naming each server and why
+        net.block(dev, b)
+        s.cli_ok("tunnel", "close", dev)
+        out2 = s.cli("exec", dev, "--", "true")
+        err = out2.stderr.decode()
+        assert out2.returncode != 0, err
+        assert f"{dev} cannot reach any tunnel server" in err, err
+        for name in (a, b):
+            assert f"{name} ({fleet.public[name]}): up, but not reachable" in err, err
+        assert err.count("no TCP answer") >= 2, err
+    finally:
+        net.unblock(dev)
 
 
 def test_a_dead_server_is_named_and_its_devices_move(fleet: Fleet) -> None:

@@ -51,3 +51,52 @@ async def test_attempts_and_deadline_are_bounded() -> None:
     with pytest.raises(TunnelError):
         await link._dial_retrying(time.monotonic() + 1)  # no time left for a pause
     assert len(calls) == 1
+
+
+async def test_a_named_server_that_accepts_no_tcp_is_final() -> None:
+    """A server named by an open request that never answers the SYN (a site firewall
+    dropping it): reported unreachable within NAMED_CONNECT_TIMEOUT, not dialled again,
+    so the manager still has time to place the tunnel elsewhere."""
+    link, calls = _link([TunnelError(ErrorCode.TUNNEL_UNREACHABLE, "no TCP answer",
+                                     final=True), 2222])
+    with pytest.raises(TunnelError, match="no TCP answer"):
+        await link._dial_retrying(time.monotonic() + 30)
+    assert len(calls) == 1
+
+
+async def test_named_tcp_times_out_and_is_refused_fast(monkeypatch: pytest.MonkeyPatch
+                                                       ) -> None:
+    import socket
+
+    import dpanel_agent.link as link_mod
+
+    monkeypatch.setattr(link_mod, "NAMED_CONNECT_TIMEOUT", 0.3)
+    link = TunnelLink.__new__(TunnelLink)
+    # a listener whose backlog is full: the kernel drops further SYNs (as a firewall does)
+    with socket.socket() as srv:
+        srv.bind(("127.0.0.1", 0))
+        srv.listen(0)
+        fill = []
+        try:
+            for _ in range(8):
+                c = socket.socket()
+                c.setblocking(False)
+                c.connect_ex(srv.getsockname())
+                fill.append(c)
+            link.host, link.port_ = srv.getsockname()
+            t0 = time.monotonic()
+            with pytest.raises(TunnelError) as err:
+                await link._named_tcp(30)
+            assert err.value.final and err.value.code is ErrorCode.TUNNEL_UNREACHABLE
+            assert "no TCP answer within 0.3 s" in str(err.value)
+            assert time.monotonic() - t0 < 10  # bounds a hang only
+        finally:
+            for c in fill:
+                c.close()
+    # a closed port: refused at once, an ordinary (retried) unreachable
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        link.host, link.port_ = s.getsockname()
+    with pytest.raises(TunnelError) as err:
+        await link._named_tcp(30)
+    assert not err.value.final and "refused" in str(err.value).lower()

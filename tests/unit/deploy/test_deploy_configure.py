@@ -136,6 +136,8 @@ def test_operator_listener_is_off_until_asked_and_kept_on_reruns(tmp_path: Path)
     lay.config.write_text(first)
     lay.config.write_text(_desired_config(lay, Options(https_listen="0.0.0.0:443")))
     assert 'https_listen = "0.0.0.0:443"' in lay.config.read_text()
+    # devices fetch agent updates there, at the name they dial (not the wildcard)
+    assert 'update_url = "https://dp.example.com:443"' in lay.config.read_text()
     # a hand-set certificate survives a re-run (package upgrade) without options
     lay.config.write_text(lay.config.read_text().replace(
         'https_listen = "0.0.0.0:443"',
@@ -144,6 +146,7 @@ def test_operator_listener_is_off_until_asked_and_kept_on_reruns(tmp_path: Path)
     assert 'https_cert = "/etc/c.pem"' in again and 'https_listen = "0.0.0.0:443"' in again
     off = _desired_config(lay, Options(https_listen=""))
     assert "https_listen =" not in off and "https_cert =" not in off
+    assert "update_url =" not in off
     with pytest.raises(SystemExit, match="--https-listen: port"):
         _desired_config(lay, Options(https_listen="0.0.0.0:99999"))
 

@@ -28,6 +28,8 @@ def test_round_trip_all_types() -> None:
         wire.CloseRequest(device="dev-1", id="ab" * 8, issued_at=1.0, expires_at=2.0),
         wire.Status(device="dev-1", state="online", host_key="ssh-ed25519 AAAA", port=20001),
         wire.Response(device="dev-1", id="ab" * 8, code=wire.ErrorCode.REPLAYED, message="x"),
+        wire.Response(device="dev-1", id="ab" * 8, code=wire.ErrorCode.TUNNEL_UNREACHABLE,
+                      message="x", tunnel="10.1.2.3:2220"),
     ]
     for m in msgs:
         assert wire.decode(wire.encode(m)) == m
@@ -43,6 +45,8 @@ def test_round_trip_all_types() -> None:
     (b'{"v":1,"type":"open","device":"d","id":"0123456789abcdef","issued_at":true}',
      "issued_at"),
     (b'{"v":1,"type":"response","device":"d","id":"0123456789abcdef","code":"bogus"}', "code"),
+    (b'{"v":1,"type":"response","device":"d","id":"0123456789abcdef","code":"ok",'
+     b'"tunnel":"h:1\\n"}', "tunnel"),
     (b'{"v":1,"type":"status","device":"d","state":"maybe"}', "state"),
     (b'{"v":1,"type":"status","device":"d","state":"online","port":70000}', "port"),
 ])

@@ -3,6 +3,7 @@ that names every server and why when none is up; heartbeats need the server's se
 
 from __future__ import annotations
 
+import asyncio
 from pathlib import Path
 from typing import Any
 
@@ -90,3 +91,43 @@ def test_heartbeat_needs_the_secret_and_pins_the_host_key(registry_url: str) -> 
     f.remove("ts-a")
     f._refresh_rows(f._rows())
     assert not f.active()
+
+
+def test_a_server_a_device_cannot_reach_is_skipped_for_that_device_only(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A partial partition: ts-a is up for the manager, but d1's site cannot reach it."""
+    import dpanel_server.fleet as fleet_mod
+
+    f = _fleet(str(tmp_path / "r.db"))
+    a, b = _up(f, "ts-a", 0), _up(f, "ts-b", 50)
+    assert f.tries() == 2
+    assert f.place("d1") is a
+    f.unreachable("d1", a, "cannot reach tunnel server ts-a:2220: no TCP answer\n\x1b[2J")
+    # sticky placement and the stale heartbeat no longer bring it back to a
+    a.devices["d1"] = 31001
+    assert f.place("d1") is b
+    assert f.place("d2") is a                      # other devices still use ts-a
+    shown = {s["name"]: s["unreachable_from"] for s in f.list()}
+    assert list(shown["ts-a"]) == ["d1"] and "\x1b" not in shown["ts-a"]["d1"]
+    assert shown["ts-b"] == {}
+    f.check_left("d1")                             # ts-b is left: no error
+    f.unreachable("d1", b, "cannot reach tunnel server ts-b:2220 (Connection refused)")
+    with pytest.raises(TunnelServerDown) as err:
+        f.place("d1")
+    msg = str(err.value)
+    assert "d1 cannot reach any tunnel server" in msg
+    assert "ts-a (ts-a:2220): up, but not reachable" in msg and "no TCP answer" in msg
+    assert "ts-b (ts-b:2220): up, but not reachable" in msg and "Connection refused" in msg
+    # reaching it after all clears the mark; the marks also run out
+    f.placed("d1", b, 31002)
+    assert f.place("d1") is b
+    monkeypatch.setattr(fleet_mod, "UNREACHABLE_FOR", -1.0)
+    f.unreachable("d1", a, "again")
+    b.devices.pop("d1", None)
+    f._placed.pop("d1", None)
+    assert f.place("d1") is a
+    # a revoke forgets them
+    f.unreachable("d3", a, "x")
+    a.conn.closed = b.conn.closed = True  # (no control channel to push the kick over)
+    asyncio.run(f.kick("d3"))
+    assert "d3" not in f._unreach

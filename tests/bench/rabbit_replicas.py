@@ -19,6 +19,7 @@ import os
 import signal
 import subprocess
 import time
+import urllib.request
 from pathlib import Path
 from typing import Any
 
@@ -48,6 +49,21 @@ def _beam_rss(node: Node) -> int:
         except OSError:
             pass
     return total
+
+
+def _auth_requests(api_port: int) -> dict[str, float]:
+    """The broker's auth_http questions replica a answered so far, by check."""
+    try:
+        with urllib.request.urlopen(f"http://127.0.0.1:{api_port}/metrics", timeout=30) as r:
+            text = r.read().decode()
+    except OSError:
+        return {}
+    out = {}
+    for line in text.splitlines():
+        if line.startswith("dpanel_broker_auth_requests_total{"):
+            check = line.split('check="', 1)[1].split('"', 1)[0]
+            out[check] = float(line.rsplit(" ", 1)[1])
+    return out
 
 
 def run_rabbit_replicas(workdir: Path, n: int = 2000) -> dict[str, Any]:
@@ -142,6 +158,7 @@ def run_rabbit_replicas(workdir: Path, n: int = 2000) -> dict[str, Any]:
             out["sim_enrol_s"] = round(time.monotonic() - t0, 1)
             reg.close()
             rss0 = {"a": _beam_rss(a), "b": _beam_rss(b)}
+            auth0 = _auth_requests(api_a)
             t0 = time.monotonic()
             for i, node in enumerate((a, b)):
                 spec = {"broker": ["127.0.0.1", node.mqtt_port], "tunnel": ["127.0.0.1", 9],
@@ -190,6 +207,11 @@ def run_rabbit_replicas(workdir: Path, n: int = 2000) -> dict[str, Any]:
                     break
                 time.sleep(2)
             out["online_timeline"] = timeline
+            auth1 = _auth_requests(api_a)
+            # what each device's login, subscription and first status cost in round trips
+            # to the auth backend (the broker waits for each)
+            out["auth_http_per_device"] = {k: round((v - auth0.get(k, 0)) / n, 2)
+                                           for k, v in auth1.items()}
 
             # restart replica b: it must not show the fleet offline meanwhile (RabbitMQ
             # sends it no retained status: presence from the shared store + a resync)
@@ -225,6 +247,8 @@ def run_rabbit_replicas(workdir: Path, n: int = 2000) -> dict[str, Any]:
                     blog_path.read_text(errors="replace").splitlines())
                  if "presence resync:" in line), None)
             out["restart_b_online_after_resync"] = online("b")
+            auth2 = _auth_requests(api_a)
+            out["auth_http_during_restart"] = {k: v - auth1.get(k, 0) for k, v in auth2.items()}
             st = [w.ask({"cmd": "status"}, 120) for w in sims]
             out["sim_pings_answered"] = sum(x["pings"] for x in st)
 

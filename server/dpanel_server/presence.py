@@ -238,8 +238,11 @@ class PresenceTracker:
     async def _record(self, device: str, p: Presence) -> None:
         """The change, for replicas that (re)start later (presencesync)."""
         assert self._store is not None
-        await asyncio.to_thread(self._store.record, device, p.online, p.since,
-                                p.agent_version, p.port, time.time())
+        try:
+            await asyncio.to_thread(self._store.record, device, p.online, p.since,
+                                    p.agent_version, p.port, time.time())
+        except RegistryError as exc:  # the database is down: live presence still holds
+            log.warning("presence of %s not recorded: %s", device, exc)
 
     async def check_host_key(self, device: str, key: str, p: Presence) -> None:
         try:

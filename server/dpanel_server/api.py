@@ -298,6 +298,9 @@ def create_app(manager: Manager, admin_token: str) -> FastAPI:
         d["port"] = (manager.tunnels() if ports is None else ports).get(device_id)
         d["agent_version"] = p.agent_version if p else ""
         d["host_key_ok"] = p.host_key_ok if p else True
+        # False: shown as the shared store last recorded it, its resync ping still due
+        # (a replica just (re)connected to RabbitMQ or a cluster: presencesync.py)
+        d["presence_verified"] = p.verified if p else True
         return d
 
     install_observability(app, manager)

@@ -34,6 +34,7 @@ from dpanel_proto.wire import DEVICE_ACL, MANAGER_TOPICS, validate_device_id
 
 from .config import ServerConfig
 from .errors import BrokerError
+from .metrics import BROKER_AUTH
 
 __all__ = ["broker_auth_secret_path", "create_auth_app", "device_may", "kick_broker_user",
            "mqtt_to_amqp"]
@@ -80,6 +81,9 @@ def create_auth_app(secret: str, manager_user: str, manager_password: str,
     async def form(request: Request, key: str) -> Optional[dict[str, str]]:
         if not hmac.compare_digest(key.encode(), secret.encode()):
             return None
+        # each a round trip the broker waits for (a login, a publish's first topic check):
+        # this counter is what sizes the auth backend
+        BROKER_AUTH.labels(request.url.path.rsplit("/", 1)[-1]).inc()
         data = dict(request.query_params)
         if request.method == "POST":  # urlencoded, parsed here (no python-multipart)
             body = await request.body()

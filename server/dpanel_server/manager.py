@@ -44,6 +44,7 @@ from .jobs import Jobs
 from .leases import Leases
 from .metrics import BROKER_RECONNECTS, exec_timer, register_manager_metrics
 from .presence import Presence, PresenceTracker
+from .presencesync import PresenceStore, Resync, needs_resync
 from .registry import Device, Registry
 from .requests import Requests
 from .sshpool import ExecEvent, Pooled, RemoteCommand, SshPool
@@ -59,9 +60,13 @@ log = logging.getLogger("dpanel.manager")
 _KNOWN_HOSTS_DEBOUNCE = 0.5
 #: A device marked not answering is pinged this often until it answers again.
 _PROBE_INTERVAL = 5.0
-#: Broker cluster presence sweep (see Manager._presence_sweep).
+#: Presence resync after a broker connect (see presencesync.py).
 _SWEEP_SETTLE = 3.0
 _SWEEP_PARALLEL = 200
+#: A resync ping's wait: generous, since on RabbitMQ with the HTTP auth backend each ping
+#: and each answer waits for a topic check (one HTTP request each) behind the others;
+#: giving up too early would show a live device offline until its status arrives.
+_SWEEP_TIMEOUT = 10.0
 
 
 def sync_broker_files(cfg: ServerConfig, registry: Registry, manager_password: str,
@@ -112,9 +117,20 @@ class Manager:
         self.updates = Updates(self)
         #: replicas: a lease each, so that a live one settles a dead one's parts
         self.leases = Leases(self, cfg.manager.replica) if cfg.manager.replica else None
+        #: RabbitMQ or a broker cluster: presence from the shared store + a resync, not
+        #: from retained statuses (presencesync.py)
+        self._presence_store = (PresenceStore(self.registry.db) if needs_resync(cfg)
+                                else None)
         self._presence = PresenceTracker(self.registry, on_offline=self.pool.drop,
                                          on_pinned=self._known_hosts_changed,
-                                         on_online=self._came_online)
+                                         on_online=self._came_online,
+                                         store=self._presence_store)
+        self.resync: Optional[Resync] = None
+        if self._presence_store is not None:
+            self.resync = Resync(targets=self._resync_targets, ping=self._resync_ping,
+                                 still_unverified=self._presence.unverified,
+                                 give_up=self._presence.give_up, settle=_SWEEP_SETTLE,
+                                 parallel=_SWEEP_PARALLEL)
         #: device id -> Presence (read-only for callers; ``Presence.state`` is
         #: online | offline | not_answering)
         self.presence: dict[str, Presence] = self._presence.devices
@@ -134,6 +150,12 @@ class Manager:
     async def start(self) -> None:
         register_manager_metrics(self)
         await asyncio.to_thread(self.sync_broker_files)
+        if self._presence_store is not None:
+            # before the broker session and the API: a restarted replica shows the fleet
+            # as the other replicas (or its previous run) last heard it, not offline
+            seeded = self._presence.seed(await asyncio.to_thread(self._presence_store.online))
+            log.info("presence: %s device(s) online in the shared store, to be verified",
+                     seeded)
         self._requests.start()
         self.pool.start()
         self.fleet.start()
@@ -154,30 +176,34 @@ class Manager:
             self._presence.clear()  # retained statuses arrive right after we subscribe
             if self.dynsec is not None:
                 self._spawn(self._reconcile())
-            if len(self.cfg.broker.host_ports) > 1:
-                self._spawn(self._presence_sweep())
+            if self.resync is not None:
+                self.resync.start()
 
-    async def _presence_sweep(self) -> None:
-        """A broker cluster may keep retained messages per node (RabbitMQ 3.10 does): after
-        a (re)connect, the statuses retained on the other nodes never arrive. Devices not
-        heard of are pinged once; an agent answers a ping by publishing its status again,
-        which is routed to us live. Bounded: _SWEEP_PARALLEL pings in flight."""
-        await asyncio.sleep(_SWEEP_SETTLE)  # the retained statuses of our own node first
-        sem = asyncio.Semaphore(_SWEEP_PARALLEL)
+    async def _resync_targets(self) -> list[tuple[str, bool]]:
+        """(device, shown online) for each device not heard from in this broker session."""
+        out = []
+        for d in await self.devices(False):
+            p = self.presence.get(d.id)
+            if p is None or not p.verified:
+                out.append((d.id, p is not None and p.online))
+        return out
 
-        async def ping(device: str) -> None:
-            async with sem:
-                issued, expires = self._times()
-                try:
-                    await self._requests.request(wire.PingRequest(
-                        device=device, id=secrets.token_hex(16), issued_at=issued,
-                        expires_at=expires), timeout=_PROBE_INTERVAL)
-                except (RequestTimeout, BrokerError):
-                    pass  # offline indeed (or the broker went again: a new sweep comes)
-
-        unknown = [d.id for d in await self.devices(False)
-                   if not (p := self.presence.get(d.id)) or not p.online]
-        await asyncio.gather(*(ping(d) for d in unknown))
+    async def _resync_ping(self, device: str) -> Optional[bool]:
+        """An agent answers a ping and publishes its status again, which reaches us live
+        whatever node it is on. None: no broker session (a new resync comes with it)."""
+        if not self.broker_connected():
+            return None
+        issued, expires = self._times()
+        try:
+            await self._requests.request(wire.PingRequest(
+                device=device, id=secrets.token_hex(16), issued_at=issued,
+                expires_at=expires), timeout=_SWEEP_TIMEOUT)
+        except RequestTimeout:
+            return False if self.broker_connected() else None
+        except BrokerError:
+            return None
+        self._presence.answered(device)
+        return True
 
     async def _reconcile(self) -> None:
         """On every (re)connect: only what differs from the registry is changed."""
@@ -198,6 +224,8 @@ class Manager:
         await self.jobs.close()
         await self.updates.close()
         await self.fleet.close()
+        if self.resync is not None:
+            await self.resync.close()
         for task in list(self._tasks):
             task.cancel()
         self.pool.close()

@@ -62,6 +62,9 @@ BROKER_RECONNECTS = Counter("dpanel_broker_reconnects", "Times the manager's bro
                             "came back after a loss")
 AUTH_FAILURES = Counter("dpanel_auth_failures", "Refused logins, by where: api (admin "
                         "token) or tunnel (device secret)", ["where"])
+BROKER_AUTH = Counter("dpanel_broker_auth_requests", "Questions from the broker's HTTP auth "
+                      "backend (RabbitMQ auth_http), by check: user, vhost, resource, topic",
+                      ["check"])
 
 #: name -> (help, read) of every scrape-time gauge; the latest process part to register
 #: a name wins (a test may build several managers in one process).

@@ -17,13 +17,16 @@ import asyncio
 import logging
 import time
 from dataclasses import dataclass
-from typing import Any, Callable, Coroutine, Literal, Optional
+from typing import TYPE_CHECKING, Any, Callable, Coroutine, Literal, Optional
 
 from dpanel_proto import wire
 
 from .errors import RegistryError
 from .hostkeys import InvalidHostKey, fingerprint, normalize_host_key
 from .registry import Registry
+
+if TYPE_CHECKING:
+    from .presencesync import PresenceStore
 
 __all__ = ["Presence", "PresenceTracker"]
 
@@ -48,6 +51,9 @@ class Presence:
     update_state: Optional[str] = None
     update_version: Optional[str] = None
     update_reason: Optional[str] = None
+    #: False: known only from the shared store (presencesync: another replica's record,
+    #: or our own before a restart), not heard from in this broker session yet
+    verified: bool = True
 
     @property
     def state(self) -> Literal["online", "offline", "not_answering"]:
@@ -61,12 +67,16 @@ class Presence:
 
 
 class PresenceTracker:
-    """Device presence, rebuilt from retained statuses after any broker reconnect."""
+    """Device presence, rebuilt from retained statuses after any broker reconnect; or,
+    with a ``store`` (brokers whose retained statuses cannot rebuild it, see
+    :mod:`.presencesync`), seeded from the shared store and verified by a resync."""
 
     def __init__(self, registry: Registry, *, on_offline: Callable[[str], None],
                  on_pinned: Callable[[], None],
-                 on_online: Callable[[str], None] = lambda _d: None) -> None:
+                 on_online: Callable[[str], None] = lambda _d: None,
+                 store: Optional[PresenceStore] = None) -> None:
         self._registry = registry
+        self._store = store
         #: a device turned online (jobs dispatch its pending parts)
         self._on_online = on_online
         self._on_offline = on_offline
@@ -104,13 +114,59 @@ class PresenceTracker:
 
     def forget(self, device: str) -> None:
         self.devices.pop(device, None)
+        if self._store is not None:
+            self._spawn(asyncio.to_thread(self._store.drop, device))
         self._changed(device)
 
     def clear(self) -> None:
         # A broker that restarted without persistence has forgotten devices that died
         # meanwhile: they must not stay "online"; retained statuses rebuild the rest.
+        if self._store is not None:
+            # no retained statuses will come (presencesync): keep what we know, as
+            # unverified, until the resync has heard from each device or given up
+            for p in self.devices.values():
+                p.verified = False
+            return
         self.devices.clear()
         self._changed("*")
+
+    def seed(self, rows: list[Any]) -> int:
+        """Devices the shared store says are online (``StoredPresence`` rows), unless
+        heard from already (a live status is newer than any record)."""
+        n = 0
+        for row in rows:
+            if row.device in self.devices:
+                continue
+            self.devices[row.device] = Presence(online=True, since=row.since,
+                                                agent_version=row.agent_version,
+                                                port=row.port, verified=False)
+            n += 1
+            self._changed(row.device)
+        return n
+
+    def unverified(self, device: str) -> bool:
+        p = self.devices.get(device)
+        return p is None or not p.verified
+
+    def answered(self, device: str) -> None:
+        """It answered a resync ping: it is there (its status follows)."""
+        p = self.devices.get(device)
+        if p is not None and p.online:
+            p.verified = True
+
+    def give_up(self, device: str) -> None:
+        """A seeded "online" device answered no resync ping: it died while no replica
+        listened for its will (or before we reconnected)."""
+        p = self.devices.get(device)
+        if p is None or p.verified:
+            return
+        p.verified = True  # we know now: offline
+        if p.online:
+            log.info("device %s did not answer after the broker connect: offline", device)
+            p.online = False
+            self._on_offline(device)
+            self._spawn(self._record(device, p))
+            self._changed(device)
 
     def on_status(self, device: str, payload: bytes) -> None:
         """Handle one status payload (raises wire.DecodeError for a bad one)."""
@@ -128,7 +184,9 @@ class PresenceTracker:
                 raise wire.DecodeError(str(exc)) from None
         p = self.devices.setdefault(device, Presence())
         self.alive(device)
+        seeded = not p.verified  # known from the store (or before a reconnect) only
         was_online = p.online
+        p.verified = True
         p.online = msg.state == "online"
         p.agent_version = msg.agent_version
         p.port = msg.port  # the device's claim; Manager.tunnel_port prefers the tunnel's
@@ -140,8 +198,8 @@ class PresenceTracker:
             p.since = time.time()
         if not p.online:
             self._on_offline(device)
-        elif not was_online:
-            self._on_online(device)
+        elif not was_online or seeded:
+            self._on_online(device)  # seeded: what waits for it (jobs) looks again
         new_key = bool(host_key) and host_key != p.host_key
         if new_key:
             # statuses repeat the key every time; the registry only needs to see a new one
@@ -170,10 +228,21 @@ class PresenceTracker:
         if key:
             await self.check_host_key(device, key, p)
         if state_changed:
+            if self._store is not None:
+                await self._record(device, p)
             try:
                 await asyncio.to_thread(self._registry.touch, device, time.time())
             except RegistryError:
                 pass  # revoked and deleted meanwhile
+
+    async def _record(self, device: str, p: Presence) -> None:
+        """The change, for replicas that (re)start later (presencesync)."""
+        assert self._store is not None
+        try:
+            await asyncio.to_thread(self._store.record, device, p.online, p.since,
+                                    p.agent_version, p.port, time.time())
+        except RegistryError as exc:  # the database is down: live presence still holds
+            log.warning("presence of %s not recorded: %s", device, exc)
 
     async def check_host_key(self, device: str, key: str, p: Presence) -> None:
         try:

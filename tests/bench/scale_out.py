@@ -59,6 +59,12 @@ def _brief(name: str, r: dict[str, Any]) -> str:
         return "; ".join(f"{eng}: " + ", ".join(f"{k} {v.get('per_s')}/s" for k, v in
                                                  res.items() if isinstance(v, dict))
                          for eng, res in r.items() if isinstance(res, dict))
+    if name == "rabbit_replicas":
+        return (f"online 5 s after the last CONNACK: a {r.get('online_in_replica_a')}, b "
+                f"{r.get('online_in_replica_b')}; all online in both after "
+                f"{r.get('all_online_s')} s; replica b restarted: at least "
+                f"{r.get('restart_b_min_online')} online throughout, all after "
+                f"{r.get('restart_b_all_online_s')} s")
     return json.dumps(r)[:300]
 
 

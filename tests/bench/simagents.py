@@ -4,8 +4,9 @@ Each simulated agent is a minimal MQTT 3.1.1 client (asyncio Protocol, no thread
 each) with its own device credentials: it connects with a retained offline last will,
 subscribes to its request topic, publishes a retained online status, answers PINGs, and
 answers open/close requests the way the real agent does, by dialling the tunnel with
-asyncssh and holding a reverse forward (``fwd_clients.dial_forward``). Request signatures
-are not checked: the simulator's CPU is not what is measured.
+asyncssh and holding a reverse forward (``fwd_clients.dial_forward``), and pings by
+publishing its status again. Request signatures are not checked: the simulator's CPU
+is not what is measured.
 
 ``python -m tests.bench.simagents SPEC.json`` reads JSON lines on stdin: ``{"cmd":
 "status"}`` answers counters. Closing stdin disconnects everything.
@@ -97,6 +98,9 @@ class Sim:
         self.tunnels = 0
         self.tunnel_errors: list[str] = []
         self.requests = 0
+        self.pings = 0
+        #: connections whose online status the broker has acknowledged (PUBACK: routed)
+        self.status_acked = 0
         self.t_start = time.monotonic()
         self.t_all: Optional[float] = None
         self.t_full_wall: Optional[float] = None
@@ -108,6 +112,7 @@ class Sim:
                 "disconnects": self.disconnects, "tunnels": self.tunnels,
                 "tunnel_errors": len(self.tunnel_errors),
                 "tunnel_error_sample": self.tunnel_errors[:3], "requests": self.requests,
+                "pings": self.pings, "status_acked": self.status_acked,
                 "all_connected_s": self.t_all, "all_connected_at": self.t_full_wall,
                 "rss_kb": rss_kb(os.getpid())}
 
@@ -157,6 +162,8 @@ class Agent(asyncio.Protocol):
         self.req_topic = wire.req_topic(device)
         self.backoff = Backoff(*sim.backoff)
         self.up_since = 0.0
+        #: packet id of this connection's first online status, until its PUBACK
+        self.status_pid = 0
 
     # ------------------------------------------------------------ connection
     async def connect(self) -> None:
@@ -248,11 +255,8 @@ class Agent(asyncio.Protocol):
                     if self.sim.t_all is None:
                         self.sim.t_all = round(time.monotonic() - self.sim.t_start, 2)
                 self.send(subscribe_packet(self.req_topic, self._next_pid()))
-                online = wire.encode(wire.Status(device=self.device, state="online",
-                                                 ts=time.time(), agent_version="sim",
-                                                 host_key=self.host_key))
-                self.send(publish_packet(wire.status_topic(self.device), online,
-                                         self._next_pid(), retain=True))
+                self._publish_status()
+                self.status_pid = self.pid
             if self.connack is not None and not self.connack.done():
                 self.connack.set_result(rc)
         elif kind == 3:  # PUBLISH
@@ -267,7 +271,16 @@ class Agent(asyncio.Protocol):
                 task = asyncio.ensure_future(self._request(body[off:]))
                 self.sim.tasks.add(task)  # a reference, or the task may be collected
                 task.add_done_callback(self.sim.tasks.discard)
-        # SUBACK, PUBACK, PINGRESP: nothing to do
+        elif kind == 4 and self.status_pid and body[:2] == struct.pack("!H", self.status_pid):
+            self.status_pid = 0
+            self.sim.status_acked += 1
+        # SUBACK, other PUBACKs, PINGRESP: nothing to do
+
+    def _publish_status(self) -> None:
+        online = wire.encode(wire.Status(device=self.device, state="online", ts=time.time(),
+                                         agent_version="sim", host_key=self.host_key))
+        self.send(publish_packet(wire.status_topic(self.device), online, self._next_pid(),
+                                 retain=True))
 
     # ------------------------------------------------------------ requests
     async def _request(self, payload: bytes) -> None:
@@ -280,6 +293,12 @@ class Agent(asyncio.Protocol):
             code, message = await self._open()
         elif isinstance(req, wire.CloseRequest):
             code, message = self._close(), ""
+        elif isinstance(req, wire.PingRequest):
+            # as the real agent (dispatch on_ping): answer, and publish the status again
+            # (a manager that (re)connected to a RabbitMQ node hears no retained status)
+            self.sim.pings += 1
+            code, message = wire.ErrorCode.OK, ""
+            self._publish_status()
         else:
             return
         resp = wire.Response(device=self.device, id=req.id, code=code, message=message,

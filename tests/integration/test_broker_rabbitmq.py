@@ -8,6 +8,7 @@ file order and build on each other's devices.
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -172,8 +173,9 @@ def test_devices_spread_over_both_nodes(rmq: Env, tmp_path_factory: pytest.TempP
 
 
 def test_retained_presence_and_wills_across_nodes(rmq: Env) -> None:
-    # What the manager relies on: a device's retained status reaches a subscriber on the
-    # *other* node. (RabbitMQ 3.10 keeps retained messages per node: see README.)
+    # What the manager cannot rely on: RabbitMQ 3.10 keeps retained messages per node and
+    # sends none to a wildcard subscription (this probe's dpanel/+/status gets nothing on
+    # either node; see README). Presence does without them (presencesync.py).
     seen_a = _retained(rmq.a.mqtt_port, "dpanel-manager", rmq.manager_password)
     seen_b = _retained(rmq.b.mqtt_port, "dpanel-manager", rmq.manager_password)
     topic = wire.status_topic
@@ -198,6 +200,56 @@ def test_manager_restart_sees_devices_on_every_node(rmq: Env) -> None:
     for name in (ON_A[0], ON_A[1], ON_B[0]):
         rmq.stack.wait_online(name, timeout=60)
     assert rmq.stack.cli("exec", ON_B[0], "--", "true").returncode == 0
+
+
+def _states(rmq: Env) -> dict[str, str] | None:
+    """GET /v1/devices straight (the CLI is a process start per call: too slow to see a
+    short window): device -> state, or None while the API does not answer."""
+    token = (rmq.stack.dir / "keys" / "admin.token").read_text().strip()
+    req = urllib.request.Request(f"http://127.0.0.1:{rmq.stack.api_port}/v1/devices",
+                                 headers={"Authorization": f"Bearer {token}"})
+    try:
+        with urllib.request.urlopen(req, timeout=10) as r:
+            return {d["id"]: d["state"] for d in json.loads(r.read())}
+    except OSError:
+        return None
+
+
+def test_manager_restart_never_shows_live_devices_offline(
+        rmq: Env, tmp_path_factory: pytest.TempPathFactory) -> None:
+    # RabbitMQ never sends a retained message to a wildcard subscription (and keeps them
+    # per node), so a restarted manager hears no status at all: it must show what the
+    # shared store last recorded, verify it (a resync ping each), and mark offline what
+    # died while no manager listened for its will.
+    live = (ON_A[0], ON_A[1], ON_B[0])
+    gone = "rmq-6"
+    agent = rmq.stack.start_agent(rmq.stack.enrol(gone), tmp_path_factory.mktemp(gone))
+    rmq.stack.wait_online(gone, timeout=60)
+    manager = rmq.procs[1]
+    stop_proc(manager)
+    os.killpg(agent.pid, signal.SIGKILL)  # its will fires with no manager subscribed
+    agent.wait(30)
+    rmq.procs[1] = subprocess.Popen(manager.args, env=rmq.manager_env,
+                                    stdout=(rmq.dir / "manager.log").open("ab"),
+                                    stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
+    snapshots: list[dict[str, str]] = []
+
+    def settled() -> bool:
+        states = _states(rmq)
+        if states is None:
+            return False
+        snapshots.append(states)
+        return states[gone] == "offline" and all(states[d] == "online" for d in live)
+
+    wait_for(settled, "live devices online and the dead one offline", 90, interval=0.2)
+    flickered = [(i, d, s[d]) for i, s in enumerate(snapshots) for d in live
+                 if s[d] != "online"]
+    assert not flickered, f"live devices shown offline after the restart: {flickered[:5]}"
+    assert snapshots[0][gone] == "online"  # as recorded, until the resync gave up on it
+    out = rmq.stack.cli("exec", ON_B[0], "--", "echo", "b")  # the device on the other node
+    assert out.returncode == 0 and out.stdout == b"b\n", out
+    log = (rmq.dir / "manager.log").read_text()
+    assert f"device {gone} did not answer after the broker connect: offline" in log
 
 
 def test_revoke_closes_the_connection_at_once(rmq: Env) -> None:

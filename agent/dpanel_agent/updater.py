@@ -38,7 +38,7 @@ import time
 import urllib.error
 import urllib.request
 from pathlib import Path
-from typing import Callable, Dict, Optional
+from typing import Callable, Dict, Optional, Tuple
 
 from dpanel_proto.signing import ManagerKey
 from dpanel_proto.token import DeviceToken
@@ -74,6 +74,19 @@ def read_kv(path: Path) -> Dict[str, str]:
         if eq:
             out[k.strip()] = v.strip()
     return out
+
+
+def _boot_clock(proc: str = "/proc") -> Optional[Tuple[str, int]]:
+    """(boot id, whole seconds since boot), read as dpanel-tunnel-rollback reads them;
+    None where /proc lacks them (the hook then keeps the wall-clock deadline)."""
+    try:
+        with open(f"{proc}/sys/kernel/random/boot_id") as f:
+            boot = f.read().strip()
+        with open(f"{proc}/uptime") as f:
+            up = int(f.read().split(".", 1)[0])
+    except (OSError, ValueError):
+        return None
+    return (boot, up) if boot else None
 
 
 def _kv(d: Dict[str, str]) -> bytes:
@@ -345,10 +358,15 @@ class Updater:
             tmp.chmod(0o755)
             os.replace(tmp, slot / "dpanel-tunnel")
         # the trial record first: from the swap on, the rollback hook can revert
+        # (the hook judges the deadline by time since boot when it knows this boot: a
+        # board without an RTC has a wall clock that jumps at NTP sync)
+        boot = _boot_clock()
         atomic_write(self.dir / "pending", _kv({
             "version": m.version, "slot": new, "previous": cur, "starts": "0",
             "deadline": str(int(time.time() + commit_timeout)),
-            "from_version": self.version}), 0o600)
+            "from_version": self.version,
+            **({"boot_id": boot[0], "deadline_up": str(boot[1] + commit_timeout),
+                "window": str(commit_timeout)} if boot else {})}), 0o600)
         link = self.root / ".current.new"
         link.unlink(missing_ok=True)
         os.symlink(f"slots/{new}", link)

@@ -76,16 +76,24 @@ async def test_pty_ctrl_c_interrupts_foreground_command(world: World) -> None:
     port, _ = await _open_tunnel(world)
     async with await world.connect_ssh(port, world.devices[0]) as conn:
         proc = await conn.create_process(term_type="xterm")
-        proc.stdin.write("sleep 60\n")
-        await asyncio.sleep(0.5)
+        out = ""
+
+        async def started(n: int) -> None:
+            # the shell is in the list when "goN" is printed (the terminal's echo of the
+            # typed line shows go""N): a ^C from then on ends it, before or during the sleep,
+            # so a loaded machine cannot make the ^C arrive before the command
+            nonlocal out
+            proc.stdin.write(f'echo go""{n}; sleep 60\n')
+            while f"go{n}\r\n" not in out:
+                out += await asyncio.wait_for(proc.stdout.read(4096), 30)
+
+        await started(1)
         proc.stdin.write("\x03")  # ^C through the line discipline of a real pty
         proc.stdin.write("echo after=$?\n")
-        out = ""
         while "after=130" not in out:
             out += await asyncio.wait_for(proc.stdout.read(4096), 15)
         # an SSH break request does the same (ssh's ~B escape)
-        proc.stdin.write("sleep 60\n")
-        await asyncio.sleep(0.5)
+        await started(2)
         proc.send_break(100)
         proc.stdin.write("echo again=$?\n")
         while "again=130" not in out:

@@ -171,7 +171,7 @@ class TunnelLink:
         self._keepalive = keepalive
         self._window = window
         self._backoff = backoff
-        self._refused_backoff = refused_backoff or Backoff(*REFUSED_BACKOFF)
+        self._refused_backoff = refused_backoff or Backoff(*REFUSED_BACKOFF, floor=0.5)
         self._up_since = 0.0  # monotonic time the current connection came up
         self._connect_timeout = connect_timeout
         self._conn: Optional[asyncssh.SSHClientConnection] = None

@@ -136,10 +136,21 @@ ENV_AUDIT_ID = "DPANEL_AUDIT_ID"
 _HEX_ID = re.compile(r"^[0-9a-f]{16,64}\Z")
 
 
+_SESSION_SIGNALS = tuple(getattr(signal, n) for n in (
+    "SIGHUP", "SIGINT", "SIGQUIT", "SIGTERM", "SIGPIPE", "SIGTSTP", "SIGTTIN", "SIGTTOU",
+    "SIGUSR1", "SIGUSR2", "SIGALRM", "SIGCHLD", "SIGXFSZ", "SIGWINCH") if hasattr(signal, n))
+
+
 def _child_setup(pty: bool, parent: int) -> Callable[[], None]:
     """What runs in the child between fork and exec (one ioctl, one prctl)."""
 
     def setup() -> None:
+        # a session starts with every signal at its default and none blocked, as under
+        # sshd: an agent started from a script in the background inherits SIGINT and
+        # SIGQUIT ignored, and exec keeps an ignored signal, so ^C did nothing
+        for sig in _SESSION_SIGNALS:
+            signal.signal(sig, signal.SIG_DFL)
+        signal.pthread_sigmask(signal.SIG_SETMASK, set())
         if _prctl is not None:
             # the leader is hung up the moment the agent dies, whatever else happens
             _prctl(_PR_SET_PDEATHSIG, int(signal.SIGHUP), 0, 0, 0)

@@ -72,16 +72,22 @@ class Backoff:
     all come back in the same second: each retry spreads the herd over its whole window
     (the "equal jitter" [d/2, d] used before packs twice as many into each second), and
     no wait is ever longer than ``hi``. tests/unit/proto/test_backoff_spread.py checks
-    the spread of 10,000 schedules."""
+    the spread of 10,000 schedules.
 
-    def __init__(self, lo: float, hi: float) -> None:
-        self.lo, self.hi = lo, hi
+    ``floor=0.5`` makes it "equal jitter" ([d/2, d]): for retries after a refusal, which
+    are no herd but one client that must settle to a slow pace; with full jitter two
+    near-zero waits in a row let a revoked device redial at once again."""
+
+    def __init__(self, lo: float, hi: float, floor: float = 0.0) -> None:
+        if not 0.0 <= floor <= 1.0:
+            raise ValueError(f"floor: {floor!r} is not within 0-1")
+        self.lo, self.hi, self.floor = lo, hi, floor
         self.failures = 0
 
     def next(self) -> float:
         d = min(self.hi, self.lo * (2 ** min(self.failures, 30)))
         self.failures += 1
-        return random.uniform(0.0, d)  # noqa: S311 (jitter, not crypto)
+        return random.uniform(d * self.floor, d)  # noqa: S311 (jitter, not crypto)
 
     def reset(self) -> None:
         self.failures = 0

@@ -12,7 +12,7 @@ import signal
 import subprocess
 import time
 from pathlib import Path
-from typing import Optional
+from typing import Callable, Optional
 
 import asyncssh
 import pytest
@@ -45,12 +45,14 @@ async def _wait_gone(pids: list[int], timeout: float) -> list[int]:
 
 
 def _agent_proc(dev: Device, tmp_path: Path, *extra: str, name: str = "agent.log",
-                env: Optional[dict[str, str]] = None, umask: Optional[int] = None) -> Proc:
+                env: Optional[dict[str, str]] = None, umask: Optional[int] = None,
+                preexec: Optional[Callable[[], None]] = None) -> Proc:
     argv = [*AGENT, "--state-dir", str(dev.state_dir), "--log-level", "debug", *extra, "-"]
     p = Proc.__new__(Proc)
     p.log = tmp_path / name
     p.p = subprocess.Popen(argv, stdout=p.log.open("ab"), stderr=subprocess.STDOUT,
-                           stdin=subprocess.PIPE, env=env, umask=-1 if umask is None else umask)
+                           stdin=subprocess.PIPE, env=env, umask=-1 if umask is None else umask,
+                           preexec_fn=preexec)
     assert p.p.stdin is not None
     p.p.stdin.write((dev.token.encode() + "\n").encode())
     p.p.stdin.close()
@@ -310,7 +312,15 @@ async def test_sessions_get_sshds_environment_not_the_agents(
     # and this machine's may change PATH; what is checked here is what the agent gives
     cfg = tmp_path / "agent.toml"
     cfg.write_text(f'state_dir = "{dev.state_dir}"\nshell = "/bin/sh"\n')
-    procs.append(_agent_proc(dev, tmp_path, "--config", str(cfg), env=env, umask=0o077))
+    def as_from_a_background_script() -> None:
+        # `./dpanel-tunnel TOKEN &` from a script: SIGINT and SIGQUIT ignored, and (from
+        # some supervisors) signals blocked; neither may reach a session
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+        signal.signal(signal.SIGQUIT, signal.SIG_IGN)
+        signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGUSR1})
+
+    procs.append(_agent_proc(dev, tmp_path, "--config", str(cfg), env=env, umask=0o077,
+                             preexec=as_from_a_background_script))
     await _online(world)
     port = await _open(world)
     work = tmp_path / "files"
@@ -332,6 +342,8 @@ async def test_sessions_get_sshds_environment_not_the_agents(
         assert lines[6] == "TTY=unset"
         assert lines[7].split()[0] == "U=" + lines[7].split()[1], lines
         assert lines[7].split()[3] == "/bin/sh", lines
+        sig = await conn.run("grep -E '^Sig(Ign|Blk)' /proc/self/status", check=False)
+        assert str(sig.stdout).split() == ["SigBlk:", "0" * 16, "SigIgn:", "0" * 16], sig
         # with a PTY: SSH_TTY is the terminal and TERM comes from the PTY request
         proc = await conn.create_process('echo "T=$SSH_TTY $(tty) $TERM"; exit',
                                          term_type="vt220")

@@ -208,8 +208,11 @@ def test_killing_dpanel_exec_ends_the_remote_command(stack: Stack, tmp_path: Pat
         marker = ["sleep", f"600.{os.getpid()}{int(sig)}{int(fan_out)}"]
         argv = [str(BIN / "dpanel"), "exec", *(["--all"] if fan_out else [dev]), "--",
                 *marker]
+        # SIGINT at its default, as for a command in a terminal's foreground: a suite run
+        # in the background (`cmd &`) has it ignored, and ignoring it is then right
         proc = subprocess.Popen(argv, env=stack.env, stdin=subprocess.DEVNULL,
-                                stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+                                stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                                preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
         wait_for(lambda m=marker: _pids_of(m), "remote sleep started", 30)  # type: ignore[misc]
         proc.send_signal(sig)
         proc.wait(30)

@@ -64,3 +64,18 @@ def test_a_restarted_broker_sees_the_fleet_spread_out(down: float, peak: float) 
     assert max(arrivals) <= down + 2 * HI
     # and the herd is spread over many seconds, not a few
     assert len({int(t) for t in arrivals}) >= 10
+
+
+def test_after_a_refusal_each_wait_is_at_least_half_its_step() -> None:
+    """The tunnel's refusal backoff (floor 0.5): a revoked device's redials never bunch,
+    so in the first 5 s after a refusal it dials at most once more (a CI run saw two)."""
+    random.seed(3)
+    for _ in range(2000):
+        b = Backoff(5.0, 300.0, floor=0.5)
+        waits = [b.next() for _ in range(6)]
+        for n, w in enumerate(waits):
+            step = min(300.0, 5.0 * 2 ** n)
+            assert step / 2 <= w <= step
+        assert waits[0] + waits[1] >= 7.5
+    with pytest.raises(ValueError, match="floor"):
+        Backoff(1.0, 2.0, floor=1.5)

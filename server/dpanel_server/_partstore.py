@@ -4,7 +4,7 @@ each moved by compare-and-set in one transaction of the registry's database."""
 from __future__ import annotations
 
 import time
-from typing import TYPE_CHECKING, Any, ClassVar, Iterable, Mapping
+from typing import TYPE_CHECKING, Any, ClassVar, Iterable, Mapping, Sequence
 
 if TYPE_CHECKING:
     from .registry import Registry
@@ -28,8 +28,13 @@ class PartStore:
     PARTS: ClassVar[str]
     PARENT_KEY: ClassVar[str]
 
-    def __init__(self, registry: Registry) -> None:
+    def __init__(self, registry: Registry, runner: str, component: str,
+                 schema: Sequence[str], steps: Sequence[Sequence[str]]) -> None:
         self._reg = registry
+        #: this manager's replica name ("" alone): the parts it claims or offers carry it
+        self.runner = runner
+        # under the schema lock: manager replicas may open one PostgreSQL at once
+        registry.db.ensure(component, schema, steps)
 
     def _tx(self) -> Any:
         # the registry's own transaction: these tables live in the same database

@@ -198,11 +198,7 @@ class JobStore(PartStore):
     PARENT, PARTS, PARENT_KEY = "jobs", "job_parts", "job"
 
     def __init__(self, registry: Registry, runner: str = "") -> None:
-        super().__init__(registry)
-        #: this manager's replica name ("" alone): claimed parts carry it
-        self.runner = runner
-        # under the schema lock: manager replicas may open one PostgreSQL at once
-        registry.db.ensure("jobs", _SCHEMA, _MIGRATIONS)
+        super().__init__(registry, runner, "jobs", _SCHEMA, _MIGRATIONS)
 
     def add(self, job_id: str, spec: JobSpec, selector: dict[str, Any], created_by: str,
             devices: list[str]) -> None:

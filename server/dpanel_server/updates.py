@@ -197,10 +197,7 @@ class RolloutStore(PartStore):
     PARENT, PARTS, PARENT_KEY = "agent_rollouts", "agent_rollout_parts", "rollout"
 
     def __init__(self, registry: Registry, runner: str = "") -> None:
-        super().__init__(registry)
-        #: this manager's replica name ("" alone): its offers carry it
-        self.runner = runner
-        registry.db.ensure("agent_updates", _SCHEMA, _MIGRATIONS)
+        super().__init__(registry, runner, "agent_updates", _SCHEMA, _MIGRATIONS)
 
     _COLS = ("id, version, selector, created_by, created, expires, canary, max_failures, "
              "max_concurrency, commit_timeout, url_base, state, ended")

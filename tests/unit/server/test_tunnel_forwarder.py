@@ -27,12 +27,17 @@ class _Transport:
         self.closed = True
 
 
-def test_the_channels_eof_coming_second_closes_the_pair() -> None:
+def _pair() -> tuple[SSHForwarder, _Transport, _ClosingForwarder, _Transport]:
     port, chan = _Transport(), _Transport()
     tcp = SSHForwarder()
     tcp.connection_made(cast(Any, port))
     fwd = _ClosingForwarder(tcp)
     fwd.connection_made(cast(Any, chan))
+    return tcp, port, fwd, chan
+
+
+def test_the_channels_eof_coming_second_closes_the_pair() -> None:
+    tcp, port, fwd, chan = _pair()
     assert tcp.eof_received() is True  # the device port's side ended first
     assert not chan.closed
     fwd.eof_received()
@@ -40,10 +45,6 @@ def test_the_channels_eof_coming_second_closes_the_pair() -> None:
 
 
 def test_the_channels_eof_alone_half_closes() -> None:
-    port, chan = _Transport(), _Transport()
-    tcp = SSHForwarder()
-    tcp.connection_made(cast(Any, port))
-    fwd = _ClosingForwarder(tcp)
-    fwd.connection_made(cast(Any, chan))
+    _tcp, port, fwd, chan = _pair()
     assert fwd.eof_received() is True
     assert not chan.closed and not port.closed

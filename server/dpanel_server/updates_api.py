@@ -58,7 +58,9 @@ def _spec(body: dict[str, Any], url_base: str,
     if not isinstance(version, str):
         raise UpdateError("version: missing")
     base = body.get("url_base") or url_base
-    if not isinstance(base, str) or not base.startswith(("http://", "https://")):
+    if not isinstance(base, str) or not base.startswith(("http://", "https://")) \
+            or not base.isprintable() or " " in base:
+        # what the agent would refuse in the offer (wire): refused here, before any offer
         raise UpdateError("url_base: expected an http:// or https:// URL")
     if devices_host is not None and _loopback(urlsplit(base).hostname or "") \
             and not _loopback(devices_host):

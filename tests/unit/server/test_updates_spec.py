@@ -34,3 +34,11 @@ def test_update_url_is_checked_once_at_load() -> None:
     with pytest.raises(ConfigError, match=r"manager\.update_url"):
         ManagerConfig(update_url="https://a b").validate()
     ManagerConfig(update_url="https://dpanel.example.com").validate()
+
+
+@pytest.mark.parametrize("base", ["https://m.example/\nX-Evil: 1", "https://m.example/ a",
+                                  "https://m.example/\x1b[31m", "ftp://m.example/"])
+def test_a_url_the_agent_would_refuse_is_refused_before_any_offer(base: str) -> None:
+    with pytest.raises(UpdateError, match=r"^url_base: expected"):
+        _spec({"version": "1.0", "url_base": base}, "https://x.example/", "x.example")
+
